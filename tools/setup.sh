@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create .venv with the pinned stack of ../shared/STACK.md and this package in editable mode.
+# Idempotent: a second run returns at once unless pyproject.toml or this script changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+stamp=.venv/.setup-stamp
+wanted=$(cat pyproject.toml tools/setup.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
+  exit 0
+fi
+echo "setting up .venv (pinned stack: torch 2.13.0 CPU, fbgemm-gpu-cpu 1.8.0, torchrec 1.9.2) ..."
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
+# torch first and alone: a bare dependency resolution could otherwise pick a CUDA build.
+pip install "torch==2.13.0"
+pip install -e ".[test]"
+# torchrec's metadata asks for fbgemm-gpu (the CUDA build), which would overwrite fbgemm-gpu-cpu: no deps.
+pip install --no-deps "torchrec==1.9.2"
+.venv/bin/python -c "import torchrec, fbgemm_gpu, torchrec_mtl" 
+echo "$wanted" > "$stamp"
+echo "setup done: $(.venv/bin/python -c 'import torch, torchrec; print("torch", torch.__version__, "torchrec", torchrec.__version__)')"

@@ -1,0 +1,182 @@
+"""The main job: data -> sharded multi-task model -> pipelined training -> per-task evaluation -> table and JSON.
+
+Runs at any world size: alone (one gloo process) or under torchrun. Every rank reads and encodes the log the same
+way (the encoding is deterministic), takes its own batches, and the metrics are reduced across ranks.
+
+Example::
+
+    >>> results = run_job(load_config("configs/mmoe_synthetic.yaml"))  # doctest: +SKIP
+    >>> results["tasks"]["ctr"]["auc"], results["tasks"]["ctr"]["ceiling"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from torchrec_mtl.config import JobConfig, ModelConfig, config_to_dict
+from torchrec_mtl.data import synthetic
+from torchrec_mtl.data.loader import BatchLoader
+from torchrec_mtl.data.logs import CategoricalVocabulary, EncodedLog, encode, read_log
+from torchrec_mtl.model import MultiTaskModel, MultiTaskTrain
+from torchrec_mtl.modules.towers import MMoE, SharedBottom
+from torchrec_mtl.schema import DatasetSchema
+from torchrec_mtl.tasks import EVALUATED_TASKS, TOWER_TASKS, EsmmObjective
+from torchrec_mtl.train.distributed import DistributedEnv, init_distributed, shard_model
+from torchrec_mtl.train.loop import make_pipeline, train, evaluate
+
+logger = logging.getLogger(__name__)
+# The headline metric of each task, and whether higher is better.
+HEADLINE = {"ctr": "auc", "cvr": "auc", "ctcvr": "auc", "rating": "rmse"}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(
+    config: ModelConfig, num_dense: int, table_sizes: Dict[str, int], device: torch.device = torch.device("meta")
+) -> MultiTaskModel:
+    """One embedding table per categorical feature (``table_sizes``: feature -> rows) under the configured tower."""
+    tables = [
+        EmbeddingBagConfig(
+            name=f"t_{feature}", embedding_dim=config.embedding_dim, num_embeddings=rows, feature_names=[feature]
+        )
+        for feature, rows in table_sizes.items()
+    ]
+    in_features = MultiTaskModel.tower_in_features(len(tables), config.embedding_dim)
+    tower_config = config.tower
+    if tower_config.kind == "mmoe":
+        tower = MMoE(
+            in_features, TOWER_TASKS, tower_config.num_experts, tower_config.expert_layer_sizes,
+            tower_config.tower_layer_sizes,
+        )
+    else:
+        tower = SharedBottom(in_features, TOWER_TASKS, tower_config.expert_layer_sizes, tower_config.tower_layer_sizes)
+    ebc = EmbeddingBagCollection(tables=tables, device=device)
+    return MultiTaskModel(ebc, num_dense, config.dense_arch_layer_sizes, tower)
+
+
+def _ensure_synthetic_data(config: JobConfig, env: DistributedEnv) -> None:
+    """Generate the configured synthetic log on rank 0 unless ``data.dir`` already holds it with the same config."""
+    generate = config.data.generate
+    if generate is None:
+        return
+    meta_path = Path(config.data.dir) / "meta.json"
+    if env.is_main:
+        wanted = dataclasses.asdict(generate)
+        existing = json.loads(meta_path.read_text()).get("config") if meta_path.exists() else None
+        if existing != wanted:
+            logger.info("generating the synthetic log into %s", config.data.dir)
+            synthetic.generate(generate, config.data.dir)
+    dist.barrier()
+
+
+def load_data(config: JobConfig) -> tuple[DatasetSchema, CategoricalVocabulary, EncodedLog, EncodedLog]:
+    schema = DatasetSchema.from_yaml(config.data.schema)
+    train_frame = read_log(Path(config.data.dir) / "train.tsv", schema)
+    test_frame = read_log(Path(config.data.dir) / "test.tsv", schema)
+    vocabulary = CategoricalVocabulary.fit(train_frame, schema, config.data.min_count)
+    return schema, vocabulary, encode(train_frame, schema, vocabulary), encode(test_frame, schema, vocabulary)
+
+
+def _shuffled_labels(log: EncodedLog, seed: int) -> EncodedLog:
+    """The same rows with the label rows permuted together: features keep nothing to learn from."""
+    order = np.random.default_rng(seed).permutation(len(log))
+    return EncodedLog(log.dense, log.sparse, {name: values[order] for name, values in log.labels.items()})
+
+
+def _ceilings(data_dir: str) -> Optional[Dict[str, float]]:
+    meta = Path(data_dir) / "meta.json"
+    return json.loads(meta.read_text()).get("ceilings") if meta.exists() else None
+
+
+def format_table(tasks: Dict[str, Dict[str, float]]) -> str:
+    """A per-task text table: headline metric beside its ceiling, then the other metrics."""
+    lines = [f"{'task':<8}{'metric':<8}{'value':>8}{'ceiling':>9}{'gap':>8}   other"]
+    for task, values in tasks.items():
+        metric = HEADLINE[task]
+        ceiling = values.get("ceiling")
+        gap = "" if ceiling is None else f"{abs(ceiling - values[metric]):8.4f}"
+        ceiling_text = "" if ceiling is None else f"{ceiling:9.4f}"
+        others = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k not in (metric, "ceiling"))
+        lines.append(f"{task:<8}{metric:<8}{values[metric]:8.4f}{ceiling_text:>9}{gap:>8}   {others}")
+    return "\n".join(lines)
+
+
+def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
+    """Train and evaluate as configured; rank 0 prints the table and writes ``out_dir/results.json``."""
+    env = env or init_distributed()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))))
+    started = time.perf_counter()
+    _ensure_synthetic_data(config, env)
+    schema, vocabulary, train_log, test_log = load_data(config)
+    training = config.training
+    if training.shuffle_labels:
+        train_log = _shuffled_labels(train_log, training.seed)
+
+    seed_everything(training.seed)
+    table_sizes = {feature: vocabulary.num_embeddings(feature) for feature in schema.categorical}
+    model = build_model(config.model, len(schema.integer), table_sizes)
+    objective = EsmmObjective(
+        weights=config.objective.weights,
+        rating_offset=float(np.nanmean(train_log.labels["rating"])),
+    )
+    sharded, optimizer = shard_model(
+        MultiTaskTrain(model, objective), env, training.embedding_optimizer, training.embedding_lr,
+        training.dense_lr, training.sharding_types,
+    )
+    pipeline = make_pipeline(sharded, optimizer, env.device)
+    show = training.progress and env.is_main
+    train_loader = BatchLoader(
+        train_log, schema.categorical, training.batch_size, env.rank, env.world_size, shuffle=True, seed=training.seed
+    )
+    summary = train(sharded, pipeline, train_loader, training.epochs, show_progress=show)
+    test_loader = BatchLoader(
+        test_log, schema.categorical, training.eval_batch_size, env.rank, env.world_size, shuffle=False, pad_tail=True
+    )
+    metrics = evaluate(sharded, pipeline, test_loader, EVALUATED_TASKS, show_progress=show)
+
+    ceilings = _ceilings(config.data.dir) or {}
+    tasks = {}
+    for task, values in metrics.items():
+        headline = HEADLINE[task]
+        tasks[task] = {headline: values[headline], **({"ceiling": ceilings[f"{task}_{headline}"]} if ceilings else {})}
+        tasks[task].update({k: v for k, v in values.items() if k != headline})
+    results = {
+        "tasks": tasks,
+        "training": {
+            "world_size": env.world_size,
+            "rows": {"train": len(train_log), "test": len(test_log)},
+            "steps": summary.steps,
+            "samples_per_s": round(summary.samples_per_second, 1),
+            "train_seconds": round(summary.seconds, 2),
+            "epoch_losses": summary.losses,
+            "total_seconds": round(time.perf_counter() - started, 2),
+        },
+        "config": config_to_dict(config),
+    }
+    if env.is_main:
+        out = Path(config.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        print(format_table(tasks))
+        print(
+            f"trained {summary.steps} steps at {summary.samples_per_second:,.0f} samples/s on {env.world_size} "
+            f"process(es); results in {out / 'results.json'}"
+        )
+    return results

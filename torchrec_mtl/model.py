@@ -1,0 +1,86 @@
+"""The multi-task model: TorchRec sparse and dense archs, pairwise interactions, then a multi-task tower.
+
+``MultiTaskModel`` maps features to one logit per tower task; ``MultiTaskTrain`` adds the objective and returns
+``(loss, (loss, predictions, labels))`` the way torchrec's ``DLRMTrain`` does, so ``TrainPipelineSparseDist`` drives
+it unchanged.
+
+Example::
+
+    >>> ebc = EmbeddingBagCollection(tables=[...], device=torch.device("meta"))  # doctest: +SKIP
+    >>> in_features = MultiTaskModel.tower_in_features(num_sparse_features=8, embedding_dim=16)
+    >>> model = MultiTaskModel(ebc, 13, [64, 16], MMoE(in_features, ["ctr", "cvr", "rating"]))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+from torchrec.models.dlrm import DenseArch, InteractionArch, SparseArch, choose
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_mtl.data.batch import MultiTaskBatch
+from torchrec_mtl.tasks import EsmmObjective
+
+
+class MultiTaskModel(nn.Module):
+    """Sparse arch (EmbeddingBagCollection) + dense arch (MLP) -> [dense, embeddings, pairwise dots] -> tower.
+
+    Args:
+        embedding_bag_collection: one table per categorical feature, all of the same embedding dim.
+        dense_in_features: number of dense (integer) features.
+        dense_arch_layer_sizes: MLP sizes for the dense features; the last must equal the embedding dim.
+        tower: module mapping [B, tower_in_features(...)] to a dict of per-task logits.
+    """
+
+    def __init__(
+        self,
+        embedding_bag_collection: EmbeddingBagCollection,
+        dense_in_features: int,
+        dense_arch_layer_sizes: List[int],
+        tower: nn.Module,
+    ) -> None:
+        super().__init__()
+        dims = {table.embedding_dim for table in embedding_bag_collection.embedding_bag_configs()}
+        if len(dims) != 1 or dense_arch_layer_sizes[-1] not in dims:
+            raise ValueError(
+                f"all tables and the dense arch's last layer need one embedding dim; tables {sorted(dims)}, "
+                f"dense arch ends at {dense_arch_layer_sizes[-1]}"
+            )
+        self.sparse_arch = SparseArch(embedding_bag_collection)
+        self.dense_arch = DenseArch(dense_in_features, dense_arch_layer_sizes)
+        self.interaction = InteractionArch(len(self.sparse_arch.sparse_feature_names))
+        self.tower = tower
+
+    @staticmethod
+    def tower_in_features(num_sparse_features: int, embedding_dim: int) -> int:
+        """Width of the tower input: dense output, flattened embeddings, pairwise dot products."""
+        return embedding_dim * (1 + num_sparse_features) + choose(num_sparse_features + 1, 2)
+
+    def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> Dict[str, torch.Tensor]:
+        embedded_dense = self.dense_arch(dense_features)
+        embedded_sparse = self.sparse_arch(sparse_features)  # [B, F, D]
+        # InteractionArch returns [dense, pairwise dots]; the raw embeddings are added so the tower sees both.
+        interactions = self.interaction(embedded_dense, embedded_sparse)
+        return self.tower(torch.cat([interactions, embedded_sparse.flatten(1)], dim=1))
+
+
+class MultiTaskTrain(nn.Module):
+    """The model plus its objective, with torchrec's DLRMTrain contract.
+
+    ``forward(batch)`` returns ``(loss, (loss.detach(), predictions, labels))``; ``predictions`` and ``labels`` map
+    each evaluated task to a [B] tensor, and a label is NaN on rows outside that task's sample space.
+    """
+
+    def __init__(self, model: MultiTaskModel, objective: EsmmObjective) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(
+        self, batch: MultiTaskBatch
+    ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]:
+        # No unpacking here: the pipeline FX-traces this forward, and the objective (a leaf) returns a proxy.
+        return self.objective(self.model(batch.dense_features, batch.sparse_features), batch)

@@ -1,0 +1,101 @@
+"""The objective of the spine: CTR and CVR the ESMM way, plus a rating regression.
+
+ESMM (Ma et al., SIGIR 2018) learns CVR over the entire impression space: pCTCVR = pCTR x pCVR is supervised by
+click-and-convert on every row, pCTR by click on every row, so pCVR is never fitted on the clicked rows alone and
+carries no sample selection bias. The rating loss counts only rows whose rating is present.
+
+Evaluated tasks and their sample spaces (a label is NaN outside its space, which drives loss and metrics alike):
+
+==========  ==================  ==========================  ==================
+task        prediction          label                       rows
+==========  ==================  ==========================  ==================
+ctr         pCTR                click                       all
+cvr         pCVR                conversion                  clicked rows
+ctcvr       pCTR x pCVR         click and conversion        all
+rating      rating output       rating                      rows with a rating
+==========  ==================  ==========================  ==================
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchrec_mtl.data.batch import MultiTaskBatch
+
+TOWER_TASKS = ["ctr", "cvr", "rating"]
+EVALUATED_TASKS = {"ctr": "binary", "cvr": "binary", "ctcvr": "binary", "rating": "regression"}
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over ``mask``; 0 (with a gradient path) when the mask is empty."""
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _log1mexp(log_p: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(log_p)) for log_p < 0, stable near 0."""
+    log_p = log_p.clamp(max=-1e-7)
+    return torch.where(log_p > -0.6931, torch.log(-torch.expm1(log_p)), torch.log1p(-torch.exp(log_p)))
+
+
+class EsmmObjective(nn.Module):
+    """Loss and per-task predictions from the tower's ``ctr``, ``cvr`` and ``rating`` outputs.
+
+    Args:
+        click, conversion, rating: label column names in the batch.
+        weights: loss weight per term (``ctr``, ``ctcvr``, ``rating``).
+        rating_offset: added to the rating output, so the head starts near the typical rating.
+    """
+
+    def __init__(
+        self,
+        click: str = "click",
+        conversion: str = "conversion",
+        rating: str = "rating",
+        weights: Dict[str, float] | None = None,
+        rating_offset: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.click, self.conversion, self.rating = click, conversion, rating
+        self.weights = {"ctr": 1.0, "ctcvr": 1.0, "rating": 1.0, **(weights or {})}
+        self.rating_offset = rating_offset
+
+    def forward(
+        self, logits: Dict[str, torch.Tensor], batch: MultiTaskBatch
+    ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]:
+        """Returns ``(loss, (loss.detach(), predictions, labels))``, predictions detached, labels NaN off-task."""
+        nan = torch.full_like(batch.row_weight, float("nan"))
+        click_mask = batch.label_mask(self.click)
+        ctcvr_mask = click_mask & batch.label_mask(self.conversion)
+        rating_mask = batch.label_mask(self.rating)
+        click = torch.nan_to_num(batch.labels[self.click])
+        click_and_convert = click * torch.nan_to_num(batch.labels[self.conversion])
+        rating = torch.nan_to_num(batch.labels[self.rating])
+
+        log_p_ctr = F.logsigmoid(logits["ctr"])
+        log_p_ctcvr = log_p_ctr + F.logsigmoid(logits["cvr"])
+        rating_prediction = logits["rating"] + self.rating_offset
+        ctr_loss = F.binary_cross_entropy_with_logits(logits["ctr"], click, reduction="none")
+        ctcvr_loss = -(click_and_convert * log_p_ctcvr + (1 - click_and_convert) * _log1mexp(log_p_ctcvr))
+        rating_loss = (rating_prediction - rating) ** 2
+        loss = (
+            self.weights["ctr"] * masked_mean(ctr_loss, click_mask)
+            + self.weights["ctcvr"] * masked_mean(ctcvr_loss, ctcvr_mask)
+            + self.weights["rating"] * masked_mean(rating_loss, rating_mask)
+        )
+        predictions = {
+            "ctr": log_p_ctr.detach().exp(),
+            "cvr": torch.sigmoid(logits["cvr"].detach()),
+            "ctcvr": log_p_ctcvr.detach().exp(),
+            "rating": rating_prediction.detach(),
+        }
+        labels = {
+            "ctr": torch.where(click_mask, click, nan),
+            "cvr": torch.where(ctcvr_mask & (click > 0), click_and_convert, nan),
+            "ctcvr": torch.where(ctcvr_mask, click_and_convert, nan),
+            "rating": torch.where(rating_mask, rating, nan),
+        }
+        return loss, (loss.detach(), predictions, labels)

@@ -1,0 +1,93 @@
+"""Training and evaluation through TorchRec's TrainPipelineSparseDist.
+
+One pipeline serves both: in train mode it runs forward, backward and the optimizer step, overlapping the next
+batch's input distribution; in eval mode (``model.eval()``) it runs forward only, as torchrec's DLRM example does.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import torch
+from torch import nn
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from tqdm import tqdm
+
+from torchrec_mtl.data.loader import BatchLoader
+from torchrec_mtl.train.metrics import TaskMetrics
+
+
+@dataclass
+class TrainSummary:
+    steps: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+    losses: List[float] = field(default_factory=list)  # mean loss of each epoch, this rank
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds else 0.0
+
+
+def make_pipeline(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> TrainPipelineSparseDist:
+    return TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True)
+
+
+def _drain(pipeline: TrainPipelineSparseDist, loader: BatchLoader, description: str, show_progress: bool):
+    """Yield ``(loss, predictions, labels)`` for every batch of ``loader``, then reset the pipeline for the next pass."""
+    iterator = iter(loader)
+    with tqdm(total=len(loader), desc=description, disable=not show_progress, unit="batch", leave=False) as bar:
+        while True:
+            try:
+                output = pipeline.progress(iterator)
+            except StopIteration:
+                break
+            bar.update(1)
+            yield output
+    pipeline.reset()
+
+
+def train(
+    model: nn.Module,
+    pipeline: TrainPipelineSparseDist,
+    loader: BatchLoader,
+    epochs: int,
+    show_progress: bool = True,
+) -> TrainSummary:
+    """Run ``epochs`` passes over ``loader`` with ``pipeline`` (built over ``model``); every rank's loader must
+    have the same length."""
+    summary = TrainSummary()
+    model.train()
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        total, count = torch.zeros(()), 0
+        for loss, _, _ in _drain(pipeline, loader, f"train epoch {epoch + 1}/{epochs}", show_progress):
+            total += loss.detach().cpu()
+            count += 1
+        summary.steps += count
+        summary.samples += count * loader.batch_size * loader.world_size
+        summary.losses.append(float(total / max(count, 1)))
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    pipeline: TrainPipelineSparseDist,
+    loader: BatchLoader,
+    task_kinds: Dict[str, str],
+    show_progress: bool = True,
+) -> Dict[str, Dict[str, float]]:
+    """Whole-set metrics per task over every row of ``loader`` (which should pad its tail), reduced over ranks."""
+    metrics = TaskMetrics(
+        task_kinds, batch_size=loader.batch_size, window_size=len(loader) * loader.batch_size * loader.world_size
+    )
+    model.eval()
+    for _, predictions, labels in _drain(pipeline, loader, "evaluate", show_progress):
+        metrics.update(predictions, labels)
+    model.train()
+    return metrics.compute()
