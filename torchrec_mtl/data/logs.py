@@ -44,7 +44,7 @@ def read_log(path: str | os.PathLike, schema: DatasetSchema) -> pl.DataFrame:
             path, separator="\t", has_header=False, new_columns=schema.columns, schema_overrides=dtypes,
             quote_char=None,
         )
-    except (pl.exceptions.ComputeError, pl.exceptions.ShapeError) as error:
+    except pl.exceptions.PolarsError as error:
         raise LogFormatError(
             f"{path}: does not match schema {schema.source} ({len(schema.columns)} tab-separated columns: "
             f"labels {list(schema.labels)}, {len(schema.integer)} integer, {len(schema.categorical)} categorical): "

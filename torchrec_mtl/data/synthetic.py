@@ -89,17 +89,18 @@ _DEVICE_EFFECT = np.array([0.0, -0.3, 0.25, -0.5])
 class SyntheticConfig:
     """Sizes and difficulty of the generated log; ``seed`` makes every draw repeatable."""
 
-    num_rows: int = 1_000_000
+    num_rows: int = 2_000_000
     test_fraction: float = 0.2
     num_users: int = 4_000
     num_items: int = 2_000
     num_categories: int = 12
     num_segments: int = 16
     num_brands: int = 200
+    num_sessions: int = 5_000
     cold_item_fraction: float = 0.05
     zipf_exponent: float = 1.0
-    click_rate: float = 0.05
-    conversion_rate: float = 0.15
+    click_rate: float = 0.06
+    conversion_rate: float = 0.2
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -256,7 +257,7 @@ def generate(config: SyntheticConfig, out_dir: str | os.PathLike) -> Dict:
             "C4": hex_id("segment", user_segment[user]),
             "C5": hex_id("device", device),
             "C6": hex_id("brand", item_brand[item]),
-            "C7": hex_id("session", rng.integers(0, 50_000, config.num_rows)),
+            "C7": hex_id("session", rng.integers(0, config.num_sessions, config.num_rows)),
             "C8": hex_id("format", rng.integers(0, 6, config.num_rows)),
         }
     )

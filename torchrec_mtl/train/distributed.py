@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed import embeddingbag
+from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -35,7 +37,21 @@ EMBEDDING_OPTIMIZERS = {
     "adam": torch.optim.Adam,
     "sgd": torch.optim.SGD,
 }
-SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel")
+
+
+class EmbeddingBagCollectionSharder(embeddingbag.EmbeddingBagCollectionSharder):
+    """torchrec's sharder, with row-wise placements also offered on CPU.
+
+    torchrec 1.9.2 lists row-wise and table-row-wise only for CUDA devices, although its CPU kernels and the gloo
+    collectives they use run them (tests/test_distributed.py checks predictions against the unsharded model).
+    """
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        types = super().sharding_types(compute_device_type)
+        if compute_device_type == "cpu":
+            types += [ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value]
+        return types
 
 
 @dataclass(frozen=True)
@@ -49,14 +65,19 @@ class DistributedEnv:
         return self.rank == 0
 
 
-def init_distributed(backend: Optional[str] = None, port: int = 29511) -> DistributedEnv:
-    """Join (or create, at world size 1) the default process group: gloo on CPU, NCCL on GPUs."""
+def init_distributed(backend: Optional[str] = None) -> DistributedEnv:
+    """Join (or create, at world size 1) the default process group: gloo on CPU, NCCL on GPUs.
+
+    Under torchrun the environment names the group; alone, a one-process group on an in-memory store opens no port.
+    """
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(port))
-        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        if "WORLD_SIZE" in os.environ:
+            dist.init_process_group(
+                backend=backend, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"])
+            )
+        else:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     if torch.cuda.is_available() and dist.get_backend() == "nccl":
         local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count()))
         torch.cuda.set_device(local_rank)
@@ -111,3 +132,22 @@ def shard_model(
         lambda params: torch.optim.Adam(params, lr=dense_lr),
     )
     return sharded, CombinedOptimizer([sharded.fused_optimizer, dense_optimizer])
+
+
+def load_full_state(sharded: nn.Module, full_state: Dict[str, torch.Tensor]) -> None:
+    """Copy an unsharded model's state into a sharded one: each rank takes its shards' slices of each table.
+
+    Keys are matched by name (DistributedModelParallel's own ``state_dict`` names); a missing key is an error.
+    """
+    with torch.no_grad():
+        for name, target in sharded.state_dict().items():
+            if name not in full_state:
+                raise KeyError(f"{name}: not in the unsharded state (it has {len(full_state)} keys)")
+            source = full_state[name]
+            if isinstance(target, ShardedTensor):
+                for shard in target.local_shards():
+                    rows, cols = shard.metadata.shard_offsets[0], shard.metadata.shard_offsets[1]
+                    height, width = shard.tensor.shape
+                    shard.tensor.copy_(source[rows : rows + height, cols : cols + width])
+            else:
+                target.copy_(source)

@@ -1,0 +1,35 @@
+"""Invalid configs stop before any work with a message naming the key, and no traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from torchrec_mtl.cli import main
+from torchrec_mtl.config import load_config
+
+
+@pytest.mark.parametrize(
+    "override, key, allowed",
+    [
+        ("training.epoch=2", "training.epoch", "allowed here"),
+        ("training.batch_size=big", "training.batch_size", "expected int"),
+        ("model.tower.num_experts=0", "model.tower.num_experts", "must be positive"),
+        ("training.sharding_types=[diagonal]", "training.sharding_types[0]", "row_wise"),
+        ("model.tower.kind=transformer", "model.tower.kind", "mmoe"),
+        ("model.embedding_dim=32", "model.dense_arch_layer_sizes", "must equal"),
+        ("objective.weights.cvr=1", "objective.weights.cvr", "ctcvr"),
+        ("data.generate.test_fraction=1.5", "data.generate", "test_fraction"),
+    ],
+)
+def test_invalid_config_names_the_key(override, key, allowed, capsys):
+    code = main(["train", "--config", "configs/mmoe_synthetic.yaml", override])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert key in err and allowed in err, err
+    assert "Traceback" not in err
+
+
+def test_shipped_config_loads_with_overrides():
+    config = load_config("configs/mmoe_synthetic.yaml", ["training.epochs=3", "training.sharding_types=[row_wise]"])
+    assert config.training.epochs == 3 and config.training.sharding_types == ["row_wise"]
+    assert config.data.generate.num_rows == 2_000_000 and config.model.tower.kind == "mmoe"

@@ -1,0 +1,19 @@
+"""The real sharded path at world size 2: two gloo processes, table-wise and row-wise sharding."""
+
+from __future__ import annotations
+
+import pytest
+import torch.multiprocessing as mp
+
+from conftest import free_port
+from dist_workers import sharded_matches_unsharded
+
+
+@pytest.mark.parametrize("sharding_type", ["table_wise", "row_wise"])
+def test_sharded_predictions_equal_unsharded_at_world_size_2(small_log, sharding_type):
+    mp.spawn(
+        sharded_matches_unsharded,
+        args=(2, free_port(), str(small_log), sharding_type),
+        nprocs=2,
+        join=True,
+    )

@@ -1,0 +1,93 @@
+"""The ESMM objective's sample spaces and the per-task metrics: rows outside a task count nowhere."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchmetrics.functional.classification import binary_auroc
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_mtl.data.batch import MultiTaskBatch
+from torchrec_mtl.tasks import EVALUATED_TASKS, EsmmObjective
+from torchrec_mtl.train.metrics import TaskMetrics
+
+
+def _batch(click, conversion, rating, row_weight=None) -> MultiTaskBatch:
+    n = len(click)
+    return MultiTaskBatch(
+        dense_features=torch.zeros(n, 1),
+        sparse_features=KeyedJaggedTensor.from_lengths_sync(["f"], torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.int32)),
+        labels={"click": torch.tensor(click, dtype=torch.float32), "conversion": torch.tensor(conversion, dtype=torch.float32),
+                "rating": torch.tensor(rating, dtype=torch.float32)},
+        row_weight=torch.ones(n) if row_weight is None else torch.tensor(row_weight, dtype=torch.float32),
+    )
+
+
+def _logits(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(n, generator=g, requires_grad=True) for name in ("ctr", "cvr", "rating")}
+
+
+def test_labels_follow_each_task_sample_space():
+    nan = float("nan")
+    batch = _batch([1, 1, 0, 0], [1, 0, 0, 0], [4.0, 2.5, nan, nan])
+    _, (_, predictions, labels) = EsmmObjective()(_logits(4), batch)
+    assert labels["ctr"].tolist() == [1, 1, 0, 0]
+    assert labels["ctcvr"].tolist() == [1, 0, 0, 0]
+    cvr = labels["cvr"].tolist()
+    assert cvr[:2] == [1, 0] and all(math.isnan(v) for v in cvr[2:]), "CVR is evaluated on clicked rows only"
+    assert labels["rating"][:2].tolist() == [4.0, 2.5] and torch.isnan(labels["rating"][2:]).all()
+    torch.testing.assert_close(predictions["ctcvr"], predictions["ctr"] * predictions["cvr"])
+
+
+def test_masked_rows_contribute_nothing_to_the_loss_or_its_gradient():
+    nan = float("nan")
+    objective = EsmmObjective()
+    logits = _logits(3)
+    base, _ = objective(logits, _batch([1, 0, 1], [0, 0, 1], [3.0, nan, 5.0], [1, 1, 0]))
+    # the third row is padding (weight 0): any labels there change nothing
+    other, _ = objective(logits, _batch([1, 0, 0], [0, 0, 0], [3.0, nan, 1.0], [1, 1, 0]))
+    assert torch.equal(base, other)
+    base.backward()
+    for name, tensor in logits.items():
+        assert tensor.grad[2] == 0, f"padding row has a {name} gradient"
+    # the rating head gets no gradient from the unrated row
+    assert logits["rating"].grad[1] == 0 and logits["rating"].grad[0] != 0
+
+
+def test_esmm_loss_matches_a_direct_computation():
+    batch = _batch([1, 0, 1, 0], [1, 0, 0, 0], [4.0, float("nan"), 3.0, float("nan")])
+    logits = _logits(4, seed=2)
+    loss, _ = EsmmObjective(weights={"ctr": 1.0, "ctcvr": 2.0, "rating": 0.5}, rating_offset=3.0)(logits, batch)
+    p_ctr, p_cvr = torch.sigmoid(logits["ctr"]), torch.sigmoid(logits["cvr"])
+    click, ctcvr = batch.labels["click"], torch.tensor([1.0, 0, 0, 0])
+    bce = torch.nn.functional.binary_cross_entropy
+    rating = logits["rating"][[0, 2]] + 3.0
+    expected = bce(p_ctr, click) + 2.0 * bce(p_ctr * p_cvr, ctcvr) + 0.5 * ((rating - torch.tensor([4.0, 3.0])) ** 2).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_metrics_count_only_rows_with_a_label():
+    g = torch.Generator().manual_seed(0)
+    n = 2000
+    score = torch.rand(n, generator=g)
+    label = (torch.rand(n, generator=g) < score).float()
+    present = torch.rand(n, generator=g) < 0.5
+    hidden_label = torch.where(present, label, torch.tensor(float("nan")))
+    rating = torch.randn(n, generator=g) + 3
+    rating_label = torch.where(present, rating + 0.5, torch.tensor(float("nan")))
+    metrics = TaskMetrics(EVALUATED_TASKS, batch_size=500, window_size=n)
+    for rows in torch.arange(n).split(500):
+        metrics.update(
+            {task: (rating if task == "rating" else score)[rows] for task in EVALUATED_TASKS},
+            {task: (rating_label if task == "rating" else hidden_label)[rows] for task in EVALUATED_TASKS},
+        )
+    result = metrics.compute()
+    expected_auc = float(binary_auroc(score[present], label[present].long()))
+    assert result["ctr"]["auc"] == pytest.approx(expected_auc, abs=1e-6)
+    assert result["rating"]["rmse"] == pytest.approx(0.5, abs=1e-6)
+    assert 0 < result["ctr"]["ne"] < 1 and result["ctr"]["calibration"] == pytest.approx(
+        float(score[present].sum() / label[present].sum()), rel=1e-6
+    )
