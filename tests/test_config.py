@@ -17,7 +17,7 @@ from torchrec_mtl.config import load_config
         ("training.sharding_types=[diagonal]", "training.sharding_types[0]", "row_wise"),
         ("model.tower.kind=transformer", "model.tower.kind", "mmoe"),
         ("model.embedding_dim=32", "model.dense_arch_layer_sizes", "must equal"),
-        ("objective.weights.cvr=1", "objective.weights.cvr", "ctcvr"),
+        ("objective.weights.cvr=1", "objective.weights.cvr", "cvr_ips"),
         ("data.generate.test_fraction=1.5", "data.generate", "test_fraction"),
     ],
 )
@@ -32,4 +32,4 @@ def test_invalid_config_names_the_key(override, key, allowed, capsys):
 def test_shipped_config_loads_with_overrides():
     config = load_config("configs/mmoe_synthetic.yaml", ["training.epochs=3", "training.sharding_types=[row_wise]"])
     assert config.training.epochs == 3 and config.training.sharding_types == ["row_wise"]
-    assert config.data.generate.num_rows == 2_000_000 and config.model.tower.kind == "mmoe"
+    assert config.data.generate.num_rows == 3_000_000 and config.model.tower.kind == "mmoe"

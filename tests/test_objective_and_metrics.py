@@ -91,3 +91,26 @@ def test_metrics_count_only_rows_with_a_label():
     assert 0 < result["ctr"]["ne"] < 1 and result["ctr"]["calibration"] == pytest.approx(
         float(score[present].sum() / label[present].sum()), rel=1e-6
     )
+
+
+def test_cvr_ips_term_weights_clicked_rows_by_inverse_click_propensity():
+    # Two clicked, non-converting rows with the same CVR logit; the one with the lower pCTR must pull 4x harder.
+    batch = _batch([1, 1, 0], [0, 0, 0], [3.0, 3.0, float("nan")])
+    logits = {
+        "ctr": torch.log(torch.tensor([0.05 / 0.95, 0.2 / 0.8, 0.1 / 0.9])),
+        "cvr": torch.zeros(3, requires_grad=True),
+        "rating": torch.zeros(3),
+    }
+    only_ips = EsmmObjective(weights={"ctr": 0.0, "ctcvr": 0.0, "rating": 0.0, "cvr_ips": 1.0})
+    loss, _ = only_ips(logits, batch)
+    loss.backward()
+    grad = logits["cvr"].grad
+    assert grad[2] == 0, "an unclicked row has no CVR label"
+    assert float(grad[0] / grad[1]) == pytest.approx(4.0, rel=1e-5)
+    # self-normalised: the loss is the weighted mean BCE, here log(2) for a logit of 0
+    assert float(loss) == pytest.approx(math.log(2.0), rel=1e-6)
+
+
+def test_unknown_loss_term_is_refused():
+    with pytest.raises(ValueError, match="cvr_direct"):
+        EsmmObjective(weights={"cvr_direct": 1.0})

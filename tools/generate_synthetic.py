@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write the synthetic multi-task log with its planted truth (same as `torchrec-mtl generate`).
 
-example: .venv/bin/python tools/generate_synthetic.py --out runs/data/synthetic --rows 2000000 --seed 0
+example: .venv/bin/python tools/generate_synthetic.py --out runs/data/synthetic --rows 3000000 --seed 0
 """
 
 import sys

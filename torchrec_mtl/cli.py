@@ -2,7 +2,7 @@
 
 Examples::
 
-    torchrec-mtl generate --out runs/data/synthetic --rows 2000000 --seed 0
+    torchrec-mtl generate --out runs/data/synthetic --rows 3000000 --seed 0
     torchrec-mtl train --config configs/mmoe_synthetic.yaml training.epochs=2
     torchrun --nproc_per_node 2 -m torchrec_mtl.cli train --config configs/mmoe_synthetic.yaml
 """
@@ -51,11 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="write the synthetic multi-task log with its planted truth",
         description="Write train.tsv, test.tsv, items.tsv, test_truth.tsv and meta.json.\n\n"
-        "example: torchrec-mtl generate --out runs/data/synthetic --rows 2000000 --seed 0",
+        "example: torchrec-mtl generate --out runs/data/synthetic --rows 3000000 --seed 0",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     generate.add_argument("--out", required=True, help="output folder")
-    generate.add_argument("--rows", type=int, default=2_000_000, help="rows in train + test (default 2,000,000)")
+    generate.add_argument("--rows", type=int, default=3_000_000, help="rows in train + test (default 3,000,000)")
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(func=_generate)
 

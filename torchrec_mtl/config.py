@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from torchrec_mtl.data.synthetic import SyntheticConfig
+from torchrec_mtl.tasks import LOSS_TERMS
 from torchrec_mtl.train.distributed import EMBEDDING_OPTIMIZERS, SHARDING_TYPES
 
 TOWER_KINDS = ("mmoe", "shared_bottom")
@@ -60,7 +61,9 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    weights: Dict[str, float] = field(default_factory=lambda: {"ctr": 1.0, "ctcvr": 1.0, "rating": 0.3})
+    weights: Dict[str, float] = field(
+        default_factory=lambda: {"ctr": 1.0, "ctcvr": 1.0, "cvr_ips": 0.3, "rating": 0.3}
+    )
 
 
 @dataclass
@@ -155,9 +158,11 @@ def _check(config: JobConfig) -> None:
             f"model.dense_arch_layer_sizes: {model.dense_arch_layer_sizes}; its last size must equal "
             f"model.embedding_dim ({model.embedding_dim})"
         )
-    unknown_weights = sorted(set(config.objective.weights) - {"ctr", "ctcvr", "rating"})
+    unknown_weights = sorted(set(config.objective.weights) - set(LOSS_TERMS))
     if unknown_weights:
-        raise ConfigError(f"objective.weights.{unknown_weights[0]}: unknown loss term; allowed: ctr, ctcvr, rating")
+        raise ConfigError(
+            f"objective.weights.{unknown_weights[0]}: unknown loss term; allowed: {', '.join(LOSS_TERMS)}"
+        )
 
 
 def _set_dotted(raw: Dict[str, Any], dotted: str, value: Any) -> None:

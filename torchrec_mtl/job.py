@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import random
 import time
@@ -37,7 +36,6 @@ from torchrec_mtl.tasks import EVALUATED_TASKS, TOWER_TASKS, EsmmObjective
 from torchrec_mtl.train.distributed import DistributedEnv, init_distributed, shard_model
 from torchrec_mtl.train.loop import make_pipeline, train, evaluate
 
-logger = logging.getLogger(__name__)
 # The headline metric of each task, and whether higher is better.
 HEADLINE = {"ctr": "auc", "cvr": "auc", "ctcvr": "auc", "rating": "rmse"}
 
@@ -81,8 +79,11 @@ def _ensure_synthetic_data(config: JobConfig, env: DistributedEnv) -> None:
         wanted = dataclasses.asdict(generate)
         existing = json.loads(meta_path.read_text()).get("config") if meta_path.exists() else None
         if existing != wanted:
-            logger.info("generating the synthetic log into %s", config.data.dir)
-            synthetic.generate(generate, config.data.dir)
+            print(f"generating the synthetic log ({generate.num_rows:,} rows) into {config.data.dir} ...", flush=True)
+            meta = synthetic.generate(generate, config.data.dir)
+            print(f"  rows {meta['rows']}, rates {json.dumps(meta['rates'])}", flush=True)
+        else:
+            print(f"reusing the synthetic log in {config.data.dir}", flush=True)
     dist.barrier()
 
 
@@ -131,6 +132,12 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
 
     seed_everything(training.seed)
     table_sizes = {feature: vocabulary.num_embeddings(feature) for feature in schema.categorical}
+    if env.is_main:
+        print(
+            f"read {len(train_log):,} train and {len(test_log):,} test rows; embedding rows per feature: "
+            + ", ".join(f"{f} {n:,}" for f, n in table_sizes.items()),
+            flush=True,
+        )
     model = build_model(config.model, len(schema.integer), table_sizes)
     objective = EsmmObjective(
         weights=config.objective.weights,

@@ -4,6 +4,11 @@ ESMM (Ma et al., SIGIR 2018) learns CVR over the entire impression space: pCTCVR
 click-and-convert on every row, pCTR by click on every row, so pCVR is never fitted on the clicked rows alone and
 carries no sample selection bias. The rating loss counts only rows whose rating is present.
 
+The product alone teaches pCVR slowly: on an unclicked row its gradient is scaled by pCTR, a few percent. The optional
+``cvr_ips`` term is ESCM2's counterfactual regulariser (Wang et al., SIGIR 2022): pCVR's own loss on clicked rows,
+each weighted by 1 / pCTR (detached, self-normalised), which estimates that loss over the entire impression space, so
+it adds a direct signal without bringing the selection bias back.
+
 Evaluated tasks and their sample spaces (a label is NaN outside its space, which drives loss and metrics alike):
 
 ==========  ==================  ==========================  ==================
@@ -27,11 +32,12 @@ from torch import nn
 from torchrec_mtl.data.batch import MultiTaskBatch
 
 TOWER_TASKS = ["ctr", "cvr", "rating"]
+LOSS_TERMS = ("ctr", "ctcvr", "cvr_ips", "rating")
 EVALUATED_TASKS = {"ctr": "binary", "cvr": "binary", "ctcvr": "binary", "rating": "regression"}
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` over ``mask``; 0 (with a gradient path) when the mask is empty."""
+    """Mean of ``values`` weighted by ``mask`` (bool or float weights); 0 when the mask is empty."""
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
@@ -46,7 +52,8 @@ class EsmmObjective(nn.Module):
 
     Args:
         click, conversion, rating: label column names in the batch.
-        weights: loss weight per term (``ctr``, ``ctcvr``, ``rating``).
+        weights: loss weight per term (``ctr``, ``ctcvr``, ``cvr_ips``, ``rating``); ``cvr_ips`` defaults to 0.
+        min_propensity: pCTR is clipped below at this value in the ``cvr_ips`` weights.
         rating_offset: added to the rating output, so the head starts near the typical rating.
     """
 
@@ -57,11 +64,16 @@ class EsmmObjective(nn.Module):
         rating: str = "rating",
         weights: Dict[str, float] | None = None,
         rating_offset: float = 0.0,
+        min_propensity: float = 0.01,
     ) -> None:
         super().__init__()
         self.click, self.conversion, self.rating = click, conversion, rating
-        self.weights = {"ctr": 1.0, "ctcvr": 1.0, "rating": 1.0, **(weights or {})}
+        unknown = sorted(set(weights or {}) - set(LOSS_TERMS))
+        if unknown:
+            raise ValueError(f"weights: unknown loss term(s) {unknown}; allowed: {LOSS_TERMS}")
+        self.weights = {"ctr": 1.0, "ctcvr": 1.0, "cvr_ips": 0.0, "rating": 1.0, **(weights or {})}
         self.rating_offset = rating_offset
+        self.min_propensity = min_propensity
 
     def forward(
         self, logits: Dict[str, torch.Tensor], batch: MultiTaskBatch
@@ -86,6 +98,13 @@ class EsmmObjective(nn.Module):
             + self.weights["ctcvr"] * masked_mean(ctcvr_loss, ctcvr_mask)
             + self.weights["rating"] * masked_mean(rating_loss, rating_mask)
         )
+        if self.weights["cvr_ips"]:
+            clicked = ctcvr_mask & (click > 0)
+            inverse_propensity = 1.0 / log_p_ctr.detach().exp().clamp(min=self.min_propensity)
+            cvr_loss = F.binary_cross_entropy_with_logits(
+                logits["cvr"], torch.nan_to_num(batch.labels[self.conversion]), reduction="none"
+            )
+            loss = loss + self.weights["cvr_ips"] * masked_mean(cvr_loss, clicked * inverse_propensity)
         predictions = {
             "ctr": log_p_ctr.detach().exp(),
             "cvr": torch.sigmoid(logits["cvr"].detach()),

@@ -89,7 +89,7 @@ _DEVICE_EFFECT = np.array([0.0, -0.3, 0.25, -0.5])
 class SyntheticConfig:
     """Sizes and difficulty of the generated log; ``seed`` makes every draw repeatable."""
 
-    num_rows: int = 2_000_000
+    num_rows: int = 3_000_000
     test_fraction: float = 0.2
     num_users: int = 4_000
     num_items: int = 2_000

@@ -66,6 +66,7 @@ class TaskMetrics:
             rec_compute_mode=RecComputeMode.UNFUSED_TASKS_COMPUTATION,
             throughput_metric=None,
             state_metrics=[],
+            compute_on_all_ranks=True,  # every rank returns the same reduced values
         )
         self.module = generate_metric_module(
             RecMetricModule,
