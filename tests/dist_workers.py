@@ -6,15 +6,16 @@ import copy
 import os
 
 import torch
+from torchmetrics.functional.classification import binary_auroc
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from torchrec_mtl.config import JobConfig, DataConfig
 from torchrec_mtl.data.loader import BatchLoader
 from torchrec_mtl.job import build_model, load_data
 from torchrec_mtl.model import MultiTaskTrain
-from torchrec_mtl.tasks import EsmmObjective
+from torchrec_mtl.tasks import EVALUATED_TASKS, EsmmObjective
 from torchrec_mtl.train.distributed import init_distributed, load_full_state, shard_model
-from torchrec_mtl.train.loop import make_pipeline, train
+from torchrec_mtl.train.loop import evaluate, make_pipeline, train
 
 
 def _join(rank: int, world_size: int, port: int) -> None:
@@ -23,11 +24,12 @@ def _join(rank: int, world_size: int, port: int) -> None:
 
 
 def sharded_matches_unsharded(rank: int, world_size: int, port: int, log_dir: str, sharding_type: str) -> None:
-    """Same weights, same batch: the sharded model's predictions equal the unsharded model's; then it trains."""
+    """Same weights: the sharded model's predictions and its evaluation over both ranks equal the unsharded model's;
+    then it trains."""
     _join(rank, world_size, port)
     env = init_distributed()
     config = JobConfig(data=DataConfig(dir=log_dir))
-    schema, vocabulary, train_log, _ = load_data(config)
+    schema, vocabulary, train_log, test_log = load_data(config)
     torch.manual_seed(0)
     table_sizes = {f: vocabulary.num_embeddings(f) for f in schema.categorical}
     model = build_model(config.model, len(schema.integer), table_sizes, device=torch.device("cpu"))
@@ -54,6 +56,25 @@ def sharded_matches_unsharded(rank: int, world_size: int, port: int, log_dir: st
         torch.testing.assert_close(sharded_predictions[task], expected, rtol=1e-5, atol=1e-6, msg=f"task {task}")
     torch.testing.assert_close(sharded_loss, full_loss, rtol=1e-5, atol=1e-6)
 
+    # Evaluation over both ranks (padded tail, cross-rank reduction) equals metrics of the whole test set computed
+    # in one place from the unsharded model.
+    pipeline = make_pipeline(sharded, optimizer, env.device)
+    test_loader = BatchLoader(test_log, schema.categorical, 512, rank, world_size, shuffle=False, pad_tail=True)
+    distributed_metrics = evaluate(sharded, pipeline, test_loader, EVALUATED_TASKS, show_progress=False)
+    everything = BatchLoader(test_log, schema.categorical, len(test_log), shuffle=False)
+    with torch.no_grad():
+        _, (_, predictions, labels) = unsharded(next(iter(everything)))
+    for task, kind in EVALUATED_TASKS.items():
+        present = ~torch.isnan(labels[task])
+        p, y = predictions[task][present].double(), labels[task][present].double()
+        if kind == "binary":
+            expected = float(binary_auroc(p, y.long()))
+            # torchrec's AUC is computed in float32, torchmetrics' here in float64
+            assert abs(distributed_metrics[task]["auc"] - expected) < 1e-4, (task, distributed_metrics[task], expected)
+        else:
+            expected = float(((p - y) ** 2).mean().sqrt())
+            assert abs(distributed_metrics[task]["rmse"] - expected) < 1e-5, (task, distributed_metrics[task], expected)
+
     # A short pipelined run at this world size: finite losses, and the sharded tables change.
     def local_table_shards():
         return {
@@ -65,7 +86,7 @@ def sharded_matches_unsharded(rank: int, world_size: int, port: int, log_dir: st
 
     before = local_table_shards()
     sharded.train()
-    summary = train(sharded, make_pipeline(sharded, optimizer, env.device), loader, epochs=1, show_progress=False)
+    summary = train(sharded, pipeline, loader, epochs=1, show_progress=False)
     assert summary.steps == len(loader) and all(torch.isfinite(torch.tensor(summary.losses)))
     after = local_table_shards()
     assert before and any(not torch.equal(before[k], after[k]) for k in before), "no local table shard trained"

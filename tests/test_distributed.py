@@ -1,4 +1,7 @@
-"""The real sharded path at world size 2: two gloo processes, table-wise and row-wise sharding."""
+"""The real sharded path at world size 2: two gloo processes, table-wise and row-wise sharding.
+
+Each run checks predictions and whole-test-set metrics against the unsharded model on the same weights, then trains.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from dist_workers import sharded_matches_unsharded
 
 
 @pytest.mark.parametrize("sharding_type", ["table_wise", "row_wise"])
-def test_sharded_predictions_equal_unsharded_at_world_size_2(small_log, sharding_type):
+def test_sharded_model_matches_unsharded_at_world_size_2(small_log, sharding_type):
     mp.spawn(
         sharded_matches_unsharded,
         args=(2, free_port(), str(small_log), sharding_type),
