@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import REAL_DATA
 from torchrec_mtl.data.loader import BatchLoader
 from torchrec_mtl.data.logs import CategoricalVocabulary, EncodedLog, LogFormatError, encode, read_log
 from torchrec_mtl.schema import DatasetSchema, SchemaError
@@ -98,3 +99,17 @@ def test_schema_errors_name_the_file_and_key(tmp_path):
     path.write_text("name: x\nlabels: {click: ordinal}\ninteger: []\ncategorical: []\n")
     with pytest.raises(SchemaError, match=r"labels.click"):
         DatasetSchema.from_yaml(path)
+
+
+CRITEO_SAMPLE = REAL_DATA / "criteo-kaggle-sample" / "criteo_kaggle_union_6435.tsv"
+
+
+@pytest.mark.skipif(not CRITEO_SAMPLE.exists(), reason=f"real data not present at {CRITEO_SAMPLE} (it lives beside the checkout, ../shared/data)")
+def test_real_criteo_kaggle_sample_reads_and_encodes_under_the_shipped_schema():
+    schema = DatasetSchema.from_yaml("configs/datasets/criteo_kaggle.yaml")
+    frame = read_log(CRITEO_SAMPLE, schema)
+    assert frame.height == sum(1 for _ in CRITEO_SAMPLE.open()) == 6435
+    assert set(frame["click"].unique().to_list()) == {0.0, 1.0}
+    encoded = encode(frame, schema, CategoricalVocabulary.fit(frame, schema, min_count=1))
+    assert encoded.sparse.shape == (6435, 26) and np.isfinite(encoded.dense).all()
+    assert (encoded.dense >= 0).all(), "log(1 + max(x, 0)) is never negative"
