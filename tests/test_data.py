@@ -19,8 +19,11 @@ def _log(n: int) -> EncodedLog:
     return EncodedLog(
         dense=np.column_stack([rows] * 13).astype(np.float32),
         sparse=np.column_stack([rows % 7] * 8).astype(np.int64),
-        labels={"click": (rows % 2).astype(np.float32), "conversion": np.zeros(n, np.float32),
-                "rating": np.full(n, np.nan, np.float32)},
+        labels={
+            "click": (rows % 2).astype(np.float32),
+            "conversion": np.zeros(n, np.float32),
+            "rating": np.full(n, np.nan, np.float32),
+        },
     )
 
 
@@ -51,7 +54,9 @@ def test_training_epoch_skips_a_fresh_tail_and_never_repeats_a_row():
 
 
 def test_evaluation_pads_the_tail_and_covers_every_row_once():
-    loaders = [BatchLoader(_log(1000), SCHEMA.categorical, 64, rank, 2, shuffle=False, pad_tail=True) for rank in (0, 1)]
+    loaders = [
+        BatchLoader(_log(1000), SCHEMA.categorical, 64, rank, 2, shuffle=False, pad_tail=True) for rank in (0, 1)
+    ]
     batches = [list(loader) for loader in loaders]
     assert len(batches[0]) == len(batches[1]) == 8
     assert sorted(_row_ids(batches[0]) + _row_ids(batches[1])) == list(range(1000))
@@ -104,7 +109,10 @@ def test_schema_errors_name_the_file_and_key(tmp_path):
 CRITEO_SAMPLE = REAL_DATA / "criteo-kaggle-sample" / "criteo_kaggle_union_6435.tsv"
 
 
-@pytest.mark.skipif(not CRITEO_SAMPLE.exists(), reason=f"real data not present at {CRITEO_SAMPLE} (it lives beside the checkout, ../shared/data)")
+@pytest.mark.skipif(
+    not CRITEO_SAMPLE.exists(),
+    reason=f"real data not present at {CRITEO_SAMPLE} (it lives beside the checkout, ../shared/data)",
+)
 def test_real_criteo_kaggle_sample_reads_and_encodes_under_the_shipped_schema():
     schema = DatasetSchema.from_yaml("configs/datasets/criteo_kaggle.yaml")
     frame = read_log(CRITEO_SAMPLE, schema)

@@ -12,9 +12,16 @@ from torchrec_mtl.cli import main
 def _train(small_log, out, *overrides):
     code = main(
         [
-            "train", "--config", "configs/mmoe_synthetic.yaml",
-            f"data.dir={small_log}", "data.generate=null", f"out_dir={out}",
-            "training.batch_size=256", "training.eval_batch_size=2048", "training.progress=false", *overrides,
+            "train",
+            "--config",
+            "configs/mmoe_synthetic.yaml",
+            f"data.dir={small_log}",
+            "data.generate=null",
+            f"out_dir={out}",
+            "training.batch_size=256",
+            "training.eval_batch_size=2048",
+            "training.progress=false",
+            *overrides,
         ]
     )
     assert code == 0

@@ -18,9 +18,14 @@ def _batch(click, conversion, rating, row_weight=None) -> MultiTaskBatch:
     n = len(click)
     return MultiTaskBatch(
         dense_features=torch.zeros(n, 1),
-        sparse_features=KeyedJaggedTensor.from_lengths_sync(["f"], torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.int32)),
-        labels={"click": torch.tensor(click, dtype=torch.float32), "conversion": torch.tensor(conversion, dtype=torch.float32),
-                "rating": torch.tensor(rating, dtype=torch.float32)},
+        sparse_features=KeyedJaggedTensor.from_lengths_sync(
+            ["f"], torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.int32)
+        ),
+        labels={
+            "click": torch.tensor(click, dtype=torch.float32),
+            "conversion": torch.tensor(conversion, dtype=torch.float32),
+            "rating": torch.tensor(rating, dtype=torch.float32),
+        },
         row_weight=torch.ones(n) if row_weight is None else torch.tensor(row_weight, dtype=torch.float32),
     )
 
@@ -65,7 +70,9 @@ def test_esmm_loss_matches_a_direct_computation():
     click, ctcvr = batch.labels["click"], torch.tensor([1.0, 0, 0, 0])
     bce = torch.nn.functional.binary_cross_entropy
     rating = logits["rating"][[0, 2]] + 3.0
-    expected = bce(p_ctr, click) + 2.0 * bce(p_ctr * p_cvr, ctcvr) + 0.5 * ((rating - torch.tensor([4.0, 3.0])) ** 2).mean()
+    expected = (
+        bce(p_ctr, click) + 2.0 * bce(p_ctr * p_cvr, ctcvr) + 0.5 * ((rating - torch.tensor([4.0, 3.0])) ** 2).mean()
+    )
     torch.testing.assert_close(loss, expected)
 
 

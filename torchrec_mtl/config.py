@@ -61,9 +61,7 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    weights: Dict[str, float] = field(
-        default_factory=lambda: {"ctr": 1.0, "ctcvr": 1.0, "cvr_ips": 0.3, "rating": 0.3}
-    )
+    weights: Dict[str, float] = field(default_factory=lambda: {"ctr": 1.0, "ctcvr": 1.0, "cvr_ips": 0.3, "rating": 0.3})
 
 
 @dataclass
@@ -146,7 +144,8 @@ def _check(config: JobConfig) -> None:
     positive("model.tower.num_experts", model.tower.num_experts)
     if training.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
         raise ConfigError(
-            f"training.embedding_optimizer: {training.embedding_optimizer!r}; allowed: {', '.join(EMBEDDING_OPTIMIZERS)}"
+            f"training.embedding_optimizer: {training.embedding_optimizer!r}; "
+            f"allowed: {', '.join(EMBEDDING_OPTIMIZERS)}"
         )
     for i, sharding_type in enumerate(training.sharding_types or []):
         if sharding_type not in SHARDING_TYPES:

@@ -17,7 +17,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -60,7 +60,10 @@ def build_model(
     tower_config = config.tower
     if tower_config.kind == "mmoe":
         tower = MMoE(
-            in_features, TOWER_TASKS, tower_config.num_experts, tower_config.expert_layer_sizes,
+            in_features,
+            TOWER_TASKS,
+            tower_config.num_experts,
+            tower_config.expert_layer_sizes,
             tower_config.tower_layer_sizes,
         )
     else:
@@ -144,8 +147,12 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
         rating_offset=float(np.nanmean(train_log.labels["rating"])),
     )
     sharded, optimizer = shard_model(
-        MultiTaskTrain(model, objective), env, training.embedding_optimizer, training.embedding_lr,
-        training.dense_lr, training.sharding_types,
+        MultiTaskTrain(model, objective),
+        env,
+        training.embedding_optimizer,
+        training.embedding_lr,
+        training.dense_lr,
+        training.sharding_types,
     )
     pipeline = make_pipeline(sharded, optimizer, env.device)
     show = training.progress and env.is_main

@@ -41,7 +41,11 @@ def read_log(path: str | os.PathLike, schema: DatasetSchema) -> pl.DataFrame:
     }
     try:
         frame = pl.read_csv(
-            path, separator="\t", has_header=False, new_columns=schema.columns, schema_overrides=dtypes,
+            path,
+            separator="\t",
+            has_header=False,
+            new_columns=schema.columns,
+            schema_overrides=dtypes,
             quote_char=None,
         )
     except pl.exceptions.PolarsError as error:
@@ -75,15 +79,16 @@ class CategoricalVocabulary:
 
     def lookup(self, column: str, raw: pl.Series) -> np.ndarray:
         known = self.values[column]
-        return (
-            raw.replace_strict(known, pl.int_range(1, len(known) + 1, eager=True), default=0, return_dtype=pl.Int64)
-            .to_numpy()
-        )
+        return raw.replace_strict(
+            known, pl.int_range(1, len(known) + 1, eager=True), default=0, return_dtype=pl.Int64
+        ).to_numpy()
 
 
 @dataclass
 class EncodedLog:
-    """A log as arrays: ``dense`` [N, I] float32, ``sparse`` [N, C] int64, ``labels`` name -> [N] float32 (NaN = missing)."""
+    """A log as arrays: ``dense`` [N, I] float32, ``sparse`` [N, C] int64, ``labels`` name -> [N] float32.
+
+    A missing label is NaN."""
 
     dense: np.ndarray
     sparse: np.ndarray

@@ -6,8 +6,9 @@ written probabilities rather than guessed.
 
 The planted structure:
 
-- Items have a category and a brand (observed as categorical features), a click appeal (mostly the brand's), a conversion appeal that shares part of
-  the click appeal (funnels share structure), and a price (an integer feature). Popularity is Zipf-distributed.
+- Items have a category and a brand (observed as categorical features), a click appeal (mostly the brand's), a
+  conversion appeal that shares part of the click appeal (funnels share structure), and a price (an integer
+  feature). Popularity is Zipf-distributed.
 - Users have a segment (observed) whose taste over item categories they share, plus an individual taste, a click
   propensity and a purchase propensity. Activity is log-normal, so a few users produce many rows.
 - Context: a device (categorical), a slot position and an hour (integer features) shift p(click).
@@ -73,10 +74,22 @@ INTEGER_MEANING: Dict[str, str] = {
 }
 
 _CATEGORY_WORDS = [
-    ("kitchen", "cookware"), ("garden", "outdoor"), ("fitness", "sport"), ("books", "reading"),
-    ("toys", "kids"), ("audio", "headphones"), ("beauty", "skincare"), ("office", "stationery"),
-    ("travel", "luggage"), ("pets", "animals"), ("gaming", "console"), ("fashion", "apparel"),
-    ("camera", "photo"), ("music", "instrument"), ("home", "decor"), ("auto", "car"),
+    ("kitchen", "cookware"),
+    ("garden", "outdoor"),
+    ("fitness", "sport"),
+    ("books", "reading"),
+    ("toys", "kids"),
+    ("audio", "headphones"),
+    ("beauty", "skincare"),
+    ("office", "stationery"),
+    ("travel", "luggage"),
+    ("pets", "animals"),
+    ("gaming", "console"),
+    ("fashion", "apparel"),
+    ("camera", "photo"),
+    ("music", "instrument"),
+    ("home", "decor"),
+    ("auto", "car"),
 ]
 _APPEAL_WORDS = [("dull", "plain"), ("standard", "ordinary"), ("popular", "stylish"), ("bestselling", "stunning")]
 _VALUE_WORDS = [("overpriced", "flimsy"), ("decent", "fair"), ("reliable", "durable"), ("great value", "loved")]
@@ -151,7 +164,10 @@ def _half_star_rating(mean: np.ndarray, noise_std: float, rng: np.random.Generat
 
 
 def _descriptions(
-    category: np.ndarray, click_appeal: np.ndarray, conversion_appeal: np.ndarray, price: np.ndarray,
+    category: np.ndarray,
+    click_appeal: np.ndarray,
+    conversion_appeal: np.ndarray,
+    price: np.ndarray,
     rng: np.random.Generator,
 ) -> List[str]:
     def bucket(x: np.ndarray) -> np.ndarray:
@@ -207,18 +223,24 @@ def generate(config: SyntheticConfig, out_dir: str | os.PathLike) -> Dict:
     is_test = np.concatenate([np.zeros(num_train, dtype=bool), np.ones(num_test, dtype=bool)])
     user = rng.choice(num_users, config.num_rows, p=activity / activity.sum())
     warm_popularity = np.where(cold, 0.0, popularity)
-    item = np.concatenate([
-        rng.choice(num_items, num_train, p=warm_popularity / warm_popularity.sum()),
-        rng.choice(num_items, num_test, p=popularity / popularity.sum()),
-    ])
+    item = np.concatenate(
+        [
+            rng.choice(num_items, num_train, p=warm_popularity / warm_popularity.sum()),
+            rng.choice(num_items, num_test, p=popularity / popularity.sum()),
+        ]
+    )
     device = rng.choice(4, config.num_rows, p=[0.5, 0.3, 0.15, 0.05])
     position = rng.integers(1, 21, config.num_rows)
     hour = rng.integers(0, 24, config.num_rows)
 
     taste = user_taste[user, item_category[item]]
     click_logit = (
-        taste + click_appeal[item] + click_propensity[user] + _DEVICE_EFFECT[device]
-        - 0.5 * np.log(position) + 0.15 * np.sin(2 * np.pi * hour / 24)
+        taste
+        + click_appeal[item]
+        + click_propensity[user]
+        + _DEVICE_EFFECT[device]
+        - 0.5 * np.log(position)
+        + 0.15 * np.sin(2 * np.pi * hour / 24)
     )
     log_price = np.log(price[item]) - 8.0
     conversion_logit = 0.8 * taste + conversion_appeal[item] + purchase_propensity[user] - 0.8 * log_price
@@ -236,7 +258,9 @@ def generate(config: SyntheticConfig, out_dir: str | os.PathLike) -> Dict:
 
     past_clicks = rng.poisson(np.exp(1.5 + 2.0 * click_propensity[user]))
     past_purchases = rng.poisson(np.exp(1.0 + 3.0 * purchase_propensity[user]))
-    noise_counts = rng.geometric(rng.uniform(0.05, 0.5, NUM_INT_COLUMNS - 6), (config.num_rows, NUM_INT_COLUMNS - 6)) - 1
+    noise_counts = (
+        rng.geometric(rng.uniform(0.05, 0.5, NUM_INT_COLUMNS - 6), (config.num_rows, NUM_INT_COLUMNS - 6)) - 1
+    )
     int_columns = np.column_stack(
         [position, hour, past_clicks, price[item], item_age_days[item], past_purchases, noise_counts]
     )
@@ -289,8 +313,12 @@ def generate(config: SyntheticConfig, out_dir: str | os.PathLike) -> Dict:
             "cold_item_share_of_test_rows": float(cold[item[is_test]].mean()),
         },
         "ceilings": ceilings(
-            p_click[is_test], p_conversion[is_test], expected_rating[is_test],
-            test_click, test_conversion, rating[is_test],
+            p_click[is_test],
+            p_conversion[is_test],
+            expected_rating[is_test],
+            test_click,
+            test_conversion,
+            rating[is_test],
         ),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -300,12 +328,18 @@ def generate(config: SyntheticConfig, out_dir: str | os.PathLike) -> Dict:
 def binary_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """AUC by torchrec's own implementation, the one the evaluation uses."""
     as_tensor = lambda x: torch.as_tensor(np.asarray(x, dtype=np.float64)).view(1, -1)  # noqa: E731
-    return float(compute_auc(1, [as_tensor(scores)], [as_tensor(labels)], [torch.ones(1, len(scores), dtype=torch.float64)]))
+    return float(
+        compute_auc(1, [as_tensor(scores)], [as_tensor(labels)], [torch.ones(1, len(scores), dtype=torch.float64)])
+    )
 
 
 def ceilings(
-    p_click: np.ndarray, p_conversion: np.ndarray, expected_rating: np.ndarray,
-    click: np.ndarray, conversion: np.ndarray, rating: np.ndarray,
+    p_click: np.ndarray,
+    p_conversion: np.ndarray,
+    expected_rating: np.ndarray,
+    click: np.ndarray,
+    conversion: np.ndarray,
+    rating: np.ndarray,
 ) -> Dict[str, float]:
     """Bayes-optimal test metrics: each task scored by its true probability (or expected rating)."""
     click, conversion = click.astype(bool), conversion.astype(bool)

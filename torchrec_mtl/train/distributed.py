@@ -8,7 +8,7 @@ optimizer, and both are combined into the one optimizer the pipelines step.
 Example::
 
     >>> env = init_distributed()  # doctest: +SKIP
-    >>> dmp, optimizer = shard_model(train_model, env, EmbeddingOptimizer("rowwise_adagrad", 0.05), 1e-3)  # doctest: +SKIP
+    >>> dmp, optimizer = shard_model(train_model, env, "rowwise_adagrad", embedding_lr=0.05)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -108,7 +108,9 @@ def shard_model(
         sharding_types: restrict every table to these torchrec sharding types (None: the planner chooses).
     """
     if embedding_optimizer not in EMBEDDING_OPTIMIZERS:
-        raise ValueError(f"embedding_optimizer: expected one of {sorted(EMBEDDING_OPTIMIZERS)}, got {embedding_optimizer!r}")
+        raise ValueError(
+            f"embedding_optimizer: expected one of {sorted(EMBEDDING_OPTIMIZERS)}, got {embedding_optimizer!r}"
+        )
     for sharding_type in sharding_types or []:
         if sharding_type not in SHARDING_TYPES:
             raise ValueError(f"sharding_types: expected items of {SHARDING_TYPES}, got {sharding_type!r}")

@@ -36,7 +36,7 @@ def make_pipeline(model: nn.Module, optimizer: torch.optim.Optimizer, device: to
 
 
 def _drain(pipeline: TrainPipelineSparseDist, loader: BatchLoader, description: str, show_progress: bool):
-    """Yield ``(loss, predictions, labels)`` for every batch of ``loader``, then reset the pipeline for the next pass."""
+    """Yield ``(loss, predictions, labels)`` for each batch of ``loader``, then reset the pipeline for the next pass."""
     iterator = iter(loader)
     with tqdm(total=len(loader), desc=description, disable=not show_progress, unit="batch", leave=False) as bar:
         while True:
