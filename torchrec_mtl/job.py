@@ -36,7 +36,7 @@ from torchrec_mtl.tasks import EVALUATED_TASKS, TOWER_TASKS, EsmmObjective
 from torchrec_mtl.train.distributed import DistributedEnv, init_distributed, shard_model
 from torchrec_mtl.train.loop import make_pipeline, train, evaluate
 
-# The headline metric of each task, and whether higher is better.
+# The headline metric of each task: AUC (higher is better) or RMSE (lower is better).
 HEADLINE = {"ctr": "auc", "cvr": "auc", "ctcvr": "auc", "rating": "rmse"}
 
 

@@ -86,6 +86,7 @@ class EsmmObjective(nn.Module):
         click = torch.nan_to_num(batch.labels[self.click])
         click_and_convert = click * torch.nan_to_num(batch.labels[self.conversion])
         rating = torch.nan_to_num(batch.labels[self.rating])
+        clicked = ctcvr_mask & (click > 0)  # CVR's own sample space
 
         log_p_ctr = F.logsigmoid(logits["ctr"])
         log_p_ctcvr = log_p_ctr + F.logsigmoid(logits["cvr"])
@@ -99,11 +100,9 @@ class EsmmObjective(nn.Module):
             + self.weights["rating"] * masked_mean(rating_loss, rating_mask)
         )
         if self.weights["cvr_ips"]:
-            clicked = ctcvr_mask & (click > 0)
             inverse_propensity = 1.0 / log_p_ctr.detach().exp().clamp(min=self.min_propensity)
-            cvr_loss = F.binary_cross_entropy_with_logits(
-                logits["cvr"], torch.nan_to_num(batch.labels[self.conversion]), reduction="none"
-            )
+            # on clicked rows, click-and-convert is the conversion label
+            cvr_loss = F.binary_cross_entropy_with_logits(logits["cvr"], click_and_convert, reduction="none")
             loss = loss + self.weights["cvr_ips"] * masked_mean(cvr_loss, clicked * inverse_propensity)
         predictions = {
             "ctr": log_p_ctr.detach().exp(),
@@ -113,7 +112,7 @@ class EsmmObjective(nn.Module):
         }
         labels = {
             "ctr": torch.where(click_mask, click, nan),
-            "cvr": torch.where(ctcvr_mask & (click > 0), click_and_convert, nan),
+            "cvr": torch.where(clicked, click_and_convert, nan),
             "ctcvr": torch.where(ctcvr_mask, click_and_convert, nan),
             "rating": torch.where(rating_mask, rating, nan),
         }
