@@ -29,10 +29,10 @@ def sharded_matches_unsharded(rank: int, world_size: int, port: int, log_dir: st
     _join(rank, world_size, port)
     env = init_distributed()
     config = JobConfig(data=DataConfig(dir=log_dir))
-    schema, vocabulary, train_log, test_log = load_data(config)
+    log = load_data(config, env)
+    features, train_shards, test_log = log.categorical_features, log.split("train"), log.split("test")
     torch.manual_seed(0)
-    table_sizes = {f: vocabulary.num_embeddings(f) for f in schema.categorical}
-    model = build_model(config.model, len(schema.integer), table_sizes, device=torch.device("cpu"))
+    model = build_model(config.model, len(log.dense_features), log.table_sizes, device=torch.device("cpu"))
     unsharded = MultiTaskTrain(copy.deepcopy(model), EsmmObjective(rating_offset=3.0))
     sharded, optimizer = shard_model(
         MultiTaskTrain(model, EsmmObjective(rating_offset=3.0)), env, sharding_types=[sharding_type]
@@ -45,7 +45,7 @@ def sharded_matches_unsharded(rank: int, world_size: int, port: int, log_dir: st
     assert placed == {sharding_type}, f"plan used {placed}, asked for {sharding_type}"
     load_full_state(sharded, unsharded.state_dict())
 
-    loader = BatchLoader(train_log, schema.categorical, 128, rank, world_size, shuffle=False)
+    loader = BatchLoader(train_shards, features, 128, rank, world_size, shuffle=False)
     batch = next(iter(loader))
     sharded.eval()
     unsharded.eval()
@@ -59,9 +59,9 @@ def sharded_matches_unsharded(rank: int, world_size: int, port: int, log_dir: st
     # Evaluation over both ranks (padded tail, cross-rank reduction) equals metrics of the whole test set computed
     # in one place from the unsharded model.
     pipeline = make_pipeline(sharded, optimizer, env.device)
-    test_loader = BatchLoader(test_log, schema.categorical, 512, rank, world_size, shuffle=False, pad_tail=True)
+    test_loader = BatchLoader(test_log, features, 512, rank, world_size, shuffle=False, pad_tail=True)
     distributed_metrics = evaluate(sharded, pipeline, test_loader, EVALUATED_TASKS, show_progress=False)
-    everything = BatchLoader(test_log, schema.categorical, len(test_log), shuffle=False)
+    everything = BatchLoader(test_log, features, log.rows("test"), shuffle=False)
     with torch.no_grad():
         _, (_, predictions, labels) = unsharded(next(iter(everything)))
     for task, kind in EVALUATED_TASKS.items():

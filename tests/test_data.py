@@ -1,15 +1,17 @@
-"""Reading, encoding and batching: the rules that decide which rows reach which rank."""
+"""Batching (the rules that decide which rows reach which rank) and the real datasets through their schemas."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from conftest import REAL_DATA
 from torchrec_mtl.data.loader import BatchLoader
-from torchrec_mtl.data.logs import CategoricalVocabulary, EncodedLog, LogFormatError, encode, read_log
-from torchrec_mtl.schema import DatasetSchema, SchemaError
+from torchrec_mtl.data.preprocess import preprocess
+from torchrec_mtl.data.shards import EncodedLog, ShardedLog
+from torchrec_mtl.schema import DatasetSchema
 
 SCHEMA = DatasetSchema.from_yaml("configs/datasets/synthetic.yaml")
 
@@ -74,50 +76,108 @@ def test_batch_holds_one_id_per_feature_in_key_order():
     assert torch.equal(kjt.lengths(), torch.ones(32, dtype=torch.int32))
 
 
-def test_encoding_rules(tmp_path):
-    path = tmp_path / "log.tsv"
-    ints = ["", "-5", "0", "9"] + ["1"] * 9
-    cats = ["aa", "bb", "", "cc", "dd", "ee", "ff", "aa"]
-    rows = [["1", "0", "4.5", *ints, *cats], ["0", "0", "", *ints, *(["aa"] * 8)]]
-    path.write_text("".join("\t".join(r) + "\n" for r in rows))
-    frame = read_log(path, SCHEMA)
-    vocabulary = CategoricalVocabulary.fit(frame, SCHEMA, min_count=2)
-    encoded = encode(frame, SCHEMA, vocabulary)
-    np.testing.assert_allclose(encoded.dense[0, :4], [0.0, 0.0, 0.0, np.log(10.0)], rtol=1e-6)
-    # "aa" appears in C1 twice (kept), "bb" once (rare -> 0), the empty C3 is missing (-> 0)
-    assert encoded.sparse[0, 0] == 1 and encoded.sparse[0, 1] == 0 and encoded.sparse[0, 2] == 0
-    assert np.isnan(encoded.labels["rating"][1]) and encoded.labels["rating"][0] == 4.5
+def _shards(sizes):
+    """Consecutive row ids split into shards of the given sizes."""
+    log, start, shards = _log(sum(sizes)), 0, []
+    for size in sizes:
+        shards.append(log.take(np.arange(start, start + size)))
+        start += size
+    return shards
 
 
-def test_log_with_wrong_column_count_names_the_file(tmp_path):
-    path = tmp_path / "short.tsv"
-    path.write_text("1\t0\t\t1\t2\n")
-    with pytest.raises(LogFormatError, match="short.tsv"):
-        read_log(path, SCHEMA)
+@pytest.mark.parametrize("window_rows", [1, 300, 1 << 20])
+def test_shuffled_windows_cover_each_row_at_most_once_with_equal_batches_per_rank(window_rows):
+    shards = _shards([100, 7, 250, 1, 400, 242])  # 1,000 rows in uneven shards
+    loaders = [
+        BatchLoader(shards, SCHEMA.categorical, 64, rank, 2, shuffle=True, seed=5, window_rows=window_rows)
+        for rank in (0, 1)
+    ]
+    orders = []
+    for epoch in (0, 1):
+        for loader in loaders:
+            loader.set_epoch(epoch)
+        batches = [list(loader) for loader in loaders]
+        assert len(batches[0]) == len(batches[1]) == 7
+        rows = _row_ids(batches[0]) + _row_ids(batches[1])
+        assert len(rows) == len(set(rows)) == 7 * 128
+        orders.append(rows)
+    assert orders[0] != orders[1]
+    again = BatchLoader(shards, SCHEMA.categorical, 64, 0, 2, shuffle=True, seed=5, window_rows=window_rows)
+    again.set_epoch(1)
+    assert _row_ids(again) == orders[1][: 7 * 64], "the same seed and epoch give the same order"
 
 
-def test_schema_errors_name_the_file_and_key(tmp_path):
-    path = tmp_path / "bad.yaml"
-    path.write_text("name: x\nlabels: {click: binary}\ninteger: []\ncategorical: [C1]\nitem_id: C9\n")
-    with pytest.raises(SchemaError, match=r"bad.yaml: item_id: 'C9'"):
-        DatasetSchema.from_yaml(path)
-    path.write_text("name: x\nlabels: {click: ordinal}\ninteger: []\ncategorical: []\n")
-    with pytest.raises(SchemaError, match=r"labels.click"):
-        DatasetSchema.from_yaml(path)
+def test_evaluation_over_many_shards_keeps_file_order_and_pads_only_the_end():
+    shards = _shards([100, 7, 250, 1, 400, 242])
+    loaders = [
+        BatchLoader(shards, SCHEMA.categorical, 64, rank, 2, shuffle=False, pad_tail=True, window_rows=128)
+        for rank in (0, 1)
+    ]
+    batches = [list(loader) for loader in loaders]
+    assert len(batches[0]) == len(batches[1]) == 8
+    interleaved = [row for pair in zip(*batches) for batch in pair for row in _row_ids([batch])]
+    assert interleaved == list(range(1000))
 
 
-CRITEO_SAMPLE = REAL_DATA / "criteo-kaggle-sample" / "criteo_kaggle_union_6435.tsv"
-
-
-@pytest.mark.skipif(
-    not CRITEO_SAMPLE.exists(),
-    reason=f"real data not present at {CRITEO_SAMPLE} (it lives beside the checkout, ../shared/data)",
+CRITEO = REAL_DATA / "criteo-kaggle-sample"
+needs_real_data = pytest.mark.skipif(
+    not REAL_DATA.exists(),
+    reason=f"real data not present at {REAL_DATA} (it lives beside the checkout, ../shared/data)",
 )
-def test_real_criteo_kaggle_sample_reads_and_encodes_under_the_shipped_schema():
+
+
+@needs_real_data
+def test_real_criteo_kaggle_sample_has_no_rejected_row(tmp_path):
     schema = DatasetSchema.from_yaml("configs/datasets/criteo_kaggle.yaml")
-    frame = read_log(CRITEO_SAMPLE, schema)
-    assert frame.height == sum(1 for _ in CRITEO_SAMPLE.open()) == 6435
-    assert set(frame["click"].unique().to_list()) == {0.0, 1.0}
-    encoded = encode(frame, schema, CategoricalVocabulary.fit(frame, schema, min_count=1))
-    assert encoded.sparse.shape == (6435, 26) and np.isfinite(encoded.dense).all()
-    assert (encoded.dense >= 0).all(), "log(1 + max(x, 0)) is never negative"
+    path = CRITEO / "criteo_kaggle_union_6435.tsv"
+    summary = preprocess(schema, {"train": [path]}, tmp_path / "o", test_fraction=0.2, progress=False)
+    assert summary.rows_read == 6435 and summary.rows_rejected == 0 and summary.padded == 0
+    log = ShardedLog.open(tmp_path / "o")
+    assert log.rows("train") + log.rows("test") == 6435
+    assert 0.2 < log.label_mean("train", "click") < 0.3  # the sample's CTR is 0.234
+    dense = np.concatenate([s.dense for s in log.split("train")])
+    assert np.isfinite(dense).all() and (dense >= 0).all(), "log(1 + max(x, 0)) is never negative"
+
+
+@needs_real_data
+def test_real_criteo_file_with_stripped_trailing_fields_is_padded_or_rejected_as_the_schema_says(tmp_path):
+    path = CRITEO / "pytorchfm_fork_train_head999.txt"
+    padded = preprocess(
+        DatasetSchema.from_yaml("configs/datasets/criteo_kaggle.yaml"),
+        {"train": [path]},
+        tmp_path / "a",
+        progress=False,
+    )
+    assert padded.rows_read == 1000 and padded.total_written == 1000 and padded.padded == 498
+    strict = DatasetSchema.from_dict(
+        {**yaml.safe_load(open("configs/datasets/criteo_kaggle.yaml")), "pad_short_rows": False}
+    )
+    rejected = preprocess(strict, {"train": [path]}, tmp_path / "b", max_bad_fraction=1.0, progress=False)
+    assert rejected.total_written == 502 and rejected.rejected == {"too few fields": 498}
+
+
+@needs_real_data
+@pytest.mark.parametrize(
+    "schema_name, folder, train, test, labels",
+    [
+        ("ali_ccp", "ali-ccp-sample", ["torchrechub_ali_ccp_train_sample.csv", "torchrechub_ali_ccp_val_sample.csv"],
+         ["torchrechub_ali_ccp_test_sample.csv"], ("click", "purchase")),
+        ("aliexpress", "aliexpress-sample", ["torchrechub_aliexpress_train_sample.csv", "fuxictr_tiny_mtl_train.csv"],
+         ["torchrechub_aliexpress_test_sample.csv", "fuxictr_tiny_mtl_test.csv"], ("click", "conversion")),
+    ],
+)  # fmt: skip
+def test_real_ali_ccp_and_aliexpress_samples_load_through_their_schemas(
+    tmp_path, schema_name, folder, train, test, labels
+):
+    schema = DatasetSchema.from_yaml(f"configs/datasets/{schema_name}.yaml")
+    files = {"train": [REAL_DATA / folder / f for f in train], "test": [REAL_DATA / folder / f for f in test]}
+    summary = preprocess(schema, files, tmp_path / "o", progress=False)
+    expected_rows = sum(sum(1 for _ in open(f)) - 1 for split in files.values() for f in split)  # minus headers
+    assert summary.rows_read == expected_rows and summary.rows_rejected == 0
+    log = ShardedLog.open(tmp_path / "o")
+    assert tuple(log.label_kinds) == labels
+    batch = next(iter(BatchLoader(log.split("train"), log.categorical_features, 32, shuffle=False)))
+    assert batch.sparse_features.keys() == schema.categorical and set(batch.labels) == set(labels)
+    batch_labels = batch.labels
+    conversion = batch_labels[labels[1]]
+    assert bool((conversion <= batch_labels["click"]).all()), "conversion only on clicked rows"

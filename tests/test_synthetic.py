@@ -12,9 +12,20 @@ from torchmetrics.functional.classification import binary_auroc
 
 from torchrec_mtl.data.synthetic import _CATEGORY_WORDS, SyntheticConfig, generate
 from torchrec_mtl.schema import DatasetSchema
-from torchrec_mtl.data.logs import read_log
 
 SCHEMA = DatasetSchema.from_yaml("configs/datasets/synthetic.yaml")
+
+
+def read_log(path, schema: DatasetSchema) -> pl.DataFrame:
+    """The raw log as a typed frame (the generator's output, before any preprocessing)."""
+    return pl.read_csv(
+        path,
+        separator="\t",
+        has_header=False,
+        new_columns=schema.columns,
+        schema_overrides={**{c: pl.Utf8 for c in schema.categorical}, **{c: pl.Float32 for c in schema.labels}},
+        quote_char=None,
+    )
 
 
 def _auc(scores, labels) -> float:

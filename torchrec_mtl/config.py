@@ -35,11 +35,19 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    """Where the log lives: ``dir`` holds train.tsv and test.tsv (and meta.json with ceilings when generated)."""
+    """Where the logs live and how they are split. ``train`` and ``test`` are files or glob patterns relative to
+    ``dir`` (plain or .gz); with ``test_fraction`` > 0 the test rows are drawn from the train files instead. The logs
+    are preprocessed into ``shards`` (default ``<dir>/shards``) once, and again only when the files, the schema or
+    the split change."""
 
     dir: str = "runs/data/synthetic"
     schema: str = "configs/datasets/synthetic.yaml"
-    min_count: int = 2
+    train: List[str] = field(default_factory=lambda: ["train.tsv"])
+    test: List[str] = field(default_factory=lambda: ["test.tsv"])
+    test_fraction: float = 0.0
+    split_seed: int = 0
+    shards: Optional[str] = None
+    max_bad_fraction: float = 0.01
     # When set, the synthetic log is generated into ``dir`` (again only if its config changed).
     generate: Optional[SyntheticConfig] = None
 
@@ -150,6 +158,10 @@ def _check(config: JobConfig) -> None:
     for i, sharding_type in enumerate(training.sharding_types or []):
         if sharding_type not in SHARDING_TYPES:
             raise ConfigError(f"training.sharding_types[{i}]: {sharding_type!r}; allowed: {', '.join(SHARDING_TYPES)}")
+    if not 0.0 <= config.data.test_fraction < 1.0:
+        raise ConfigError(f"data.test_fraction: {config.data.test_fraction!r}; allowed: 0 <= test_fraction < 1")
+    if not 0.0 <= config.data.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction: {config.data.max_bad_fraction!r}; allowed: 0 to 1")
     if model.tower.kind not in TOWER_KINDS:
         raise ConfigError(f"model.tower.kind: {model.tower.kind!r}; allowed: {', '.join(TOWER_KINDS)}")
     if not model.dense_arch_layer_sizes or model.dense_arch_layer_sizes[-1] != model.embedding_dim:

@@ -17,7 +17,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -28,10 +28,10 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec_mtl.config import JobConfig, ModelConfig, config_to_dict
 from torchrec_mtl.data import synthetic
 from torchrec_mtl.data.loader import BatchLoader
-from torchrec_mtl.data.logs import CategoricalVocabulary, EncodedLog, encode, read_log
+from torchrec_mtl.data.prepare import prepare_shards, shards_dir
+from torchrec_mtl.data.shards import EncodedLog, ShardedLog
 from torchrec_mtl.model import MultiTaskModel, MultiTaskTrain
 from torchrec_mtl.modules.towers import MMoE, SharedBottom
-from torchrec_mtl.schema import DatasetSchema
 from torchrec_mtl.tasks import EVALUATED_TASKS, TOWER_TASKS, EsmmObjective
 from torchrec_mtl.train.distributed import DistributedEnv, init_distributed, shard_model
 from torchrec_mtl.train.loop import make_pipeline, train, evaluate
@@ -90,18 +90,19 @@ def _ensure_synthetic_data(config: JobConfig, env: DistributedEnv) -> None:
     dist.barrier()
 
 
-def load_data(config: JobConfig) -> tuple[DatasetSchema, CategoricalVocabulary, EncodedLog, EncodedLog]:
-    schema = DatasetSchema.from_yaml(config.data.schema)
-    train_frame = read_log(Path(config.data.dir) / "train.tsv", schema)
-    test_frame = read_log(Path(config.data.dir) / "test.tsv", schema)
-    vocabulary = CategoricalVocabulary.fit(train_frame, schema, config.data.min_count)
-    return schema, vocabulary, encode(train_frame, schema, vocabulary), encode(test_frame, schema, vocabulary)
+def load_data(config: JobConfig, env: DistributedEnv) -> ShardedLog:
+    """Rank 0 preprocesses the logs when needed; every rank then maps the same shards."""
+    if env.is_main:
+        prepare_shards(config.data, progress=config.training.progress)
+    dist.barrier()
+    return ShardedLog.open(shards_dir(config.data))
 
 
-def _shuffled_labels(log: EncodedLog, seed: int) -> EncodedLog:
+def _shuffled_labels(shards: List[EncodedLog], seed: int) -> List[EncodedLog]:
     """The same rows with the label rows permuted together: features keep nothing to learn from."""
+    log = EncodedLog.concat(shards)
     order = np.random.default_rng(seed).permutation(len(log))
-    return EncodedLog(log.dense, log.sparse, {name: values[order] for name, values in log.labels.items()})
+    return [EncodedLog(log.dense, log.sparse, {name: values[order] for name, values in log.labels.items()})]
 
 
 def _ceilings(data_dir: str) -> Optional[Dict[str, float]]:
@@ -128,24 +129,23 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))))
     started = time.perf_counter()
     _ensure_synthetic_data(config, env)
-    schema, vocabulary, train_log, test_log = load_data(config)
+    log = load_data(config, env)
+    train_shards, test_shards = log.split("train"), log.split("test")
     training = config.training
     if training.shuffle_labels:
-        train_log = _shuffled_labels(train_log, training.seed)
+        train_shards = _shuffled_labels(train_shards, training.seed)
 
     seed_everything(training.seed)
-    table_sizes = {feature: vocabulary.num_embeddings(feature) for feature in schema.categorical}
+    table_sizes = log.table_sizes
+    features = log.categorical_features
     if env.is_main:
         print(
-            f"read {len(train_log):,} train and {len(test_log):,} test rows; embedding rows per feature: "
+            f"{log.rows('train'):,} train and {log.rows('test'):,} test rows; embedding rows per feature: "
             + ", ".join(f"{f} {n:,}" for f, n in table_sizes.items()),
             flush=True,
         )
-    model = build_model(config.model, len(schema.integer), table_sizes)
-    objective = EsmmObjective(
-        weights=config.objective.weights,
-        rating_offset=float(np.nanmean(train_log.labels["rating"])),
-    )
+    model = build_model(config.model, len(log.dense_features), table_sizes)
+    objective = EsmmObjective(weights=config.objective.weights, rating_offset=log.label_mean("train", "rating"))
     sharded, optimizer = shard_model(
         MultiTaskTrain(model, objective),
         env,
@@ -157,11 +157,11 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
     pipeline = make_pipeline(sharded, optimizer, env.device)
     show = training.progress and env.is_main
     train_loader = BatchLoader(
-        train_log, schema.categorical, training.batch_size, env.rank, env.world_size, shuffle=True, seed=training.seed
+        train_shards, features, training.batch_size, env.rank, env.world_size, shuffle=True, seed=training.seed
     )
     summary = train(sharded, pipeline, train_loader, training.epochs, show_progress=show)
     test_loader = BatchLoader(
-        test_log, schema.categorical, training.eval_batch_size, env.rank, env.world_size, shuffle=False, pad_tail=True
+        test_shards, features, training.eval_batch_size, env.rank, env.world_size, shuffle=False, pad_tail=True
     )
     metrics = evaluate(sharded, pipeline, test_loader, EVALUATED_TASKS, show_progress=show)
 
@@ -175,7 +175,7 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
         "tasks": tasks,
         "training": {
             "world_size": env.world_size,
-            "rows": {"train": len(train_log), "test": len(test_log)},
+            "rows": {"train": log.rows("train"), "test": log.rows("test")},
             "steps": summary.steps,
             "samples_per_s": round(summary.samples_per_second, 1),
             "train_seconds": round(summary.seconds, 2),

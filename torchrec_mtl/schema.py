@@ -1,6 +1,20 @@
-"""Which column of a Criteo-style log is which: labels, integer features, categorical features, user and item IDs.
+"""What each column of a tabular log is: labels, integer and numeric features, categorical features, user and item IDs.
 
-Files have no header: columns are, in order, the labels, the integer features, then the categorical features.
+A schema is a YAML file in configs/datasets/. Headerless files (Criteo) list their columns in file order under
+``columns`` (default: labels, then integer, numeric and categorical features in the order declared); files with a
+header row are matched by name, and header columns the schema does not use must be listed under ``ignore``.
+
+Per-column rules applied by preprocessing (torchrec_mtl.data.preprocess):
+
+- ``labels``: ``binary`` (0 or 1) or ``regression`` (a finite number). A label is required on every row unless
+  declared ``{kind: ..., optional: true}``; an optional label that is empty is missing (NaN: the row is outside that
+  task's sample space).
+- ``integer``: counts, transformed by ``log(1 + max(x, 0))``; empty means 0.
+- ``numeric``: floats used as they are (already normalised upstream); empty means 0.
+- ``categorical``: tokens in ``categorical_format`` (``hex``: Criteo's 32-bit hashes; ``decimal``: integer IDs),
+  mapped to embedding rows by ``vocabulary`` (``{hash_size: N}``: row ``1 + token % (N - 1)``, as torchrec's criteo
+  preprocessing hashes; ``{min_count: k}``: the tokens seen at least k times in the training split, in token order).
+  Row 0 is shared by empty, rare and unseen tokens. ``feature_vocabulary`` overrides the rule per feature.
 
 Example::
 
@@ -11,13 +25,16 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
 
 import yaml
 
 LABEL_KINDS = ("binary", "regression")
+CATEGORICAL_FORMATS = ("hex", "decimal")
 
 
 class SchemaError(ValueError):
@@ -25,44 +42,163 @@ class SchemaError(ValueError):
 
 
 @dataclass(frozen=True)
+class LabelSpec:
+    kind: str
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class VocabularyRule:
+    """Exactly one of ``hash_size`` (rows, including row 0) or ``min_count``."""
+
+    hash_size: Optional[int] = None
+    min_count: Optional[int] = None
+
+    @property
+    def is_hash(self) -> bool:
+        return self.hash_size is not None
+
+
+@dataclass(frozen=True)
 class DatasetSchema:
     name: str
-    labels: Dict[str, str]
+    labels: Dict[str, LabelSpec]
     integer: List[str]
     categorical: List[str]
+    numeric: List[str] = field(default_factory=list)
+    vocabulary: VocabularyRule = field(default_factory=lambda: VocabularyRule(min_count=1))
+    feature_vocabulary: Dict[str, VocabularyRule] = field(default_factory=dict)
+    categorical_format: str = "hex"
+    separator: str = "\t"
+    header: bool = False
+    # Criteo's trailing fields are categoricals that may be empty; editors strip trailing tabs. When true, a line
+    # missing only categorical fields is padded with empty fields (counted as padded); otherwise it is rejected.
+    pad_short_rows: bool = False
+    file_columns: Optional[List[str]] = None
+    ignore: List[str] = field(default_factory=list)
     user_id: Optional[str] = None
     item_id: Optional[str] = None
+    item_text_key: Optional[str] = None
     source: str = field(default="<in memory>", compare=False)
 
     def __post_init__(self) -> None:
-        for label, kind in self.labels.items():
-            if kind not in LABEL_KINDS:
-                raise SchemaError(f"{self.source}: labels.{label}: expected one of {LABEL_KINDS}, got {kind!r}")
+        where = self.source
+        for label, spec in self.labels.items():
+            if spec.kind not in LABEL_KINDS:
+                raise SchemaError(f"{where}: labels.{label}: expected one of {LABEL_KINDS}, got {spec.kind!r}")
         seen = set()
-        for column in self.columns:
+        for column in [*self.features_and_labels, *self.ignore]:
             if column in seen:
-                raise SchemaError(f"{self.source}: column {column!r} is declared twice")
+                raise SchemaError(f"{where}: column {column!r} is declared twice")
             seen.add(column)
-        for key in ("user_id", "item_id"):
+        if self.file_columns is not None:
+            missing = [c for c in self.features_and_labels if c not in self.file_columns]
+            extra = [c for c in self.file_columns if c not in seen]
+            if missing or extra:
+                raise SchemaError(
+                    f"{where}: columns: every label and feature must appear once and every other column be listed "
+                    f"under ignore; not in columns: {missing}, neither a label, a feature nor ignored: {extra}"
+                )
+        for key in ("user_id", "item_id", "item_text_key"):
             value = getattr(self, key)
             if value is not None and value not in self.categorical:
-                raise SchemaError(f"{self.source}: {key}: {value!r} is not among the categorical columns")
+                raise SchemaError(f"{where}: {key}: {value!r} is not among the categorical columns")
+        if self.categorical_format not in CATEGORICAL_FORMATS:
+            raise SchemaError(
+                f"{where}: categorical_format: expected one of {CATEGORICAL_FORMATS}, got {self.categorical_format!r}"
+            )
+        if len(self.separator) != 1:
+            raise SchemaError(f"{where}: separator: expected one character, got {self.separator!r}")
+        for feature, rule in [("vocabulary", self.vocabulary), *self.feature_vocabulary.items()]:
+            path = feature if feature == "vocabulary" else f"feature_vocabulary.{feature}"
+            if feature != "vocabulary" and feature not in self.categorical:
+                raise SchemaError(f"{where}: {path}: not a categorical column")
+            if (rule.hash_size is None) == (rule.min_count is None):
+                raise SchemaError(f"{where}: {path}: give exactly one of hash_size or min_count")
+            if rule.hash_size is not None and not 2 <= rule.hash_size < 2**31:
+                raise SchemaError(f"{where}: {path}.hash_size: expected 2 <= hash_size < 2**31, got {rule.hash_size}")
+            if rule.min_count is not None and rule.min_count < 1:
+                raise SchemaError(f"{where}: {path}.min_count: expected >= 1, got {rule.min_count}")
+
+    @property
+    def features_and_labels(self) -> List[str]:
+        return [*self.labels, *self.integer, *self.numeric, *self.categorical]
 
     @property
     def columns(self) -> List[str]:
-        return [*self.labels, *self.integer, *self.categorical]
+        """Columns in file order for a headerless file."""
+        return list(self.file_columns) if self.file_columns is not None else self.features_and_labels
+
+    @property
+    def dense(self) -> List[str]:
+        """Dense model inputs, in order: the transformed integer features, then the numeric ones."""
+        return [*self.integer, *self.numeric]
+
+    def vocabulary_rule(self, feature: str) -> VocabularyRule:
+        return self.feature_vocabulary.get(feature, self.vocabulary)
+
+    def fingerprint(self) -> str:
+        """Changes whenever a rule that shapes the preprocessed output changes."""
+        content = {k: v for k, v in asdict(self).items() if k != "source"}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "DatasetSchema":
-        with open(path) as f:
-            raw = yaml.safe_load(f)
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise SchemaError(f"{path}: no such schema file") from None
+        except yaml.YAMLError as error:
+            raise SchemaError(f"{path}: not valid YAML: {error}") from None
         if not isinstance(raw, dict):
             raise SchemaError(f"{path}: expected a mapping at the top level")
-        allowed = {"name", "labels", "integer", "categorical", "user_id", "item_id"}
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: Dict[str, Any], source: str = "<in memory>") -> "DatasetSchema":
+        allowed = {
+            "name", "labels", "integer", "numeric", "categorical", "vocabulary", "feature_vocabulary",
+            "categorical_format", "separator", "header", "pad_short_rows", "columns", "ignore",
+            "user_id", "item_id", "item_text_key",
+        }  # fmt: skip
         unknown = sorted(set(raw) - allowed)
         if unknown:
-            raise SchemaError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+            raise SchemaError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
         missing = sorted({"name", "labels", "integer", "categorical"} - set(raw))
         if missing:
-            raise SchemaError(f"{path}: missing key(s) {missing}")
-        return cls(**raw, source=str(path))
+            raise SchemaError(f"{source}: missing key(s) {missing}")
+        fields = dict(raw)
+        for key in ("integer", "numeric", "categorical", "columns", "ignore"):
+            value = fields.get(key)
+            if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise SchemaError(f"{source}: {key}: expected a list of column names, got {value!r}")
+        if not isinstance(fields["labels"], dict) or not fields["labels"]:
+            raise SchemaError(f"{source}: labels: expected a mapping of label column -> kind")
+        fields["labels"] = {name: _label_spec(spec, f"{source}: labels.{name}") for name, spec in raw["labels"].items()}
+        if "vocabulary" in fields:
+            fields["vocabulary"] = _rule(fields["vocabulary"], f"{source}: vocabulary")
+        fields["feature_vocabulary"] = {
+            name: _rule(rule, f"{source}: feature_vocabulary.{name}")
+            for name, rule in (fields.get("feature_vocabulary") or {}).items()
+        }
+        if "columns" in fields:
+            fields["file_columns"] = fields.pop("columns")
+        return cls(**fields, source=source)
+
+
+def _label_spec(spec: Any, where: str) -> LabelSpec:
+    if isinstance(spec, str):
+        return LabelSpec(spec)
+    if isinstance(spec, dict) and set(spec) <= {"kind", "optional"} and "kind" in spec:
+        return LabelSpec(spec["kind"], bool(spec.get("optional", False)))
+    raise SchemaError(f"{where}: expected a kind {LABEL_KINDS} or {{kind: ..., optional: true}}, got {spec!r}")
+
+
+def _rule(rule: Any, where: str) -> VocabularyRule:
+    if not isinstance(rule, dict) or not set(rule) <= {"hash_size", "min_count"}:
+        raise SchemaError(f"{where}: expected {{hash_size: N}} or {{min_count: k}}, got {rule!r}")
+    for key, value in rule.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise SchemaError(f"{where}.{key}: expected an integer, got {value!r}")
+    return VocabularyRule(**rule)

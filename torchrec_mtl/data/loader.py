@@ -1,37 +1,41 @@
-"""Batches of an encoded log for one rank, with the same number of batches on every rank.
+"""Batches for one rank from a list of shards, with the same number of batches on every rank.
 
-TorchRec's pipelines hang when ranks see different batch counts, so the rule for the tail is fixed:
+TorchRec's pipelines hang when ranks see different batch counts, so the rule for the tail is fixed. With N rows,
+batch size B and world size W, a global batch is W * B rows and rank r takes the r-th B rows of each:
 
-- training (``pad_tail=False``): each epoch is a seeded permutation of the rows; the last
-  ``len % (world_size * batch_size)`` rows of that permutation are skipped for the epoch (a different set each epoch).
-- evaluation (``pad_tail=True``): every row is used once; the tail is padded with copies of row 0 whose
-  ``row_weight`` is 0, so they count in no loss and no metric.
+- training (``pad_tail=False``): ``floor(N / (W * B))`` batches per rank; the rows past the last full global batch
+  of the epoch's order are skipped for that epoch (a different set each epoch when shuffling).
+- evaluation (``pad_tail=True``): ``ceil(N / (W * B))`` batches per rank; every row is used once and the last global
+  batch is padded with copies of a real row whose ``row_weight`` is 0, so they count in no loss and no metric.
 
-Rank r takes the r-th of every ``world_size`` consecutive batches.
+Shuffling is deterministic per (seed, epoch) and bounded in memory: the shard order is permuted, then shards are read
+into windows of about ``window_rows`` rows whose rows are permuted; rows left over from a window's last global batch
+move on to the next window. Every rank walks the same order and builds only its own batches.
 
 Example::
 
-    >>> loader = BatchLoader(encoded, feature_names, batch_size=1024, rank=0, world_size=2, seed=0)  # doctest: +SKIP
+    >>> shards = ShardedLog.open("runs/data/synthetic/shards").split("train")  # doctest: +SKIP
+    >>> loader = BatchLoader(shards, ["C1", "C2"], batch_size=1024, rank=0, world_size=2, seed=0)  # doctest: +SKIP
     >>> loader.set_epoch(1); batches = list(loader)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterator, List
+from typing import Iterator, List, Sequence, Union
 
 import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_mtl.data.batch import MultiTaskBatch
-from torchrec_mtl.data.logs import EncodedLog
+from torchrec_mtl.data.shards import EncodedLog
 
 
 class BatchLoader:
     def __init__(
         self,
-        log: EncodedLog,
+        shards: Union[EncodedLog, Sequence[EncodedLog]],
         feature_names: List[str],
         batch_size: int,
         rank: int = 0,
@@ -39,52 +43,68 @@ class BatchLoader:
         shuffle: bool = True,
         pad_tail: bool = False,
         seed: int = 0,
+        window_rows: int = 1 << 20,
     ) -> None:
-        if len(feature_names) != log.sparse.shape[1]:
-            raise ValueError(f"{len(feature_names)} feature names for {log.sparse.shape[1]} sparse columns")
-        self.log, self.feature_names = log, feature_names
+        self.shards = [shards] if isinstance(shards, EncodedLog) else list(shards)
+        for shard in self.shards:
+            if len(feature_names) != shard.sparse.shape[1]:
+                raise ValueError(f"{len(feature_names)} feature names for {shard.sparse.shape[1]} sparse columns")
+        self.feature_names = feature_names
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.shuffle, self.pad_tail, self.seed = shuffle, pad_tail, seed
+        self.shuffle, self.pad_tail, self.seed, self.window_rows = shuffle, pad_tail, seed, window_rows
+        self.num_rows = sum(len(shard) for shard in self.shards)
         self.epoch = 0
+        self._lengths = torch.ones(batch_size * len(feature_names), dtype=torch.int32)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
         """Batches this rank yields: the same on every rank."""
-        global_batches = len(self.log) / (self.batch_size * self.world_size)
+        global_batches = self.num_rows / (self.batch_size * self.world_size)
         return math.ceil(global_batches) if self.pad_tail else math.floor(global_batches)
 
-    def _row_order(self) -> tuple[np.ndarray, np.ndarray]:
-        n = len(self.log)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(n)
-        else:
-            order = np.arange(n)
-        used = len(self) * self.batch_size * self.world_size
-        weight = np.ones(used, dtype=np.float32)
-        if used > n:
-            weight[n:] = 0.0
-            order = np.concatenate([order, np.zeros(used - n, dtype=order.dtype)])
-        return order[:used], weight
-
     def __iter__(self) -> Iterator[MultiTaskBatch]:
-        order, weight = self._row_order()
-        for batch_index in range(len(self)):
-            start = (batch_index * self.world_size + self.rank) * self.batch_size
-            rows = order[start : start + self.batch_size]
-            yield self._batch(rows, weight[start : start + self.batch_size])
+        rng = np.random.default_rng([self.seed, self.epoch])
+        shard_order = rng.permutation(len(self.shards)) if self.shuffle else range(len(self.shards))
+        global_batch = self.batch_size * self.world_size
+        remaining = len(self)
+        carried: List[EncodedLog] = []
+        carried_rows = 0
+        for position, shard_index in enumerate(shard_order):
+            carried.append(self.shards[shard_index])
+            carried_rows += len(self.shards[shard_index])
+            last = position == len(self.shards) - 1
+            if carried_rows < max(self.window_rows, global_batch) and not last:
+                continue
+            window = EncodedLog.concat(carried)
+            order = rng.permutation(len(window)) if self.shuffle else np.arange(len(window))
+            full = min(len(window) // global_batch, remaining)
+            for batch in range(full):
+                start = batch * global_batch + self.rank * self.batch_size
+                yield self._batch(window, order[start : start + self.batch_size])
+            remaining -= full
+            leftover = order[full * global_batch :]
+            carried, carried_rows = ([window.take(leftover)], len(leftover)) if len(leftover) else ([], 0)
+        if remaining and self.pad_tail and carried_rows:
+            # the last, partial global batch: real rows first, then weight-0 copies of the first real row
+            tail = carried[0]
+            rows = np.arange(global_batch)
+            weight = (rows < len(tail)).astype(np.float32)
+            rows[len(tail) :] = 0
+            mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+            yield self._batch(tail, rows[mine], weight[mine])
 
-    def _batch(self, rows: np.ndarray, weight: np.ndarray) -> MultiTaskBatch:
-        ids = torch.from_numpy(self.log.sparse[rows].T.reshape(-1))
+    def _batch(self, window: EncodedLog, rows: np.ndarray, weight: np.ndarray | None = None) -> MultiTaskBatch:
+        ids = torch.from_numpy(np.ascontiguousarray(window.sparse[rows].T).reshape(-1)).long()
         sparse = KeyedJaggedTensor.from_lengths_sync(
             keys=self.feature_names,
             values=ids,
-            lengths=torch.ones(ids.numel(), dtype=torch.int32),
+            lengths=self._lengths if ids.numel() == self._lengths.numel() else torch.ones_like(ids, dtype=torch.int32),
         )
         return MultiTaskBatch(
-            dense_features=torch.from_numpy(self.log.dense[rows]),
+            dense_features=torch.from_numpy(window.dense[rows]),
             sparse_features=sparse,
-            labels={name: torch.from_numpy(values[rows]) for name, values in self.log.labels.items()},
-            row_weight=torch.from_numpy(weight),
+            labels={name: torch.from_numpy(values[rows]) for name, values in window.labels.items()},
+            row_weight=torch.ones(len(rows)) if weight is None else torch.from_numpy(weight),
         )

@@ -1,0 +1,671 @@
+"""Stream Criteo-style logs (plain or .gz, one or many files) into memory-mappable binary shards.
+
+Every line read is either written to a split or rejected with a reason; the summary shows
+``rows read = rows written + rows rejected``. The rules per column are the schema's (torchrec_mtl.schema); the row
+checks, in the order they are tried (a row's reason is the first that fails):
+
+========================  ==========================================================================================
+reason                    what failed
+========================  ==========================================================================================
+``empty line``            nothing between two line ends
+``too many fields``       more separators than the schema has columns
+``too few fields``        fewer (unless the schema pads short rows and only categorical fields are missing)
+``label missing``         an empty required label
+``label not 0/1``         a binary label other than 0 or 1 (``2``, ``yes``, ``nan``)
+``label not a number``    a regression label that is not a finite number
+``integer not valid``     an integer feature that is not a base-10 integer within int64
+``numeric not valid``     a numeric feature that is not a finite number
+``categorical not hex``   a ``hex`` categorical with other characters, a sign, or over 64 bits
+``categorical not id``    a ``decimal`` categorical that is not a non-negative integer
+========================  ==========================================================================================
+
+Rejected rows go to ``rejects.tsv`` (file, line, reason, column, value, the raw line; in the last two backslash,
+tab, CR and LF are written as ``\\\\``, ``\\t``, ``\\r``, ``\\n``), the first few are printed with
+file:line, and ``max_bad_fraction`` stops the run once the rejected share of the rows read so far exceeds it.
+Decoding is lenient: bytes that are not UTF-8 (and NUL bytes) become U+FFFD, which no numeric or hex check accepts.
+
+Output (``out_dir``), written into ``out_dir.partial`` and renamed at the end so a half-written folder is never read:
+
+- ``<split>/part-NNNNN.{dense,sparse,labels}.npy``: float32 [n, dense], int32 [n, categorical] embedding rows,
+  float32 [n, labels] with NaN for a missing optional label; ``np.load(..., mmap_mode="r")`` maps them.
+- ``vocab/<feature>.npy``: the sorted tokens of each ``min_count`` feature (token at position i -> row i + 1).
+- ``rejects.tsv`` and ``metadata.json`` (schema, table sizes, splits with their shards, counts by reason, label means).
+
+Example::
+
+    >>> schema = DatasetSchema.from_yaml("configs/datasets/criteo_kaggle.yaml")  # doctest: +SKIP
+    >>> summary = preprocess(schema, {"train": ["day_0.gz", "day_1.gz"], "test": ["day_2.gz"]}, "shards/")  # doctest: +SKIP
+    >>> summary.rows_read == summary.rows_written + summary.rows_rejected  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import shutil
+import sys
+import time
+import zlib
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Deque, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import polars as pl
+from tqdm import tqdm
+
+from torchrec_mtl.schema import DatasetSchema
+
+FORMAT_VERSION = 1
+MISSING_TOKEN = -1
+_PARSE_THREADS = 2
+
+
+class LogFormatError(ValueError):
+    """A log that cannot be read at all (a header that does not match, a truncated .gz); names the file."""
+
+
+class TooManyBadRows(ValueError):
+    """The rejected share exceeded ``max_bad_fraction``; the message has the counts, examples and the rejects file."""
+
+
+@dataclass
+class Rejection:
+    file: str
+    line: int
+    reason: str
+    column: str
+    value: str
+
+    def __str__(self) -> str:
+        where = f" (column {self.column}: {self.value[:40]!r})" if self.column else ""
+        return f"{self.file}:{self.line}: {self.reason}{where}"
+
+
+@dataclass
+class PreprocessSummary:
+    rows_read: int = 0
+    rows_written: Dict[str, int] = field(default_factory=dict)
+    rejected: Counter = field(default_factory=Counter)
+    padded: int = 0
+    examples: List[Rejection] = field(default_factory=list)
+    seconds: float = 0.0
+    out_dir: str = ""
+
+    @property
+    def rows_rejected(self) -> int:
+        return sum(self.rejected.values())
+
+    @property
+    def total_written(self) -> int:
+        return sum(self.rows_written.values())
+
+    def text(self) -> str:
+        lines = [
+            f"rows read {self.rows_read:,} = written {self.total_written:,} "
+            f"({', '.join(f'{k} {v:,}' for k, v in self.rows_written.items())}) + rejected {self.rows_rejected:,}"
+            + (f"; padded short rows {self.padded:,}" if self.padded else ""),
+        ]
+        for reason, count in self.rejected.most_common():
+            lines.append(f"  rejected: {reason}: {count:,}")
+        for example in self.examples:
+            lines.append(f"    e.g. {example}")
+        if self.seconds:
+            lines.append(f"  {self.rows_read / self.seconds:,.0f} rows/s over {self.seconds:.1f} s -> {self.out_dir}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading: complete lines in bounded chunks, plain or gzip, with exact line numbers.
+
+
+def _open_bytes(path: Path):
+    raw = open(path, "rb")
+    magic = raw.read(2)
+    raw.seek(0)
+    return raw, (gzip.GzipFile(fileobj=raw) if magic == b"\x1f\x8b" else raw)
+
+
+def read_chunks(path: Path, chunk_bytes: int) -> Iterator[Tuple[bytes, int]]:
+    """Yield (chunk of whole lines ending in b"\\n", bytes of the file consumed so far)."""
+    raw, stream = _open_bytes(path)
+    carry = b""
+    with raw:
+        while True:
+            try:
+                block = stream.read(chunk_bytes)
+            except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as error:
+                raise LogFormatError(
+                    f"{path}: compressed data is truncated or corrupt at byte {raw.tell():,} of the file "
+                    f"({type(error).__name__}: {error}); re-copy or re-compress it"
+                ) from None
+            if not block:
+                break
+            block = carry + block
+            cut = block.rfind(b"\n")
+            if cut < 0:
+                carry = block
+                continue
+            carry = block[cut + 1 :]
+            yield block[: cut + 1], raw.tell()
+        if carry:
+            yield carry + b"\n", raw.tell()
+
+
+@dataclass
+class SplitChunk:
+    """A chunk's lines as string fields (``field_0`` ...; null for an empty or absent field), with the field count
+    and byte span of every line."""
+
+    fields: pl.DataFrame
+    n_fields: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray  # exclusive, before any CR
+
+    def raw_line(self, chunk: bytes, i: int) -> str:
+        return chunk[self.starts[i] : self.ends[i]].decode("utf-8", "replace")
+
+
+def split_chunk(chunk: bytes, separator: str, n_columns: int) -> SplitChunk:
+    """Split a chunk of whole lines into ``n_columns`` string fields per line.
+
+    Field counts come from the bytes (numpy), the fields from polars' CSV reader without quoting; a line the reader
+    would split differently (a carriage return inside a line) sends the chunk to a slower per-line path."""
+    if b"\x00" in chunk:
+        chunk = chunk.replace(b"\x00", "\ufffd".encode())
+    data = np.frombuffer(chunk, dtype=np.uint8)
+    ends = np.flatnonzero(data == 10)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    # each line's span [start, next start) holds its own b"\n", which is no separator
+    n_fields = np.add.reduceat((data == ord(separator)).view(np.uint8), starts, dtype=np.int32) + 1
+    has_cr = (ends > starts) & (data[np.maximum(ends - 1, 0)] == 13)
+    ends = ends - has_cr
+    n_fields[ends == starts] = 0  # an empty line
+    schema = {f"field_{i}": pl.String for i in range(n_columns)}
+    fields = None
+    if b"\r" not in chunk or chunk.count(b"\r") == int(has_cr.sum()):
+        fields = pl.read_csv(
+            io.BytesIO(chunk),
+            has_header=False,
+            separator=separator,
+            quote_char=None,
+            schema=schema,
+            truncate_ragged_lines=True,
+            missing_columns="insert",
+            encoding="utf8-lossy",
+        )
+        if fields.height != len(ends):
+            fields = None
+    if fields is None:
+        lines = pl.Series(
+            "line", [chunk[s:e].decode("utf-8", "replace") for s, e in zip(starts, ends)], dtype=pl.String
+        )
+        fields = (
+            pl.DataFrame({"line": lines})
+            .select(pl.col("line").str.split_exact(separator, n_columns - 1).alias("f"))
+            .unnest("f")
+            .select(pl.all().replace("", None))
+        )
+    return SplitChunk(fields, n_fields, starts, ends)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checking and converting one chunk of lines.
+
+
+def _column_rules(
+    schema: DatasetSchema, name: str, text: pl.Expr, value: pl.Expr
+) -> Tuple[Optional[pl.Expr], Optional[pl.Expr], Optional[pl.Expr]]:
+    """For one file column: (parse, is-bad, reason) expressions. ``parse`` turns the text into a typed value;
+    ``is-bad`` and ``reason`` read the text and that parsed ``value``. All None for an ignored column."""
+    empty = text.is_null() | (text == "")
+    if name in schema.labels:
+        spec = schema.labels[name]
+        parse = text.cast(pl.Float64, strict=False)
+        if spec.kind == "binary":
+            bad_value, reason = ~value.is_in([0.0, 1.0]).fill_null(False), pl.lit("label not 0/1")
+        else:
+            bad_value, reason = ~value.is_finite().fill_null(False), pl.lit("label not a number")
+        if spec.optional:
+            return parse, ~empty & bad_value, reason
+        return parse, empty | bad_value, pl.when(empty).then(pl.lit("label missing")).otherwise(reason)
+    if name in schema.integer:
+        return text.str.to_integer(base=10, strict=False), ~empty & value.is_null(), pl.lit("integer not valid")
+    if name in schema.numeric:
+        parse = text.cast(pl.Float64, strict=False)
+        return parse, ~empty & ~value.is_finite().fill_null(False), pl.lit("numeric not valid")
+    if name in schema.categorical:
+        base, reason = (16, "categorical not hex") if schema.categorical_format == "hex" else (10, "categorical not id")
+        # to_integer accepts a sign; tokens have none (a negative value is caught by value < 0)
+        bad = ~empty & (value.is_null() | (value < 0).fill_null(False) | text.str.starts_with("+"))
+        return text.str.to_integer(base=base, strict=False), bad, pl.lit(reason)
+    return None, None, None
+
+
+@dataclass
+class ParsedChunk:
+    line_numbers: np.ndarray  # of the accepted rows
+    dense: np.ndarray
+    sparse: np.ndarray  # int32 rows for hash features, 0 in columns still to be mapped through a vocabulary
+    tokens: np.ndarray  # int64 [n, len(frequency features)] raw tokens, MISSING_TOKEN for empty
+    labels: np.ndarray
+    rejections: List[Tuple[int, str, str, str, str]]  # (line, reason, column, value, raw line)
+    padded: int
+    lines: int
+
+
+class ChunkParser:
+    """Checks and converts lines whose fields are laid out as ``file_columns``: each field is parsed once."""
+
+    def __init__(self, schema: DatasetSchema, file_columns: Sequence[str]) -> None:
+        self.schema, self.file_columns = schema, list(file_columns)
+        self.frequency_features = [f for f in schema.categorical if not schema.vocabulary_rule(f).is_hash]
+        n = len(self.file_columns)
+        index = {name: i for i, name in enumerate(self.file_columns)}
+        # padding may only supply categorical fields: every label and dense field must be on the line
+        last_required = max(index[c] for c in [*schema.labels, *schema.integer, *schema.numeric])
+        may_pad = pl.lit(schema.pad_short_rows) & (pl.col("n_fields") > last_required)
+        self.row_problem = (
+            pl.when(pl.col("n_fields") == 0)
+            .then(pl.lit("empty line"))
+            .when(pl.col("n_fields") > n)
+            .then(pl.lit("too many fields"))
+            .when((pl.col("n_fields") < n) & ~may_pad)
+            .then(pl.lit("too few fields"))
+        )
+        self.padded = pl.col("n_fields") < n
+        self.parses, checks = [], []
+        for i, name in enumerate(self.file_columns):
+            text, value = pl.col(f"field_{i}"), pl.col(f"v_{name}")
+            parse, bad, reason = _column_rules(schema, name, text, value)
+            if parse is not None:
+                self.parses.append(parse.alias(f"v_{name}"))
+                checks.append((name, text, bad, reason))
+        self.any_bad = pl.any_horizontal([bad for _, _, bad, _ in checks])
+        self.reason = pl.coalesce([pl.when(bad).then(reason) for _, _, bad, reason in checks])
+        self.bad_column = pl.coalesce([pl.when(bad).then(pl.lit(name)) for name, _, bad, _ in checks])
+        self.bad_value = pl.coalesce([pl.when(bad).then(text) for _, text, bad, _ in checks])
+
+        def value(name: str) -> pl.Expr:
+            return pl.col(f"v_{name}")
+
+        self.dense_exprs = [
+            value(c).fill_null(0).clip(lower_bound=0).cast(pl.Float64).log1p().cast(pl.Float32) for c in schema.integer
+        ] + [value(c).fill_null(0.0).cast(pl.Float32) for c in schema.numeric]
+        self.hash_columns = [i for i, f in enumerate(schema.categorical) if schema.vocabulary_rule(f).is_hash]
+        self.sparse_exprs = [
+            (1 + value(f) % (schema.vocabulary_rule(f).hash_size - 1)).fill_null(0).cast(pl.Int32).alias(f"s{i}")
+            for i, f in ((i, schema.categorical[i]) for i in self.hash_columns)
+        ]
+        self.token_exprs = [
+            value(f).fill_null(MISSING_TOKEN).alias(f"t{i}") for i, f in enumerate(self.frequency_features)
+        ]
+        # An empty optional label parses to null: NaN marks it missing.
+        self.label_exprs = [
+            value(c).fill_null(float("nan")).cast(pl.Float32).alias(f"l{i}") for i, c in enumerate(schema.labels)
+        ]
+
+    def parse(self, chunk: bytes, first_line: int) -> ParsedChunk:
+        """Check and convert a chunk of whole lines whose first line is number ``first_line`` of its file."""
+        split = split_chunk(chunk, self.schema.separator, len(self.file_columns))
+        frame = split.fields.with_columns(
+            pl.Series("n_fields", split.n_fields),
+            pl.int_range(first_line, first_line + len(split.n_fields), dtype=pl.Int64).alias("line_no"),
+            *self.parses,
+        )
+        frame = frame.with_columns(self.row_problem.alias("row_problem"))
+        frame = frame.with_columns((pl.col("row_problem").is_not_null() | self.any_bad).alias("rejected"))
+        rejected = frame.filter(pl.col("rejected"))
+        rejections = []
+        if rejected.height:
+            described = rejected.select(
+                pl.col("line_no"),
+                pl.coalesce(pl.col("row_problem"), self.reason).alias("reason"),
+                pl.when(pl.col("row_problem").is_null()).then(self.bad_column).otherwise(pl.lit("")).alias("column"),
+                pl.when(pl.col("row_problem").is_null()).then(self.bad_value).otherwise(pl.lit("")).alias("value"),
+            )
+            rejections = [
+                (int(n), r, c or "", v or "", split.raw_line(chunk, int(n) - first_line))
+                for n, r, c, v in described.iter_rows()
+            ]
+        kept = frame.filter(~pl.col("rejected"))
+        rows = kept.height
+        return ParsedChunk(
+            line_numbers=kept.get_column("line_no").to_numpy(),
+            dense=_matrix(kept, self.dense_exprs, np.float32, rows),
+            sparse=self._sparse(kept),
+            tokens=_matrix(kept, self.token_exprs, np.int64, rows),
+            labels=_matrix(kept, self.label_exprs, np.float32, rows),
+            rejections=rejections,
+            padded=int(kept.select(self.padded.sum()).item()) if self.schema.pad_short_rows else 0,
+            lines=frame.height,
+        )
+
+    def _sparse(self, kept: pl.DataFrame) -> np.ndarray:
+        """Rows of the hashed features; the vocabulary features' columns stay 0 until their vocabulary exists."""
+        if len(self.hash_columns) == len(self.schema.categorical):
+            return _matrix(kept, self.sparse_exprs, np.int32, kept.height)
+        sparse = np.zeros((kept.height, len(self.schema.categorical)), dtype=np.int32)
+        if self.hash_columns:
+            sparse[:, self.hash_columns] = _matrix(kept, self.sparse_exprs, np.int32, kept.height)
+        return sparse
+
+
+def _matrix(frame: pl.DataFrame, exprs: List[pl.Expr], dtype: type, rows: int) -> np.ndarray:
+    if not exprs:
+        return np.zeros((rows, 0), dtype=dtype)
+    return np.ascontiguousarray(frame.select(exprs).to_numpy().astype(dtype, copy=False))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Splits, shards, vocabularies.
+
+
+def _uniform(seed: int, file_index: int, line_numbers: np.ndarray) -> np.ndarray:
+    """A uniform [0, 1) number per (seed, file, line), independent of chunking (splitmix64)."""
+    with np.errstate(over="ignore"):
+        x = line_numbers.astype(np.uint64) + np.uint64((seed * 1_000_003 + file_index) & 0xFFFFFFFF) * np.uint64(
+            0x9E3779B97F4A7C15
+        )
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+class _TokenCounter:
+    """Token counts of the ``min_count`` features over the training split, merged now and then to bound memory."""
+
+    def __init__(self, features: List[str]) -> None:
+        self.features = features
+        self.pending: Dict[str, List[pl.DataFrame]] = {f: [] for f in features}
+
+    def add(self, tokens: np.ndarray) -> None:
+        for i, feature in enumerate(self.features):
+            column = tokens[:, i]
+            counts = pl.DataFrame({"token": column[column != MISSING_TOKEN]}).group_by("token").len()
+            self.pending[feature].append(counts)
+            if len(self.pending[feature]) >= 16:
+                self.pending[feature] = [self._merge(feature)]
+
+    def _merge(self, feature: str) -> pl.DataFrame:
+        frames = self.pending[feature]
+        if not frames:
+            return pl.DataFrame({"token": [], "len": []}, schema={"token": pl.Int64, "len": pl.UInt32})
+        return pl.concat(frames).group_by("token").agg(pl.col("len").sum())
+
+    def vocabulary(self, feature: str, min_count: int) -> np.ndarray:
+        counts = self._merge(feature)
+        return np.sort(counts.filter(pl.col("len") >= min_count).get_column("token").to_numpy())
+
+
+def _tokens_to_rows(tokens: np.ndarray, vocabulary: np.ndarray) -> np.ndarray:
+    """Row of each token in ``vocabulary`` (sorted): position + 1, or 0 for missing, rare and unseen tokens."""
+    position = np.searchsorted(vocabulary, tokens)
+    found = position < len(vocabulary)
+    found[found] &= vocabulary[position[found]] == tokens[found]
+    return np.where(found, position + 1, 0).astype(np.int32)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array)
+
+
+def _describe_files(files_by_split: Dict[str, Sequence[str | os.PathLike]]) -> List[Dict]:
+    described = []
+    for split, files in files_by_split.items():
+        for path in files:
+            stat = os.stat(path)
+            described.append({"path": str(path), "split": split, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return described
+
+
+def input_fingerprint(
+    schema: DatasetSchema, files_by_split: Dict[str, Sequence[str | os.PathLike]], **split_options
+) -> Dict:
+    """What preprocessing depends on: the schema's rules, the files (size and mtime) and the split options."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "schema": schema.fingerprint(),
+        "inputs": _describe_files(files_by_split),
+        **split_options,
+    }
+
+
+class _ShardWriter:
+    """Gathers accepted rows per split and writes them as shards of about ``shard_rows`` rows into ``work``."""
+
+    def __init__(self, work: Path, splits: List[str], schema: DatasetSchema, shard_rows: int) -> None:
+        self.work, self.shard_rows = work, shard_rows
+        self.frequency_features = [f for f in schema.categorical if not schema.vocabulary_rule(f).is_hash]
+        self.counter = _TokenCounter(self.frequency_features)
+        self.pending: Dict[str, List[Tuple[np.ndarray, ...]]] = {split: [] for split in splits}
+        self.shards: Dict[str, List[Dict]] = {split: [] for split in splits}
+        self.rows = {split: 0 for split in splits}
+        self.label_sums = {split: np.zeros(len(schema.labels)) for split in splits}
+        self.label_counts = {split: np.zeros(len(schema.labels), dtype=np.int64) for split in splits}
+        for split in splits:
+            (work / split).mkdir()
+
+    def add(self, split: str, parsed: ParsedChunk, rows: np.ndarray) -> None:
+        arrays = (parsed.dense, parsed.sparse, parsed.labels, parsed.tokens)
+        self.pending[split].append(tuple(array[rows] for array in arrays))
+        if sum(len(part[0]) for part in self.pending[split]) >= self.shard_rows:
+            self.flush(split)
+
+    def flush(self, split: str) -> None:
+        if not self.pending[split]:
+            return
+        dense, sparse, labels, tokens = (np.concatenate(arrays) for arrays in zip(*self.pending[split]))
+        self.pending[split] = []
+        name = f"part-{len(self.shards[split]):05d}"
+        for part, array in (("dense", dense), ("sparse", sparse), ("labels", labels)):
+            _save_npy(self.work / split / f"{name}.{part}.npy", array)
+        if self.frequency_features:
+            _save_npy(self.work / split / f"{name}.tokens.npy", tokens)
+            if split == "train":
+                self.counter.add(tokens)
+        self.shards[split].append({"name": name, "rows": len(dense)})
+        self.rows[split] += len(dense)
+        present = ~np.isnan(labels)
+        self.label_sums[split] += np.where(present, labels, 0.0).sum(axis=0)
+        self.label_counts[split] += present.sum(axis=0)
+
+    def finish(self, schema: DatasetSchema) -> Dict[str, int]:
+        """Flush, build the ``min_count`` vocabularies from the training split, map every shard's tokens through
+        them, and return each feature's table size."""
+        for split in self.pending:
+            self.flush(split)
+        table_sizes = {f: schema.vocabulary_rule(f).hash_size for f in schema.categorical}
+        vocabularies = []
+        for feature in self.frequency_features:
+            vocabulary = self.counter.vocabulary(feature, schema.vocabulary_rule(feature).min_count)
+            _save_npy(self.work / "vocab" / f"{feature}.npy", vocabulary)
+            table_sizes[feature] = len(vocabulary) + 1
+            vocabularies.append((schema.categorical.index(feature), vocabulary))
+        if vocabularies:
+            for split, shards in self.shards.items():
+                for shard in shards:
+                    sparse_path = self.work / split / f"{shard['name']}.sparse.npy"
+                    tokens_path = self.work / split / f"{shard['name']}.tokens.npy"
+                    sparse, tokens = np.load(sparse_path), np.load(tokens_path)
+                    for t, (column, vocabulary) in enumerate(vocabularies):
+                        sparse[:, column] = _tokens_to_rows(tokens[:, t], vocabulary)
+                    _save_npy(sparse_path, sparse)
+                    tokens_path.unlink()
+        return table_sizes
+
+    def label_means(self, split: str, labels: List[str]) -> Dict[str, Optional[float]]:
+        sums, counts = self.label_sums[split], self.label_counts[split]
+        return {name: (float(sums[i] / counts[i]) if counts[i] else None) for i, name in enumerate(labels)}
+
+
+def _header_columns(header: str, schema: DatasetSchema, path: Path) -> List[str]:
+    names = [name.strip().lstrip("\ufeff") for name in header.split(schema.separator)]
+    allowed = set(schema.features_and_labels) | set(schema.ignore)
+    for position, name in enumerate(names, start=1):
+        if name not in allowed:
+            raise LogFormatError(
+                f"{path}:1: header column {position} is {name!r}, which schema {schema.source} neither uses nor "
+                f"ignores (add it under ignore, or fix the file)"
+            )
+    missing = [c for c in schema.features_and_labels if c not in names]
+    if missing:
+        raise LogFormatError(f"{path}:1: header lacks column(s) {missing} that schema {schema.source} needs")
+    return names
+
+
+def preprocess(
+    schema: DatasetSchema,
+    files_by_split: Dict[str, Sequence[str | os.PathLike]],
+    out_dir: str | os.PathLike,
+    test_fraction: float = 0.0,
+    split_seed: int = 0,
+    max_bad_fraction: float = 0.01,
+    chunk_bytes: int = 8 << 20,
+    shard_rows: int = 1 << 18,
+    show_examples: int = 5,
+    progress: bool = True,
+) -> PreprocessSummary:
+    """Read every file of every split, write shards into ``out_dir`` and return the summary.
+
+    Args:
+        files_by_split: split name -> files (plain or gzip, detected by content). With ``test_fraction`` > 0, a seeded
+            share of the ``train`` files' rows goes to ``test`` instead (drawn per line, so chunking never changes it).
+        max_bad_fraction: stop with TooManyBadRows once rejected / read exceeds it (checked after every chunk).
+        chunk_bytes: bytes read and parsed at a time (memory scales with it; 8 MiB was fastest on 2 cores).
+        shard_rows: rows per shard file (the last shard of a split holds the rest).
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    work = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "vocab").mkdir(parents=True)
+    splits = list(dict.fromkeys([*files_by_split, *(["test"] if test_fraction > 0 else [])]))
+    writer = _ShardWriter(work, splits, schema, shard_rows)
+    summary = PreprocessSummary(rows_written=writer.rows, out_dir=str(out_dir))
+    parsers: Dict[Tuple[str, ...], ChunkParser] = {}
+    inputs = _describe_files(files_by_split)
+    rejects = open(work / "rejects.tsv", "w", encoding="utf-8", newline="\n")  # noqa: SIM115 (closed below)
+    rejects.write("file\tline\treason\tcolumn\tvalue\traw_line\n")
+    bar = tqdm(
+        total=sum(i["bytes"] for i in inputs), unit="B", unit_scale=True, desc="preprocess", disable=not progress
+    )
+
+    def _take(in_flight: Deque) -> Tuple[int, Dict, ParsedChunk]:
+        file_index, described, future = in_flight.popleft()
+        return file_index, described, future.result()
+
+    def _write(file_index: int, described: Dict, parsed: ParsedChunk) -> None:
+        path, split = described["path"], described["split"]
+        described["rows_read"] = described.get("rows_read", 0) + parsed.lines
+        described["rows_rejected"] = described.get("rows_rejected", 0) + len(parsed.rejections)
+        summary.rows_read += parsed.lines
+        summary.padded += parsed.padded
+        for line, reason, column, value, raw in parsed.rejections:
+            summary.rejected[reason] += 1
+            if len(summary.examples) < show_examples:
+                summary.examples.append(Rejection(path, line, reason, column, value))
+            rejects.write(f"{path}\t{line}\t{reason}\t{column}\t{_one_line(value)}\t{_one_line(raw)}\n")
+        destination = np.full(len(parsed.line_numbers), splits.index(split), dtype=np.int8)
+        if test_fraction > 0 and split == "train":
+            destination[_uniform(split_seed, file_index, parsed.line_numbers) < test_fraction] = splits.index("test")
+        for target_index, target in enumerate(splits):
+            rows = destination == target_index
+            if rows.any():
+                writer.add(target, parsed, rows)
+        bar.set_postfix(rows=f"{summary.rows_read:,}", rejected=f"{summary.rows_rejected:,}", refresh=False)
+        if summary.rows_read and summary.rows_rejected / summary.rows_read > max_bad_fraction:
+            raise TooManyBadRows(
+                f"{summary.rows_rejected:,} of {summary.rows_read:,} rows read so far were rejected "
+                f"({summary.rows_rejected / summary.rows_read:.2%} > max_bad_fraction {max_bad_fraction:.2%}); "
+                f"stopped in {path}.\n{summary.text()}\nall rejected rows: {work / 'rejects.tsv'}"
+            )
+
+    def chunks() -> Iterator[Tuple[int, Dict, ChunkParser, bytes, int]]:
+        """(file index, input, parser, chunk, number of its first line), header rows consumed, in file order."""
+        for file_index, described in enumerate(inputs):
+            path = Path(described["path"])
+            file_columns: Optional[List[str]] = None if schema.header else schema.columns
+            next_line, consumed = 1, 0
+            for chunk, position in read_chunks(path, chunk_bytes):
+                bar.update(position - consumed)
+                consumed = position
+                if next_line == 1 and chunk.startswith(b"\xef\xbb\xbf"):
+                    chunk = chunk[3:]  # a UTF-8 byte order mark
+                if file_columns is None:
+                    header, _, chunk = chunk.partition(b"\n")
+                    file_columns = _header_columns(header.decode("utf-8", "replace").rstrip("\r"), schema, path)
+                    next_line = 2
+                    if not chunk:
+                        continue
+                key = tuple(file_columns)
+                if key not in parsers:
+                    parsers[key] = ChunkParser(schema, file_columns)
+                yield file_index, described, parsers[key], chunk, next_line
+                next_line += chunk.count(b"\n")
+
+    # polars and numpy release the GIL: parsing the next chunks overlaps writing this one (order is kept).
+    with rejects, bar, ThreadPoolExecutor(max_workers=_PARSE_THREADS) as pool:
+        in_flight: Deque = deque()
+        for file_index, described, parser, chunk, first_line in chunks():
+            in_flight.append((file_index, described, pool.submit(parser.parse, chunk, first_line)))
+            if len(in_flight) <= _PARSE_THREADS:
+                continue
+            _write(*_take(in_flight))
+        while in_flight:
+            _write(*_take(in_flight))
+    table_sizes = writer.finish(schema)
+
+    summary.seconds = time.perf_counter() - started
+    assert summary.rows_read == summary.total_written + summary.rows_rejected
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": input_fingerprint(schema, files_by_split, test_fraction=test_fraction, split_seed=split_seed),
+        "schema": {"name": schema.name, "source": schema.source, "fingerprint": schema.fingerprint()},
+        "dense_features": schema.dense,
+        "categorical_features": schema.categorical,
+        "labels": {name: spec.kind for name, spec in schema.labels.items()},
+        "user_id": schema.user_id,
+        "item_id": schema.item_id,
+        "item_text_key": schema.item_text_key,
+        "table_sizes": {f: table_sizes[f] for f in schema.categorical},
+        "vocabulary_rules": {
+            f: {k: v for k, v in vars(schema.vocabulary_rule(f)).items() if v is not None} for f in schema.categorical
+        },
+        "splits": {
+            split: {
+                "rows": writer.rows[split],
+                "shards": writer.shards[split],
+                "label_means": writer.label_means(split, list(schema.labels)),
+            }
+            for split in splits
+        },
+        "counts": {
+            "rows_read": summary.rows_read,
+            "rows_written": summary.total_written,
+            "rows_rejected": summary.rows_rejected,
+            "rejected_by_reason": dict(summary.rejected.most_common()),
+            "padded_short_rows": summary.padded,
+        },
+        "inputs": inputs,
+        "split_options": {"test_fraction": test_fraction, "split_seed": split_seed},
+        "seconds": round(summary.seconds, 2),
+    }
+    (work / "metadata.json").write_text(json.dumps(metadata, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(work, out_dir)
+    if progress:
+        print(summary.text(), file=sys.stderr, flush=True)
+    return summary
+
+
+def _one_line(text: str) -> str:
+    """A field of rejects.tsv: backslash, tab, CR and LF escaped, so the file stays six tab-separated columns."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n")
