@@ -254,3 +254,17 @@ def test_schema_errors_name_the_file_and_key(tmp_path):
     path.write_text("name: x\nlabels: {click: binary}\ninteger: []\ncategorical: [C1]\nvocabulary: {hash_size: 1}\n")
     with pytest.raises(SchemaError, match=r"vocabulary.hash_size"):
         DatasetSchema.from_yaml(path)
+
+
+def test_cli_preprocess_reports_without_a_traceback(tmp_path, capsys):
+    from torchrec_mtl.cli import main
+
+    path = _write(tmp_path / "l.tsv", [_good(i) for i in range(40)] + [_row(click="7")])
+    args = ["preprocess", "--schema", "configs/datasets/synthetic.yaml", "--train", str(path), "--out"]
+    assert main([*args, str(tmp_path / "strict"), "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert "l.tsv:41: label not 0/1 (column click: '7')" in error and "Traceback" not in error
+    assert main([*args, str(tmp_path / "ok"), "--test-fraction", "0.5", "--max-bad-fraction", "0.05"]) == 0
+    assert "rows read 41 = written 40" in capsys.readouterr().err
+    log = ShardedLog.open(tmp_path / "ok")
+    assert log.rows("train") + log.rows("test") == 40 and log.rows("test") > 0

@@ -3,6 +3,8 @@
 Examples::
 
     torchrec-mtl generate --out runs/data/synthetic --rows 3000000 --seed 0
+    torchrec-mtl preprocess --schema configs/datasets/criteo_kaggle.yaml --train day_0.gz day_1.gz --test day_2.gz \
+        --out runs/data/criteo/shards
     torchrec-mtl train --config configs/mmoe_synthetic.yaml training.epochs=2
     torchrun --nproc_per_node 2 -m torchrec_mtl.cli train --config configs/mmoe_synthetic.yaml
 """
@@ -12,11 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from typing import List, Optional
 
 from torchrec_mtl.config import ConfigError, load_config
+from torchrec_mtl.data.prepare import MissingInputError
+from torchrec_mtl.data.preprocess import LogFormatError, TooManyBadRows
+from torchrec_mtl.data.shards import ShardError
+from torchrec_mtl.schema import SchemaError
+
+
+class InputError(ValueError):
+    """A command-line argument naming a file that is not there."""
 
 
 def _quiet_library_logs() -> None:
@@ -33,6 +44,28 @@ def _generate(args: argparse.Namespace) -> int:
     config = SyntheticConfig(num_rows=args.rows, seed=args.seed)
     meta = generate(config, args.out)
     print(json.dumps({k: meta[k] for k in ("rows", "rates", "ceilings")}, indent=2))
+    return 0
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from torchrec_mtl.data.preprocess import preprocess
+    from torchrec_mtl.schema import DatasetSchema
+
+    schema = DatasetSchema.from_yaml(args.schema)
+    files = {"train": args.train, **({"test": args.test} if args.test else {})}
+    for split, paths in files.items():
+        for path in paths:
+            if not os.path.isfile(path):
+                raise InputError(f"--{split}: {path}: no such file")
+    preprocess(
+        schema,
+        files,
+        args.out,
+        test_fraction=args.test_fraction,
+        split_seed=args.split_seed,
+        max_bad_fraction=args.max_bad_fraction,
+        progress=not args.quiet,
+    )
     return 0
 
 
@@ -61,6 +94,34 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(func=_generate)
 
+    prep = commands.add_parser(
+        "preprocess",
+        help="turn tab- or comma-separated logs into memory-mapped shards, counting every rejected row",
+        description="Stream logs (plain or .gz) through a dataset schema into npy shards with metadata.json; "
+        "rejected rows go to rejects.tsv with file, line and reason.\n\n"
+        "example: torchrec-mtl preprocess --schema configs/datasets/criteo_kaggle.yaml "
+        "--train day_0.gz day_1.gz --test day_2.gz --out runs/data/criteo/shards\n"
+        "example: torchrec-mtl preprocess --schema configs/datasets/criteo_kaggle.yaml --train train.txt "
+        "--test-fraction 0.1 --split-seed 0 --out runs/data/criteo/shards",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    prep.add_argument("--schema", required=True, help="dataset schema YAML (see configs/datasets/)")
+    prep.add_argument("--train", nargs="+", required=True, metavar="FILE", help="training log files")
+    prep.add_argument("--test", nargs="*", default=[], metavar="FILE", help="test log files (a split by file)")
+    prep.add_argument(
+        "--test-fraction", type=float, default=0.0, help="draw this share of the train rows into test instead"
+    )
+    prep.add_argument("--split-seed", type=int, default=0, help="seed of the --test-fraction draw")
+    prep.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=0.01,
+        help="stop when more than this share of the rows read is rejected (default 0.01)",
+    )
+    prep.add_argument("--out", required=True, help="output folder for the shards")
+    prep.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    prep.set_defaults(func=_preprocess)
+
     train = commands.add_parser(
         "train",
         help="train and evaluate a multi-task model; prints the per-task table and writes results.json",
@@ -81,6 +142,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.func(args)
     except ConfigError as error:
         print(f"torchrec-mtl: config error: {error}", file=sys.stderr)
+        return 2
+    except (SchemaError, LogFormatError, TooManyBadRows, ShardError, InputError, MissingInputError) as error:
+        print(f"torchrec-mtl: {error}", file=sys.stderr)
         return 2
 
 

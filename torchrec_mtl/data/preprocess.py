@@ -90,6 +90,7 @@ class Rejection:
 @dataclass
 class PreprocessSummary:
     rows_read: int = 0
+    rows_accepted: int = 0  # checked and kept; all of them are in rows_written once the run ends
     rows_written: Dict[str, int] = field(default_factory=dict)
     rejected: Counter = field(default_factory=Counter)
     padded: int = 0
@@ -106,9 +107,10 @@ class PreprocessSummary:
         return sum(self.rows_written.values())
 
     def text(self) -> str:
+        per_split = ", ".join(f"{k} {v:,}" for k, v in self.rows_written.items())
+        kept = f"written {self.total_written:,} ({per_split})" if self.seconds else f"accepted {self.rows_accepted:,}"
         lines = [
-            f"rows read {self.rows_read:,} = written {self.total_written:,} "
-            f"({', '.join(f'{k} {v:,}' for k, v in self.rows_written.items())}) + rejected {self.rows_rejected:,}"
+            f"rows read {self.rows_read:,} = {kept} + rejected {self.rows_rejected:,}"
             + (f"; padded short rows {self.padded:,}" if self.padded else ""),
         ]
         for reason, count in self.rejected.most_common():
@@ -567,6 +569,7 @@ def preprocess(
         described["rows_read"] = described.get("rows_read", 0) + parsed.lines
         described["rows_rejected"] = described.get("rows_rejected", 0) + len(parsed.rejections)
         summary.rows_read += parsed.lines
+        summary.rows_accepted += len(parsed.line_numbers)
         summary.padded += parsed.padded
         for line, reason, column, value, raw in parsed.rejections:
             summary.rejected[reason] += 1
@@ -624,7 +627,11 @@ def preprocess(
     table_sizes = writer.finish(schema)
 
     summary.seconds = time.perf_counter() - started
-    assert summary.rows_read == summary.total_written + summary.rows_rejected
+    assert (
+        summary.rows_read
+        == summary.total_written + summary.rows_rejected
+        == summary.rows_accepted + summary.rows_rejected
+    )
     metadata = {
         "format_version": FORMAT_VERSION,
         "fingerprint": input_fingerprint(schema, files_by_split, test_fraction=test_fraction, split_seed=split_seed),
