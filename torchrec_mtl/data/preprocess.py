@@ -387,11 +387,20 @@ class _TokenCounter:
         self.features = features
         self.pending: Dict[str, List[pl.DataFrame]] = {f: [] for f in features}
 
-    def add(self, tokens: np.ndarray) -> None:
-        for i, feature in enumerate(self.features):
-            column = tokens[:, i]
-            counts = pl.DataFrame({"token": column[column != MISSING_TOKEN]}).group_by("token").len()
-            self.pending[feature].append(counts)
+    def count(self, tokens: np.ndarray) -> List[pl.DataFrame]:
+        """Counts of each feature's tokens in ``tokens`` (thread-safe: runs beside parsing)."""
+        frame = pl.DataFrame(tokens, schema=[f"t{i}" for i in range(len(self.features))])
+        return [
+            frame.select(pl.col(f"t{i}").alias("token"))
+            .filter(pl.col("token") != MISSING_TOKEN)
+            .group_by("token")
+            .len()
+            for i in range(len(self.features))
+        ]
+
+    def add(self, counts: List[pl.DataFrame]) -> None:
+        for feature, frame in zip(self.features, counts, strict=True):
+            self.pending[feature].append(frame)
             if len(self.pending[feature]) >= 16:
                 self.pending[feature] = [self._merge(feature)]
 
@@ -471,8 +480,6 @@ class _ShardWriter:
             _save_npy(self.work / split / f"{name}.{part}.npy", array)
         if self.frequency_features:
             _save_npy(self.work / split / f"{name}.tokens.npy", tokens)
-            if split == "train":
-                self.counter.add(tokens)
         self.shards[split].append({"name": name, "rows": len(dense)})
         self.rows[split] += len(dense)
         present = ~np.isnan(labels)
@@ -491,16 +498,19 @@ class _ShardWriter:
             _save_npy(self.work / "vocab" / f"{feature}.npy", vocabulary)
             table_sizes[feature] = len(vocabulary) + 1
             vocabularies.append((schema.categorical.index(feature), vocabulary))
+
+        def map_tokens(shard_path: Path) -> None:
+            sparse_path, tokens_path = (shard_path.with_suffix(f".{part}.npy") for part in ("sparse", "tokens"))
+            sparse, tokens = np.load(sparse_path), np.load(tokens_path)
+            for t, (column, vocabulary) in enumerate(vocabularies):
+                sparse[:, column] = _tokens_to_rows(tokens[:, t], vocabulary)
+            _save_npy(sparse_path, sparse)
+            tokens_path.unlink()
+
         if vocabularies:
-            for split, shards in self.shards.items():
-                for shard in shards:
-                    sparse_path = self.work / split / f"{shard['name']}.sparse.npy"
-                    tokens_path = self.work / split / f"{shard['name']}.tokens.npy"
-                    sparse, tokens = np.load(sparse_path), np.load(tokens_path)
-                    for t, (column, vocabulary) in enumerate(vocabularies):
-                        sparse[:, column] = _tokens_to_rows(tokens[:, t], vocabulary)
-                    _save_npy(sparse_path, sparse)
-                    tokens_path.unlink()
+            paths = [self.work / split / s["name"] for split, shards in self.shards.items() for s in shards]
+            with ThreadPoolExecutor(max_workers=_PARSE_THREADS) as pool:
+                list(pool.map(map_tokens, paths))
         return table_sizes
 
     def label_means(self, split: str, labels: List[str]) -> Dict[str, Optional[float]]:
@@ -560,12 +570,18 @@ def preprocess(
         total=sum(i["bytes"] for i in inputs), unit="B", unit_scale=True, desc="preprocess", disable=not progress
     )
 
-    def _take(in_flight: Deque) -> Tuple[int, Dict, ParsedChunk]:
-        file_index, described, future = in_flight.popleft()
-        return file_index, described, future.result()
+    def parse(parser: ChunkParser, chunk: bytes, first_line: int, file_index: int, split: str):
+        """Runs on a worker thread: check and convert, route each kept row to a split, count training tokens."""
+        parsed = parser.parse(chunk, first_line)
+        destination = np.full(len(parsed.line_numbers), splits.index(split), dtype=np.int8)
+        if test_fraction > 0 and split == "train":
+            destination[_uniform(split_seed, file_index, parsed.line_numbers) < test_fraction] = splits.index("test")
+        train = destination == splits.index("train") if "train" in splits else np.zeros(len(destination), bool)
+        counts = writer.counter.count(parsed.tokens[train]) if writer.frequency_features else []
+        return parsed, destination, counts
 
-    def _write(file_index: int, described: Dict, parsed: ParsedChunk) -> None:
-        path, split = described["path"], described["split"]
+    def _write(described: Dict, parsed: ParsedChunk, destination: np.ndarray, counts: List[pl.DataFrame]) -> None:
+        path = described["path"]
         described["rows_read"] = described.get("rows_read", 0) + parsed.lines
         described["rows_rejected"] = described.get("rows_rejected", 0) + len(parsed.rejections)
         summary.rows_read += parsed.lines
@@ -576,9 +592,8 @@ def preprocess(
             if len(summary.examples) < show_examples:
                 summary.examples.append(Rejection(path, line, reason, column, value))
             rejects.write(f"{path}\t{line}\t{reason}\t{column}\t{_one_line(value)}\t{_one_line(raw)}\n")
-        destination = np.full(len(parsed.line_numbers), splits.index(split), dtype=np.int8)
-        if test_fraction > 0 and split == "train":
-            destination[_uniform(split_seed, file_index, parsed.line_numbers) < test_fraction] = splits.index("test")
+        if counts:
+            writer.counter.add(counts)
         for target_index, target in enumerate(splits):
             rows = destination == target_index
             if rows.any():
@@ -618,12 +633,14 @@ def preprocess(
     with rejects, bar, ThreadPoolExecutor(max_workers=_PARSE_THREADS) as pool:
         in_flight: Deque = deque()
         for file_index, described, parser, chunk, first_line in chunks():
-            in_flight.append((file_index, described, pool.submit(parser.parse, chunk, first_line)))
-            if len(in_flight) <= _PARSE_THREADS:
-                continue
-            _write(*_take(in_flight))
+            job = pool.submit(parse, parser, chunk, first_line, file_index, described["split"])
+            in_flight.append((described, job))
+            if len(in_flight) > _PARSE_THREADS:
+                described, job = in_flight.popleft()
+                _write(described, *job.result())
         while in_flight:
-            _write(*_take(in_flight))
+            described, job = in_flight.popleft()
+            _write(described, *job.result())
     table_sizes = writer.finish(schema)
 
     summary.seconds = time.perf_counter() - started
