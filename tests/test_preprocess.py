@@ -268,3 +268,14 @@ def test_cli_preprocess_reports_without_a_traceback(tmp_path, capsys):
     assert "rows read 41 = written 40" in capsys.readouterr().err
     log = ShardedLog.open(tmp_path / "ok")
     assert log.rows("train") + log.rows("test") == 40 and log.rows("test") > 0
+
+
+def test_a_schema_that_does_not_fit_the_file_stops_at_once_naming_file_line_and_counts(tmp_path):
+    path = _write(tmp_path / "synthetic.tsv", [_good(i) for i in range(50)])
+    criteo = DatasetSchema.from_yaml("configs/datasets/criteo_kaggle.yaml")
+    with pytest.raises(TooManyBadRows, match=r"synthetic.tsv:1: too few fields \(24 fields, the schema has 40\)"):
+        preprocess(criteo, {"train": [path]}, tmp_path / "o", progress=False)
+    # the right field count but text where Criteo has integers: the column is named
+    shifted = _write(tmp_path / "shifted.tsv", ["\t".join(["1", "ab", *(["3"] * 12), *(["a1"] * 26)])])
+    with pytest.raises(TooManyBadRows, match=r"shifted.tsv:1: integer not valid \(column I1: 'ab'\)"):
+        preprocess(criteo, {"train": [shifted]}, tmp_path / "o", progress=False)

@@ -55,7 +55,7 @@ def _preprocess(args: argparse.Namespace) -> int:
     files = {"train": args.train, **({"test": args.test} if args.test else {})}
     for split, paths in files.items():
         for path in paths:
-            if not os.path.isfile(path):
+            if not os.path.exists(path):
                 raise InputError(f"--{split}: {path}: no such file")
     preprocess(
         schema,

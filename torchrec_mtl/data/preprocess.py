@@ -83,7 +83,9 @@ class Rejection:
     value: str
 
     def __str__(self) -> str:
-        where = f" (column {self.column}: {self.value[:40]!r})" if self.column else ""
+        where = (
+            f" (column {self.column}: {self.value[:40]!r})" if self.column else f" ({self.value})" * bool(self.value)
+        )
         return f"{self.file}:{self.line}: {self.reason}{where}"
 
 
@@ -127,36 +129,41 @@ class PreprocessSummary:
 
 
 def _open_bytes(path: Path):
-    raw = open(path, "rb")
-    magic = raw.read(2)
-    raw.seek(0)
-    return raw, (gzip.GzipFile(fileobj=raw) if magic == b"\x1f\x8b" else raw)
+    """The file and a stream of its bytes, gunzipped when it starts with the gzip magic number."""
+    raw = open(path, "rb")  # noqa: SIM115 (the caller closes it)
+    buffered = io.BufferedReader(raw) if not isinstance(raw, io.BufferedReader) else raw
+    gzipped = buffered.peek(2)[:2] == b"\x1f\x8b"  # peek, not seek: pipes cannot seek
+    return buffered, (gzip.GzipFile(fileobj=buffered) if gzipped else buffered)
 
 
 def read_chunks(path: Path, chunk_bytes: int) -> Iterator[Tuple[bytes, int]]:
-    """Yield (chunk of whole lines ending in b"\\n", bytes of the file consumed so far)."""
+    """Yield (chunk of whole lines ending in b"\\n", bytes of the file consumed so far).
+
+    Reads sequentially, so a named pipe works as well as a file (its progress then counts uncompressed bytes)."""
     raw, stream = _open_bytes(path)
     carry = b""
+    consumed = 0
     with raw:
         while True:
             try:
                 block = stream.read(chunk_bytes)
             except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as error:
                 raise LogFormatError(
-                    f"{path}: compressed data is truncated or corrupt at byte {raw.tell():,} of the file "
+                    f"{path}: compressed data is truncated or corrupt after {consumed:,} bytes of it were read "
                     f"({type(error).__name__}: {error}); re-copy or re-compress it"
                 ) from None
             if not block:
                 break
+            consumed = raw.tell() if stream is not raw else consumed + len(block)
             block = carry + block
             cut = block.rfind(b"\n")
             if cut < 0:
                 carry = block
                 continue
             carry = block[cut + 1 :]
-            yield block[: cut + 1], raw.tell()
+            yield block[: cut + 1], consumed
         if carry:
-            yield carry + b"\n", raw.tell()
+            yield carry + b"\n", consumed
 
 
 @dataclass
@@ -329,7 +336,12 @@ class ChunkParser:
                 pl.col("line_no"),
                 pl.coalesce(pl.col("row_problem"), self.reason).alias("reason"),
                 pl.when(pl.col("row_problem").is_null()).then(self.bad_column).otherwise(pl.lit("")).alias("column"),
-                pl.when(pl.col("row_problem").is_null()).then(self.bad_value).otherwise(pl.lit("")).alias("value"),
+                pl.when(pl.col("row_problem").is_null())
+                .then(self.bad_value)
+                .when(pl.col("n_fields") > 0)
+                .then(pl.format("{} fields, the schema has {}", pl.col("n_fields"), pl.lit(len(self.file_columns))))
+                .otherwise(pl.lit(""))
+                .alias("value"),
             )
             rejections = [
                 (int(n), r, c or "", v or "", split.raw_line(chunk, int(n) - first_line))
