@@ -8,6 +8,7 @@ import json
 import numpy as np
 import polars as pl
 import pytest
+import yaml
 
 from torchrec_mtl.data.preprocess import LogFormatError, TooManyBadRows, preprocess
 from torchrec_mtl.data.shards import ShardedLog, ShardError
@@ -273,7 +274,11 @@ def test_cli_preprocess_reports_without_a_traceback(tmp_path, capsys):
 def test_a_schema_that_does_not_fit_the_file_stops_at_once_naming_file_line_and_counts(tmp_path):
     path = _write(tmp_path / "synthetic.tsv", [_good(i) for i in range(50)])
     criteo = DatasetSchema.from_yaml("configs/datasets/criteo_kaggle.yaml")
+    strict = DatasetSchema.from_dict({**yaml.safe_load(open(criteo.source)), "pad_short_rows": False})
     with pytest.raises(TooManyBadRows, match=r"synthetic.tsv:1: too few fields \(24 fields, the schema has 40\)"):
+        preprocess(strict, {"train": [path]}, tmp_path / "o", progress=False)
+    # Criteo pads short rows, so the same file fails on the first column that is not what Criteo has there
+    with pytest.raises(TooManyBadRows, match=r"synthetic.tsv:1: integer not valid \(column I2: '4.5'\)"):
         preprocess(criteo, {"train": [path]}, tmp_path / "o", progress=False)
     # the right field count but text where Criteo has integers: the column is named
     shifted = _write(tmp_path / "shifted.tsv", ["\t".join(["1", "ab", *(["3"] * 12), *(["a1"] * 26)])])
