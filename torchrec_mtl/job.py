@@ -1,7 +1,8 @@
 """The main job: data -> sharded multi-task model -> pipelined training -> per-task evaluation -> table and JSON.
 
-Runs at any world size: alone (one gloo process) or under torchrun. Every rank reads and encodes the log the same
-way (the encoding is deterministic), takes its own batches, and the metrics are reduced across ranks.
+Runs at any world size: alone (one gloo process) or under torchrun. Rank 0 preprocesses the logs into shards when
+they changed (torchrec_mtl.data.prepare); every rank then memory-maps the same shards, takes its own batches, and the
+metrics are reduced across ranks.
 
 Example::
 
