@@ -58,3 +58,17 @@ def test_shuffled_labels_leave_nothing_to_learn(small_log, tmp_path):
     tasks = _train(small_log, tmp_path, "training.shuffle_labels=true")["tasks"]
     for task in ("ctr", "ctcvr"):
         assert abs(tasks[task]["auc"] - 0.5) < 0.04, (task, tasks[task])
+
+
+def test_a_log_without_the_objectives_labels_is_refused_by_name(tmp_path, capsys):
+    from torchrec_mtl.data.criteo_format import write_criteo_log
+
+    write_criteo_log(tmp_path / "day_0.tsv", 500, progress=False)
+    code = main(
+        ["train", "--config", "configs/mmoe_synthetic.yaml", f"data.dir={tmp_path}", "data.generate=null",
+         "data.schema=configs/datasets/criteo_kaggle.yaml", "data.train=[day_0.tsv]", "data.test_fraction=0.2",
+         f"out_dir={tmp_path / 'out'}", "training.progress=false"]
+    )  # fmt: skip
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "criteo_kaggle.yaml has labels ['click']" in error and "'conversion', 'rating'" in error

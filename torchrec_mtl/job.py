@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from torchrec_mtl.config import JobConfig, ModelConfig, config_to_dict
+from torchrec_mtl.config import ConfigError, JobConfig, ModelConfig, config_to_dict
 from torchrec_mtl.data import synthetic
 from torchrec_mtl.data.loader import BatchLoader
 from torchrec_mtl.data.prepare import prepare_shards, shards_dir
@@ -36,6 +36,9 @@ from torchrec_mtl.modules.towers import MMoE, SharedBottom
 from torchrec_mtl.tasks import EVALUATED_TASKS, TOWER_TASKS, EsmmObjective
 from torchrec_mtl.train.distributed import DistributedEnv, init_distributed, shard_model
 from torchrec_mtl.train.loop import make_pipeline, train, evaluate
+
+# The label columns EsmmObjective reads (its defaults).
+OBJECTIVE_LABELS = ("click", "conversion", "rating")
 
 # The headline metric of each task: AUC (higher is better) or RMSE (lower is better).
 HEADLINE = {"ctr": "auc", "cvr": "auc", "ctcvr": "auc", "rating": "rmse"}
@@ -131,6 +134,12 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
     started = time.perf_counter()
     _ensure_synthetic_data(config, env)
     log = load_data(config, env)
+    missing = [label for label in OBJECTIVE_LABELS if label not in log.label_kinds]
+    if missing:
+        raise ConfigError(
+            f"data.schema: {config.data.schema} has labels {list(log.label_kinds)}; the multi-task objective needs "
+            f"label columns {list(OBJECTIVE_LABELS)} (an optional label may be empty on every row)"
+        )
     train_shards, test_shards = log.split("train"), log.split("test")
     training = config.training
     if training.shuffle_labels:
