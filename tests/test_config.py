@@ -19,6 +19,9 @@ from torchrec_mtl.config import load_config
         ("model.embedding_dim=32", "model.dense_arch_layer_sizes", "must equal"),
         ("objective.weights.cvr=1", "objective.weights.cvr", "cvr_ips"),
         ("data.generate.test_fraction=1.5", "data.generate", "test_fraction"),
+        ("model.tower.num_levels=0", "model.tower.num_levels", "must be positive"),
+        ("model.tower.expert_layer_sizes=[]", "model.tower.expert_layer_sizes", "one or more"),
+        ("data.test_fraction=1", "data.test_fraction", "0 <= test_fraction < 1"),
     ],
 )
 def test_invalid_config_names_the_key(override, key, allowed, capsys):
@@ -33,3 +36,15 @@ def test_shipped_config_loads_with_overrides():
     config = load_config("configs/mmoe_synthetic.yaml", ["training.epochs=3", "training.sharding_types=[row_wise]"])
     assert config.training.epochs == 3 and config.training.sharding_types == ["row_wise"]
     assert config.data.generate.num_rows == 3_000_000 and config.model.tower.kind == "mmoe"
+
+
+@pytest.mark.parametrize("kind", ["single_task", "shared_bottom", "mmoe", "ple"])
+def test_every_tower_kind_builds_from_config(kind):
+    import torch
+
+    from torchrec_mtl.job import build_tower
+
+    config = load_config("configs/mmoe_synthetic.yaml", [f"model.tower.kind={kind}", "model.tower.num_levels=2"])
+    tower = build_tower(config.model.tower, 24, ["ctr", "cvr"])
+    logits = tower(torch.randn(5, 24))
+    assert list(logits) == ["ctr", "cvr"] and logits["cvr"].shape == (5,)

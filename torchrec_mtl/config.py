@@ -26,7 +26,7 @@ from torchrec_mtl.data.synthetic import SyntheticConfig
 from torchrec_mtl.tasks import LOSS_TERMS
 from torchrec_mtl.train.distributed import EMBEDDING_OPTIMIZERS, SHARDING_TYPES
 
-TOWER_KINDS = ("mmoe", "shared_bottom")
+TOWER_KINDS = ("single_task", "shared_bottom", "mmoe", "ple")
 
 
 class ConfigError(ValueError):
@@ -54,8 +54,14 @@ class DataConfig:
 
 @dataclass
 class TowerConfig:
+    """The multi-task tower (torchrec_mtl.modules.towers). ``expert_layer_sizes`` sizes every expert (MMoE, PLE),
+    the shared bottom (shared_bottom) or each task's bottom (single_task); the ``num_*`` keys apply to their kind."""
+
     kind: str = "mmoe"
-    num_experts: int = 4
+    num_experts: int = 4  # mmoe
+    num_levels: int = 1  # ple (1 = CGC)
+    num_shared_experts: int = 2  # ple
+    num_task_experts: int = 2  # ple
     expert_layer_sizes: List[int] = field(default_factory=lambda: [128, 64])
     tower_layer_sizes: List[int] = field(default_factory=lambda: [32])
 
@@ -149,7 +155,12 @@ def _check(config: JobConfig) -> None:
     positive("training.embedding_lr", training.embedding_lr)
     positive("training.dense_lr", training.dense_lr)
     positive("model.embedding_dim", model.embedding_dim)
-    positive("model.tower.num_experts", model.tower.num_experts)
+    for name in ("num_experts", "num_levels", "num_shared_experts", "num_task_experts"):
+        positive(f"model.tower.{name}", getattr(model.tower, name))
+    if not model.tower.expert_layer_sizes or min(model.tower.expert_layer_sizes) < 1:
+        raise ConfigError(
+            f"model.tower.expert_layer_sizes: {model.tower.expert_layer_sizes}; allowed: one or more sizes >= 1"
+        )
     if training.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
         raise ConfigError(
             f"training.embedding_optimizer: {training.embedding_optimizer!r}; "

@@ -26,13 +26,13 @@ import torch.distributed as dist
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from torchrec_mtl.config import ConfigError, JobConfig, ModelConfig, config_to_dict
+from torchrec_mtl.config import ConfigError, JobConfig, ModelConfig, TowerConfig, config_to_dict
 from torchrec_mtl.data import synthetic
 from torchrec_mtl.data.loader import BatchLoader
 from torchrec_mtl.data.prepare import prepare_shards, shards_dir
 from torchrec_mtl.data.shards import EncodedLog, ShardedLog
 from torchrec_mtl.model import MultiTaskModel, MultiTaskTrain
-from torchrec_mtl.modules.towers import MMoE, SharedBottom
+from torchrec_mtl.modules.towers import PLE, MMoE, SharedBottom, SingleTask
 from torchrec_mtl.tasks import EVALUATED_TASKS, TOWER_TASKS, EsmmObjective
 from torchrec_mtl.train.distributed import DistributedEnv, init_distributed, shard_model
 from torchrec_mtl.train.loop import make_pipeline, train, evaluate
@@ -61,19 +61,29 @@ def build_model(
         for feature, rows in table_sizes.items()
     ]
     in_features = MultiTaskModel.tower_in_features(len(tables), config.embedding_dim)
-    tower_config = config.tower
-    if tower_config.kind == "mmoe":
-        tower = MMoE(
-            in_features,
-            TOWER_TASKS,
-            tower_config.num_experts,
-            tower_config.expert_layer_sizes,
-            tower_config.tower_layer_sizes,
-        )
-    else:
-        tower = SharedBottom(in_features, TOWER_TASKS, tower_config.expert_layer_sizes, tower_config.tower_layer_sizes)
+    tower = build_tower(config.tower, in_features, TOWER_TASKS)
     ebc = EmbeddingBagCollection(tables=tables, device=device)
     return MultiTaskModel(ebc, num_dense, config.dense_arch_layer_sizes, tower)
+
+
+def build_tower(config: TowerConfig, in_features: int, task_names: List[str]) -> torch.nn.Module:
+    """The configured tower over ``in_features`` inputs with one logit per task."""
+    sizes = {"tower_layer_sizes": config.tower_layer_sizes}
+    if config.kind == "mmoe":
+        return MMoE(in_features, task_names, config.num_experts, config.expert_layer_sizes, **sizes)
+    if config.kind == "ple":
+        return PLE(
+            in_features,
+            task_names,
+            num_levels=config.num_levels,
+            num_shared_experts=config.num_shared_experts,
+            num_task_experts=config.num_task_experts,
+            expert_layer_sizes=config.expert_layer_sizes,
+            **sizes,
+        )
+    if config.kind == "single_task":
+        return SingleTask(in_features, task_names, config.expert_layer_sizes, **sizes)
+    return SharedBottom(in_features, task_names, config.expert_layer_sizes, **sizes)
 
 
 def _ensure_synthetic_data(config: JobConfig, env: DistributedEnv) -> None:
