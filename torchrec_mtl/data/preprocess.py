@@ -1,5 +1,9 @@
 """Stream Criteo-style logs (plain or .gz, one or many files) into memory-mappable binary shards.
 
+The files are read sequentially in chunks of whole lines (gunzipped on the fly); polars' CSV reader and expressions
+check and convert each chunk, two chunks at a time on threads. Not polars' lazy ``scan_csv``: it cannot say which
+line of which file was bad, and a truncated .gz must be an error that names the file.
+
 Every line read is either written to a split or rejected with a reason; the summary shows
 ``rows read = rows written + rows rejected``. The rules per column are the schema's (torchrec_mtl.schema); the row
 checks, in the order they are tried (a row's reason is the first that fails):
