@@ -2,7 +2,7 @@
 """Turn MovieLens ml-latest-small into the multi-task log of configs/datasets/movielens.yaml (see
 torchrec_mtl.data.movielens for the construction): train.tsv, test.tsv, items.tsv and meta.json.
 
-example: .venv/bin/python tools/movielens_to_log.py --out runs/data/movielens --negatives 4 --seed 0
+example: .venv/bin/python tools/movielens_to_log.py --out runs/data/movielens --negatives 4 --seed 0 --split per_user
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from torchrec_mtl.data.movielens import convert_movielens, summary_text
+from torchrec_mtl.data.movielens import SPLITS, convert_movielens, summary_text
 
 
 def main(argv=None) -> int:
@@ -23,11 +23,20 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/data/movielens", help="output folder")
     parser.add_argument("--negatives", type=int, default=4, help="sampled unrated movies per rating")
     parser.add_argument(
-        "--test-fraction", type=float, default=0.2, help="share of the ratings (latest in time) in test"
+        "--test-fraction",
+        type=float,
+        default=0.2,
+        help="share of the ratings in test: each user's latest (per_user) or the latest overall (global)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the negative sampling")
+    parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="per_user",
+        help="per_user: each user's last ratings in test (every test user is in train); global: one time cut",
+    )
     args = parser.parse_args(argv)
-    summary = convert_movielens(args.source, args.out, args.negatives, args.test_fraction, args.seed)
+    summary = convert_movielens(args.source, args.out, args.negatives, args.test_fraction, args.seed, split=args.split)
     print(summary_text(summary))
     print(f"-> {args.out} (train.tsv, test.tsv, items.tsv, meta.json)")
     return 0

@@ -10,18 +10,32 @@ MovieLens only records what users rated, so impressions are built:
   which would be mostly obscure titles that a model separates by popularity alone), without repeats among one
   positive's negatives, and never a movie released after the year following the impression (a 2015 film shown in 1996
   would teach "future movie -> no click"; the year after is allowed because a few ratings precede the title's year by
-  one; an undated title counts as released in the year of its first rating). Never-rated movies are never drawn. Draws are vectorised rejection sampling with ``numpy`` seeded by ``seed``.
-- Split by time: the cut is the ``1 - test_fraction`` quantile of the positives' timestamps; rows at or after it go to
-  ``test.tsv``, earlier rows to ``train.tsv`` (both in time order, each positive followed by its negatives). Movies
-  released or first rated after the cut appear only in the test split: the cold items of the summary.
+  one; an undated title counts as released in the year of its first rating). Never-rated movies are never drawn.
+  Draws are vectorised rejection sampling with ``numpy`` seeded by ``seed``.
+- Split by time, ``split="per_user"`` (the default; the standard leave-last-out temporal protocol): each user's
+  ratings are ordered by (timestamp, movieId) and the user's last ``ceil(test_fraction * n_user)`` ratings go to
+  ``test.tsv`` with their negatives, the rest to ``train.tsv``. Users with fewer than :data:`MIN_RATINGS_FOR_TEST` (5)
+  ratings stay wholly in train; the number is at most ``n_user - 1``, so every test user also has training rows (the
+  product ``test_fraction * n_user`` is rounded to 9 decimals before the ceiling, so ``0.2 * 15`` gives 3, not 4). So
+  a user's training ratings never come after the user's test ratings (same-second ties go by movieId), while other
+  users' training ratings may be later than a test row: the split measures ranking for known users over time, not
+  new-user cold start. Movies whose ratings all fall in test (and that are not drawn as a negative in any training
+  row) appear only in the test split: the cold items of the summary.
+- ``split="global"``: one cut at the ``1 - test_fraction`` quantile of the positives' timestamps; rows at or after it
+  go to ``test.tsv``, earlier rows to ``train.tsv``. MovieLens users rate in bursts, so most test rows then belong to
+  users with no training rows at all (on latest-small 88 such users make about 90% of the test rows: new-user cold
+  start); kept for comparison.
+- Both files are in time order, each positive followed by its negatives. The negatives do not depend on the split:
+  the same seed draws the same negatives for either split.
 
 Columns (tab-separated, no header, in :data:`COLUMNS` order; empty = missing):
 
 - labels ``click``, ``conversion``, ``rating`` (empty on negatives).
-- integer features, from information strictly before ``min(row timestamp, cut)`` only, i.e. for a training row the
-  ratings before it and for a test row the training period's ratings (counts are frozen at the cut, as a model trained
-  at the cut would see them; a row never sees its own label or any rating in the same second):
-  ``user_prior_ratings`` (the user's earlier ratings), ``item_prior_ratings`` (the movie's earlier ratings),
+- integer features: ``user_prior_ratings`` (the user's earlier ratings) and ``item_prior_ratings`` (the movie's
+  earlier ratings) count only TRAINING-split ratings with a timestamp strictly before the row's (a row never sees its
+  own label, any rating in the same second, or any test rating; for a test row: everybody's training ratings before
+  its time, so the user's own count is the user's training ratings before that time; under the global split this is
+  the same as counts frozen at the cut, as a model trained at the cut would see them),
   ``release_year`` (from the title's trailing ``(YYYY)``, empty if absent), ``item_age`` (the impression's year minus
   the release year, at least 0, empty if no year) and ``hour`` (hour of day, UTC).
 - categorical features as decimal ids: ``user`` (userId), ``item`` (movieId, the ``item_id`` of items.tsv), ``genre1``
@@ -33,7 +47,8 @@ Columns (tab-separated, no header, in :data:`COLUMNS` order; empty = missing):
 Other outputs: ``items.tsv`` (header ``item_id``, ``description``; every movie of movies.csv, rated or not; description
 ``<title>. Genres: a, b. Tags: x, y`` with the tags lowercased, deduplicated and at most 10, the most applied first;
 empty parts left out; tabs and line breaks become spaces; a field holding a double quote is quoted CSV-style, so read
-it with ``polars.read_csv(path, separator="\t")``) and ``meta.json`` (the summary :func:`convert_movielens` returns).
+it with ``polars.read_csv(path, separator="\t")``) and ``meta.json`` (the summary :func:`convert_movielens` returns,
+with the ``split`` used, the users in each split and ``users_only_in_test``; ``cut_timestamp`` is null for per_user).
 
 Example::
 
@@ -55,8 +70,8 @@ import polars as pl
 
 LABELS = ["click", "conversion", "rating"]
 INTEGER_MEANING: dict[str, str] = {
-    "user_prior_ratings": "the user's ratings strictly before min(row time, cut)",
-    "item_prior_ratings": "the movie's ratings strictly before min(row time, cut)",
+    "user_prior_ratings": "the user's training-split ratings strictly before the row's time",
+    "item_prior_ratings": "the movie's training-split ratings strictly before the row's time",
     "release_year": "release year from the title's trailing (YYYY); empty if absent",
     "item_age": "impression year minus release year, at least 0; empty if no year",
     "hour": "hour of day of the impression (UTC)",
@@ -74,6 +89,8 @@ GENRES = [
 ]  # fmt: skip
 NO_GENRE = "(no genres listed)"
 LIKED_RATING = 4.0
+SPLITS = ("per_user", "global")
+MIN_RATINGS_FOR_TEST = 5  # per_user split: users with fewer ratings stay wholly in train
 MAX_TAGS = 10
 _MAX_ROUNDS = 10_000
 
@@ -193,6 +210,20 @@ def _sample_negatives(
     return chosen, rounds
 
 
+def _per_user_test(user: np.ndarray, movie: np.ndarray, ts: np.ndarray, test_fraction: float) -> np.ndarray:
+    """Boolean per rating: among the user's last ``ceil(test_fraction * n_user)`` in (timestamp, movieId) order.
+
+    None for users with fewer than :data:`MIN_RATINGS_FOR_TEST` ratings, at most ``n_user - 1`` otherwise."""
+    order = np.lexsort((movie, ts, user))
+    _, start, count = np.unique(user[order], return_index=True, return_counts=True)
+    n_test = np.ceil(np.round(test_fraction * count, 9)).astype(np.int64)
+    n_test = np.where(count >= MIN_RATINGS_FOR_TEST, np.minimum(np.maximum(n_test, 1), count - 1), 0)
+    rank = np.arange(user.size) - np.repeat(start, count)  # position within the user's ordered ratings
+    is_test = np.empty(user.size, dtype=bool)
+    is_test[order] = rank >= np.repeat(count - n_test, count)
+    return is_test
+
+
 def _rates(frame: pl.DataFrame) -> dict[str, float]:
     clicks = frame.filter(pl.col("click") == 1)
     return {
@@ -209,6 +240,7 @@ def convert_movielens(
     negatives_per_positive: int = 4,
     test_fraction: float = 0.2,
     seed: int = 0,
+    split: str = "per_user",
 ) -> dict:
     """Write ``train.tsv``, ``test.tsv``, ``items.tsv`` and ``meta.json`` into ``out_dir``; return the summary.
 
@@ -218,6 +250,8 @@ def convert_movielens(
         raise ValueError(f"negatives_per_positive: must be >= 0, got {negatives_per_positive}")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction: must lie in (0, 1), got {test_fraction}")
+    if split not in SPLITS:
+        raise ValueError(f"split: must be one of {SPLITS}, got {split!r}")
     source, out = Path(source_dir), Path(out_dir)
     ratings, movies, tags = _read(source)
     table = _movie_table(movies)
@@ -232,7 +266,12 @@ def convert_movielens(
     ts = ratings["timestamp"].to_numpy().astype(np.int64)
     stars = ratings["rating"].to_numpy()
     n, k = user.size, negatives_per_positive
-    cut = int(np.quantile(ts, 1.0 - test_fraction, method="inverted_cdf"))
+    if split == "global":
+        cut = int(np.quantile(ts, 1.0 - test_fraction, method="inverted_cdf"))
+        test_positive_rating = ts >= cut
+    else:
+        cut = None
+        test_positive_rating = _per_user_test(user, movie, ts, test_fraction)
     year = ts.astype("datetime64[s]").astype("datetime64[Y]").astype(np.int64) + 1970
 
     # Negatives.
@@ -256,10 +295,12 @@ def convert_movielens(
     positive[:, 0] = True
     positive = positive.ravel()
 
-    # Features, from ratings strictly before min(row time, cut).
-    before = np.minimum(row_ts, cut)
-    user_prior = _count_before(np.sort((user << 32) | ts), row_user, before)
-    item_prior = _count_before(np.sort((movie << 32) | ts), row_movie, before)
+    is_test = np.repeat(test_positive_rating, 1 + k)
+
+    # Features, from training-split ratings strictly before the row's time.
+    in_train = ~test_positive_rating
+    user_prior = _count_before(np.sort((user[in_train] << 32) | ts[in_train]), row_user, row_ts)
+    item_prior = _count_before(np.sort((movie[in_train] << 32) | ts[in_train]), row_movie, row_ts)
     at = np.searchsorted(movie_ids, row_movie)
     release = table["release_year"][at]
     frame = pl.DataFrame(
@@ -279,7 +320,6 @@ def convert_movielens(
             "timestamp": row_ts,
         }
     ).select(COLUMNS)
-    is_test = row_ts >= cut
     train, test = frame.filter(pl.Series(~is_test)), frame.filter(pl.Series(is_test))
 
     out.mkdir(parents=True, exist_ok=True)
@@ -293,9 +333,13 @@ def convert_movielens(
     test_movie = row_movie[is_test]
     cold = ~np.isin(test_movie, np.fromiter(train_items, dtype=np.int64, count=len(train_items)))
     test_positive = positive[is_test]
+    train_users, test_users = np.unique(user[in_train]), np.unique(user[test_positive_rating])
+    test_ts = ts[test_positive_rating]
+    utc = lambda t: datetime.fromtimestamp(int(t), tz=UTC).isoformat()
     summary = {
         "source": str(source),
-        "parameters": {"negatives_per_positive": k, "test_fraction": test_fraction, "seed": seed},
+        "split": split,
+        "parameters": {"negatives_per_positive": k, "test_fraction": test_fraction, "seed": seed, "split": split},
         "rows": {
             "train": train.height,
             "test": test.height,
@@ -306,8 +350,12 @@ def convert_movielens(
         },
         "rates": {"train": _rates(train), "test": _rates(test)},
         "cut_timestamp": cut,
-        "cut_utc": datetime.fromtimestamp(cut, tz=UTC).isoformat(),
+        "cut_utc": utc(cut) if cut is not None else None,
+        "test_time_range_utc": [utc(test_ts.min()), utc(test_ts.max())] if test_ts.size else None,
         "users": int(np.unique(user).size),
+        "train_users": int(train_users.size),
+        "test_users": int(test_users.size),
+        "users_only_in_test": int(np.setdiff1d(test_users, train_users).size),
         "items": int(movie_ids.size),
         "rated_items": int((popularity > 0).sum()),
         "cold_items": int(np.unique(test_movie[cold]).size),
@@ -335,14 +383,23 @@ def convert_movielens(
 def summary_text(summary: dict) -> str:
     """A few readable lines of the summary (the full one is meta.json)."""
     rows, rates = summary["rows"], summary["rates"]
+    if summary["split"] == "global":
+        how = f"global cut at {summary['cut_utc']} (timestamp {summary['cut_timestamp']})"
+    else:
+        fraction = summary["parameters"]["test_fraction"]
+        how = f"per user: each user's last ceil({fraction:g} x n) ratings (users with >= {MIN_RATINGS_FOR_TEST})"
     lines = [
         (
             f"rows: train {rows['train']:,}, test {rows['test']:,} "
             f"({rows['positives']:,} positives = ratings, {rows['negatives']:,} sampled negatives)"
         ),
         (
-            f"cut: {summary['cut_utc']} (timestamp {summary['cut_timestamp']}); "
-            f"test positives {rows['test_positives']:,} of {rows['positives']:,}"
+            f"split: {how}; test positives {rows['test_positives']:,} of {rows['positives']:,} "
+            f"({rows['test_positives'] / max(rows['positives'], 1):.4f})"
+        ),
+        (
+            f"users: {summary['users']:,}, in train {summary['train_users']:,}, in test {summary['test_users']:,}, "
+            f"only in test {summary['users_only_in_test']:,}"
         ),
     ]
     for split in ("train", "test"):
