@@ -22,6 +22,7 @@ from torchrec_mtl.config import load_config
         ("model.tower.num_levels=0", "model.tower.num_levels", "must be positive"),
         ("model.tower.expert_layer_sizes=[]", "model.tower.expert_layer_sizes", "one or more"),
         ("data.test_fraction=1", "data.test_fraction", "0 <= test_fraction < 1"),
+        ("objective.weighting=gradnorm2", "objective.weighting", "uncertainty"),
     ],
 )
 def test_invalid_config_names_the_key(override, key, allowed, capsys):

@@ -54,6 +54,15 @@ def test_the_model_learns_the_planted_signal(trained):
     assert tasks["ctr"]["auc"] <= tasks["ctr"]["ceiling"] + 0.01, "above the Bayes ceiling: a leak"
 
 
+def test_uncertainty_weighting_learns_per_term_weights_through_the_sharded_pipeline(small_log, tmp_path):
+    results = _train(small_log, tmp_path, "objective.weighting=uncertainty")
+    weights = results["training"]["effective_weights"]
+    assert set(weights) == {"ctr", "ctcvr", "cvr_ips", "rating"}
+    # rating's squared error (~0.4) sits above the click losses (~0.2): its log-variance rises, its weight falls
+    assert weights["rating"] < 0.5 * weights["ctr"] and weights["ctr"] > 1.0, weights
+    assert results["tasks"]["ctr"]["auc"] > 0.6
+
+
 def test_shuffled_labels_leave_nothing_to_learn(small_log, tmp_path):
     tasks = _train(small_log, tmp_path, "training.shuffle_labels=true")["tasks"]
     for task in ("ctr", "ctcvr"):

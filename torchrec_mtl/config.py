@@ -24,6 +24,7 @@ import yaml
 
 from torchrec_mtl.data.synthetic import SyntheticConfig
 from torchrec_mtl.tasks import LOSS_TERMS
+from torchrec_mtl.weighting import WEIGHTINGS
 from torchrec_mtl.train.distributed import EMBEDDING_OPTIMIZERS, SHARDING_TYPES
 
 TOWER_KINDS = ("single_task", "shared_bottom", "mmoe", "ple")
@@ -76,6 +77,7 @@ class ModelConfig:
 @dataclass
 class ObjectiveConfig:
     weights: Dict[str, float] = field(default_factory=lambda: {"ctr": 1.0, "ctcvr": 1.0, "cvr_ips": 0.3, "rating": 0.3})
+    weighting: str = "static"  # or "uncertainty" (learned per-term log-variances; see torchrec_mtl.weighting)
 
 
 @dataclass
@@ -180,6 +182,8 @@ def _check(config: JobConfig) -> None:
             f"model.dense_arch_layer_sizes: {model.dense_arch_layer_sizes}; its last size must equal "
             f"model.embedding_dim ({model.embedding_dim})"
         )
+    if config.objective.weighting not in WEIGHTINGS:
+        raise ConfigError(f"objective.weighting: {config.objective.weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
     unknown_weights = sorted(set(config.objective.weights) - set(LOSS_TERMS))
     if unknown_weights:
         raise ConfigError(

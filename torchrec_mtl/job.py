@@ -119,6 +119,16 @@ def _shuffled_labels(shards: List[EncodedLog], seed: int) -> List[EncodedLog]:
     return [EncodedLog(log.dense, log.sparse, {name: values[order] for name, values in log.labels.items()})]
 
 
+def _effective_weights(model: torch.nn.Module, weights: Dict[str, float]) -> Dict[str, float]:
+    """Each loss term's multiplier at the end of training: the static weight, times exp(-s) when learned."""
+    learned = {
+        name.rsplit("log_variance.", 1)[1]: float(torch.exp(-value.detach()))
+        for name, value in model.named_parameters()
+        if "log_variance." in name
+    }
+    return {term: weight * learned.get(term, 1.0) for term, weight in weights.items() if weight}
+
+
 def _ceilings(data_dir: str) -> Optional[Dict[str, float]]:
     meta = Path(data_dir) / "meta.json"
     return json.loads(meta.read_text()).get("ceilings") if meta.exists() else None
@@ -165,7 +175,11 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
             flush=True,
         )
     model = build_model(config.model, len(log.dense_features), table_sizes)
-    objective = EsmmObjective(weights=config.objective.weights, rating_offset=log.label_mean("train", "rating"))
+    objective = EsmmObjective(
+        weights=config.objective.weights,
+        rating_offset=log.label_mean("train", "rating"),
+        weighting=config.objective.weighting,
+    )
     sharded, optimizer = shard_model(
         MultiTaskTrain(model, objective),
         env,
@@ -200,6 +214,7 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
             "samples_per_s": round(summary.samples_per_second, 1),
             "train_seconds": round(summary.seconds, 2),
             "epoch_losses": summary.losses,
+            "effective_weights": _effective_weights(sharded, config.objective.weights),
             "total_seconds": round(time.perf_counter() - started, 2),
         },
         "config": config_to_dict(config),

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchrec_mtl.data.batch import MultiTaskBatch
+from torchrec_mtl.weighting import make_weighting
 
 TOWER_TASKS = ["ctr", "cvr", "rating"]
 LOSS_TERMS = ("ctr", "ctcvr", "cvr_ips", "rating")
@@ -53,6 +54,7 @@ class EsmmObjective(nn.Module):
     Args:
         click, conversion, rating: label column names in the batch.
         weights: loss weight per term (``ctr``, ``ctcvr``, ``cvr_ips``, ``rating``); ``cvr_ips`` defaults to 0.
+        weighting: how the weighted terms combine (torchrec_mtl.weighting): ``static`` or ``uncertainty``.
         min_propensity: pCTR is clipped below at this value in the ``cvr_ips`` weights.
         rating_offset: added to the rating output, so the head starts near the typical rating.
     """
@@ -65,6 +67,7 @@ class EsmmObjective(nn.Module):
         weights: Dict[str, float] | None = None,
         rating_offset: float = 0.0,
         min_propensity: float = 0.01,
+        weighting: str = "static",
     ) -> None:
         super().__init__()
         self.click, self.conversion, self.rating = click, conversion, rating
@@ -72,6 +75,7 @@ class EsmmObjective(nn.Module):
         if unknown:
             raise ValueError(f"weights: unknown loss term(s) {unknown}; allowed: {LOSS_TERMS}")
         self.weights = {"ctr": 1.0, "ctcvr": 1.0, "cvr_ips": 0.0, "rating": 1.0, **(weights or {})}
+        self.weighting = make_weighting(weighting, self.weights)
         self.rating_offset = rating_offset
         self.min_propensity = min_propensity
 
@@ -94,16 +98,17 @@ class EsmmObjective(nn.Module):
         ctr_loss = F.binary_cross_entropy_with_logits(logits["ctr"], click, reduction="none")
         ctcvr_loss = -(click_and_convert * log_p_ctcvr + (1 - click_and_convert) * _log1mexp(log_p_ctcvr))
         rating_loss = (rating_prediction - rating) ** 2
-        loss = (
-            self.weights["ctr"] * masked_mean(ctr_loss, click_mask)
-            + self.weights["ctcvr"] * masked_mean(ctcvr_loss, ctcvr_mask)
-            + self.weights["rating"] * masked_mean(rating_loss, rating_mask)
-        )
+        terms = {
+            "ctr": masked_mean(ctr_loss, click_mask),
+            "ctcvr": masked_mean(ctcvr_loss, ctcvr_mask),
+            "rating": masked_mean(rating_loss, rating_mask),
+        }
         if self.weights["cvr_ips"]:
             inverse_propensity = 1.0 / log_p_ctr.detach().exp().clamp(min=self.min_propensity)
             # on clicked rows, click-and-convert is the conversion label
             cvr_loss = F.binary_cross_entropy_with_logits(logits["cvr"], click_and_convert, reduction="none")
-            loss = loss + self.weights["cvr_ips"] * masked_mean(cvr_loss, clicked * inverse_propensity)
+            terms["cvr_ips"] = masked_mean(cvr_loss, clicked * inverse_propensity)
+        loss = self.weighting(terms)
         predictions = {
             "ctr": log_p_ctr.detach().exp(),
             "cvr": torch.sigmoid(logits["cvr"].detach()),
