@@ -42,6 +42,9 @@ def test_results_hold_each_task_metric_beside_its_ceiling(trained, small_log, ca
         assert 0.0 <= tasks[task]["auc"] <= 1.0 and {"ne", "calibration"} <= set(tasks[task])
     assert tasks["rating"]["ceiling"] == meta["ceilings"]["rating_rmse"]
     assert trained["training"]["rows"] == meta["rows"]
+    gates = trained["diagnostics"]["gates"]  # the MMoE's gates, watched during evaluation
+    assert set(gates) == {"ctr", "cvr", "rating"} and abs(sum(gates["cvr"]["usage"]) - 1.0) < 1e-6
+    assert 0.0 < gates["ctr"]["entropy"] <= 1.3863 + 1e-6  # log(4 experts)
 
 
 def test_the_model_learns_the_planted_signal(trained):

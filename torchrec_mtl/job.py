@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -35,6 +36,7 @@ from torchrec_mtl.model import MultiTaskModel, MultiTaskTrain
 from torchrec_mtl.modules.towers import PLE, MMoE, SharedBottom, SingleTask
 from torchrec_mtl.tasks import EVALUATED_TASKS, TOWER_TASKS, EsmmObjective
 from torchrec_mtl.train.distributed import DistributedEnv, init_distributed, shard_model
+from torchrec_mtl.train.diagnostics import GateMonitor, leak_warnings
 from torchrec_mtl.train.loop import make_pipeline, train, evaluate
 
 # The label columns EsmmObjective reads (its defaults).
@@ -197,7 +199,10 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
     test_loader = BatchLoader(
         test_shards, features, training.eval_batch_size, env.rank, env.world_size, shuffle=False, pad_tail=True
     )
-    metrics = evaluate(sharded, pipeline, test_loader, EVALUATED_TASKS, show_progress=show)
+    gated = [m for m in sharded.modules() if hasattr(m, "gate_weights")]
+    with GateMonitor(gated[0]) if gated else contextlib.nullcontext() as monitor:
+        metrics = evaluate(sharded, pipeline, test_loader, EVALUATED_TASKS, show_progress=show)
+    warnings = (monitor.warnings() if monitor else []) + leak_warnings(metrics)
 
     ceilings = _ceilings(config.data.dir) or {}
     tasks = {}
@@ -217,6 +222,7 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
             "effective_weights": _effective_weights(sharded, config.objective.weights),
             "total_seconds": round(time.perf_counter() - started, 2),
         },
+        "diagnostics": {"gates": monitor.summary() if monitor else None, "warnings": warnings},
         "config": config_to_dict(config),
     }
     if env.is_main:
@@ -224,6 +230,8 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=2))
         print(format_table(tasks))
+        for warning in warnings:
+            print(f"warning: {warning}")
         print(
             f"trained {summary.steps} steps at {summary.samples_per_second:,.0f} samples/s on {env.world_size} "
             f"process(es); results in {out / 'results.json'}"

@@ -1,0 +1,71 @@
+"""Gate diagnostics read real towers through a forward hook; warnings fire on collapsed experts and on leaks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from torchrec_mtl.modules.towers import MMoE, PLE, SharedBottom
+from torchrec_mtl.train.diagnostics import GateMonitor, leak_warnings
+
+
+def _mmoe() -> MMoE:
+    torch.manual_seed(0)
+    return MMoE(in_features=6, task_names=["ctr", "cvr"], num_experts=4, expert_layer_sizes=[5])
+
+
+def test_uniform_gates_have_maximal_entropy_and_equal_usage():
+    tower = _mmoe()
+    with torch.no_grad():
+        for gate in tower.gates.values():
+            gate.weight.zero_()
+            gate.bias.zero_()
+    with GateMonitor(tower) as monitor:
+        tower(torch.randn(32, 6))
+        tower(torch.randn(8, 6))
+    summary = monitor.summary()
+    assert monitor.rows == 40
+    for task in ("ctr", "cvr"):
+        assert summary[task]["entropy"] == pytest.approx(math.log(4))
+        assert summary[task]["usage"] == pytest.approx([0.25] * 4)
+    assert monitor.warnings() == []
+    tower(torch.randn(4, 6))
+    assert monitor.rows == 40, "the hook is removed when the monitor closes"
+
+
+def test_an_expert_no_gate_uses_is_reported_as_collapsed():
+    tower = _mmoe()
+    with torch.no_grad():
+        for gate in tower.gates.values():
+            gate.bias[2] = -50.0
+    with GateMonitor(tower) as monitor:
+        tower(torch.randn(64, 6))
+    warnings = monitor.warnings()
+    assert len(warnings) == 1 and warnings[0].startswith("expert 2 collapsed")
+    assert sum(monitor.summary()["ctr"]["usage"]) == pytest.approx(1.0)
+
+
+def test_a_gate_that_always_picks_one_expert_is_reported():
+    tower = _mmoe()
+    with torch.no_grad():
+        tower.gates["cvr"].bias.copy_(torch.tensor([60.0, 0.0, 0.0, 0.0]))
+    with GateMonitor(tower) as monitor:
+        tower(torch.randn(64, 6))
+    assert any(w.startswith("task cvr: its gate almost always picks one expert") for w in monitor.warnings())
+
+
+def test_ple_gates_are_monitored_and_towers_without_gates_are_refused():
+    torch.manual_seed(0)
+    tower = PLE(6, ["ctr", "cvr"], num_levels=2, num_shared_experts=1, num_task_experts=2, expert_layer_sizes=[5])
+    with GateMonitor(tower) as monitor:
+        tower(torch.randn(16, 6))
+    assert len(monitor.summary()["cvr"]["usage"]) == 3
+    with pytest.raises(TypeError, match="SharedBottom has no gates"):
+        GateMonitor(SharedBottom(6, ["ctr"], [5]))
+
+
+def test_leak_warning_names_the_task():
+    warnings = leak_warnings({"ctr": {"auc": 0.9996}, "cvr": {"auc": 0.71}, "rating": {"rmse": 0.6}})
+    assert len(warnings) == 1 and warnings[0].startswith("task ctr: AUC 0.9996")

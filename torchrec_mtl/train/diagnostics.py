@@ -1,0 +1,103 @@
+"""What the tower's gates did, and warnings a user should not miss.
+
+``GateMonitor`` watches any tower with a ``gate_weights(features)`` method (MMoE, PLE) while it runs, through a
+forward hook, so it works inside TorchRec's pipelines without touching them. Per task it reports the mean gate
+entropy (in nats; ``log(num_experts)`` means "uses every expert equally", 0 means "always one expert") and each
+expert's mean weight. An expert whose weight stays under ``collapsed_below`` for every task is reported as collapsed.
+Under several processes each rank sees its own rows; the job reports rank 0's.
+
+Example::
+
+    >>> tower = MMoE(in_features=8, task_names=["ctr", "cvr"], num_experts=3, expert_layer_sizes=[4])
+    >>> with GateMonitor(tower) as monitor:
+    ...     _ = tower(torch.randn(16, 8))
+    >>> sorted(monitor.summary()["ctr"])
+    ['entropy', 'usage']
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+# A task whose AUC is this close to 1 is more likely fed its own label than learned.
+LEAK_AUC = 0.999
+
+
+class GateMonitor:
+    """Accumulates gate entropy and expert usage per task over the rows the tower sees while the monitor is open.
+
+    Args:
+        tower: a module with ``gate_weights(features) -> {task: [B, experts]}``.
+        collapsed_below: an expert whose mean weight is below this for every task is reported as collapsed.
+    """
+
+    def __init__(self, tower: nn.Module, collapsed_below: float = 0.01) -> None:
+        if not hasattr(tower, "gate_weights"):
+            raise TypeError(f"{type(tower).__name__} has no gates (gate_weights)")
+        self.tower, self.collapsed_below = tower, collapsed_below
+        self.rows = 0
+        self.entropy: Dict[str, torch.Tensor] = {}
+        self.usage: Dict[str, torch.Tensor] = {}
+        self._handle: Optional[torch.utils.hooks.RemovableHandle] = None
+
+    def __enter__(self) -> "GateMonitor":
+        self._handle = self.tower.register_forward_hook(self._observe)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @torch.no_grad()
+    def _observe(self, module: nn.Module, inputs, output) -> None:
+        features = inputs[0]
+        if not isinstance(features, torch.Tensor):  # a symbolic trace of the model (TorchRec's pipeline does one)
+            return
+        for task, weights in module.gate_weights(features).items():
+            weights = weights.detach().double()
+            entropy = -(weights * weights.clamp(min=1e-12).log()).sum(dim=-1).sum()
+            self.entropy[task] = self.entropy.get(task, 0.0) + entropy
+            self.usage[task] = self.usage.get(task, 0.0) + weights.sum(dim=0)
+        self.rows += features.shape[0]
+
+    def summary(self) -> Dict[str, Dict]:
+        """task -> {"entropy": mean gate entropy (nats), "usage": mean weight of each expert}."""
+        rows = max(self.rows, 1)
+        return {
+            task: {"entropy": float(self.entropy[task]) / rows, "usage": (self.usage[task] / rows).tolist()}
+            for task in self.usage
+        }
+
+    def warnings(self) -> List[str]:
+        summary = self.summary()
+        if not summary:
+            return []
+        num_experts = len(next(iter(summary.values()))["usage"])
+        messages = []
+        for expert in range(num_experts):
+            usage = {task: values["usage"][expert] for task, values in summary.items()}
+            if all(value < self.collapsed_below for value in usage.values()):
+                shown = ", ".join(f"{task} {value:.4f}" for task, value in usage.items())
+                messages.append(
+                    f"expert {expert} collapsed: mean gate weight below {self.collapsed_below} for every task ({shown})"
+                )
+        for task, values in summary.items():
+            if values["entropy"] < 0.05 * math.log(max(len(values["usage"]), 2)):
+                messages.append(
+                    f"task {task}: its gate almost always picks one expert (entropy {values['entropy']:.3f})"
+                )
+        return messages
+
+
+def leak_warnings(metrics: Dict[str, Dict[str, float]]) -> List[str]:
+    """A binary task scored above LEAK_AUC: a label column is probably among the features."""
+    return [
+        f"task {task}: AUC {values['auc']:.4f} > {LEAK_AUC}: is its label (or a copy of it) among the features?"
+        for task, values in metrics.items()
+        if values.get("auc", 0.0) > LEAK_AUC
+    ]
