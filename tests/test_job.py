@@ -60,7 +60,7 @@ def test_the_model_learns_the_planted_signal(trained):
 def test_uncertainty_weighting_learns_per_term_weights_through_the_sharded_pipeline(small_log, tmp_path):
     results = _train(small_log, tmp_path, "objective.weighting=uncertainty")
     weights = results["training"]["effective_weights"]
-    assert set(weights) == {"ctr", "ctcvr", "cvr_ips", "rating"}
+    assert set(weights) == {"ctr", "ctcvr", "cvr", "rating"}
     # rating's squared error (~0.4) sits above the click losses (~0.2): its log-variance rises, its weight falls
     assert weights["rating"] < 0.5 * weights["ctr"] and weights["ctr"] > 1.0, weights
     assert results["tasks"]["ctr"]["auc"] > 0.6
@@ -72,15 +72,19 @@ def test_shuffled_labels_leave_nothing_to_learn(small_log, tmp_path):
         assert abs(tasks[task]["auc"] - 0.5) < 0.04, (task, tasks[task])
 
 
-def test_a_log_without_the_objectives_labels_is_refused_by_name(tmp_path, capsys):
+def test_a_click_only_criteo_log_trains_with_declared_tasks_and_wrong_labels_are_named(tmp_path, capsys):
     from torchrec_mtl.data.criteo_format import write_criteo_log
 
-    write_criteo_log(tmp_path / "day_0.tsv", 500, progress=False)
-    code = main(
-        ["train", "--config", "configs/mmoe_synthetic.yaml", f"data.dir={tmp_path}", "data.generate=null",
-         "data.schema=configs/datasets/criteo_kaggle.yaml", "data.train=[day_0.tsv]", "data.test_fraction=0.2",
-         f"out_dir={tmp_path / 'out'}", "training.progress=false"]
-    )  # fmt: skip
-    assert code == 2
+    write_criteo_log(tmp_path / "day_0.tsv", 3000, progress=False)
+    common = ["train", "--config", "configs/mmoe_synthetic.yaml", f"data.dir={tmp_path}", "data.generate=null",
+              "data.schema=configs/datasets/criteo_kaggle.yaml", "data.train=[day_0.tsv]", "data.test_fraction=0.2",
+              f"out_dir={tmp_path / 'out'}", "training.progress=false", "training.batch_size=128"]  # fmt: skip
+    assert main(common) == 2, "the default ESMM tasks need conversion and rating"
     error = capsys.readouterr().err
-    assert "criteo_kaggle.yaml has labels ['click']" in error and "'conversion', 'rating'" in error
+    assert "objective.tasks.cvr.label: 'conversion' is not a label of configs/datasets/criteo_kaggle.yaml" in error
+    assert "its labels: click" in error and "Traceback" not in error
+
+    assert main([*common, "objective.tasks={ctr: {label: click}}", "objective.products={}"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(results["tasks"]) == ["ctr"] and 0.0 <= results["tasks"]["ctr"]["auc"] <= 1.0
+    assert results["diagnostics"]["gates"]["ctr"]["usage"]

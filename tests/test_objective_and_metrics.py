@@ -121,3 +121,52 @@ def test_cvr_ips_term_weights_clicked_rows_by_inverse_click_propensity():
 def test_unknown_loss_term_is_refused():
     with pytest.raises(ValueError, match="cvr_direct"):
         EsmmObjective(weights={"cvr_direct": 1.0})
+
+
+def test_a_product_label_is_zero_when_any_part_is_zero_and_unknown_when_undetermined():
+    from torchrec_mtl.tasks import MultiTaskObjective, ProductSpec, TaskSet, TaskSpec
+
+    nan = float("nan")
+    tasks = TaskSet(
+        tasks=(TaskSpec("ctr", "binary", "click"), TaskSpec("cvr", "binary", "conversion", 0.0, given="ctr")),
+        products=(ProductSpec("ctcvr", ("ctr", "cvr")),),
+    )
+    # conversion is unknown (NaN) on unclicked rows here, as in logs that only record it after a click
+    batch = _batch([1, 1, 0, 1], [1, 0, nan, nan], [nan] * 4)
+    _, (_, _, labels) = MultiTaskObjective(tasks)(_logits(4), batch)
+    ctcvr = labels["ctcvr"].tolist()
+    assert ctcvr[:3] == [1.0, 0.0, 0.0] and math.isnan(ctcvr[3])
+    assert labels["cvr"][:2].tolist() == [1.0, 0.0] and torch.isnan(labels["cvr"][2:]).all()
+
+
+def test_order_constraint_penalises_only_violations_and_pushes_them_apart():
+    from torchrec_mtl.tasks import MultiTaskObjective, OrderSpec, TaskSet, TaskSpec
+
+    tasks = TaskSet(
+        tasks=(TaskSpec("ctr", "binary", "click", 0.0), TaskSpec("ctcvr", "binary", "conversion", 0.0)),
+        orders=(OrderSpec(lower="ctcvr", upper="ctr", weight=1.0),),
+    )
+    logits = {
+        "ctr": torch.tensor([0.0, 2.0], requires_grad=True),
+        "ctcvr": torch.tensor([1.0, -1.0], requires_grad=True),
+    }
+    loss, _ = MultiTaskObjective(tasks)(logits, _batch([1, 0], [0, 0], [3.0, 3.0]))
+    expected = (torch.sigmoid(torch.tensor(1.0)) - 0.5) / 2  # row 0 violates, row 1 does not
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert logits["ctcvr"].grad[0] > 0 > logits["ctr"].grad[0], "descent lowers p_lower and raises p_upper"
+    assert logits["ctcvr"].grad[1] == 0 and logits["ctr"].grad[1] == 0
+
+
+def test_declared_tasks_refuse_broken_references():
+    from torchrec_mtl.tasks import ProductSpec, TaskSet, TaskSpec
+
+    with pytest.raises(ValueError, match=r"tasks.cvr.given: 'rating' is not a binary task"):
+        TaskSet(tasks=(TaskSpec("rating", "regression", "rating"), TaskSpec("cvr", "binary", "c", given="rating")))
+    with pytest.raises(ValueError, match=r"products.ctr: the name is already a task"):
+        TaskSet(
+            tasks=(TaskSpec("ctr", "binary", "click"), TaskSpec("b", "binary", "b")),
+            products=(ProductSpec("ctr", ("ctr", "b")),),
+        )
+    with pytest.raises(ValueError, match=r"tasks.a.ips: needs a given task"):
+        TaskSet(tasks=(TaskSpec("a", "binary", "click", ips=True),))

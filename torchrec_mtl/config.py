@@ -23,7 +23,8 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from torchrec_mtl.data.synthetic import SyntheticConfig
-from torchrec_mtl.tasks import LOSS_TERMS
+from torchrec_mtl.schema import DatasetSchema, SchemaError
+from torchrec_mtl.tasks import OrderSpec, ProductSpec, TaskSet, TaskSpec
 from torchrec_mtl.weighting import WEIGHTINGS
 from torchrec_mtl.train.distributed import EMBEDDING_OPTIMIZERS, SHARDING_TYPES
 
@@ -75,9 +76,59 @@ class ModelConfig:
 
 
 @dataclass
+class TaskConfig:
+    """One tower output (torchrec_mtl.tasks.TaskSpec): ``kind`` binary or regression, its ``label`` column, its loss
+    ``weight`` (0: evaluated, not trained), and its sample space: rows with its label present, or with ``given``
+    rows where that binary task's label is 1 (``ips``: weighted by 1 / p(given))."""
+
+    label: str
+    kind: str = "binary"
+    weight: float = 1.0
+    given: Optional[str] = None
+    ips: bool = False
+
+
+@dataclass
+class ProductConfig:
+    """p = product of the listed binary tasks' p, trained and evaluated as a task (ESMM's CTCVR = CTR x CVR)."""
+
+    of: List[str]
+    weight: float = 1.0
+
+
+@dataclass
+class OrderConfig:
+    """A hinge penalty mean(relu(p_lower - p_upper)): e.g. p(conversion) <= p(click) for independent heads."""
+
+    lower: str
+    upper: str
+    weight: float = 1.0
+
+
+def _esmm_tasks() -> Dict[str, TaskConfig]:
+    return {
+        "ctr": TaskConfig(label="click"),
+        "cvr": TaskConfig(label="conversion", weight=0.3, given="ctr", ips=True),
+        "rating": TaskConfig(label="rating", kind="regression", weight=0.3),
+    }
+
+
+@dataclass
 class ObjectiveConfig:
-    weights: Dict[str, float] = field(default_factory=lambda: {"ctr": 1.0, "ctcvr": 1.0, "cvr_ips": 0.3, "rating": 0.3})
+    tasks: Dict[str, TaskConfig] = field(default_factory=_esmm_tasks)
+    products: Dict[str, ProductConfig] = field(default_factory=lambda: {"ctcvr": ProductConfig(of=["ctr", "cvr"])})
+    orders: List[OrderConfig] = field(default_factory=list)
     weighting: str = "static"  # or "uncertainty" (learned per-term log-variances; see torchrec_mtl.weighting)
+    min_propensity: float = 0.01
+
+
+def task_set(objective: ObjectiveConfig) -> TaskSet:
+    """The declared tasks and relations, checked against each other (ValueError names the key)."""
+    return TaskSet(
+        tasks=tuple(TaskSpec(name, t.kind, t.label, t.weight, t.given, t.ips) for name, t in objective.tasks.items()),
+        products=tuple(ProductSpec(name, tuple(p.of), p.weight) for name, p in objective.products.items()),
+        orders=tuple(OrderSpec(o.lower, o.upper, o.weight) for o in objective.orders),
+    )
 
 
 @dataclass
@@ -124,6 +175,15 @@ def _build(annotation: Any, value: Any, path: str) -> Any:
         if unknown:
             where = f"{path}." if path else ""
             raise ConfigError(f"{where}{unknown[0]}: unknown key; allowed here: {', '.join(names)}")
+        required = [
+            f.name
+            for f in dataclasses.fields(annotation)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [name for name in required if name not in value]
+        if missing:
+            where = f"{path}." if path else ""
+            raise ConfigError(f"{where}{missing[0]}: missing; {annotation.__name__} needs {', '.join(required)}")
         built = {k: _build(hints[k], v, f"{path}.{k}" if path else k) for k, v in value.items()}
         try:
             return annotation(**built)
@@ -184,11 +244,31 @@ def _check(config: JobConfig) -> None:
         )
     if config.objective.weighting not in WEIGHTINGS:
         raise ConfigError(f"objective.weighting: {config.objective.weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
-    unknown_weights = sorted(set(config.objective.weights) - set(LOSS_TERMS))
-    if unknown_weights:
-        raise ConfigError(
-            f"objective.weights.{unknown_weights[0]}: unknown loss term; allowed: {', '.join(LOSS_TERMS)}"
-        )
+    if not config.objective.tasks:
+        raise ConfigError("objective.tasks: declare at least one task")
+    try:
+        tasks = task_set(config.objective)
+    except ValueError as error:
+        raise ConfigError(f"objective.{error}") from None
+    if not any(tasks.weights.values()):
+        raise ConfigError("objective: every task and relation has weight 0; nothing would train")
+    if os.path.exists(config.data.schema):
+        try:
+            schema = DatasetSchema.from_yaml(config.data.schema)
+        except SchemaError as error:
+            raise ConfigError(f"data.schema: {error}") from None
+        for name, task in config.objective.tasks.items():
+            spec = schema.labels.get(task.label)
+            if spec is None:
+                raise ConfigError(
+                    f"objective.tasks.{name}.label: {task.label!r} is not a label of {config.data.schema}; "
+                    f"its labels: {', '.join(schema.labels)}"
+                )
+            if spec.kind != task.kind:
+                raise ConfigError(
+                    f"objective.tasks.{name}.kind: {task.kind!r}, but {task.label!r} is a {spec.kind} label in "
+                    f"{config.data.schema}"
+                )
 
 
 def _set_dotted(raw: Dict[str, Any], dotted: str, value: Any) -> None:

@@ -27,23 +27,20 @@ import torch.distributed as dist
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from torchrec_mtl.config import ConfigError, JobConfig, ModelConfig, TowerConfig, config_to_dict
+from torchrec_mtl.config import ConfigError, JobConfig, ModelConfig, TowerConfig, config_to_dict, task_set
 from torchrec_mtl.data import synthetic
 from torchrec_mtl.data.loader import BatchLoader
 from torchrec_mtl.data.prepare import prepare_shards, shards_dir
 from torchrec_mtl.data.shards import EncodedLog, ShardedLog
 from torchrec_mtl.model import MultiTaskModel, MultiTaskTrain
 from torchrec_mtl.modules.towers import PLE, MMoE, SharedBottom, SingleTask
-from torchrec_mtl.tasks import EVALUATED_TASKS, TOWER_TASKS, EsmmObjective
+from torchrec_mtl.tasks import TOWER_TASKS, MultiTaskObjective
 from torchrec_mtl.train.distributed import DistributedEnv, init_distributed, shard_model
 from torchrec_mtl.train.diagnostics import GateMonitor, leak_warnings
 from torchrec_mtl.train.loop import make_pipeline, train, evaluate
 
-# The label columns EsmmObjective reads (its defaults).
-OBJECTIVE_LABELS = ("click", "conversion", "rating")
-
-# The headline metric of each task: AUC (higher is better) or RMSE (lower is better).
-HEADLINE = {"ctr": "auc", "cvr": "auc", "ctcvr": "auc", "rating": "rmse"}
+# The headline metric of a task by kind: AUC (higher is better) or RMSE (lower is better).
+HEADLINE = {"binary": "auc", "regression": "rmse"}
 
 
 def seed_everything(seed: int) -> None:
@@ -53,7 +50,11 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(
-    config: ModelConfig, num_dense: int, table_sizes: Dict[str, int], device: torch.device = torch.device("meta")
+    config: ModelConfig,
+    num_dense: int,
+    table_sizes: Dict[str, int],
+    device: torch.device = torch.device("meta"),
+    task_names: Optional[List[str]] = None,
 ) -> MultiTaskModel:
     """One embedding table per categorical feature (``table_sizes``: feature -> rows) under the configured tower."""
     tables = [
@@ -63,7 +64,7 @@ def build_model(
         for feature, rows in table_sizes.items()
     ]
     in_features = MultiTaskModel.tower_in_features(len(tables), config.embedding_dim)
-    tower = build_tower(config.tower, in_features, TOWER_TASKS)
+    tower = build_tower(config.tower, in_features, task_names or TOWER_TASKS)
     ebc = EmbeddingBagCollection(tables=tables, device=device)
     return MultiTaskModel(ebc, num_dense, config.dense_arch_layer_sizes, tower)
 
@@ -136,11 +137,16 @@ def _ceilings(data_dir: str) -> Optional[Dict[str, float]]:
     return json.loads(meta.read_text()).get("ceilings") if meta.exists() else None
 
 
+def headline(values: Dict[str, float]) -> str:
+    """The headline metric among a task's metrics."""
+    return "auc" if "auc" in values else "rmse"
+
+
 def format_table(tasks: Dict[str, Dict[str, float]]) -> str:
     """A per-task text table: headline metric beside its ceiling, then the other metrics."""
     lines = [f"{'task':<8}{'metric':<8}{'value':>8}{'ceiling':>9}{'gap':>8}   other"]
     for task, values in tasks.items():
-        metric = HEADLINE[task]
+        metric = headline(values)
         ceiling = values.get("ceiling")
         gap = "" if ceiling is None else f"{abs(ceiling - values[metric]):8.4f}"
         ceiling_text = "" if ceiling is None else f"{ceiling:9.4f}"
@@ -156,11 +162,12 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
     started = time.perf_counter()
     _ensure_synthetic_data(config, env)
     log = load_data(config, env)
-    missing = [label for label in OBJECTIVE_LABELS if label not in log.label_kinds]
+    tasks = task_set(config.objective)
+    missing = [label for label in tasks.labels if label not in log.label_kinds]
     if missing:
         raise ConfigError(
-            f"data.schema: {config.data.schema} has labels {list(log.label_kinds)}; the multi-task objective needs "
-            f"label columns {list(OBJECTIVE_LABELS)} (an optional label may be empty on every row)"
+            f"objective.tasks: label column(s) {missing} are not in the preprocessed data "
+            f"({shards_dir(config.data)} has {list(log.label_kinds)})"
         )
     train_shards, test_shards = log.split("train"), log.split("test")
     training = config.training
@@ -176,12 +183,9 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
             + ", ".join(f"{f} {n:,}" for f, n in table_sizes.items()),
             flush=True,
         )
-    model = build_model(config.model, len(log.dense_features), table_sizes)
-    objective = EsmmObjective(
-        weights=config.objective.weights,
-        rating_offset=log.label_mean("train", "rating"),
-        weighting=config.objective.weighting,
-    )
+    model = build_model(config.model, len(log.dense_features), table_sizes, task_names=tasks.tower_tasks)
+    offsets = {t.name: log.label_mean("train", t.label) or 0.0 for t in tasks.tasks if t.kind == "regression"}
+    objective = MultiTaskObjective(tasks, offsets, config.objective.weighting, config.objective.min_propensity)
     sharded, optimizer = shard_model(
         MultiTaskTrain(model, objective),
         env,
@@ -201,17 +205,18 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
     )
     gated = [m for m in sharded.modules() if hasattr(m, "gate_weights")]
     with GateMonitor(gated[0]) if gated else contextlib.nullcontext() as monitor:
-        metrics = evaluate(sharded, pipeline, test_loader, EVALUATED_TASKS, show_progress=show)
+        metrics = evaluate(sharded, pipeline, test_loader, tasks.names, show_progress=show)
     warnings = (monitor.warnings() if monitor else []) + leak_warnings(metrics)
 
     ceilings = _ceilings(config.data.dir) or {}
-    tasks = {}
+    per_task = {}
     for task, values in metrics.items():
-        headline = HEADLINE[task]
-        tasks[task] = {headline: values[headline], **({"ceiling": ceilings[f"{task}_{headline}"]} if ceilings else {})}
-        tasks[task].update({k: v for k, v in values.items() if k != headline})
+        metric = HEADLINE[tasks.names[task]]
+        ceiling = ceilings.get(f"{task}_{metric}")
+        per_task[task] = {metric: values[metric], **({"ceiling": ceiling} if ceiling is not None else {})}
+        per_task[task].update({k: v for k, v in values.items() if k != metric})
     results = {
-        "tasks": tasks,
+        "tasks": per_task,
         "training": {
             "world_size": env.world_size,
             "rows": {"train": log.rows("train"), "test": log.rows("test")},
@@ -219,7 +224,7 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
             "samples_per_s": round(summary.samples_per_second, 1),
             "train_seconds": round(summary.seconds, 2),
             "epoch_losses": summary.losses,
-            "effective_weights": _effective_weights(sharded, config.objective.weights),
+            "effective_weights": _effective_weights(sharded, tasks.weights),
             "total_seconds": round(time.perf_counter() - started, 2),
         },
         "diagnostics": {"gates": monitor.summary() if monitor else None, "warnings": warnings},
@@ -229,7 +234,7 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
         out = Path(config.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=2))
-        print(format_table(tasks))
+        print(format_table(per_task))
         for warning in warnings:
             print(f"warning: {warning}")
         print(

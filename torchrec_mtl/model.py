@@ -22,7 +22,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_mtl.data.batch import MultiTaskBatch
-from torchrec_mtl.tasks import EsmmObjective
+from torchrec_mtl.tasks import MultiTaskObjective
 
 
 class MultiTaskModel(nn.Module):
@@ -74,7 +74,7 @@ class MultiTaskTrain(nn.Module):
     each evaluated task to a [B] tensor, and a label is NaN on rows outside that task's sample space.
     """
 
-    def __init__(self, model: MultiTaskModel, objective: EsmmObjective) -> None:
+    def __init__(self, model: MultiTaskModel, objective: MultiTaskObjective) -> None:
         super().__init__()
         self.model = model
         self.objective = objective

@@ -1,29 +1,42 @@
-"""The objective of the spine: CTR and CVR the ESMM way, plus a rating regression.
+"""Tasks declared as data, and the objective they make: losses, per-task predictions and evaluation labels.
 
-ESMM (Ma et al., SIGIR 2018) learns CVR over the entire impression space: pCTCVR = pCTR x pCVR is supervised by
-click-and-convert on every row, pCTR by click on every row, so pCVR is never fitted on the clicked rows alone and
-carries no sample selection bias. The rating loss counts only rows whose rating is present.
+A **task** is one tower output: a label column, a kind (``binary``: BCE on a logit; ``regression``: squared error on
+an output plus an offset, the label's training mean), a loss weight and a **sample space**, the rows it is trained
+and evaluated on:
 
-The product alone teaches pCVR slowly: on an unclicked row its gradient is scaled by pCTR, a few percent. The optional
-``cvr_ips`` term is ESCM2's counterfactual regulariser (Wang et al., SIGIR 2022): pCVR's own loss on clicked rows,
-each weighted by 1 / pCTR (detached, self-normalised), which estimates that loss over the entire impression space, so
-it adds a direct signal without bringing the selection bias back.
+- ``present``: rows where its label is present (NaN marks a missing label);
+- ``given: T``: rows where binary task T's label is 1 (and this label present), e.g. CVR on clicked rows. With
+  ``ips`` its loss on those rows is weighted by 1 / p_T (detached, clipped below at ``min_propensity``,
+  self-normalised): ESCM2's counterfactual regulariser (Wang et al., SIGIR 2022), which estimates the loss over the
+  entire impression space instead of the clicked rows alone.
 
-Evaluated tasks and their sample spaces (a label is NaN outside its space, which drives loss and metrics alike):
+**Relations** tie tasks together and work with any tower:
 
-==========  ==================  ==========================  ==================
-task        prediction          label                       rows
-==========  ==================  ==========================  ==================
-ctr         pCTR                click                       all
-cvr         pCVR                conversion                  clicked rows
-ctcvr       pCTR x pCVR         click and conversion        all
-rating      rating output       rating                      rows with a rating
-==========  ==================  ==========================  ==================
+- a **product** (ESMM, Ma et al., SIGIR 2018): p = p_A x p_B, trained with BCE on every row where its label is
+  determined: 1 when all component labels are 1, 0 when any is 0 (so ``ctcvr`` = click and conversion, 0 on every
+  unclicked row). It is evaluated like a task.
+- an **order** constraint p_lower <= p_upper (e.g. p(conversion) <= p(click) for two independent heads), a hinge
+  penalty mean(relu(p_lower - p_upper)) over all rows; names may be tasks or products.
+
+The one missing-label convention (NaN, and ``row_weight`` 0 for padding) drives the losses and the evaluation labels
+(NaN outside a space), so losses and metrics agree on which rows belong to a task.
+
+The default, ``esmm_tasks()``:
+
+==========  ============  ==========================  ==================  ======
+name        prediction    label                       rows                weight
+==========  ============  ==========================  ==================  ======
+ctr         pCTR          click                       all                 1
+cvr         pCVR          conversion                  clicked, IPS        0.3
+rating      output + mean rating                      rows with a rating  0.3
+ctcvr       pCTR x pCVR   click and conversion        all                 1
+==========  ============  ==========================  ==================  ======
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +45,96 @@ from torch import nn
 from torchrec_mtl.data.batch import MultiTaskBatch
 from torchrec_mtl.weighting import make_weighting
 
-TOWER_TASKS = ["ctr", "cvr", "rating"]
-LOSS_TERMS = ("ctr", "ctcvr", "cvr_ips", "rating")
-EVALUATED_TASKS = {"ctr": "binary", "cvr": "binary", "ctcvr": "binary", "rating": "regression"}
+TASK_KINDS = ("binary", "regression")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    kind: str
+    label: str
+    weight: float = 1.0
+    given: Optional[str] = None  # the sample space: rows where this binary task's label is 1
+    ips: bool = False  # weight the loss by 1 / p(given)
+
+
+@dataclass(frozen=True)
+class ProductSpec:
+    name: str
+    of: Tuple[str, ...]
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class OrderSpec:
+    lower: str
+    upper: str
+    weight: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return f"order_{self.lower}_le_{self.upper}"
+
+
+@dataclass(frozen=True)
+class TaskSet:
+    """Tasks and relations, checked against each other (not yet against a dataset's labels)."""
+
+    tasks: Tuple[TaskSpec, ...]
+    products: Tuple[ProductSpec, ...] = ()
+    orders: Tuple[OrderSpec, ...] = ()
+    names: Dict[str, str] = field(init=False, default_factory=dict)  # evaluated name -> kind
+
+    def __post_init__(self) -> None:
+        kinds: Dict[str, str] = {}
+        for task in self.tasks:
+            if task.kind not in TASK_KINDS:
+                raise ValueError(f"tasks.{task.name}.kind: {task.kind!r}; allowed: {', '.join(TASK_KINDS)}")
+            kinds[task.name] = task.kind
+        for task in self.tasks:
+            if task.given is not None and kinds.get(task.given) != "binary":
+                raise ValueError(f"tasks.{task.name}.given: {task.given!r} is not a binary task")
+            if task.ips and task.given is None:
+                raise ValueError(f"tasks.{task.name}.ips: needs a given task (the propensity)")
+        for product in self.products:
+            if product.name in kinds:
+                raise ValueError(f"products.{product.name}: the name is already a task")
+            bad = [name for name in product.of if kinds.get(name) != "binary"]
+            if len(product.of) < 2 or bad:
+                raise ValueError(f"products.{product.name}.of: needs two or more binary tasks; not binary tasks: {bad}")
+            kinds[product.name] = "binary"
+        for i, order in enumerate(self.orders):
+            for side in ("lower", "upper"):
+                if kinds.get(getattr(order, side)) != "binary":
+                    raise ValueError(f"orders[{i}].{side}: {getattr(order, side)!r} is not a binary task or product")
+        self.names.update(kinds)
+
+    @property
+    def tower_tasks(self) -> List[str]:
+        return [task.name for task in self.tasks]
+
+    @property
+    def labels(self) -> List[str]:
+        return list(dict.fromkeys(task.label for task in self.tasks))
+
+    @property
+    def weights(self) -> Dict[str, float]:
+        terms = {t.name: t.weight for t in self.tasks}
+        terms.update({p.name: p.weight for p in self.products})
+        terms.update({o.name: o.weight for o in self.orders})
+        return terms
+
+
+def esmm_tasks(cvr_ips_weight: float = 0.3, rating_weight: float = 0.3) -> TaskSet:
+    """CTR on all rows, CVR on clicked rows (IPS-weighted), CTCVR = CTR x CVR on all rows, rating on rated rows."""
+    return TaskSet(
+        tasks=(
+            TaskSpec("ctr", "binary", "click", 1.0),
+            TaskSpec("cvr", "binary", "conversion", cvr_ips_weight, given="ctr", ips=True),
+            TaskSpec("rating", "regression", "rating", rating_weight),
+        ),
+        products=(ProductSpec("ctcvr", ("ctr", "cvr"), 1.0),),
+    )
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -48,77 +148,124 @@ def _log1mexp(log_p: torch.Tensor) -> torch.Tensor:
     return torch.where(log_p > -0.6931, torch.log(-torch.expm1(log_p)), torch.log1p(-torch.exp(log_p)))
 
 
-class EsmmObjective(nn.Module):
-    """Loss and per-task predictions from the tower's ``ctr``, ``cvr`` and ``rating`` outputs.
+def _bce_from_log_p(log_p: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    return -(label * log_p + (1 - label) * _log1mexp(log_p))
+
+
+class MultiTaskObjective(nn.Module):
+    """Loss, predictions and evaluation labels for a ``TaskSet`` from the tower's per-task outputs.
 
     Args:
-        click, conversion, rating: label column names in the batch.
-        weights: loss weight per term (``ctr``, ``ctcvr``, ``cvr_ips``, ``rating``); ``cvr_ips`` defaults to 0.
-        weighting: how the weighted terms combine (torchrec_mtl.weighting): ``static`` or ``uncertainty``.
-        min_propensity: pCTR is clipped below at this value in the ``cvr_ips`` weights.
-        rating_offset: added to the rating output, so the head starts near the typical rating.
+        task_set: the declared tasks and relations.
+        offsets: regression task -> value added to its output (its label's training mean), so it starts there.
+        weighting: how the weighted terms add up (torchrec_mtl.weighting): ``static`` or ``uncertainty``.
+        min_propensity: p(given) is clipped below at this in IPS weights.
+
+    ``forward`` returns ``(loss, (loss.detach(), predictions, labels))``: predictions and labels per evaluated name
+    (tasks and products), labels NaN outside each one's sample space.
     """
 
     def __init__(
         self,
-        click: str = "click",
-        conversion: str = "conversion",
-        rating: str = "rating",
-        weights: Dict[str, float] | None = None,
-        rating_offset: float = 0.0,
-        min_propensity: float = 0.01,
+        task_set: TaskSet,
+        offsets: Optional[Dict[str, float]] = None,
         weighting: str = "static",
+        min_propensity: float = 0.01,
     ) -> None:
         super().__init__()
-        self.click, self.conversion, self.rating = click, conversion, rating
-        unknown = sorted(set(weights or {}) - set(LOSS_TERMS))
-        if unknown:
-            raise ValueError(f"weights: unknown loss term(s) {unknown}; allowed: {LOSS_TERMS}")
-        self.weights = {"ctr": 1.0, "ctcvr": 1.0, "cvr_ips": 0.0, "rating": 1.0, **(weights or {})}
-        self.weighting = make_weighting(weighting, self.weights)
-        self.rating_offset = rating_offset
+        self.task_set = task_set
+        self.offsets = dict(offsets or {})
         self.min_propensity = min_propensity
+        self.weighting = make_weighting(weighting, task_set.weights)
 
     def forward(
         self, logits: Dict[str, torch.Tensor], batch: MultiTaskBatch
     ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]:
-        """Returns ``(loss, (loss.detach(), predictions, labels))``, predictions detached, labels NaN off-task."""
         nan = torch.full_like(batch.row_weight, float("nan"))
-        click_mask = batch.label_mask(self.click)
-        ctcvr_mask = click_mask & batch.label_mask(self.conversion)
-        rating_mask = batch.label_mask(self.rating)
-        click = torch.nan_to_num(batch.labels[self.click])
-        click_and_convert = click * torch.nan_to_num(batch.labels[self.conversion])
-        rating = torch.nan_to_num(batch.labels[self.rating])
-        clicked = ctcvr_mask & (click > 0)  # CVR's own sample space
+        weights = self.task_set.weights
+        log_p: Dict[str, torch.Tensor] = {}
+        label: Dict[str, torch.Tensor] = {}  # 0/1 or value; NaN where undetermined or padding
+        for task in self.task_set.tasks:
+            raw = torch.where(batch.row_weight > 0, batch.labels[task.label], nan)
+            label[task.name] = raw
+            if task.kind == "binary":
+                log_p[task.name] = F.logsigmoid(logits[task.name])
 
-        log_p_ctr = F.logsigmoid(logits["ctr"])
-        log_p_ctcvr = log_p_ctr + F.logsigmoid(logits["cvr"])
-        rating_prediction = logits["rating"] + self.rating_offset
-        ctr_loss = F.binary_cross_entropy_with_logits(logits["ctr"], click, reduction="none")
-        ctcvr_loss = -(click_and_convert * log_p_ctcvr + (1 - click_and_convert) * _log1mexp(log_p_ctcvr))
-        rating_loss = (rating_prediction - rating) ** 2
-        terms = {
-            "ctr": masked_mean(ctr_loss, click_mask),
-            "ctcvr": masked_mean(ctcvr_loss, ctcvr_mask),
-            "rating": masked_mean(rating_loss, rating_mask),
-        }
-        if self.weights["cvr_ips"]:
-            inverse_propensity = 1.0 / log_p_ctr.detach().exp().clamp(min=self.min_propensity)
-            # on clicked rows, click-and-convert is the conversion label
-            cvr_loss = F.binary_cross_entropy_with_logits(logits["cvr"], click_and_convert, reduction="none")
-            terms["cvr_ips"] = masked_mean(cvr_loss, clicked * inverse_propensity)
+        terms: Dict[str, torch.Tensor] = {}
+        predictions: Dict[str, torch.Tensor] = {}
+        eval_labels: Dict[str, torch.Tensor] = {}
+        for task in self.task_set.tasks:
+            present = ~torch.isnan(label[task.name])
+            space = present if task.given is None else present & (torch.nan_to_num(label[task.given]) == 1)
+            target = torch.nan_to_num(label[task.name])
+            if task.kind == "binary":
+                loss = F.binary_cross_entropy_with_logits(logits[task.name], target, reduction="none")
+                predictions[task.name] = log_p[task.name].detach().exp()
+            else:
+                output = logits[task.name] + self.offsets.get(task.name, 0.0)
+                loss = (output - target) ** 2
+                predictions[task.name] = output.detach()
+            row_weights = space.float()
+            if task.ips:
+                propensity = log_p[task.given].detach().exp().clamp(min=self.min_propensity)
+                row_weights = row_weights / propensity
+            if weights[task.name]:
+                terms[task.name] = masked_mean(loss, row_weights)
+            eval_labels[task.name] = torch.where(space, target, nan)
+
+        for product in self.task_set.products:
+            parts = [label[name] for name in product.of]
+            any_zero = torch.stack([part == 0 for part in parts]).any(dim=0)
+            all_one = torch.stack([part == 1 for part in parts]).all(dim=0)
+            determined = any_zero | all_one
+            target = all_one.float()
+            product_log_p = sum(log_p[name] for name in product.of)
+            if weights[product.name]:
+                terms[product.name] = masked_mean(_bce_from_log_p(product_log_p, target), determined)
+            predictions[product.name] = product_log_p.detach().exp()
+            eval_labels[product.name] = torch.where(determined, target, nan)
+            log_p[product.name] = product_log_p
+
+        real = (batch.row_weight > 0).float()
+        for order in self.task_set.orders:
+            if weights[order.name]:
+                gap = torch.relu(log_p[order.lower].exp() - log_p[order.upper].exp())
+                terms[order.name] = masked_mean(gap, real)
+
         loss = self.weighting(terms)
-        predictions = {
-            "ctr": log_p_ctr.detach().exp(),
-            "cvr": torch.sigmoid(logits["cvr"].detach()),
-            "ctcvr": log_p_ctcvr.detach().exp(),
-            "rating": rating_prediction.detach(),
-        }
-        labels = {
-            "ctr": torch.where(click_mask, click, nan),
-            "cvr": torch.where(clicked, click_and_convert, nan),
-            "ctcvr": torch.where(ctcvr_mask, click_and_convert, nan),
-            "rating": torch.where(rating_mask, rating, nan),
-        }
-        return loss, (loss.detach(), predictions, labels)
+        return loss, (loss.detach(), predictions, eval_labels)
+
+
+# The spine's objective and evaluated names, kept for code written against them.
+TOWER_TASKS = esmm_tasks().tower_tasks
+EVALUATED_TASKS = dict(esmm_tasks().names)
+
+
+def EsmmObjective(
+    weights: Optional[Dict[str, float]] = None,
+    rating_offset: float = 0.0,
+    min_propensity: float = 0.01,
+    weighting: str = "static",
+) -> MultiTaskObjective:
+    """The ESMM task set as an objective. ``weights`` per term: ``ctr``, ``ctcvr``, ``cvr_ips`` (the IPS-weighted
+    CVR term, default 0) and ``rating``."""
+    allowed = ("ctr", "ctcvr", "cvr_ips", "rating")
+    unknown = sorted(set(weights or {}) - set(allowed))
+    if unknown:
+        raise ValueError(f"weights: unknown loss term(s) {unknown}; allowed: {allowed}")
+    w = {"ctr": 1.0, "ctcvr": 1.0, "cvr_ips": 0.0, "rating": 1.0, **(weights or {})}
+    task_set = TaskSet(
+        tasks=(
+            TaskSpec("ctr", "binary", "click", w["ctr"]),
+            TaskSpec("cvr", "binary", "conversion", w["cvr_ips"], given="ctr", ips=True),
+            TaskSpec("rating", "regression", "rating", w["rating"]),
+        ),
+        products=(ProductSpec("ctcvr", ("ctr", "cvr"), w["ctcvr"]),),
+    )
+    return MultiTaskObjective(task_set, {"rating": rating_offset}, weighting, min_propensity)
+
+
+def task_set_from_sequences(
+    tasks: Sequence[TaskSpec], products: Sequence[ProductSpec] = (), orders: Sequence[OrderSpec] = ()
+) -> TaskSet:
+    return TaskSet(tuple(tasks), tuple(products), tuple(orders))
