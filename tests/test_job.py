@@ -66,6 +66,15 @@ def test_uncertainty_weighting_learns_per_term_weights_through_the_sharded_pipel
     assert results["tasks"]["ctr"]["auc"] > 0.6
 
 
+def test_gradnorm_moves_the_multipliers_inside_the_sharded_pipeline(small_log, tmp_path):
+    results = _train(small_log, tmp_path, "objective.weighting=gradnorm")
+    static = {"ctr": 1.0, "cvr": 0.3, "rating": 0.3, "ctcvr": 1.0}
+    multipliers = {term: weight / static[term] for term, weight in results["training"]["effective_weights"].items()}
+    assert set(multipliers) == set(static) and abs(sum(multipliers.values()) - 4.0) < 1e-4
+    assert max(abs(m - 1.0) for m in multipliers.values()) > 0.05, multipliers
+    assert results["tasks"]["ctr"]["auc"] > 0.6
+
+
 def test_shuffled_labels_leave_nothing_to_learn(small_log, tmp_path):
     tasks = _train(small_log, tmp_path, "training.shuffle_labels=true")["tasks"]
     for task in ("ctr", "ctcvr"):

@@ -48,3 +48,70 @@ def test_uncertainty_weighting_scales_the_gradient_every_parameter_sees():
 def test_unknown_weighting_is_refused_by_name():
     with pytest.raises(ValueError, match="weighting: 'gradnorm2'"):
         make_weighting("gradnorm2", {"ctr": 1.0})
+
+
+def _gradnorm_case(slow_ratio: float, fast_ratio: float, fast_scale: float = 1.0):
+    """Two terms on one shared parameter; returns the multipliers after the first update."""
+    from torchrec_mtl.weighting import GradNormWeighting
+
+    shared = torch.nn.Parameter(torch.ones(4))
+    weighting = GradNormWeighting({"slow": 1.0, "fast": 1.0}, alpha=1.5, lr=0.1)
+    weighting.attach([shared])
+    weighting({"slow": shared.sum(), "fast": fast_scale * shared.sum()})  # step 0 records the initial losses
+    total = weighting({"slow": slow_ratio * shared.sum(), "fast": fast_ratio * fast_scale * shared.sum()})
+    return weighting, total
+
+
+def test_gradnorm_raises_the_weight_of_the_term_that_trains_slower():
+    weighting, _ = _gradnorm_case(slow_ratio=1.0, fast_ratio=0.2)
+    multipliers = dict(zip(weighting.weights, weighting.multipliers.tolist()))
+    assert multipliers["slow"] > 1.0 > multipliers["fast"], multipliers
+    assert sum(multipliers.values()) == pytest.approx(2.0), "multipliers are renormalised to the number of terms"
+
+
+def test_gradnorm_balances_gradient_norms_at_equal_training_rates():
+    weighting, total = _gradnorm_case(slow_ratio=1.0, fast_ratio=1.0, fast_scale=10.0)
+    multipliers = dict(zip(weighting.weights, weighting.multipliers.tolist()))
+    assert multipliers["fast"] < 1.0 < multipliers["slow"], "the term with 10x the gradient norm is turned down"
+    # the returned loss uses the multipliers as constants: its gradient reaches the shared parameter only
+    assert total.requires_grad and not weighting.multipliers.requires_grad
+
+
+def test_gradnorm_needs_shared_parameters():
+    from torchrec_mtl.weighting import GradNormWeighting
+
+    with pytest.raises(ValueError, match="gradnorm needs a tower with shared parameters"):
+        GradNormWeighting({"a": 1.0}).attach([])
+
+
+def test_sharded_tables_keep_no_gradient_so_gradnorm_measures_the_tower():
+    """Table-wise sharded tables train inside backward (fused TBE): no .grad to take per-task norms from."""
+    import numpy as np
+
+    from torchrec_mtl.config import JobConfig
+    from torchrec_mtl.data.loader import BatchLoader
+    from torchrec_mtl.data.shards import EncodedLog
+    from torchrec_mtl.job import build_model
+    from torchrec_mtl.model import MultiTaskTrain
+    from torchrec_mtl.tasks import EsmmObjective
+    from torchrec_mtl.train.distributed import init_distributed, shard_model
+
+    features = [f"C{i}" for i in range(1, 5)]
+    torch.manual_seed(0)
+    model = build_model(JobConfig().model, 13, {f: 500 for f in features})
+    objective = EsmmObjective(weighting="gradnorm")
+    sharded, _ = shard_model(MultiTaskTrain(model, objective), init_distributed(), sharding_types=["table_wise"])
+    rng = np.random.default_rng(0)
+    n = 64
+    log = EncodedLog(
+        rng.random((n, 13), dtype=np.float32),
+        rng.integers(0, 500, (n, 4)).astype(np.int32),
+        {"click": (rng.random(n) < 0.5).astype(np.float32), "conversion": np.zeros(n, np.float32),
+         "rating": np.full(n, 3.0, np.float32)},
+    )  # fmt: skip
+    loss, _ = sharded(next(iter(BatchLoader(log, features, n, shuffle=False))))
+    loss.backward()
+    tables = [p for name, p in sharded.named_parameters() if "embedding_bags" in name]
+    assert len(tables) == 4 and all(p.grad is None for p in tables)
+    assert all(p.grad is not None for p in model.tower.shared_parameters())
+    assert int(objective.weighting.steps) == 1, "the multipliers were updated from the tower's gradient norms"

@@ -244,6 +244,10 @@ def _check(config: JobConfig) -> None:
         )
     if config.objective.weighting not in WEIGHTINGS:
         raise ConfigError(f"objective.weighting: {config.objective.weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
+    if config.objective.weighting == "gradnorm" and model.tower.kind == "single_task":
+        raise ConfigError(
+            "objective.weighting: gradnorm needs shared tower parameters; model.tower.kind is single_task"
+        )
     if not config.objective.tasks:
         raise ConfigError("objective.tasks: declare at least one task")
     try:

@@ -122,14 +122,10 @@ def _shuffled_labels(shards: List[EncodedLog], seed: int) -> List[EncodedLog]:
     return [EncodedLog(log.dense, log.sparse, {name: values[order] for name, values in log.labels.items()})]
 
 
-def _effective_weights(model: torch.nn.Module, weights: Dict[str, float]) -> Dict[str, float]:
-    """Each loss term's multiplier at the end of training: the static weight, times exp(-s) when learned."""
-    learned = {
-        name.rsplit("log_variance.", 1)[1]: float(torch.exp(-value.detach()))
-        for name, value in model.named_parameters()
-        if "log_variance." in name
-    }
-    return {term: weight * learned.get(term, 1.0) for term, weight in weights.items() if weight}
+def _effective_weights(model: torch.nn.Module) -> Dict[str, float]:
+    """Each loss term's multiplier at the end of training, as the objective's weighting reports it."""
+    weighting = next(m for m in model.modules() if hasattr(m, "effective_weights"))
+    return weighting.effective_weights()
 
 
 def _ceilings(data_dir: str) -> Optional[Dict[str, float]]:
@@ -224,7 +220,7 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
             "samples_per_s": round(summary.samples_per_second, 1),
             "train_seconds": round(summary.seconds, 2),
             "epoch_losses": summary.losses,
-            "effective_weights": _effective_weights(sharded, tasks.weights),
+            "effective_weights": _effective_weights(sharded),
             "total_seconds": round(time.perf_counter() - started, 2),
         },
         "diagnostics": {"gates": monitor.summary() if monitor else None, "warnings": warnings},

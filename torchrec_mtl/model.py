@@ -78,6 +78,8 @@ class MultiTaskTrain(nn.Module):
         super().__init__()
         self.model = model
         self.objective = objective
+        if hasattr(objective.weighting, "attach"):  # gradient-level weighting measures on the shared tower parameters
+            objective.weighting.attach(model.tower.shared_parameters())
 
     def forward(
         self, batch: MultiTaskBatch

@@ -5,12 +5,19 @@
   ``w_i * (exp(-s_i) * L_i + s_i)``; at the optimum ``s_i = log L_i``, so a term's effective weight
   ``w_i * exp(-s_i)`` falls as its loss (its noise) grows. The ``s_i`` are dense parameters trained by the dense
   optimizer like any other.
+- ``gradnorm`` (Chen et al., ICML 2018): multipliers ``m_i`` (summing to the number of terms) are moved every
+  training step so that each term's gradient norm on the tower's shared parameters, ``||grad_W w_i m_i L_i||``,
+  approaches the mean norm times ``r_i ** alpha``, where ``r_i`` is the term's loss relative to its first-step loss
+  over the mean of those ratios: a term that trains slower gets a larger multiplier.
 
-Both act on the total loss only, so they reach every parameter, the sharded embedding tables included: fused
-embedding optimizers (TorchRec's TBE) update rows inside backward from the gradient of this total, and the gradient
-of each table is scaled by the same effective weights as the dense ones. Gradient-level methods (GradNorm, PCGrad)
-differ: they need each task's gradient separately, which fused embedding optimizers never materialise, so they can
-act on dense shared parameters only.
+``static`` and ``uncertainty`` act on the total loss only, so they reach every parameter, the sharded embedding tables
+included: fused embedding optimizers (TorchRec's TBE) update rows inside backward from the gradient of this total,
+scaled by the same effective weights as the dense ones. ``gradnorm`` needs each term's gradient separately, which
+fused embedding optimizers never materialise (tables sharded table-, row- or column-wise are updated inside backward
+and keep no ``.grad``; tests/test_weighting.py checks it; small tables the planner makes data-parallel do), so it
+measures gradient norms on the tower's shared dense parameters only (``shared_parameters()``: MMoE's experts,
+PLE's shared experts, the shared bottom); the multipliers it sets then scale every parameter's gradient, tables
+included. It costs one extra backward pass per term through the tower each step.
 
 Example::
 
@@ -22,12 +29,13 @@ Example::
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-WEIGHTINGS = ("static", "uncertainty")
+WEIGHTINGS = ("static", "uncertainty", "gradnorm")
 
 
 class StaticWeighting(nn.Module):
@@ -64,9 +72,75 @@ class UncertaintyWeighting(nn.Module):
         return {name: weight * float(torch.exp(-self.log_variance[name])) for name, weight in self.weights.items()}
 
 
+class GradNormWeighting(nn.Module):
+    """GradNorm multipliers on the static weights, updated inside the training forward (no optimizer of their own).
+
+    Args:
+        weights: static weight per term (terms with weight 0 are skipped).
+        alpha: the restoring force towards equal training rates (the paper's default 1.5).
+        lr: step size of the multipliers.
+    """
+
+    def __init__(self, weights: Dict[str, float], alpha: float = 1.5, lr: float = 0.025) -> None:
+        super().__init__()
+        self.weights = {name: float(weight) for name, weight in weights.items() if weight}
+        self.alpha, self.lr = alpha, lr
+        n = len(self.weights)
+        # buffers: kept with the model, broadcast by DDP, never touched by an optimizer
+        self.register_buffer("multipliers", torch.ones(n))
+        self.register_buffer("initial_losses", torch.zeros(n))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.shared: List[nn.Parameter] = []
+
+    def attach(self, shared_parameters: List[nn.Parameter]) -> None:
+        """The dense parameters all tasks share, on which gradient norms are measured."""
+        self.shared = [p for p in shared_parameters if p.requires_grad]
+        if not self.shared:
+            raise ValueError("weighting: gradnorm needs a tower with shared parameters (not single_task)")
+
+    def forward(self, losses: Dict[str, torch.Tensor]) -> torch.Tensor:
+        names = list(self.weights)
+        static = torch.tensor([self.weights[n] for n in names], device=self.multipliers.device)
+        stacked = torch.stack([losses[n] for n in names])
+        if self.training and torch.is_grad_enabled() and self.shared:
+            self._update(names, stacked, static)
+        return (static * self.multipliers.detach() * stacked).sum()
+
+    @torch.no_grad()
+    def _update(self, names: List[str], losses: torch.Tensor, static: torch.Tensor) -> None:
+        norms = []
+        for i in range(len(names)):
+            with torch.enable_grad():
+                grads = torch.autograd.grad(losses[i], self.shared, retain_graph=True, allow_unused=True)
+            norms.append(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None) + 0.0).float())
+        raw = torch.stack(norms)  # ||grad_W L_i||
+        observed = losses.detach().clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            for tensor in (raw, observed):
+                dist.all_reduce(tensor)
+                tensor /= dist.get_world_size()
+        if int(self.steps) == 0:
+            self.initial_losses.copy_(observed.clamp(min=1e-8))
+        ratio = observed / self.initial_losses
+        relative_rate = ratio / ratio.mean()
+        norms_now = static * self.multipliers * raw  # G_i
+        target = norms_now.mean() * relative_rate**self.alpha
+        # d/dm_i sum_j |G_j - target_j| with the target held fixed, in units of the mean norm so that ``lr`` is a
+        # step size whatever the scale of the gradients
+        gradient = torch.sign(norms_now - target) * static * raw / (static * raw).mean().clamp(min=1e-12)
+        self.multipliers.sub_(self.lr * gradient).clamp_(min=1e-3)
+        self.multipliers.mul_(len(names) / self.multipliers.sum())
+        self.steps += 1
+
+    def effective_weights(self) -> Dict[str, float]:
+        return {name: weight * float(m) for (name, weight), m in zip(self.weights.items(), self.multipliers)}
+
+
 def make_weighting(kind: str, weights: Dict[str, float]) -> nn.Module:
     if kind == "static":
         return StaticWeighting(weights)
     if kind == "uncertainty":
         return UncertaintyWeighting(weights)
+    if kind == "gradnorm":
+        return GradNormWeighting(weights)
     raise ValueError(f"weighting: {kind!r}; allowed: {', '.join(WEIGHTINGS)}")

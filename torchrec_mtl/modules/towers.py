@@ -113,6 +113,10 @@ class SingleTask(nn.Module):
     def forward(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
         return self.heads({name: bottom(features) for name, bottom in self.bottoms.items()})
 
+    def shared_parameters(self) -> List[nn.Parameter]:
+        """Parameters every task's output depends on: none here."""
+        return []
+
 
 class MMoE(nn.Module):
     """Multi-gate Mixture-of-Experts (Ma et al., KDD 2018): shared experts, one softmax gate per task.
@@ -145,6 +149,10 @@ class MMoE(nn.Module):
         self.gates = nn.ModuleDict({name: nn.Linear(in_features, num_experts) for name in self.task_names})
         self.heads = TaskHeads(expert_layer_sizes[-1], self.task_names, tower_layer_sizes)
 
+    def shared_parameters(self) -> List[nn.Parameter]:
+        """Parameters every task's output depends on: the experts."""
+        return list(self.experts.parameters())
+
     def gate_weights(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Per-task softmax weights over the experts, [B, num_experts] each; every row sums to 1."""
         return {name: torch.softmax(gate(features), dim=-1) for name, gate in self.gates.items()}
@@ -172,6 +180,10 @@ class SharedBottom(nn.Module):
         tower_layer_sizes = _layer_sizes("tower_layer_sizes", tower_layer_sizes, allow_empty=True)
         self.bottom = MLP(in_features, bottom_layer_sizes)
         self.heads = TaskHeads(bottom_layer_sizes[-1], self.task_names, tower_layer_sizes)
+
+    def shared_parameters(self) -> List[nn.Parameter]:
+        """Parameters every task's output depends on: the bottom."""
+        return list(self.bottom.parameters())
 
     def forward(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
         shared = self.bottom(features)
@@ -289,6 +301,10 @@ class PLE(nn.Module):
             ]
         )
         self.heads = TaskHeads(expert_layer_sizes[-1], self.task_names, tower_layer_sizes)
+
+    def shared_parameters(self) -> List[nn.Parameter]:
+        """Parameters every task's output depends on: the shared experts of every level."""
+        return [p for level in self.levels for p in level.shared_experts.parameters()]
 
     def _last_level_inputs(self, features: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
         """The per-task and shared inputs of the last level: the tower input, passed through the levels before it."""
