@@ -84,7 +84,8 @@ def test_metrics_count_only_rows_with_a_label():
     present = torch.rand(n, generator=g) < 0.5
     hidden_label = torch.where(present, label, torch.tensor(float("nan")))
     rating = torch.randn(n, generator=g) + 3
-    rating_label = torch.where(present, rating + 0.5, torch.tensor(float("nan")))
+    error = torch.linspace(-1.0, 1.0, n) ** 3  # RMSE and MAE differ
+    rating_label = torch.where(present, rating + error, torch.tensor(float("nan")))
     metrics = TaskMetrics(EVALUATED_TASKS, batch_size=500, window_size=n)
     for rows in torch.arange(n).split(500):
         metrics.update(
@@ -94,7 +95,8 @@ def test_metrics_count_only_rows_with_a_label():
     result = metrics.compute()
     expected_auc = float(binary_auroc(score[present], label[present].long()))
     assert result["ctr"]["auc"] == pytest.approx(expected_auc, abs=1e-6)
-    assert result["rating"]["rmse"] == pytest.approx(0.5, abs=1e-6)
+    assert result["rating"]["rmse"] == pytest.approx(float(error[present].pow(2).mean().sqrt()), abs=1e-6)
+    assert result["rating"]["mae"] == pytest.approx(float(error[present].abs().mean()), abs=1e-6)
     assert 0 < result["ctr"]["ne"] < 1 and result["ctr"]["calibration"] == pytest.approx(
         float(score[present].sum() / label[present].sum()), rel=1e-6
     )

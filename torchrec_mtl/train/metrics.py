@@ -1,6 +1,6 @@
 """Per-task metrics through torchrec's RecMetricModule, one RecTaskInfo per task.
 
-Binary tasks get AUC, NE and calibration; regression tasks get MSE and RMSE. A task's rows are those whose label is
+Binary tasks get AUC, NE and calibration; regression tasks get MSE, RMSE and MAE. A task's rows are those whose label is
 not NaN (see torchrec_mtl.tasks): the label becomes the RecMetric weight, so rows outside the task count nowhere.
 Values are reduced across ranks by RecMetricModule itself.
 
@@ -27,7 +27,7 @@ from torchrec.metrics.metrics_config import (
 )
 
 _BINARY = {RecMetricEnum.AUC: "auc", RecMetricEnum.NE: "ne", RecMetricEnum.CALIBRATION: "calibration"}
-_REGRESSION = {RecMetricEnum.MSE: "mse"}
+_REGRESSION = {RecMetricEnum.MSE: "mse", RecMetricEnum.MAE: "mae"}
 
 
 class TaskMetrics:
@@ -88,7 +88,7 @@ class TaskMetrics:
         self.module.update(model_out)
 
     def compute(self) -> Dict[str, Dict[str, float]]:
-        """task -> metric -> value; RMSE is reported beside MSE for regression tasks."""
+        """task -> metric -> value; RMSE is reported beside MSE (and MAE) for regression tasks."""
         raw = self.module.compute()
         result: Dict[str, Dict[str, float]] = {name: {} for name in self.task_kinds}
         for key, value in raw.items():
