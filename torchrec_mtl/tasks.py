@@ -36,7 +36,7 @@ ctcvr       pCTR x pCVR   click and conversion        all                 1
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -125,15 +125,15 @@ class TaskSet:
         return terms
 
 
-def esmm_tasks(cvr_ips_weight: float = 0.3, rating_weight: float = 0.3) -> TaskSet:
+def esmm_tasks(ctr: float = 1.0, ctcvr: float = 1.0, cvr_ips: float = 0.3, rating: float = 0.3) -> TaskSet:
     """CTR on all rows, CVR on clicked rows (IPS-weighted), CTCVR = CTR x CVR on all rows, rating on rated rows."""
     return TaskSet(
         tasks=(
-            TaskSpec("ctr", "binary", "click", 1.0),
-            TaskSpec("cvr", "binary", "conversion", cvr_ips_weight, given="ctr", ips=True),
-            TaskSpec("rating", "regression", "rating", rating_weight),
+            TaskSpec("ctr", "binary", "click", ctr),
+            TaskSpec("cvr", "binary", "conversion", cvr_ips, given="ctr", ips=True),
+            TaskSpec("rating", "regression", "rating", rating),
         ),
-        products=(ProductSpec("ctcvr", ("ctr", "cvr"), 1.0),),
+        products=(ProductSpec("ctcvr", ("ctr", "cvr"), ctcvr),),
     )
 
 
@@ -253,19 +253,5 @@ def EsmmObjective(
     unknown = sorted(set(weights or {}) - set(allowed))
     if unknown:
         raise ValueError(f"weights: unknown loss term(s) {unknown}; allowed: {allowed}")
-    w = {"ctr": 1.0, "ctcvr": 1.0, "cvr_ips": 0.0, "rating": 1.0, **(weights or {})}
-    task_set = TaskSet(
-        tasks=(
-            TaskSpec("ctr", "binary", "click", w["ctr"]),
-            TaskSpec("cvr", "binary", "conversion", w["cvr_ips"], given="ctr", ips=True),
-            TaskSpec("rating", "regression", "rating", w["rating"]),
-        ),
-        products=(ProductSpec("ctcvr", ("ctr", "cvr"), w["ctcvr"]),),
-    )
+    task_set = esmm_tasks(**{"ctr": 1.0, "ctcvr": 1.0, "cvr_ips": 0.0, "rating": 1.0, **(weights or {})})
     return MultiTaskObjective(task_set, {"rating": rating_offset}, weighting, min_propensity)
-
-
-def task_set_from_sequences(
-    tasks: Sequence[TaskSpec], products: Sequence[ProductSpec] = (), orders: Sequence[OrderSpec] = ()
-) -> TaskSet:
-    return TaskSet(tuple(tasks), tuple(products), tuple(orders))
