@@ -69,3 +69,18 @@ def test_ple_gates_are_monitored_and_towers_without_gates_are_refused():
 def test_leak_warning_names_the_task():
     warnings = leak_warnings({"ctr": {"auc": 0.9996}, "cvr": {"auc": 0.71}, "rating": {"rmse": 0.6}})
     assert len(warnings) == 1 and warnings[0].startswith("task ctr: AUC 0.9996")
+
+
+def test_gradient_cosine_sees_agreement_and_conflict_on_shared_parameters():
+    from torchrec_mtl.train.diagnostics import TaskGradientCosine
+
+    shared = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+    monitor = TaskGradientCosine(every=2)
+    monitor.attach([shared])
+    for step in range(4):  # observed at calls 1 and 3
+        monitor.observe({"a": (shared**2).sum(), "b": 3 * (shared**2).sum(), "c": -shared.sum() * (step + 1)})
+    summary = monitor.summary()
+    assert monitor.samples == 2 and summary["a|b"] == pytest.approx(1.0)
+    expected = float(torch.nn.functional.cosine_similarity(2 * shared.detach(), -torch.ones(3), dim=0))
+    assert summary["a|c"] == pytest.approx(expected, abs=1e-6) and summary["a|c"] < -0.1
+    assert any(w.startswith("tasks a and c conflict") for w in monitor.warnings())

@@ -45,6 +45,9 @@ def test_results_hold_each_task_metric_beside_its_ceiling(trained, small_log, ca
     gates = trained["diagnostics"]["gates"]  # the MMoE's gates, watched during evaluation
     assert set(gates) == {"ctr", "cvr", "rating"} and abs(sum(gates["cvr"]["usage"]) - 1.0) < 1e-6
     assert 0.0 < gates["ctr"]["entropy"] <= 1.3863 + 1e-6  # log(4 experts)
+    cosines = trained["diagnostics"]["gradient_cosine"]  # sampled every 100 training steps
+    assert set(cosines) == {"ctr|cvr", "ctr|rating", "ctr|ctcvr", "cvr|rating", "cvr|ctcvr", "rating|ctcvr"}
+    assert all(-1.0 <= value <= 1.0 for value in cosines.values()) and cosines["ctr|ctcvr"] > 0
 
 
 def test_the_model_learns_the_planted_signal(trained):

@@ -118,8 +118,10 @@ class ObjectiveConfig:
     tasks: Dict[str, TaskConfig] = field(default_factory=_esmm_tasks)
     products: Dict[str, ProductConfig] = field(default_factory=lambda: {"ctcvr": ProductConfig(of=["ctr", "cvr"])})
     orders: List[OrderConfig] = field(default_factory=list)
-    weighting: str = "static"  # or "uncertainty" (learned per-term log-variances; see torchrec_mtl.weighting)
+    weighting: str = "static"  # or "uncertainty", "gradnorm" (see torchrec_mtl.weighting)
     min_propensity: float = 0.01
+    # every N training steps, the cosine between terms' gradients on the shared tower parameters (0: off)
+    gradient_cosine_every: int = 100
 
 
 def task_set(objective: ObjectiveConfig) -> TaskSet:
@@ -244,6 +246,8 @@ def _check(config: JobConfig) -> None:
         )
     if config.objective.weighting not in WEIGHTINGS:
         raise ConfigError(f"objective.weighting: {config.objective.weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
+    if config.objective.gradient_cosine_every < 0:
+        raise ConfigError(f"objective.gradient_cosine_every: {config.objective.gradient_cosine_every}; allowed: >= 0")
     if config.objective.weighting == "gradnorm" and model.tower.kind == "single_task":
         raise ConfigError(
             "objective.weighting: gradnorm needs shared tower parameters; model.tower.kind is single_task"

@@ -181,7 +181,13 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
         )
     model = build_model(config.model, len(log.dense_features), table_sizes, task_names=tasks.tower_tasks)
     offsets = {t.name: log.label_mean("train", t.label) or 0.0 for t in tasks.tasks if t.kind == "regression"}
-    objective = MultiTaskObjective(tasks, offsets, config.objective.weighting, config.objective.min_propensity)
+    objective = MultiTaskObjective(
+        tasks,
+        offsets,
+        config.objective.weighting,
+        config.objective.min_propensity,
+        config.objective.gradient_cosine_every,
+    )
     sharded, optimizer = shard_model(
         MultiTaskTrain(model, objective),
         env,
@@ -202,7 +208,8 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
     gated = [m for m in sharded.modules() if hasattr(m, "gate_weights")]
     with GateMonitor(gated[0]) if gated else contextlib.nullcontext() as monitor:
         metrics = evaluate(sharded, pipeline, test_loader, tasks.names, show_progress=show)
-    warnings = (monitor.warnings() if monitor else []) + leak_warnings(metrics)
+    cosine = objective.gradient_cosine
+    warnings = (monitor.warnings() if monitor else []) + (cosine.warnings() if cosine else []) + leak_warnings(metrics)
 
     ceilings = _ceilings(config.data.dir) or {}
     per_task = {}
@@ -223,7 +230,11 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
             "effective_weights": _effective_weights(sharded),
             "total_seconds": round(time.perf_counter() - started, 2),
         },
-        "diagnostics": {"gates": monitor.summary() if monitor else None, "warnings": warnings},
+        "diagnostics": {
+            "gates": monitor.summary() if monitor else None,
+            "gradient_cosine": cosine.summary() if cosine else None,  # this rank's training steps
+            "warnings": warnings,
+        },
         "config": config_to_dict(config),
     }
     if env.is_main:

@@ -78,8 +78,10 @@ class MultiTaskTrain(nn.Module):
         super().__init__()
         self.model = model
         self.objective = objective
-        if hasattr(objective.weighting, "attach"):  # gradient-level weighting measures on the shared tower parameters
-            objective.weighting.attach(model.tower.shared_parameters())
+        # gradient-level weighting and diagnostics measure on the shared tower parameters
+        for part in (objective.weighting, objective.gradient_cosine):
+            if hasattr(part, "attach"):
+                part.attach(model.tower.shared_parameters())
 
     def forward(
         self, batch: MultiTaskBatch

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchrec_mtl.data.batch import MultiTaskBatch
+from torchrec_mtl.train.diagnostics import TaskGradientCosine
 from torchrec_mtl.weighting import make_weighting
 
 TASK_KINDS = ("binary", "regression")
@@ -160,6 +161,8 @@ class MultiTaskObjective(nn.Module):
         offsets: regression task -> value added to its output (its label's training mean), so it starts there.
         weighting: how the weighted terms add up (torchrec_mtl.weighting): ``static`` or ``uncertainty``.
         min_propensity: p(given) is clipped below at this in IPS weights.
+        gradient_cosine_every: every N training steps, record the pairwise cosines of the terms' gradients on the
+            shared tower parameters (0: never).
 
     ``forward`` returns ``(loss, (loss.detach(), predictions, labels))``: predictions and labels per evaluated name
     (tasks and products), labels NaN outside each one's sample space.
@@ -171,9 +174,12 @@ class MultiTaskObjective(nn.Module):
         offsets: Optional[Dict[str, float]] = None,
         weighting: str = "static",
         min_propensity: float = 0.01,
+        gradient_cosine_every: int = 0,
     ) -> None:
         super().__init__()
         self.task_set = task_set
+        # sampled every N training steps on the shared tower parameters (0: off); see train/diagnostics.py
+        self.gradient_cosine = TaskGradientCosine(gradient_cosine_every) if gradient_cosine_every > 0 else None
         self.offsets = dict(offsets or {})
         self.min_propensity = min_propensity
         self.weighting = make_weighting(weighting, task_set.weights)
@@ -232,6 +238,8 @@ class MultiTaskObjective(nn.Module):
                 gap = torch.relu(log_p[order.lower].exp() - log_p[order.upper].exp())
                 terms[order.name] = masked_mean(gap, real)
 
+        if self.gradient_cosine is not None and self.training:
+            self.gradient_cosine.observe(terms)
         loss = self.weighting(terms)
         return loss, (loss.detach(), predictions, eval_labels)
 

@@ -101,3 +101,61 @@ def leak_warnings(metrics: Dict[str, Dict[str, float]]) -> List[str]:
         for task, values in metrics.items()
         if values.get("auc", 0.0) > LEAK_AUC
     ]
+
+
+class TaskGradientCosine:
+    """Mean cosine similarity between loss terms' gradients on the shared tower parameters, sampled during training.
+
+    Every ``every`` training steps each term's gradient on the shared parameters is taken (one extra backward pass
+    per term through the tower; the embedding tables' gradients are fused away and not seen) and the pairwise
+    cosines are averaged. Near 1: the tasks pull the shared parameters the same way; below 0: they conflict.
+
+    Example::
+
+        >>> monitor = TaskGradientCosine(every=1)
+        >>> shared = nn.Parameter(torch.ones(3)); monitor.attach([shared])
+        >>> monitor.observe({"a": shared.sum(), "b": -shared.sum()})
+        >>> monitor.summary()
+        {'a|b': -1.0}
+    """
+
+    def __init__(self, every: int = 100) -> None:
+        self.every = every
+        self.shared: List[nn.Parameter] = []
+        self.calls = 0
+        self.samples = 0
+        self.sums: Dict[str, float] = {}
+
+    def attach(self, shared_parameters: List[nn.Parameter]) -> None:
+        self.shared = [p for p in shared_parameters if p.requires_grad]
+
+    def observe(self, terms: Dict[str, torch.Tensor]) -> None:
+        self.calls += 1
+        if not self.shared or len(terms) < 2 or (self.calls - 1) % self.every or not torch.is_grad_enabled():
+            return
+        flat = {}
+        for name, loss in terms.items():
+            if not loss.requires_grad:
+                continue
+            grads = torch.autograd.grad(loss, self.shared, retain_graph=True, allow_unused=True)
+            flat[name] = torch.cat(
+                [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.shared)]
+            ).detach()
+        names = list(flat)
+        for i, first in enumerate(names):
+            for second in names[i + 1 :]:
+                cosine = torch.nn.functional.cosine_similarity(flat[first], flat[second], dim=0, eps=1e-12)
+                key = f"{first}|{second}"
+                self.sums[key] = self.sums.get(key, 0.0) + float(cosine)
+        self.samples += 1
+
+    def summary(self) -> Dict[str, float]:
+        return {pair: round(total / max(self.samples, 1), 6) for pair, total in self.sums.items()}
+
+    def warnings(self, below: float = -0.1) -> List[str]:
+        return [
+            f"tasks {pair.replace('|', ' and ')} conflict on the shared tower parameters (mean gradient cosine "
+            f"{value:.3f})"
+            for pair, value in self.summary().items()
+            if value < below
+        ]
