@@ -30,7 +30,7 @@ def _train(small_log, out, *overrides):
 
 @pytest.fixture(scope="module")
 def trained(small_log, tmp_path_factory):
-    return _train(small_log, tmp_path_factory.mktemp("run"))
+    return _train(small_log, tmp_path_factory.mktemp("run"), "training.curve_every=25")
 
 
 def test_results_hold_each_task_metric_beside_its_ceiling(trained, small_log, capsys):
@@ -45,6 +45,10 @@ def test_results_hold_each_task_metric_beside_its_ceiling(trained, small_log, ca
     gates = trained["diagnostics"]["gates"]  # the MMoE's gates, watched during evaluation
     assert set(gates) == {"ctr", "cvr", "rating"} and abs(sum(gates["cvr"]["usage"]) - 1.0) < 1e-6
     assert 0.0 < gates["ctr"]["entropy"] <= 1.3863 + 1e-6  # log(4 experts)
+    curve = trained["training"]["curve"]  # every 25 steps: loss and each task's metrics over the last 100 batches
+    assert [point["step"] for point in curve] == list(range(25, trained["training"]["steps"] + 1, 25))
+    assert {"ctr", "cvr", "rating", "ctcvr", "loss"} <= set(curve[-1]) and "auc" in curve[-1]["ctcvr"]
+    assert curve[-1]["loss"] < curve[0]["loss"]
     cosines = trained["diagnostics"]["gradient_cosine"]  # sampled every 100 training steps
     assert set(cosines) == {"ctr|cvr", "ctr|rating", "ctr|ctcvr", "cvr|rating", "cvr|ctcvr", "rating|ctcvr"}
     assert all(-1.0 <= value <= 1.0 for value in cosines.values()) and cosines["ctr|ctcvr"] > 0

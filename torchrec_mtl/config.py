@@ -144,6 +144,8 @@ class TrainingConfig:
     sharding_types: Optional[List[str]] = None
     seed: int = 0
     shuffle_labels: bool = False  # a leak check: the model should then learn nothing (AUC near 0.5)
+    # every N steps, record the loss and each task's metrics over the last 100 batches (0: off)
+    curve_every: int = 200
     progress: bool = True
 
 
@@ -214,6 +216,8 @@ def _check(config: JobConfig) -> None:
             raise ConfigError(f"{path}: must be positive, got {value!r}")
 
     training, model = config.training, config.model
+    if training.curve_every < 0:
+        raise ConfigError(f"training.curve_every: {training.curve_every}; allowed: >= 0")
     for name in ("batch_size", "eval_batch_size", "epochs"):
         positive(f"training.{name}", getattr(training, name))
     positive("training.embedding_lr", training.embedding_lr)

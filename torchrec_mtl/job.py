@@ -201,7 +201,15 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
     train_loader = BatchLoader(
         train_shards, features, training.batch_size, env.rank, env.world_size, shuffle=True, seed=training.seed
     )
-    summary = train(sharded, pipeline, train_loader, training.epochs, show_progress=show)
+    summary = train(
+        sharded,
+        pipeline,
+        train_loader,
+        training.epochs,
+        show_progress=show,
+        task_kinds=tasks.names,
+        curve_every=training.curve_every,
+    )
     test_loader = BatchLoader(
         test_shards, features, training.eval_batch_size, env.rank, env.world_size, shuffle=False, pad_tail=True
     )
@@ -227,6 +235,7 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
             "samples_per_s": round(summary.samples_per_second, 1),
             "train_seconds": round(summary.seconds, 2),
             "epoch_losses": summary.losses,
+            "curve": summary.curve,
             "effective_weights": _effective_weights(sharded),
             "total_seconds": round(time.perf_counter() - started, 2),
         },

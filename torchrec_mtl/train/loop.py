@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -25,6 +25,8 @@ class TrainSummary:
     samples: int = 0
     seconds: float = 0.0
     losses: List[float] = field(default_factory=list)  # mean loss of each epoch, this rank
+    # every ``curve_every`` steps: the step, the mean loss since the last point, and each task's windowed metrics
+    curve: List[Dict] = field(default_factory=list)
 
     @property
     def samples_per_second(self) -> float:
@@ -55,19 +57,40 @@ def train(
     loader: BatchLoader,
     epochs: int,
     show_progress: bool = True,
+    task_kinds: Optional[Dict[str, str]] = None,
+    curve_every: int = 0,
+    window_batches: int = 100,
 ) -> TrainSummary:
     """Run ``epochs`` passes over ``loader`` with ``pipeline`` (built over ``model``); every rank's loader must
-    have the same length."""
+    have the same length. With ``task_kinds`` and ``curve_every`` > 0, each task's metrics over the last
+    ``window_batches`` batches (all ranks) are recorded every ``curve_every`` steps (every rank computes them at
+    the same steps, as the reduction needs)."""
     summary = TrainSummary()
+    window = None
+    if task_kinds and curve_every > 0:
+        window = TaskMetrics(
+            task_kinds, batch_size=loader.batch_size, window_size=window_batches * loader.batch_size * loader.world_size
+        )
     model.train()
     start = time.perf_counter()
     for epoch in range(epochs):
         loader.set_epoch(epoch)
         total, count = torch.zeros(()), 0
-        for loss, _, _ in _drain(pipeline, loader, f"train epoch {epoch + 1}/{epochs}", show_progress):
-            total += loss.detach().cpu()
+        since, since_count = torch.zeros(()), 0
+        for loss, predictions, labels in _drain(pipeline, loader, f"train epoch {epoch + 1}/{epochs}", show_progress):
+            loss = loss.detach().cpu()
+            total += loss
+            since += loss
             count += 1
-        summary.steps += count
+            since_count += 1
+            summary.steps += 1
+            # only the batches that the next point's window holds are fed to the metrics (they cost ~10% a step)
+            if window is not None and -summary.steps % curve_every < window_batches:
+                window.update(predictions, labels)
+                if summary.steps % curve_every == 0:
+                    point = {"step": summary.steps, "epoch": epoch + 1, "loss": float(since / since_count)}
+                    summary.curve.append({**point, **window.compute()})
+                    since, since_count = torch.zeros(()), 0
         summary.samples += count * loader.batch_size * loader.world_size
         summary.losses.append(float(total / max(count, 1)))
     summary.seconds = time.perf_counter() - start
