@@ -38,6 +38,16 @@ from torch import nn
 WEIGHTINGS = ("static", "uncertainty", "gradnorm")
 
 
+def flat_gradient(loss: torch.Tensor, parameters: List[nn.Parameter]) -> torch.Tensor:
+    """d loss / d parameters as one detached vector (zeros for parameters the loss does not reach); the graph is
+    kept, so the pipeline's backward of the total loss still runs afterwards."""
+    with torch.enable_grad():
+        grads = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, parameters, strict=True)]
+    ).detach()
+
+
 class StaticWeighting(nn.Module):
     """``sum_i w_i * L_i``; a term whose weight is 0 is skipped (its loss need not even be finite)."""
 
@@ -101,20 +111,18 @@ class GradNormWeighting(nn.Module):
     def forward(self, losses: Dict[str, torch.Tensor]) -> torch.Tensor:
         names = list(self.weights)
         static = torch.tensor([self.weights[n] for n in names], device=self.multipliers.device)
-        stacked = torch.stack([losses[n] for n in names])
+        terms = [losses[n] for n in names]
+        stacked = torch.stack(terms)
         if self.training and torch.is_grad_enabled() and self.shared:
-            self._update(names, stacked, static)
+            self._update(terms, static)
         return (static * self.multipliers.detach() * stacked).sum()
 
     @torch.no_grad()
-    def _update(self, names: List[str], losses: torch.Tensor, static: torch.Tensor) -> None:
-        norms = []
-        for i in range(len(names)):
-            with torch.enable_grad():
-                grads = torch.autograd.grad(losses[i], self.shared, retain_graph=True, allow_unused=True)
-            norms.append(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None) + 0.0).float())
+    def _update(self, terms: List[torch.Tensor], static: torch.Tensor) -> None:
+        # each term as forward built it: under no_grad an index into a stacked tensor would have no graph
+        norms = [flat_gradient(term, self.shared).double().pow(2).sum().sqrt().float() for term in terms]
         raw = torch.stack(norms)  # ||grad_W L_i||
-        observed = losses.detach().clone()
+        observed = torch.stack(terms).detach()
         if dist.is_initialized() and dist.get_world_size() > 1:
             for tensor in (raw, observed):
                 dist.all_reduce(tensor)
@@ -129,7 +137,7 @@ class GradNormWeighting(nn.Module):
         # step size whatever the scale of the gradients
         gradient = torch.sign(norms_now - target) * static * raw / (static * raw).mean().clamp(min=1e-12)
         self.multipliers.sub_(self.lr * gradient).clamp_(min=1e-3)
-        self.multipliers.mul_(len(names) / self.multipliers.sum())
+        self.multipliers.mul_(len(terms) / self.multipliers.sum())
         self.steps += 1
 
     def effective_weights(self) -> Dict[str, float]:

@@ -23,6 +23,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from torchrec_mtl.weighting import flat_gradient
+
 # A task whose AUC is this close to 1 is more likely fed its own label than learned.
 LEAK_AUC = 0.999
 
@@ -133,14 +135,7 @@ class TaskGradientCosine:
         self.calls += 1
         if not self.shared or len(terms) < 2 or (self.calls - 1) % self.every or not torch.is_grad_enabled():
             return
-        flat = {}
-        for name, loss in terms.items():
-            if not loss.requires_grad:
-                continue
-            grads = torch.autograd.grad(loss, self.shared, retain_graph=True, allow_unused=True)
-            flat[name] = torch.cat(
-                [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.shared)]
-            ).detach()
+        flat = {name: flat_gradient(loss, self.shared) for name, loss in terms.items() if loss.requires_grad}
         names = list(flat)
         for i, first in enumerate(names):
             for second in names[i + 1 :]:
