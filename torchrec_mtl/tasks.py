@@ -35,7 +35,7 @@ ctcvr       pCTR x pCVR   click and conversion        all                 1
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -84,7 +84,6 @@ class TaskSet:
     tasks: Tuple[TaskSpec, ...]
     products: Tuple[ProductSpec, ...] = ()
     orders: Tuple[OrderSpec, ...] = ()
-    names: Dict[str, str] = field(init=False, default_factory=dict)  # evaluated name -> kind
 
     def __post_init__(self) -> None:
         kinds: Dict[str, str] = {}
@@ -108,7 +107,11 @@ class TaskSet:
             for side in ("lower", "upper"):
                 if kinds.get(getattr(order, side)) != "binary":
                     raise ValueError(f"orders[{i}].{side}: {getattr(order, side)!r} is not a binary task or product")
-        self.names.update(kinds)
+
+    @property
+    def names(self) -> Dict[str, str]:
+        """Every evaluated name (tasks, then products) -> its kind."""
+        return {**{t.name: t.kind for t in self.tasks}, **{p.name: "binary" for p in self.products}}
 
     @property
     def tower_tasks(self) -> List[str]:
