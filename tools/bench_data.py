@@ -251,8 +251,7 @@ def bench_loader(shards_dir: Path, min_batches: int) -> dict:
 
 
 def _training_batches(shards_dir: Path, count: int, table_cap: int) -> list:
-    """``count`` batches in memory, ready for the model: ids folded into the capped tables, the absent labels NaN."""
-    import torch
+    """``count`` batches in memory, ready for the model: ids folded into the capped tables."""
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     from torchrec_mtl.data.batch import MultiTaskBatch
@@ -270,11 +269,7 @@ def _training_batches(shards_dir: Path, count: int, table_cap: int) -> list:
         sparse = KeyedJaggedTensor.from_lengths_sync(
             keys=kjt.keys(), values=kjt.values() % table_cap, lengths=kjt.lengths()
         )
-        # A Criteo log has only the click label; EsmmObjective reads conversion and rating too, so they are NaN:
-        # outside every row's sample space, they add nothing to the loss (their weights are 0 as well).
-        nan = torch.full_like(batch.row_weight, float("nan"))
-        labels = {**batch.labels, "conversion": nan, "rating": nan.clone()}
-        batches.append(MultiTaskBatch(batch.dense_features, sparse, labels, batch.row_weight))
+        batches.append(MultiTaskBatch(batch.dense_features, sparse, batch.labels, batch.row_weight))
     return batches
 
 
@@ -287,7 +282,7 @@ def bench_train(shards_dir: Path, table_cap: int, warmup: int, steps: int) -> di
     from torchrec_mtl.data.shards import ShardedLog
     from torchrec_mtl.job import build_model, seed_everything
     from torchrec_mtl.model import MultiTaskTrain
-    from torchrec_mtl.tasks import EsmmObjective
+    from torchrec_mtl.tasks import MultiTaskObjective, TaskSet, TaskSpec
     from torchrec_mtl.train.distributed import init_distributed, shard_model
     from torchrec_mtl.train.loop import make_pipeline
 
@@ -297,8 +292,8 @@ def bench_train(shards_dir: Path, table_cap: int, warmup: int, steps: int) -> di
     env = init_distributed()
     table_sizes = {feature: min(rows, table_cap) for feature, rows in log.table_sizes.items()}
     model = build_model(ModelConfig(), len(log.dense_features), table_sizes)
-    # click-only: the CTR term alone (the other terms would see only NaN labels and add 0 anyway)
-    objective = EsmmObjective(weights={"ctr": 1.0, "ctcvr": 0.0, "cvr_ips": 0.0, "rating": 0.0})
+    # A Criteo log has only the click label: one declared task on the default tower (its other heads go unused).
+    objective = MultiTaskObjective(TaskSet(tasks=(TaskSpec("ctr", "binary", "click"),)))
     sharded, optimizer = shard_model(
         MultiTaskTrain(model, objective),
         env,
