@@ -73,6 +73,34 @@ def test_every_tower_gives_one_logit_per_task(kind, in_features):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_a_keyed_tensor_regrouped_by_torchrec_feeds_every_tower(kind):
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.modules.regroup import KTRegroupAsDict
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    torch.manual_seed(0)
+    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=4, num_embeddings=10, feature_names=[f]) for f in "uvw"]
+    ebc = EmbeddingBagCollection(tables=tables)
+    kjt = KeyedJaggedTensor.from_lengths_sync(list("uvw"), torch.arange(12) % 10, torch.ones(12, dtype=torch.int32))
+    embedded = ebc(kjt)  # a KeyedTensor of 3 features x 4 dims, 4 rows
+    tower = _build(kind, 12)
+    direct = tower(embedded)
+    assert torch.equal(torch.stack(list(direct.values())), torch.stack(list(tower(embedded.values()).values())))
+    # torchrec's KTRegroupAsDict picks and orders the features of the tower's input group
+    group = KTRegroupAsDict(groups=[["w", "u", "v"]], keys=["tower_input"])([embedded])["tower_input"]
+    regrouped = tower(group)
+    assert list(regrouped) == TASKS and regrouped["ctr"].shape == (4,)
+    reordered = torch.cat([embedded["w"], embedded["u"], embedded["v"]], dim=1)
+    assert torch.equal(regrouped["ctr"], tower(reordered)["ctr"])
+    if hasattr(tower, "gate_weights"):
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(tower.gate_weights(embedded).values(), tower.gate_weights(embedded.values()).values())
+        )
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_seed_fixes_the_build(kind):
     x = torch.randn(4, 5)
     builds = []

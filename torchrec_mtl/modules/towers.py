@@ -19,11 +19,16 @@ Example::
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Type
+from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
 from torchrec.modules.mlp import MLP
+from torchrec.sparse.jagged_tensor import KeyedTensor
+
+# A tower's input: a dense [B, in_features] tensor, or a KeyedTensor (e.g. an EmbeddingBagCollection's output) whose
+# values() are that tensor.
+TowerInput = Union[torch.Tensor, KeyedTensor]
 
 
 def _task_list(task_names: Sequence[str]) -> List[str]:
@@ -55,6 +60,10 @@ def _layer_sizes(argument: str, sizes: Sequence[int], allow_empty: bool = False)
 def _experts(count: int, in_features: int, layer_sizes: Sequence[int]) -> nn.ModuleList:
     """``count`` separate MLPs, each with its own random initialisation, so they start different."""
     return nn.ModuleList([MLP(in_features, list(layer_sizes)) for _ in range(count)])
+
+
+def _as_tensor(features: TowerInput) -> torch.Tensor:
+    return features.values() if isinstance(features, KeyedTensor) else features
 
 
 def _mix(weights: torch.Tensor, expert_outputs: torch.Tensor) -> torch.Tensor:
@@ -110,7 +119,8 @@ class SingleTask(nn.Module):
         self.bottoms = nn.ModuleDict({name: MLP(in_features, expert_layer_sizes) for name in self.task_names})
         self.heads = TaskHeads(expert_layer_sizes[-1], self.task_names, tower_layer_sizes)
 
-    def forward(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, features: TowerInput) -> Dict[str, torch.Tensor]:
+        features = _as_tensor(features)
         return self.heads({name: bottom(features) for name, bottom in self.bottoms.items()})
 
     def shared_parameters(self) -> List[nn.Parameter]:
@@ -153,11 +163,13 @@ class MMoE(nn.Module):
         """Parameters every task's output depends on: the experts."""
         return list(self.experts.parameters())
 
-    def gate_weights(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def gate_weights(self, features: TowerInput) -> Dict[str, torch.Tensor]:
         """Per-task softmax weights over the experts, [B, num_experts] each; every row sums to 1."""
+        features = _as_tensor(features)
         return {name: torch.softmax(gate(features), dim=-1) for name, gate in self.gates.items()}
 
-    def forward(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, features: TowerInput) -> Dict[str, torch.Tensor]:
+        features = _as_tensor(features)
         expert_outputs = torch.stack([expert(features) for expert in self.experts], dim=1)  # [B, E, D]
         mixed = {name: _mix(weights, expert_outputs) for name, weights in self.gate_weights(features).items()}
         return self.heads(mixed)
@@ -185,7 +197,8 @@ class SharedBottom(nn.Module):
         """Parameters every task's output depends on: the bottom."""
         return list(self.bottom.parameters())
 
-    def forward(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, features: TowerInput) -> Dict[str, torch.Tensor]:
+        features = _as_tensor(features)
         shared = self.bottom(features)
         return self.heads({name: shared for name in self.task_names})
 
@@ -314,15 +327,17 @@ class PLE(nn.Module):
             task_inputs, shared_input = level(task_inputs, shared_input)
         return task_inputs, shared_input
 
-    def gate_weights(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def gate_weights(self, features: TowerInput) -> Dict[str, torch.Tensor]:
         """The last level's per-task softmax weights over [own experts, shared experts]; every row sums to 1.
 
         ``[B, num_task_experts + num_shared_experts]`` each, the task's own experts first, as in ``MMoE.gate_weights``.
         """
+        features = _as_tensor(features)
         task_inputs, _ = self._last_level_inputs(features)
         return self.levels[-1].gate_weights(task_inputs)
 
-    def forward(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, features: TowerInput) -> Dict[str, torch.Tensor]:
+        features = _as_tensor(features)
         task_inputs, shared_input = self._last_level_inputs(features)
         task_outputs, _ = self.levels[-1](task_inputs, shared_input)
         return self.heads(task_outputs)
