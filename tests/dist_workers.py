@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 
+import numpy as np
 import torch
 from torchmetrics.functional.classification import binary_auroc
 from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -60,7 +61,8 @@ def sharded_matches_unsharded(rank: int, world_size: int, port: int, log_dir: st
     # in one place from the unsharded model.
     pipeline = make_pipeline(sharded, optimizer, env.device)
     test_loader = BatchLoader(test_log, features, 512, rank, world_size, shuffle=False, pad_tail=True)
-    distributed_metrics = evaluate(sharded, pipeline, test_loader, EVALUATED_TASKS, show_progress=False)
+    users = np.concatenate([shard.keys[log.metadata["user_id"]] for shard in test_log])
+    distributed_metrics = evaluate(sharded, pipeline, test_loader, EVALUATED_TASKS, show_progress=False, groups=users)
     everything = BatchLoader(test_log, features, log.rows("test"), shuffle=False)
     with torch.no_grad():
         _, (_, predictions, labels) = unsharded(next(iter(everything)))
@@ -71,6 +73,14 @@ def sharded_matches_unsharded(rank: int, world_size: int, port: int, log_dir: st
             expected = float(binary_auroc(p, y.long()))
             # torchrec's AUC is computed in float32, torchmetrics' here in float64
             assert abs(distributed_metrics[task]["auc"] - expected) < 1e-4, (task, distributed_metrics[task], expected)
+            # GAUC over rows spread across both ranks: each user's AUC, averaged, as computed in one place
+            per_user = []
+            for user in np.unique(users[present.numpy()]):
+                mine = torch.from_numpy(users[present.numpy()] == user)
+                if 0 < y[mine].mean() < 1 and p[mine].unique().numel() > 1:
+                    per_user.append(float(binary_auroc(p[mine], y[mine].long())))
+            gauc = distributed_metrics[task]["gauc"]
+            assert abs(gauc - np.mean(per_user)) < 1e-4, (task, gauc, np.mean(per_user), len(per_user))
         else:
             expected = float(((p - y) ** 2).mean().sqrt())
             assert abs(distributed_metrics[task]["rmse"] - expected) < 1e-5, (task, distributed_metrics[task], expected)

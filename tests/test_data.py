@@ -181,3 +181,29 @@ def test_real_ali_ccp_and_aliexpress_samples_load_through_their_schemas(
     batch_labels = batch.labels
     conversion = batch_labels[labels[1]]
     assert bool((conversion <= batch_labels["click"]).all()), "conversion only on clicked rows"
+
+
+def test_item_id_dropout_zeroes_a_seeded_share_of_training_ids_whatever_the_world_size():
+    log = _log(8192)
+    log.sparse[:] += 1  # no row 0 before dropout
+
+    def item_ids(rank, world_size, batch_size, seed=3):
+        loader = BatchLoader(
+            log, SCHEMA.categorical, batch_size, rank, world_size, shuffle=True, seed=seed, id_dropout={"C2": 0.25}
+        )
+        return [
+            (b.dense_features[:, 0], b.sparse_features["C2"].values(), b.sparse_features["C1"].values()) for b in loader
+        ]
+
+    alone = item_ids(0, 1, 256)
+    dropped = torch.cat([c2 for _, c2, _ in alone]) == 0
+    assert 0.22 < dropped.float().mean() < 0.28, "about p of the item IDs become row 0"
+    assert all((c1 > 0).all() for _, _, c1 in alone), "other features keep their IDs"
+    # two ranks of half the batch see the same rows with the same IDs dropped
+    ranks = [item_ids(r, 2, 128) for r in (0, 1)]
+    for whole, first, second in zip(alone, *ranks):
+        assert torch.equal(whole[0], torch.cat([first[0], second[0]]))
+        assert torch.equal(whole[1], torch.cat([first[1], second[1]]))
+    assert not torch.equal(dropped, torch.cat([c2 for _, c2, _ in item_ids(0, 1, 256, seed=4)]) == 0)
+    evaluation = BatchLoader(log, SCHEMA.categorical, 256, shuffle=False, pad_tail=True, id_dropout={"C2": 0.25})
+    assert all((b.sparse_features["C2"].values() > 0).all() for b in evaluation), "unshuffled batches keep every ID"

@@ -172,3 +172,26 @@ def test_declared_tasks_refuse_broken_references():
         )
     with pytest.raises(ValueError, match=r"tasks.a.ips: needs a given task"):
         TaskSet(tasks=(TaskSpec("a", "binary", "click", ips=True),))
+
+
+def test_grouped_auc_is_the_mean_of_per_user_aucs_over_users_with_both_labels():
+    from sklearn.metrics import roc_auc_score
+
+    from torchrec_mtl.train.metrics import grouped_auc
+
+    generator = torch.Generator().manual_seed(0)
+    n = 3000
+    users = torch.randint(0, 60, (n,), generator=generator)
+    p = torch.rand(n, generator=generator)
+    y = (torch.rand(n, generator=generator) < p).float()
+    y[users == 5] = 1.0  # one label only: left out
+    y[torch.arange(n) % 7 == 0] = float("nan")  # outside the task: left out
+    users[users == 9] = -1  # unknown user: left out
+    expected = []
+    for user in users.unique().tolist():
+        rows = (users == user) & ~torch.isnan(y)
+        if user >= 0 and 0 < y[rows].mean() < 1:
+            expected.append(roc_auc_score(y[rows].numpy(), p[rows].numpy()))
+    result = grouped_auc({"ctr": p, "cvr": 1 - p}, {"ctr": y, "cvr": y}, users)
+    assert abs(result["ctr"] - sum(expected) / len(expected)) < 1e-6
+    assert abs(result["cvr"] - (1 - result["ctr"])) < 1e-6, "reversed scores give the complementary AUC per user"

@@ -115,6 +115,9 @@ def test_encoding_rules(tmp_path):
     assert np.isnan(labels["rating"][1]) and labels["rating"][0] == 4.5
     assert log.table_sizes["C1"] == 2 and log.label_mean("train", "rating") == 4.5
     assert np.load(tmp_path / "out" / "vocab" / "C1.npy").tolist() == [0xAA]
+    # the identity columns keep their raw tokens although C2's rare tokens share row 0
+    keys = log.split("train")[0].keys
+    assert log.key_columns == ["C1", "C2"] and keys["C2"].tolist() == [0xBB, 0xAA] and keys["C1"].tolist() == [0xAA] * 2
 
 
 def test_hashed_tables_follow_the_torchrec_rule(tmp_path):

@@ -9,61 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import save_tiny_bert
 from torchrec_mtl.text.cache import ItemTextCache, TextCacheError
 from torchrec_mtl.text.encoder import TextEncoder, mean_pool
-
-WORDS = [
-    "a",
-    "the",
-    "man",
-    "woman",
-    "is",
-    "eating",
-    "food",
-    "meal",
-    "stock",
-    "market",
-    "fell",
-    "rose",
-    "red",
-    "blue",
-    "shoes",
-    "book",
-    "cook",
-    "run",
-    "fast",
-    "slow",
-]
-
-
-def _save_tiny_bert(folder: Path, seed: int = 0) -> Path:
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    vocab_file = folder / "vocab.txt"
-    vocab_file.write_text("\n".join(vocab) + "\n")
-    # from_pretrained on the folder reads vocab.txt in both transformers 4 and 5 (in 5 the constructor
-    # silently ignores vocab_file=, leaving only the special tokens).
-    tok = BertTokenizerFast.from_pretrained(str(folder), do_lower_case=True)
-    assert len(tok) == len(vocab), "tiny tokenizer did not pick up its vocab"
-    tok.save_pretrained(str(folder))
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=64,
-    )
-    BertModel(cfg).eval().save_pretrained(str(folder))
-    return folder
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    return _save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +115,7 @@ def test_cache_reuse_change_remove(tmp_path, tiny):
 def test_cache_refuses_other_identity(tmp_path, tiny):
     path = tmp_path / "items.npz"
     ItemTextCache(path).update(ITEMS, tiny, progress=False)
-    other = _save_tiny_bert(tmp_path / "other_bert", seed=1)
+    other = save_tiny_bert(tmp_path / "other_bert", seed=1)
     enc2 = TextEncoder(other, max_length=32)
     assert enc2.identity != tiny.identity
     with pytest.raises(TextCacheError, match="items.npz"):

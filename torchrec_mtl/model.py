@@ -13,7 +13,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_mtl.data.batch import MultiTaskBatch
+from torchrec_mtl.modules.item_text import ItemTextArch
 from torchrec_mtl.tasks import MultiTaskObjective
 
 
@@ -33,6 +34,8 @@ class MultiTaskModel(nn.Module):
         dense_in_features: number of dense (integer) features.
         dense_arch_layer_sizes: MLP sizes for the dense features; the last must equal the embedding dim.
         tower: module mapping [B, tower_in_features(...)] to a dict of per-task logits.
+        item_text: optional projected item-text vector (torchrec_mtl.modules.item_text), one more embedding of the
+            embedding dim beside the categorical ones (count it in ``tower_in_features``).
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class MultiTaskModel(nn.Module):
         dense_in_features: int,
         dense_arch_layer_sizes: List[int],
         tower: nn.Module,
+        item_text: Optional[ItemTextArch] = None,
     ) -> None:
         super().__init__()
         dims = {table.embedding_dim for table in embedding_bag_collection.embedding_bag_configs()}
@@ -51,7 +55,8 @@ class MultiTaskModel(nn.Module):
             )
         self.sparse_arch = SparseArch(embedding_bag_collection)
         self.dense_arch = DenseArch(dense_in_features, dense_arch_layer_sizes)
-        self.interaction = InteractionArch(len(self.sparse_arch.sparse_feature_names))
+        self.item_text = item_text
+        self.interaction = InteractionArch(len(self.sparse_arch.sparse_feature_names) + (item_text is not None))
         self.tower = tower
 
     @staticmethod
@@ -62,6 +67,8 @@ class MultiTaskModel(nn.Module):
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> Dict[str, torch.Tensor]:
         embedded_dense = self.dense_arch(dense_features)
         embedded_sparse = self.sparse_arch(sparse_features)  # [B, F, D]
+        if self.item_text is not None:
+            embedded_sparse = torch.cat([embedded_sparse, self.item_text(sparse_features).unsqueeze(1)], dim=1)
         # InteractionArch returns [dense, pairwise dots]; the raw embeddings are added so the tower sees both.
         interactions = self.interaction(embedded_dense, embedded_sparse)
         return self.tower(torch.cat([interactions, embedded_sparse.flatten(1)], dim=1))

@@ -81,6 +81,12 @@ class DatasetSchema:
     item_text_key: Optional[str] = None
     source: str = field(default="<in memory>", compare=False)
 
+    @property
+    def key_columns(self) -> List[str]:
+        """The identity columns (user ID, item ID, item-text key) whose raw tokens preprocessing keeps beside the
+        embedding rows: for per-user metrics, cold-item segments and text lookups."""
+        return list(dict.fromkeys(c for c in (self.user_id, self.item_id, self.item_text_key) if c is not None))
+
     def __post_init__(self) -> None:
         where = self.source
         for label, spec in self.labels.items():

@@ -8,6 +8,11 @@ batch size B and world size W, a global batch is W * B rows and rank r takes the
 - evaluation (``pad_tail=True``): ``ceil(N / (W * B))`` batches per rank; every row is used once and the last global
   batch is padded with copies of a real row whose ``row_weight`` is 0, so they count in no loss and no metric.
 
+``id_dropout`` (feature -> p) replaces a training row's ID in that feature with row 0, the row that unseen and
+rare IDs share, with probability p: the model then learns what to predict for an item it has never seen (from its
+other features and its text) instead of meeting an untrained row 0 on cold items (DropoutNet, Volkovs et al.,
+NeurIPS 2017). Only shuffled (training) batches are touched, with draws from the same seeded stream.
+
 Shuffling is deterministic per (seed, epoch) and bounded in memory: the shard order is permuted, then shards are read
 into windows of about ``window_rows`` rows whose rows are permuted; rows left over from a window's last global batch
 move on to the next window. Every rank walks the same order and builds only its own batches.
@@ -22,7 +27,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Iterator, List, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -44,12 +49,17 @@ class BatchLoader:
         pad_tail: bool = False,
         seed: int = 0,
         window_rows: int = 1 << 20,
+        id_dropout: Optional[Dict[str, float]] = None,
     ) -> None:
         self.shards = [shards] if isinstance(shards, EncodedLog) else list(shards)
         for shard in self.shards:
             if len(feature_names) != shard.sparse.shape[1]:
                 raise ValueError(f"{len(feature_names)} feature names for {shard.sparse.shape[1]} sparse columns")
         self.feature_names = feature_names
+        self.id_dropout = {feature_names.index(f): p for f, p in (id_dropout or {}).items() if p > 0}
+        for feature, p in (id_dropout or {}).items():
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"id_dropout[{feature!r}]: {p}; allowed: 0 <= p < 1")
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.shuffle, self.pad_tail, self.seed, self.window_rows = shuffle, pad_tail, seed, window_rows
         self.num_rows = sum(len(shard) for shard in self.shards)
@@ -63,6 +73,16 @@ class BatchLoader:
         """Batches this rank yields: the same on every rank."""
         global_batches = self.num_rows / (self.batch_size * self.world_size)
         return math.ceil(global_batches) if self.pad_tail else math.floor(global_batches)
+
+    def row_order(self) -> np.ndarray:
+        """For an unshuffled loader: the index (in the shards' concatenated order) of each row this rank yields, batch
+        after batch; -1 marks a padding row."""
+        if self.shuffle:
+            raise ValueError("row_order: only an unshuffled loader yields rows in a fixed order")
+        global_batch = self.batch_size * self.world_size
+        starts = np.arange(len(self))[:, None] * global_batch + self.rank * self.batch_size
+        rows = (starts + np.arange(self.batch_size)).reshape(-1)
+        return np.where(rows < self.num_rows, rows, -1)
 
     def __iter__(self) -> Iterator[MultiTaskBatch]:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -82,7 +102,7 @@ class BatchLoader:
             full = min(len(window) // global_batch, remaining)
             for batch in range(full):
                 start = batch * global_batch + self.rank * self.batch_size
-                yield self._batch(window, order[start : start + self.batch_size])
+                yield self._batch(window, order[start : start + self.batch_size], rng=rng if self.shuffle else None)
             remaining -= full
             leftover = order[full * global_batch :]
             carried, carried_rows = ([window.take(leftover)], len(leftover)) if len(leftover) else ([], 0)
@@ -95,8 +115,20 @@ class BatchLoader:
             mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
             yield self._batch(tail, rows[mine], weight[mine])
 
-    def _batch(self, window: EncodedLog, rows: np.ndarray, weight: np.ndarray | None = None) -> MultiTaskBatch:
-        ids = torch.from_numpy(np.ascontiguousarray(window.sparse[rows].T).reshape(-1)).long()
+    def _batch(
+        self,
+        window: EncodedLog,
+        rows: np.ndarray,
+        weight: np.ndarray | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> MultiTaskBatch:
+        columns = np.ascontiguousarray(window.sparse[rows].T)  # [features, B]
+        if self.id_dropout and rng is not None:
+            # every rank draws the whole global batch's masks, so the stream does not depend on the world size
+            for column, p in self.id_dropout.items():
+                dropped = rng.random(self.batch_size * self.world_size) < p
+                columns[column, dropped[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]] = 0
+        ids = torch.from_numpy(columns.reshape(-1)).long()
         sparse = KeyedJaggedTensor.from_lengths_sync(
             keys=self.feature_names,
             values=ids,

@@ -32,6 +32,9 @@ Output (``out_dir``), written into ``out_dir.partial`` and renamed at the end so
 
 - ``<split>/part-NNNNN.{dense,sparse,labels}.npy``: float32 [n, dense], int32 [n, categorical] embedding rows,
   float32 [n, labels] with NaN for a missing optional label; ``np.load(..., mmap_mode="r")`` maps them.
+- ``<split>/part-NNNNN.keys.npy``: int64 [n, key columns] raw tokens of the schema's user ID, item ID and item-text
+  key columns (-1 when empty), when it declares any: embedding rows lose identity (rare and unseen tokens share row
+  0), these keep it.
 - ``vocab/<feature>.npy``: the sorted tokens of each ``min_count`` feature (token at position i -> row i + 1).
 - ``rejects.tsv`` and ``metadata.json`` (schema, table sizes, splits with their shards, counts by reason, label means).
 
@@ -65,7 +68,7 @@ from tqdm import tqdm
 
 from torchrec_mtl.schema import DatasetSchema
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MISSING_TOKEN = -1
 _PARSE_THREADS = 2
 
@@ -266,6 +269,7 @@ class ParsedChunk:
     dense: np.ndarray
     sparse: np.ndarray  # int32 rows for hash features, 0 in columns still to be mapped through a vocabulary
     tokens: np.ndarray  # int64 [n, len(frequency features)] raw tokens, MISSING_TOKEN for empty
+    keys: np.ndarray  # int64 [n, len(key columns)] raw tokens, MISSING_TOKEN for empty
     labels: np.ndarray
     rejections: List[Tuple[int, str, str, str, str]]  # (line, reason, column, value, raw line)
     padded: int
@@ -318,6 +322,7 @@ class ChunkParser:
         self.token_exprs = [
             value(f).fill_null(MISSING_TOKEN).alias(f"t{i}") for i, f in enumerate(self.frequency_features)
         ]
+        self.key_exprs = [value(f).fill_null(MISSING_TOKEN).alias(f"k{i}") for i, f in enumerate(schema.key_columns)]
         # An empty optional label parses to null: NaN marks it missing.
         self.label_exprs = [
             value(c).fill_null(float("nan")).cast(pl.Float32).alias(f"l{i}") for i, c in enumerate(schema.labels)
@@ -358,6 +363,7 @@ class ChunkParser:
             dense=_matrix(kept, self.dense_exprs, np.float32, rows),
             sparse=self._sparse(kept),
             tokens=_matrix(kept, self.token_exprs, np.int64, rows),
+            keys=_matrix(kept, self.key_exprs, np.int64, rows),
             labels=_matrix(kept, self.label_exprs, np.float32, rows),
             rejections=rejections,
             padded=int(kept.select(self.padded.sum()).item()) if self.schema.pad_short_rows else 0,
@@ -471,6 +477,7 @@ class _ShardWriter:
     def __init__(self, work: Path, splits: List[str], schema: DatasetSchema, shard_rows: int) -> None:
         self.work, self.shard_rows = work, shard_rows
         self.frequency_features = [f for f in schema.categorical if not schema.vocabulary_rule(f).is_hash]
+        self.key_columns = schema.key_columns
         self.counter = _TokenCounter(self.frequency_features)
         self.pending: Dict[str, List[Tuple[np.ndarray, ...]]] = {split: [] for split in splits}
         self.shards: Dict[str, List[Dict]] = {split: [] for split in splits}
@@ -481,7 +488,7 @@ class _ShardWriter:
             (work / split).mkdir()
 
     def add(self, split: str, parsed: ParsedChunk, rows: np.ndarray) -> None:
-        arrays = (parsed.dense, parsed.sparse, parsed.labels, parsed.tokens)
+        arrays = (parsed.dense, parsed.sparse, parsed.labels, parsed.tokens, parsed.keys)
         self.pending[split].append(tuple(array[rows] for array in arrays))
         if sum(len(part[0]) for part in self.pending[split]) >= self.shard_rows:
             self.flush(split)
@@ -489,13 +496,15 @@ class _ShardWriter:
     def flush(self, split: str) -> None:
         if not self.pending[split]:
             return
-        dense, sparse, labels, tokens = (np.concatenate(arrays) for arrays in zip(*self.pending[split]))
+        dense, sparse, labels, tokens, keys = (np.concatenate(arrays) for arrays in zip(*self.pending[split]))
         self.pending[split] = []
         name = f"part-{len(self.shards[split]):05d}"
         for part, array in (("dense", dense), ("sparse", sparse), ("labels", labels)):
             _save_npy(self.work / split / f"{name}.{part}.npy", array)
         if self.frequency_features:
             _save_npy(self.work / split / f"{name}.tokens.npy", tokens)
+        if self.key_columns:
+            _save_npy(self.work / split / f"{name}.keys.npy", keys)
         self.shards[split].append({"name": name, "rows": len(dense)})
         self.rows[split] += len(dense)
         present = ~np.isnan(labels)
@@ -675,6 +684,7 @@ def preprocess(
         "user_id": schema.user_id,
         "item_id": schema.item_id,
         "item_text_key": schema.item_text_key,
+        "key_columns": schema.key_columns,
         "table_sizes": {f: table_sizes[f] for f in schema.categorical},
         "vocabulary_rules": {
             f: {k: v for k, v in vars(schema.vocabulary_rule(f)).items() if v is not None} for f in schema.categorical

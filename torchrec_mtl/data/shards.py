@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -27,27 +27,42 @@ class ShardError(ValueError):
 @dataclass
 class EncodedLog:
     """Rows as arrays: ``dense`` [N, D] float32, ``sparse`` [N, C] integer rows, ``labels`` name -> [N] float32
-    (NaN = missing). In memory or memory-mapped."""
+    (NaN = missing), ``keys`` column -> [N] int64 raw identity tokens (-1 = empty; user/item IDs, when the schema
+    declares them). In memory or memory-mapped."""
 
     dense: np.ndarray
     sparse: np.ndarray
     labels: Dict[str, np.ndarray]
+    keys: Dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.dense.shape[0]
 
     def take(self, rows: np.ndarray) -> "EncodedLog":
-        return EncodedLog(self.dense[rows], self.sparse[rows], {k: v[rows] for k, v in self.labels.items()})
+        return EncodedLog(
+            self.dense[rows],
+            self.sparse[rows],
+            {k: v[rows] for k, v in self.labels.items()},
+            {k: v[rows] for k, v in self.keys.items()},
+        )
+
+    def with_sparse(self, sparse: np.ndarray) -> "EncodedLog":
+        """The same rows with other sparse columns (e.g. an extra lookup feature appended)."""
+        if sparse.shape[0] != len(self):
+            raise ValueError(f"sparse has {sparse.shape[0]} rows, the log {len(self)}")
+        return EncodedLog(self.dense, sparse, self.labels, self.keys)
 
     @staticmethod
     def concat(parts: Sequence["EncodedLog"]) -> "EncodedLog":
         if len(parts) == 1:
             part = parts[0]
-            return EncodedLog(np.asarray(part.dense), np.asarray(part.sparse), dict(part.labels))
+            keys = {k: np.asarray(v) for k, v in part.keys.items()}
+            return EncodedLog(np.asarray(part.dense), np.asarray(part.sparse), dict(part.labels), keys)
         return EncodedLog(
             np.concatenate([p.dense for p in parts]),
             np.concatenate([p.sparse for p in parts]),
             {k: np.concatenate([p.labels[k] for p in parts]) for k in parts[0].labels},
+            {k: np.concatenate([p.keys[k] for p in parts]) for k in parts[0].keys},
         )
 
 
@@ -89,6 +104,10 @@ class ShardedLog:
         return self.metadata["labels"]
 
     @property
+    def key_columns(self) -> List[str]:
+        return self.metadata["key_columns"]
+
+    @property
     def table_sizes(self) -> Dict[str, int]:
         return self.metadata["table_sizes"]
 
@@ -113,11 +132,14 @@ class ShardedLog:
         shards = []
         for shard in self._split_meta(split)["shards"]:
             arrays = {}
-            for part, width in (
+            parts = [
                 ("dense", len(self.dense_features)),
                 ("sparse", len(self.categorical_features)),
                 ("labels", len(labels)),
-            ):
+            ]
+            if self.key_columns:
+                parts.append(("keys", len(self.key_columns)))
+            for part, width in parts:
                 path = self.root / split / f"{shard['name']}.{part}.npy"
                 try:
                     array = np.load(path, mmap_mode="r")
@@ -129,6 +151,11 @@ class ShardedLog:
                     )
                 arrays[part] = array
             shards.append(
-                EncodedLog(arrays["dense"], arrays["sparse"], {n: arrays["labels"][:, i] for i, n in enumerate(labels)})
+                EncodedLog(
+                    arrays["dense"],
+                    arrays["sparse"],
+                    {n: arrays["labels"][:, i] for i, n in enumerate(labels)},
+                    {n: arrays["keys"][:, i] for i, n in enumerate(self.key_columns)},
+                )
             )
         return shards

@@ -6,7 +6,7 @@ written probabilities rather than guessed.
 
 The planted structure:
 
-- Items have a category and a brand (observed as categorical features), a click appeal (mostly the brand's), a
+- Items have a category and a brand (observed as categorical features), a click appeal (mostly the item's own), a
   conversion appeal that shares part of the click appeal (funnels share structure), and a price (an integer
   feature). Popularity is Zipf-distributed.
 - Users have a segment (observed) whose taste over item categories they share, plus an individual taste, a click
@@ -47,6 +47,8 @@ import torch
 
 from torchrec.metrics.auc import compute_auc
 
+# Bumped whenever the same config would generate different data, so a stale log is regenerated, never reused.
+GENERATOR_VERSION = 2
 LABEL_COLUMNS: List[str] = ["click", "conversion", "rating"]
 NUM_INT_COLUMNS = 13
 NUM_CAT_COLUMNS = 8
@@ -91,7 +93,15 @@ _CATEGORY_WORDS = [
     ("home", "decor"),
     ("auto", "car"),
 ]
-_APPEAL_WORDS = [("dull", "plain"), ("standard", "ordinary"), ("popular", "stylish"), ("bestselling", "stunning")]
+# Six appeal levels (sextiles of the item's click appeal): the description is the only view of a cold item's appeal.
+_APPEAL_WORDS = [
+    ("awful", "ugly"),
+    ("dull", "plain"),
+    ("ordinary", "standard"),
+    ("nice", "pleasant"),
+    ("popular", "stylish"),
+    ("bestselling", "stunning"),
+]
 _VALUE_WORDS = [("overpriced", "flimsy"), ("decent", "fair"), ("reliable", "durable"), ("great value", "loved")]
 _PRICE_WORDS = [("cheap",), ("affordable",), ("premium",), ("luxury",)]
 _FILLER_WORDS = ("new", "item", "edition", "model", "series", "pack", "set", "classic", "original", "version")
@@ -170,10 +180,11 @@ def _descriptions(
     price: np.ndarray,
     rng: np.random.Generator,
 ) -> List[str]:
-    def bucket(x: np.ndarray) -> np.ndarray:
-        return np.searchsorted(np.quantile(x, [0.25, 0.5, 0.75]), x)
+    def bucket(x: np.ndarray, levels: int = 4) -> np.ndarray:
+        return np.searchsorted(np.quantile(x, np.linspace(0.0, 1.0, levels + 1)[1:-1]), x)
 
-    appeal, value, price_level = bucket(click_appeal), bucket(conversion_appeal), bucket(np.log(price))
+    appeal = bucket(click_appeal, len(_APPEAL_WORDS))
+    value, price_level = bucket(conversion_appeal), bucket(np.log(price))
     texts = []
     for i in range(category.size):
         words = [
@@ -198,9 +209,11 @@ def generate(config: SyntheticConfig, out_dir: str | os.PathLike) -> Dict:
     # Items.
     item_category = rng.integers(0, num_cat, num_items)
     item_brand = rng.integers(0, config.num_brands, num_items)
-    brand_click_appeal = rng.normal(0.0, 0.45, config.num_brands)
+    # Most of an item's click appeal is its own (its ID learns it when warm; its description tells it when cold);
+    # the brand explains a little.
+    brand_click_appeal = rng.normal(0.0, 0.2, config.num_brands)
     brand_conversion_appeal = rng.normal(0.0, 0.3, config.num_brands)
-    click_appeal = brand_click_appeal[item_brand] + rng.normal(0.0, 0.25, num_items)
+    click_appeal = brand_click_appeal[item_brand] + rng.normal(0.0, 0.6, num_items)
     conversion_appeal = 0.6 * click_appeal + brand_conversion_appeal[item_brand] + rng.normal(0.0, 0.2, num_items)
     price = np.round(np.exp(rng.normal(8.0, 0.8, num_items))).astype(np.int64)  # cents, median ~30 units
     item_age_days = rng.integers(0, 1000, num_items)
@@ -305,6 +318,7 @@ def generate(config: SyntheticConfig, out_dir: str | os.PathLike) -> Dict:
     test_click, test_conversion = click[is_test], conversion[is_test]
     meta = {
         "config": dataclasses.asdict(config),
+        "generator_version": GENERATOR_VERSION,
         "columns": {"labels": LABEL_COLUMNS, "integer": INTEGER_MEANING, "categorical": CATEGORICAL_MEANING},
         "rows": {"train": num_train, "test": num_test},
         "rates": {

@@ -136,6 +136,17 @@ def shard_model(
     return sharded, CombinedOptimizer([sharded.fused_optimizer, dense_optimizer])
 
 
+def _copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
+    """``source`` (the whole tensor) into ``target``: a plain tensor, or a ShardedTensor's local shards."""
+    if isinstance(target, ShardedTensor):
+        for shard in target.local_shards():
+            rows, cols = shard.metadata.shard_offsets[0], shard.metadata.shard_offsets[1]
+            height, width = shard.tensor.shape
+            shard.tensor.copy_(source[rows : rows + height, cols : cols + width])
+    else:
+        target.copy_(source)
+
+
 def load_full_state(sharded: nn.Module, full_state: Dict[str, torch.Tensor]) -> None:
     """Copy an unsharded model's state into a sharded one: each rank takes its shards' slices of each table.
 
@@ -145,11 +156,15 @@ def load_full_state(sharded: nn.Module, full_state: Dict[str, torch.Tensor]) -> 
         for name, target in sharded.state_dict().items():
             if name not in full_state:
                 raise KeyError(f"{name}: not in the unsharded state (it has {len(full_state)} keys)")
-            source = full_state[name]
-            if isinstance(target, ShardedTensor):
-                for shard in target.local_shards():
-                    rows, cols = shard.metadata.shard_offsets[0], shard.metadata.shard_offsets[1]
-                    height, width = shard.tensor.shape
-                    shard.tensor.copy_(source[rows : rows + height, cols : cols + width])
-            else:
-                target.copy_(source)
+            _copy_into(target, full_state[name])
+
+
+def load_table_weights(sharded: nn.Module, table_name: str, weights: torch.Tensor) -> None:
+    """Set embedding table ``table_name`` to ``weights`` [rows, dim] in a sharded (or plain) model, whatever its
+    sharding: each rank writes the rows and columns of its own shards."""
+    suffix = f"embedding_bags.{table_name}.weight"
+    names = [name for name in sharded.state_dict() if name.endswith(suffix)]
+    if len(names) != 1:
+        raise KeyError(f"table {table_name!r}: expected one state entry ending in {suffix!r}, found {names}")
+    with torch.no_grad():
+        _copy_into(sharded.state_dict()[names[0]], weights)

@@ -10,13 +10,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
 from torchrec_mtl.data.loader import BatchLoader
-from torchrec_mtl.train.metrics import TaskMetrics
+from torchrec_mtl.train.metrics import TaskMetrics, grouped_auc
 
 
 @dataclass
@@ -104,13 +105,33 @@ def evaluate(
     loader: BatchLoader,
     task_kinds: Dict[str, str],
     show_progress: bool = True,
+    groups: Optional[np.ndarray] = None,
 ) -> Dict[str, Dict[str, float]]:
-    """Whole-set metrics per task over every row of ``loader`` (which should pad its tail), reduced over ranks."""
+    """Whole-set metrics per task over every row of ``loader`` (which should pad its tail), reduced over ranks.
+
+    With ``groups`` (one integer per row of the loader's shards, e.g. the user; negative = unknown), binary tasks
+    also get ``gauc``: the AUC within each group, averaged over groups (``grouped_auc``).
+    """
     metrics = TaskMetrics(
         task_kinds, batch_size=loader.batch_size, window_size=len(loader) * loader.batch_size * loader.world_size
     )
+    binary = [name for name, kind in task_kinds.items() if kind == "binary"]
+    kept: Dict[str, List[torch.Tensor]] = {f"{n}{part}": [] for n in binary for part in ("-p", "-y")}
     model.eval()
     for _, predictions, labels in _drain(pipeline, loader, "evaluate", show_progress):
         metrics.update(predictions, labels)
+        if groups is not None:
+            for name in binary:
+                kept[f"{name}-p"].append(predictions[name].detach().cpu())
+                kept[f"{name}-y"].append(labels[name].detach().cpu())
     model.train()
-    return metrics.compute()
+    result = metrics.compute()
+    if groups is not None and binary:
+        rows = loader.row_order()
+        row_groups = torch.from_numpy(np.where(rows >= 0, groups[np.maximum(rows, 0)], -1))
+        gauc = grouped_auc(
+            {n: torch.cat(kept[f"{n}-p"]) for n in binary}, {n: torch.cat(kept[f"{n}-y"]) for n in binary}, row_groups
+        )
+        for name, value in gauc.items():
+            result[name]["gauc"] = value
+    return result

@@ -101,3 +101,76 @@ class TaskMetrics:
 
     def reset(self) -> None:
         self.module.reset()
+
+
+# Cells (groups x longest group) per GAUCMetric update: torchrec pads every group to the longest one in an update.
+_GAUC_CELLS_PER_UPDATE = 1 << 22
+
+
+def grouped_auc(
+    predictions: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor], groups: torch.Tensor
+) -> Dict[str, float]:
+    """GAUC per task: the AUC within each group (e.g. each user), averaged over the groups that have both labels and
+    not all-equal predictions, computed by torchrec's GAUCMetric. Rows with a NaN label (outside the task's space,
+    padding) and rows with a negative group (unknown user) are left out.
+
+    Every rank passes its own rows; rows are exchanged so that each rank scores whole groups, and the metric's states
+    are summed over ranks, so every rank returns the same values.
+
+    Example::
+
+        >>> p, y = torch.tensor([0.9, 0.1, 0.2, 0.8]), torch.tensor([1.0, 0.0, 1.0, 0.0])
+        >>> grouped_auc({"ctr": p}, {"ctr": y}, torch.tensor([7, 7, 8, 8]))  # user 7: AUC 1, user 8: AUC 0
+        {'ctr': 0.5}
+    """
+    from torchrec.metrics.gauc import GAUCMetric
+
+    names = list(predictions)
+    stacked = torch.stack([predictions[n].float() for n in names]).cpu()
+    stacked_labels = torch.stack([labels[n].float() for n in names]).cpu()
+    groups = groups.cpu().long()
+    world_size, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, (groups, stacked, stacked_labels))
+        groups = torch.cat([g for g, _, _ in gathered])
+        stacked = torch.cat([p for _, p, _ in gathered], dim=1)
+        stacked_labels = torch.cat([y for _, _, y in gathered], dim=1)
+    mine = (groups >= 0) & (groups % world_size == rank)
+    groups, stacked, stacked_labels = groups[mine], stacked[:, mine], stacked_labels[:, mine]
+    order = torch.argsort(groups, stable=True)
+    groups, stacked, stacked_labels = groups[order], stacked[:, order], stacked_labels[:, order]
+    weights = (~torch.isnan(stacked_labels)).float()
+    stacked_labels = torch.nan_to_num(stacked_labels)
+
+    tasks = [RecTaskInfo(name=n, label_name=f"{n}-label", prediction_name=f"{n}-prediction") for n in names]
+    metric = GAUCMetric(
+        world_size=world_size,
+        my_rank=rank,
+        batch_size=1,
+        tasks=tasks,
+        window_size=world_size,
+        compute_mode=RecComputeMode.FUSED_TASKS_COMPUTATION,
+        compute_on_all_ranks=True,
+    )
+    _, counts = torch.unique_consecutive(groups, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    by_size = torch.argsort(counts)  # groups of similar length share an update: little padding
+    chunk: list = []
+    longest = 0
+    for g in by_size.tolist() + [None]:
+        if g is not None and (not chunk or (len(chunk) + 1) * max(longest, int(counts[g])) <= _GAUC_CELLS_PER_UPDATE):
+            chunk.append(g)
+            longest = max(longest, int(counts[g]))
+            continue
+        if chunk:
+            rows = torch.cat([torch.arange(int(starts[c]), int(starts[c] + counts[c])) for c in chunk])
+            metric.update(
+                predictions=stacked[:, rows],
+                labels=stacked_labels[:, rows],
+                weights=weights[:, rows],
+                num_candidates=counts[chunk],
+            )
+        chunk, longest = ([g], int(counts[g])) if g is not None else ([], 0)
+    values = metric.compute()
+    return {n: float(values[f"gauc-{n}|lifetime_gauc"]) for n in names}

@@ -1,0 +1,97 @@
+"""Repeated runs of the main job for the comparison tools: run or reuse a run, and mean and spread over seeds.
+
+A run is reused when its ``results.json`` was made by the same learned configuration (everything but where it writes,
+progress display and diagnostics' sampling) on the same data (the input files' fingerprint, and for a generated log
+the generator's version); otherwise it runs again.
+
+Example::
+
+    >>> results = run_or_reuse(load_config("configs/mmoe_synthetic.yaml", ["out_dir=runs/x/seed0"]))  # doctest: +SKIP
+    >>> mean_and_spread([0.70, 0.71, 0.72])
+    (0.71, 0.01)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
+
+from torchrec_mtl.config import JobConfig, config_to_dict
+from torchrec_mtl.data import synthetic
+from torchrec_mtl.data.prepare import MissingInputError, resolve_files
+from torchrec_mtl.data.preprocess import input_fingerprint
+from torchrec_mtl.job import run_job
+from torchrec_mtl.schema import DatasetSchema
+
+# (section, key) pairs that change how a run is shown or where it writes, not what it learns
+_NOT_LEARNED = {("training", "progress"), ("training", "curve_every"), ("objective", "gradient_cosine_every")}
+
+
+def learned_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    """A config dict without ``out_dir`` and the keys that do not change the trained model."""
+    kept = {key: value for key, value in config.items() if key != "out_dir"}
+    for section, key in _NOT_LEARNED:
+        kept[section] = {k: v for k, v in kept[section].items() if k != key}
+    return kept
+
+
+def data_identity(config: JobConfig) -> Dict[str, Any]:
+    """What the run's data are: the fingerprint preprocessing gives the input files, and the generator version."""
+    try:
+        files = resolve_files(config.data)
+    except MissingInputError:
+        return {}
+    schema = DatasetSchema.from_yaml(config.data.schema)
+    options = {"test_fraction": config.data.test_fraction, "split_seed": config.data.split_seed}
+    identity: Dict[str, Any] = {"fingerprint": input_fingerprint(schema, files, **options)}
+    if config.data.generate is not None:
+        identity["generator_version"] = synthetic.GENERATOR_VERSION
+    return identity
+
+
+def run_or_reuse(config: JobConfig, label: str = "") -> Dict:
+    """The results of ``config``'s run: from ``out_dir/results.json`` when it is the same run, else run it now."""
+    cached = Path(config.out_dir) / "results.json"
+    if cached.exists():
+        results = json.loads(cached.read_text())
+        same_config = learned_config(results["config"]) == learned_config(config_to_dict(config))
+        if same_config and results.get("data") == data_identity(config):
+            return results
+    print(f"== {label or config.out_dir}", flush=True)
+    results = run_job(config)
+    results["data"] = data_identity(config)  # after the run: a generated log exists now
+    cached.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def mean_and_spread(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value), rounded to 6 places."""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return round(statistics.fmean(values), 6), round(spread, 6)
+
+
+def quiet() -> None:
+    """Silence torchrec's and torch.distributed's info logs and library warnings: the tools print their own table."""
+    for name in ("torchrec", "root", "torch.distributed", "torch.fx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def ensure_movielens(data_dir: str, source: str = "../shared/data/movielens-latest-small") -> None:
+    """Convert MovieLens latest-small into the multi-task log in ``data_dir`` unless it is there."""
+    if not (Path(data_dir) / "train.tsv").exists():
+        from torchrec_mtl.data.movielens import convert_movielens
+
+        convert_movielens(source, data_dir)
+
+
+def rows_by(rows: List[Dict], *keys: str) -> Dict[Tuple, List[Dict]]:
+    """Rows grouped by the values of ``keys``, in first-seen order."""
+    grouped: Dict[Tuple, List[Dict]] = {}
+    for row in rows:
+        grouped.setdefault(tuple(row[k] for k in keys), []).append(row)
+    return grouped
