@@ -81,8 +81,9 @@ class TextConfig:
     pooling: Optional[str] = None  # mean or cls; None: as the model folder says (mean for MiniLM)
     projection_layer_sizes: List[int] = field(default_factory=lambda: [64])
     trainable: bool = False
-    # > 0: run the BERT on each batch's descriptions and fine-tune its top N layers end to end (for GPUs); 0: the
-    # cached vectors
+    # run the BERT on each batch's descriptions instead of looking up the cached vectors (slow: for fine-tuning)
+    online: bool = False
+    # with online: fine-tune the BERT's top N layers end to end (for GPUs); > 0 implies online
     finetune_layers: int = 0
 
 

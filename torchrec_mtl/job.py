@@ -95,9 +95,9 @@ def build_model(
 def build_item_text(
     config: TextConfig, embedding_dim: int, table: ItemTextTable, device: torch.device = torch.device("meta")
 ) -> torch.nn.Module:
-    """The item-text arch: the frozen (or tuned) table of cached vectors, or with ``finetune_layers`` the BERT
-    itself run on each batch's descriptions with its top layers trained."""
-    if config.finetune_layers == 0:
+    """The item-text arch: the frozen (or tuned) table of cached vectors, or (``online``, ``finetune_layers``) the
+    BERT itself run on each batch's descriptions, its top ``finetune_layers`` layers trained."""
+    if not config.online and config.finetune_layers == 0:
         collection = item_text_collection(table.num_items, table.dim, device)
         return ItemTextArch(collection, embedding_dim, config.projection_layer_sizes, trainable=config.trainable)
     from torchrec_mtl.text.encoder import TextEncoder

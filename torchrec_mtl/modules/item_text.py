@@ -151,7 +151,5 @@ class EncodedItemTextArch(nn.Module):
 
 def tokenize_descriptions(tokenizer, descriptions: Sequence[str], max_length: int = 64) -> tuple:
     """``(token_ids, attention_mask)`` [1 + len(descriptions), L] for ``EncodedItemTextArch``: row 0 the empty text."""
-    encoded = tokenizer(
-        ["", *descriptions], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-    )
+    encoded = tokenizer(["", *descriptions], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return encoded["input_ids"], encoded["attention_mask"]
