@@ -116,7 +116,14 @@ def main(argv: List[str] | None = None) -> int:
 def _run(runs_dir: str, dataset: str, tower: str, seed: int, kind: str, overrides: List[str], suffix: str = "") -> Dict:
     """One run of the main job (or its results from an earlier identical run)."""
     out_dir = f"{runs_dir}/{dataset}/{tower}{suffix}/seed{seed}"
-    overrides = [*overrides, f"model.tower.kind={kind}", f"training.seed={seed}", f"out_dir={out_dir}"]
+    # without item text: the towers differ and nothing else (tools/compare_text.py measures the text)
+    overrides = [
+        *overrides,
+        "model.text=null",
+        f"model.tower.kind={kind}",
+        f"training.seed={seed}",
+        f"out_dir={out_dir}",
+    ]
     config = load_config(CONFIGS[dataset], [*overrides, "training.progress=false"])
     if dataset == "movielens":
         ensure_movielens(config.data.dir)

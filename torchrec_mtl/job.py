@@ -392,6 +392,7 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
         show_progress=show,
         task_kinds=tasks.names,
         curve_every=training.curve_every,
+        gated_tower=next((m for m in sharded.modules() if hasattr(m, "gate_weights")), None),
     )
     gated = [m for m in sharded.modules() if hasattr(m, "gate_weights")]
     with GateMonitor(gated[0]) if gated else contextlib.nullcontext() as monitor:

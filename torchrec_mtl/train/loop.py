@@ -17,6 +17,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
 from torchrec_mtl.data.loader import BatchLoader
+from torchrec_mtl.train.diagnostics import GateMonitor
 from torchrec_mtl.train.metrics import TaskMetrics, grouped_auc
 
 
@@ -61,13 +62,16 @@ def train(
     task_kinds: Optional[Dict[str, str]] = None,
     curve_every: int = 0,
     window_batches: int = 100,
+    gated_tower: Optional[nn.Module] = None,
 ) -> TrainSummary:
     """Run ``epochs`` passes over ``loader`` with ``pipeline`` (built over ``model``); every rank's loader must
     have the same length. With ``task_kinds`` and ``curve_every`` > 0, each task's metrics over the last
     ``window_batches`` batches (all ranks) are recorded every ``curve_every`` steps (every rank computes them at
-    the same steps, as the reduction needs)."""
+    the same steps, as the reduction needs); with ``gated_tower`` (MMoE, PLE) each point also holds its gates'
+    entropy and expert usage per task over those batches (this rank's rows, ``GateMonitor``)."""
     summary = TrainSummary()
     window = None
+    monitor: Optional[GateMonitor] = None
     if task_kinds and curve_every > 0:
         window = TaskMetrics(
             task_kinds, batch_size=loader.batch_size, window_size=window_batches * loader.batch_size * loader.world_size
@@ -90,9 +94,19 @@ def train(
                 window.update(predictions, labels)
                 if summary.steps % curve_every == 0:
                     point = {"step": summary.steps, "epoch": epoch + 1, "loss": float(since / since_count)}
+                    if monitor is not None:
+                        point["gates"] = monitor.summary()
+                        monitor.__exit__()
+                        monitor = None
                     summary.curve.append({**point, **window.compute()})
                     since, since_count = torch.zeros(()), 0
+            # watch the gates over the batches the next point's window holds
+            if window is not None and gated_tower is not None and monitor is None:
+                if -(summary.steps + 1) % curve_every < window_batches:
+                    monitor = GateMonitor(gated_tower).__enter__()
         summary.samples += count * loader.batch_size * loader.world_size
+    if monitor is not None:
+        monitor.__exit__()
         summary.losses.append(float(total / max(count, 1)))
     summary.seconds = time.perf_counter() - start
     return summary
