@@ -347,5 +347,10 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[Li
     return config
 
 
+def config_from_dict(raw: Dict[str, Any]) -> JobConfig:
+    """A JobConfig from a dict such as ``config_to_dict`` writes (keys added since then take their defaults)."""
+    return _build(JobConfig, raw, "")
+
+
 def config_to_dict(config: JobConfig) -> Dict[str, Any]:
     return dataclasses.asdict(config)

@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
-from torchrec_mtl.config import JobConfig, config_to_dict
+from torchrec_mtl.config import JobConfig, config_from_dict, config_to_dict
 from torchrec_mtl.data import synthetic
 from torchrec_mtl.data.prepare import MissingInputError, resolve_files
 from torchrec_mtl.data.preprocess import input_fingerprint
@@ -32,7 +32,9 @@ _NOT_LEARNED = {("training", "progress"), ("training", "curve_every"), ("objecti
 
 
 def learned_config(config: Dict[str, Any]) -> Dict[str, Any]:
-    """A config dict without ``out_dir`` and the keys that do not change the trained model."""
+    """A config dict without ``out_dir`` and the keys that do not change the trained model; keys added to the
+    config since ``config`` was written take their defaults."""
+    config = config_to_dict(config_from_dict(config))
     kept = {key: value for key, value in config.items() if key != "out_dir"}
     for section, key in _NOT_LEARNED:
         kept[section] = {k: v for k, v in kept[section].items() if k != key}
