@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from torchrec_mtl.modules.towers import MMoE, PLE, SharedBottom
-from torchrec_mtl.train.diagnostics import GateMonitor, leak_warnings
+from torchrec_mtl.train.diagnostics import GateMonitor, label_copy_warnings, leak_warnings
 
 
 def _mmoe() -> MMoE:
@@ -84,3 +84,25 @@ def test_gradient_cosine_sees_agreement_and_conflict_on_shared_parameters():
     expected = float(torch.nn.functional.cosine_similarity(2 * shared.detach(), -torch.ones(3), dim=0))
     assert summary["a|c"] == pytest.approx(expected, abs=1e-6) and summary["a|c"] < -0.1
     assert any(w.startswith("tasks a and c conflict") for w in monitor.warnings())
+
+
+def test_a_feature_that_copies_a_label_is_named():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = 5000
+    click = (rng.random(n) < 0.2).astype(np.float32)
+    rating = np.where(click > 0, rng.integers(1, 6, n), np.nan).astype(np.float32)
+    dense = np.column_stack([rng.random(n), 3 * click + 1, rng.random(n)]).astype(np.float32)
+    sparse = np.column_stack([rng.integers(0, 50, n), 7 + click, rng.integers(0, 3, n)]).astype(np.int32)
+    messages = label_copy_warnings(
+        dense, sparse, {"click": click, "rating": rating}, ["I1", "I2", "I3"], ["C1", "C2", "C3"]
+    )
+    assert messages == [
+        "feature I2 copies label click (correlation +1.0000)",
+        "feature C2 gives label click away: each of its values has one label value",
+    ]
+    honest = label_copy_warnings(dense[:, [0, 2]], sparse[:, [0, 2]], {"click": click}, ["I1", "I3"], ["C1", "C3"])
+    assert honest == []
+    unique_ids = np.arange(n, dtype=np.int32)[:, None]  # every value pure because seen once: no warning
+    assert label_copy_warnings(dense[:, :1], unique_ids, {"click": click}, ["I1"], ["row_id"]) == []

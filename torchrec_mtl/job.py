@@ -57,7 +57,7 @@ from torchrec_mtl.schema import DatasetSchema
 from torchrec_mtl.text.cache import encode_items_file
 from torchrec_mtl.text.table import ItemTextTable
 from torchrec_mtl.train.distributed import DistributedEnv, init_distributed, load_table_weights, shard_model
-from torchrec_mtl.train.diagnostics import GateMonitor, leak_warnings
+from torchrec_mtl.train.diagnostics import GateMonitor, label_copy_warnings, leak_warnings
 from torchrec_mtl.train.loop import make_pipeline, train, evaluate
 
 # The headline metric of a task by kind: AUC (higher is better) or RMSE (lower is better).
@@ -400,6 +400,10 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
     segments = _evaluate_item_segments(job)
     cosine = objective.gradient_cosine
     warnings = (monitor.warnings() if monitor else []) + (cosine.warnings() if cosine else []) + leak_warnings(metrics)
+    first = job.train_shards[0]
+    warnings += label_copy_warnings(
+        first.dense, first.sparse, first.labels, log.dense_features, log.categorical_features
+    )
 
     ceilings = _ceilings(config.data.dir) or {}
     per_task = _headline_first(metrics, ceilings)

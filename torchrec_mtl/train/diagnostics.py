@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -103,6 +104,46 @@ def leak_warnings(metrics: Dict[str, Dict[str, float]]) -> List[str]:
         for task, values in metrics.items()
         if values.get("auc", 0.0) > LEAK_AUC
     ]
+
+
+def label_copy_warnings(
+    dense: np.ndarray,
+    sparse: np.ndarray,
+    labels: Dict[str, np.ndarray],
+    dense_names: List[str],
+    sparse_names: List[str],
+    max_rows: int = 200_000,
+) -> List[str]:
+    """Features that give a label away, checked on the first ``max_rows`` training rows before training:
+
+    - a dense feature whose correlation with a label is above 0.999 in absolute value (a copy, or a monotone copy);
+    - a categorical feature whose every repeated value (two or more rows; such rows at least half of all) holds one
+      label value only, over rows with that label present (a label encoded as a category), when the label varies.
+    """
+    rows = slice(0, min(max_rows, len(dense)))
+    messages = []
+    for label, values in labels.items():
+        y = np.asarray(values[rows], dtype=np.float64)
+        present = ~np.isnan(y)
+        if present.sum() < 2 or np.ptp(y[present]) == 0:
+            continue
+        y = y[present]
+        for i, name in enumerate(dense_names):
+            x = np.asarray(dense[rows, i], dtype=np.float64)[present]
+            if np.ptp(x) > 0 and abs(np.corrcoef(x, y)[0, 1]) > 0.999:
+                messages.append(f"feature {name} copies label {label} (correlation {np.corrcoef(x, y)[0, 1]:+.4f})")
+        for i, name in enumerate(sparse_names):
+            ids = np.asarray(sparse[rows, i])[present]
+            distinct, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+            repeated = counts[inverse] >= 2  # a value seen once is trivially pure: a unique ID proves nothing
+            if (counts >= 2).sum() < 2 or repeated.mean() < 0.5:
+                continue
+            low, high = np.full(len(distinct), np.inf), np.full(len(distinct), -np.inf)
+            np.minimum.at(low, inverse[repeated], y[repeated])
+            np.maximum.at(high, inverse[repeated], y[repeated])
+            if np.all(low[counts >= 2] == high[counts >= 2]):
+                messages.append(f"feature {name} gives label {label} away: each of its values has one label value")
+    return messages
 
 
 class TaskGradientCosine:
