@@ -308,6 +308,11 @@ def _check(config: JobConfig) -> None:
                     f"objective.tasks.{name}.kind: {task.kind!r}, but {task.label!r} is a {spec.kind} label in "
                     f"{config.data.schema}"
                 )
+        if model.text is not None and schema.item_text_key is None:
+            raise ConfigError(
+                f"model.text: the schema {config.data.schema} declares no item_text_key (the column whose items the "
+                f"items file describes); set model.text=null to train without item text"
+            )
 
 
 def _set_dotted(raw: Dict[str, Any], dotted: str, value: Any) -> None:
