@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from torchrec_mtl.config import load_config
-from torchrec_mtl.experiments import ensure_movielens, mean_and_spread, quiet, rows_by, run_or_reuse
+from torchrec_mtl.experiments import ensure_movielens, quiet, rows_by, run_or_reuse, summary_row
 from torchrec_mtl.job import headline
 
 CONFIGS = {"synthetic": "configs/mmoe_synthetic.yaml", "movielens": "configs/mmoe_movielens.yaml"}
@@ -47,20 +47,8 @@ def summarise(runs: List[Dict]) -> List[Dict]:
             for task, first in _metrics(group[0]["results"], segment).items():
                 for metric in [headline(first), *(["gauc"] if "gauc" in first else [])]:
                     values = [_metrics(r["results"], segment)[task][metric] for r in group]
-                    mean, std = mean_and_spread(values)
-                    rows.append(
-                        {
-                            "dataset": dataset,
-                            "model": model,
-                            "segment": segment,
-                            "task": task,
-                            "metric": metric,
-                            "mean": mean,
-                            "std": std,
-                            "seeds": [r["seed"] for r in group],
-                            "values": values,
-                        }
-                    )
+                    labels = {"dataset": dataset, "model": model, "segment": segment, "task": task, "metric": metric}
+                    rows.append(summary_row(labels, values, [r["seed"] for r in group]))
     return rows
 
 

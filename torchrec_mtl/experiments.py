@@ -76,6 +76,13 @@ def mean_and_spread(values: Sequence[float]) -> Tuple[float, float]:
     return round(statistics.fmean(values), 6), round(spread, 6)
 
 
+def summary_row(labels: Dict[str, Any], values: Sequence[float], seeds: Sequence[int]) -> Dict[str, Any]:
+    """One row of a comparison table: its ``labels`` (dataset, model, task, metric ...), then ``mean``, ``std``,
+    ``seeds`` and the per-seed ``values``."""
+    mean, std = mean_and_spread(values)
+    return {**labels, "mean": mean, "std": std, "seeds": list(seeds), "values": list(values)}
+
+
 def quiet() -> None:
     """Silence torchrec's and torch.distributed's info logs and library warnings: the tools print their own table."""
     for name in ("torchrec", "root", "torch.distributed", "torch.fx"):
