@@ -104,7 +104,10 @@ def test_a_click_only_criteo_log_trains_with_declared_tasks_and_wrong_labels_are
               "data.schema=configs/datasets/criteo_kaggle.yaml", "data.train=[day_0.tsv]", "data.test_fraction=0.2",
               f"out_dir={tmp_path / 'out'}", "training.progress=false", "training.batch_size=128"]  # fmt: skip
     assert main([*common, "objective.tasks={ctr: {label: click}}", "objective.products={}"]) == 2
-    assert "model.text: the schema configs/datasets/criteo_kaggle.yaml declares no item_text_key" in capsys.readouterr().err
+    assert (
+        "model.text: the schema configs/datasets/criteo_kaggle.yaml declares no item_text_key"
+        in capsys.readouterr().err
+    )
     common.append("model.text=null")
     assert main(common) == 2, "the default ESMM tasks need conversion and rating"
     error = capsys.readouterr().err

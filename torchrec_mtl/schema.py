@@ -176,9 +176,24 @@ class DatasetSchema:
             raise SchemaError(f"{source}: missing key(s) {missing}")
         fields = dict(raw)
         for key in ("integer", "numeric", "categorical", "columns", "ignore"):
-            value = fields.get(key)
-            if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            if key not in fields:
+                continue
+            value = fields[key]
+            if value is None and key not in ("integer", "categorical"):
+                del fields[key]  # an empty YAML entry: the default (none, or the file order)
+            elif not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
                 raise SchemaError(f"{source}: {key}: expected a list of column names, got {value!r}")
+        scalar_types = {
+            "name": (str,), "categorical_format": (str,), "separator": (str,), "header": (bool,),
+            "pad_short_rows": (bool,), "user_id": (str, type(None)), "item_id": (str, type(None)),
+            "item_text_key": (str, type(None)),
+        }  # fmt: skip
+        for key, types in scalar_types.items():
+            if key in fields and not isinstance(fields[key], types):
+                expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+                raise SchemaError(f"{source}: {key}: expected {expected}, got {fields[key]!r}")
+        if not isinstance(fields.get("feature_vocabulary") or {}, dict):
+            raise SchemaError(f"{source}: feature_vocabulary: expected a mapping of column -> rule")
         if not isinstance(fields["labels"], dict) or not fields["labels"]:
             raise SchemaError(f"{source}: labels: expected a mapping of label column -> kind")
         fields["labels"] = {name: _label_spec(spec, f"{source}: labels.{name}") for name, spec in raw["labels"].items()}

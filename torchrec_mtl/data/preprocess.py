@@ -69,6 +69,19 @@ from tqdm import tqdm
 from torchrec_mtl.schema import DatasetSchema
 
 FORMAT_VERSION = 2
+# Every reason a row can be rejected for, as in the table above.
+REASONS = (
+    "empty line",
+    "too many fields",
+    "too few fields",
+    "label missing",
+    "label not 0/1",
+    "label not a number",
+    "integer not valid",
+    "numeric not valid",
+    "categorical not hex",
+    "categorical not id",
+)
 MISSING_TOKEN = -1
 _PARSE_THREADS = 2
 
