@@ -218,17 +218,21 @@ def split_chunk(chunk: bytes, separator: str, n_columns: int) -> SplitChunk:
     schema = {f"field_{i}": pl.String for i in range(n_columns)}
     fields = None
     if b"\r" not in chunk or chunk.count(b"\r") == int(has_cr.sum()):
-        fields = pl.read_csv(
-            io.BytesIO(chunk),
-            has_header=False,
-            separator=separator,
-            quote_char=None,
-            schema=schema,
-            truncate_ragged_lines=True,
-            missing_columns="insert",
-            encoding="utf8-lossy",
-        )
-        if fields.height != len(ends):
+        try:
+            fields = pl.read_csv(
+                io.BytesIO(chunk),
+                has_header=False,
+                separator=separator,
+                quote_char=None,
+                schema=schema,
+                truncate_ragged_lines=True,
+                missing_columns="insert",
+                encoding="utf8-lossy",
+            )
+        except pl.exceptions.PolarsError:
+            # e.g. a first line with more fields than the schema: polars refuses the chunk, the per-line path does not
+            fields = None
+        if fields is not None and fields.height != len(ends):
             fields = None
     if fields is None:
         lines = pl.Series(
