@@ -105,9 +105,9 @@ def train(
                 if -(summary.steps + 1) % curve_every < window_batches:
                     monitor = GateMonitor(gated_tower).__enter__()
         summary.samples += count * loader.batch_size * loader.world_size
+        summary.losses.append(float(total / max(count, 1)))
     if monitor is not None:
         monitor.__exit__()
-        summary.losses.append(float(total / max(count, 1)))
     summary.seconds = time.perf_counter() - start
     return summary
 
