@@ -195,3 +195,13 @@ def test_grouped_auc_is_the_mean_of_per_user_aucs_over_users_with_both_labels():
     result = grouped_auc({"ctr": p, "cvr": 1 - p}, {"ctr": y, "cvr": y}, users)
     assert abs(result["ctr"] - sum(expected) / len(expected)) < 1e-6
     assert abs(result["cvr"] - (1 - result["ctr"])) < 1e-6, "reversed scores give the complementary AUC per user"
+
+    import torchrec_mtl.train.metrics as metrics_module
+
+    limit = metrics_module._GAUC_CELLS_PER_UPDATE
+    metrics_module._GAUC_CELLS_PER_UPDATE = 200  # many small updates instead of one: the same sums
+    try:
+        chunked = grouped_auc({"ctr": p, "cvr": 1 - p}, {"ctr": y, "cvr": y}, users)
+    finally:
+        metrics_module._GAUC_CELLS_PER_UPDATE = limit
+    assert abs(chunked["ctr"] - result["ctr"]) < 1e-6 and abs(chunked["cvr"] - result["cvr"]) < 1e-6

@@ -13,7 +13,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -155,22 +155,24 @@ def grouped_auc(
     )
     _, counts = torch.unique_consecutive(groups, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
-    by_size = torch.argsort(counts)  # groups of similar length share an update: little padding
-    chunk: list = []
+    # groups of similar length share an update (little padding), each update under _GAUC_CELLS_PER_UPDATE cells
+    chunks: List[List[int]] = []
     longest = 0
-    for g in by_size.tolist() + [None]:
-        if g is not None and (not chunk or (len(chunk) + 1) * max(longest, int(counts[g])) <= _GAUC_CELLS_PER_UPDATE):
-            chunk.append(g)
-            longest = max(longest, int(counts[g]))
-            continue
-        if chunk:
-            rows = torch.cat([torch.arange(int(starts[c]), int(starts[c] + counts[c])) for c in chunk])
-            metric.update(
-                predictions=stacked[:, rows],
-                labels=stacked_labels[:, rows],
-                weights=weights[:, rows],
-                num_candidates=counts[chunk],
-            )
-        chunk, longest = ([g], int(counts[g])) if g is not None else ([], 0)
+    for group in torch.argsort(counts).tolist():
+        size = int(counts[group])
+        if chunks and (len(chunks[-1]) + 1) * max(longest, size) <= _GAUC_CELLS_PER_UPDATE:
+            chunks[-1].append(group)
+            longest = max(longest, size)
+        else:
+            chunks.append([group])
+            longest = size
+    for chunk in chunks:
+        rows = torch.cat([torch.arange(int(starts[g]), int(starts[g] + counts[g])) for g in chunk])
+        metric.update(
+            predictions=stacked[:, rows],
+            labels=stacked_labels[:, rows],
+            weights=weights[:, rows],
+            num_candidates=counts[chunk],
+        )
     values = metric.compute()
     return {n: float(values[f"gauc-{n}|lifetime_gauc"]) for n in names}
