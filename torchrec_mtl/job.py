@@ -60,9 +60,6 @@ from torchrec_mtl.train.distributed import DistributedEnv, init_distributed, loa
 from torchrec_mtl.train.diagnostics import GateMonitor, label_copy_warnings, leak_warnings
 from torchrec_mtl.train.loop import make_pipeline, train, evaluate
 
-# The headline metric of a task by kind: AUC (higher is better) or RMSE (lower is better).
-HEADLINE = {"binary": "auc", "regression": "rmse"}
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -217,7 +214,7 @@ def _ceilings(data_dir: str) -> Optional[Dict[str, float]]:
 
 
 def headline(values: Dict[str, float]) -> str:
-    """The headline metric among a task's metrics."""
+    """The headline metric among a task's metrics: AUC (higher is better) or RMSE (lower is better)."""
     return "auc" if "auc" in values else "rmse"
 
 
@@ -384,6 +381,9 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
     log, tasks, sharded, pipeline, objective = job.log, job.tasks, job.sharded, job.pipeline, job.objective
     training = config.training
     show = training.progress and env.is_main
+    first = job.train_shards[0]  # checked before training: a copied label is worth knowing before hours of it
+    warnings = label_copy_warnings(first.dense, first.sparse, first.labels, log.dense_features, job.features)
+    gated = next((m for m in sharded.modules() if hasattr(m, "gate_weights")), None)
     summary = train(
         sharded,
         pipeline,
@@ -392,18 +392,13 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
         show_progress=show,
         task_kinds=tasks.names,
         curve_every=training.curve_every,
-        gated_tower=next((m for m in sharded.modules() if hasattr(m, "gate_weights")), None),
+        gated_tower=gated,
     )
-    gated = [m for m in sharded.modules() if hasattr(m, "gate_weights")]
-    with GateMonitor(gated[0]) if gated else contextlib.nullcontext() as monitor:
+    with GateMonitor(gated) if gated is not None else contextlib.nullcontext() as monitor:
         metrics = evaluate(sharded, pipeline, job.loader("test"), tasks.names, show, groups=job.test_users())
     segments = _evaluate_item_segments(job)
     cosine = objective.gradient_cosine
-    warnings = (monitor.warnings() if monitor else []) + (cosine.warnings() if cosine else []) + leak_warnings(metrics)
-    first = job.train_shards[0]
-    warnings += label_copy_warnings(
-        first.dense, first.sparse, first.labels, log.dense_features, log.categorical_features
-    )
+    warnings += (monitor.warnings() if monitor else []) + (cosine.warnings() if cosine else []) + leak_warnings(metrics)
 
     ceilings = _ceilings(config.data.dir) or {}
     per_task = _headline_first(metrics, ceilings)

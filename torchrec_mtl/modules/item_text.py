@@ -44,6 +44,16 @@ def item_text_collection(
     return EmbeddingBagCollection(tables=[table], device=device)
 
 
+def projection(in_features: int, hidden_layer_sizes: Sequence[int], out_features: int) -> nn.Sequential:
+    """Text vector -> embedding: Linear layers with ReLU between them and a linear output (it may be negative, like
+    the ID embeddings beside it)."""
+    sizes = [in_features, *hidden_layer_sizes, out_features]
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
 class ItemTextArch(nn.Module):
     """Cached item-text vectors -> [B, out_features].
 
@@ -67,11 +77,7 @@ class ItemTextArch(nn.Module):
             raise ValueError(f"expected one table read by the feature {ITEM_TEXT_FEATURE!r}, got {tables}")
         self.embedding_bag_collection = embedding_bag_collection
         self.trainable = trainable
-        sizes = [tables[0].embedding_dim, *hidden_layer_sizes, out_features]
-        layers: list[nn.Module] = []
-        for i in range(len(sizes) - 1):
-            layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()]
-        self.projection = nn.Sequential(*layers[:-1])
+        self.projection = projection(tables[0].embedding_dim, hidden_layer_sizes, out_features)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         vectors = self.embedding_bag_collection(features)[ITEM_TEXT_FEATURE]
@@ -125,11 +131,7 @@ class EncodedItemTextArch(nn.Module):
         self.unique = unique
         self.register_buffer("token_ids", token_ids.long(), persistent=False)
         self.register_buffer("attention_mask", attention_mask.long(), persistent=False)
-        sizes = [bert.config.hidden_size, *hidden_layer_sizes, out_features]
-        projection: list[nn.Module] = []
-        for i in range(len(sizes) - 1):
-            projection += [nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()]
-        self.projection = nn.Sequential(*projection[:-1])
+        self.projection = projection(bert.config.hidden_size, hidden_layer_sizes, out_features)
 
     def encode_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Mean-pooled BERT vectors [len(rows), hidden] of the given text-table rows."""
