@@ -16,7 +16,7 @@ from torchrec_mtl.job import build_model, load_data
 from torchrec_mtl.model import MultiTaskTrain
 from torchrec_mtl.tasks import EVALUATED_TASKS, EsmmObjective
 from torchrec_mtl.train.distributed import init_distributed, load_full_state, shard_model
-from torchrec_mtl.train.loop import evaluate, make_pipeline, train
+from torchrec_mtl.train.loop import evaluate, make_eval_pipeline, make_pipeline, train
 
 
 def _join(rank: int, world_size: int, port: int) -> None:
@@ -59,10 +59,10 @@ def sharded_matches_unsharded(rank: int, world_size: int, port: int, log_dir: st
 
     # Evaluation over both ranks (padded tail, cross-rank reduction) equals metrics of the whole test set computed
     # in one place from the unsharded model.
-    pipeline = make_pipeline(sharded, optimizer, env.device)
+    eval_pipeline = make_eval_pipeline(sharded, env.device)
     test_loader = BatchLoader(test_log, features, 512, rank, world_size, shuffle=False, pad_tail=True)
     users = np.concatenate([shard.keys[log.metadata["user_id"]] for shard in test_log])
-    distributed_metrics = evaluate(sharded, pipeline, test_loader, EVALUATED_TASKS, show_progress=False, groups=users)
+    distributed_metrics = evaluate(sharded, eval_pipeline, test_loader, EVALUATED_TASKS, show_progress=False, groups=users)
     everything = BatchLoader(test_log, features, log.rows("test"), shuffle=False)
     with torch.no_grad():
         _, (_, predictions, labels) = unsharded(next(iter(everything)))
@@ -96,6 +96,7 @@ def sharded_matches_unsharded(rank: int, world_size: int, port: int, log_dir: st
 
     before = local_table_shards()
     sharded.train()
+    pipeline = make_pipeline(sharded, optimizer, env.device)  # after the eval pipeline rewrote the same model
     summary = train(sharded, pipeline, loader, epochs=1, show_progress=False)
     assert summary.steps == len(loader) and len(summary.losses) == 1, "one mean loss per epoch"
     assert all(torch.isfinite(torch.tensor(summary.losses)))

@@ -207,3 +207,22 @@ def test_item_id_dropout_zeroes_a_seeded_share_of_training_ids_whatever_the_worl
     assert not torch.equal(dropped, torch.cat([c2 for _, c2, _ in item_ids(0, 1, 256, seed=4)]) == 0)
     evaluation = BatchLoader(log, SCHEMA.categorical, 256, shuffle=False, pad_tail=True, id_dropout={"C2": 0.25})
     assert all((b.sparse_features["C2"].values() > 0).all() for b in evaluation), "unshuffled batches keep every ID"
+
+
+def test_an_epoch_started_at_a_batch_yields_what_the_whole_epoch_yields_from_there():
+    """Resuming mid-epoch: the skipped batches are not built, but their shuffles and ID-dropout draws are made."""
+    shards = _shards([100, 7, 250, 1, 400, 242])
+    make = lambda: BatchLoader(shards, SCHEMA.categorical, 64, 1, 2, shuffle=True, seed=5, window_rows=128,  # noqa: E731
+                               id_dropout={"C2": 0.5})  # fmt: skip
+    whole = make()
+    whole.set_epoch(1)
+    expected = list(whole)[3:]
+    resumed = make()
+    resumed.set_epoch(1, start_batch=3)
+    got = list(resumed)
+    assert len(got) == len(expected) == 4
+    for a, b in zip(got, expected):
+        assert torch.equal(a.dense_features, b.dense_features)
+        assert torch.equal(a.sparse_features.values(), b.sparse_features.values())  # dropped IDs included
+    with pytest.raises(ValueError, match="start_batch: 8; allowed: 0 to 7"):
+        resumed.set_epoch(0, start_batch=8)

@@ -12,7 +12,7 @@ from conftest import free_port
 from dist_workers import sharded_matches_unsharded
 
 
-@pytest.mark.parametrize("sharding_type", ["table_wise", "row_wise"])
+@pytest.mark.parametrize("sharding_type", ["table_wise", "row_wise", "column_wise"])
 def test_sharded_model_matches_unsharded_at_world_size_2(small_log, sharding_type):
     mp.spawn(
         sharded_matches_unsharded,

@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from typing import List, Optional
@@ -26,6 +27,9 @@ from torchrec_mtl.data.preprocess import LogFormatError, TooManyBadRows
 from torchrec_mtl.data.shards import ShardError
 from torchrec_mtl.schema import SchemaError
 from torchrec_mtl.text.cache import TextCacheError
+from torchrec_mtl.report import ReportError
+from torchrec_mtl.train.checkpoint import CheckpointError, TrainingStopped
+from torchrec_mtl.train.loop import NonFiniteLoss
 
 
 class InputError(ValueError):
@@ -85,9 +89,32 @@ def _encode_items(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from torchrec_mtl.job import run_job
 
-    run_job(load_config(args.config, args.overrides))
+    config = load_config(args.config, args.overrides)
+    run_job(config)
+    if dist.get_rank() == 0:
+        _write_report(config.out_dir)
+    return 0
+
+
+def _write_report(run_dir: str) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("no report: matplotlib is not installed (pip install 'torchrec-mtl[report]')")
+        return
+    from torchrec_mtl.report import write_report
+
+    print(f"report: {write_report(run_dir)}")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from torchrec_mtl.report import write_report
+
+    print(write_report(args.run_dir, args.out))
     return 0
 
 
@@ -165,6 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="YAML job config (see configs/)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.tower.num_experts=8")
     train.set_defaults(func=_train)
+
+    report = commands.add_parser(
+        "report",
+        help="write a run's HTML report (curves, ROC, calibration, gates, tables) from its results",
+        description="Read RUN_DIR/results.json and RUN_DIR/predictions.npz (written by train) and write one "
+        "self-contained HTML file, with each figure also as a PNG in RUN_DIR/report/.\n\n"
+        "example: torchrec-mtl report runs/main",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument("run_dir", help="a training run's out_dir")
+    report.add_argument("--out", default=None, help="the HTML file (default RUN_DIR/report.html)")
+    report.set_defaults(func=_report)
     return parser
 
 
@@ -179,9 +218,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (SchemaError, LogFormatError, TooManyBadRows, ShardError, InputError, MissingInputError) as error:
         print(f"torchrec-mtl: {error}", file=sys.stderr)
         return 2
-    except TextCacheError as error:
+    except (TextCacheError, CheckpointError, ReportError, NonFiniteLoss) as error:
         print(f"torchrec-mtl: {error}", file=sys.stderr)
         return 2
+    except TrainingStopped as error:
+        print(f"torchrec-mtl: {error}", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

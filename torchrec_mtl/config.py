@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
@@ -26,7 +27,9 @@ from torchrec_mtl.data.synthetic import SyntheticConfig
 from torchrec_mtl.schema import DatasetSchema, SchemaError
 from torchrec_mtl.tasks import OrderSpec, ProductSpec, TaskSet, TaskSpec
 from torchrec_mtl.weighting import WEIGHTINGS
-from torchrec_mtl.train.distributed import EMBEDDING_OPTIMIZERS, SHARDING_TYPES
+from torchrec_mtl.modules.item_text import ITEM_TEXT_FEATURE
+from torchrec_mtl.train.distributed import COMPUTE_KERNELS, SHARDING_TYPES
+from torchrec_mtl.train.optimizers import DENSE_OPTIMIZERS, EMBEDDING_OPTIMIZERS, LR_DECAYS
 
 TOWER_KINDS = ("single_task", "shared_bottom", "mmoe", "ple")
 
@@ -154,14 +157,39 @@ def task_set(objective: ObjectiveConfig) -> TaskSet:
 
 
 @dataclass
+class TableConfig:
+    """Per-table overrides, under ``training.tables`` keyed by a categorical feature (its table), ``item_text``,
+    or several of them joined by commas (a table group): the planner's allowed ``sharding_types`` and
+    ``compute_kernels``, and the table's fused ``optimizer`` and learning rate ``lr``."""
+
+    sharding_types: Optional[List[str]] = None
+    compute_kernels: Optional[List[str]] = None
+    optimizer: Optional[str] = None
+    lr: Optional[float] = None
+
+
+@dataclass
 class TrainingConfig:
     batch_size: int = 1024
     eval_batch_size: int = 8192
     epochs: int = 1
-    embedding_optimizer: str = "rowwise_adagrad"
+    embedding_optimizer: str = "rowwise_adagrad"  # every table's, unless ``tables`` says otherwise
     embedding_lr: float = 0.05
+    dense_optimizer: str = "adam"
     dense_lr: float = 0.002
-    sharding_types: Optional[List[str]] = None
+    weight_decay: float = 0.0  # the dense optimizer's
+    gradient_clip_norm: float = 0.0  # clip the dense gradients to this total L2 norm (0: off)
+    # every learning rate: a linear warmup over ``warmup_steps``, then constant or a linear/cosine decay to
+    # ``min_lr_ratio`` x its base at the last step
+    warmup_steps: int = 0
+    lr_decay: str = "constant"
+    min_lr_ratio: float = 0.0
+    sharding_types: Optional[List[str]] = None  # allowed for every table (None: the planner chooses)
+    tables: Dict[str, TableConfig] = field(default_factory=dict)
+    memory_budget_gb: Optional[float] = None  # the planner's storage per rank (None: the device's)
+    # a collective waiting this long for a peer raises (a hung rank); a rank that dies fails the others at once
+    collective_timeout_s: float = 600.0
+    print_plan: bool = True
     seed: int = 0
     # probability of replacing a training row's item ID with the unseen-ID row (cold-start training; needs the
     # schema's item_id)
@@ -173,12 +201,32 @@ class TrainingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Checkpoints of the whole training state (torchrec_mtl.train.checkpoint) in ``dir`` (default
+    ``<out_dir>/checkpoints``): every ``every_steps`` steps and/or ``every_seconds`` seconds (0: off), after the last
+    step (``at_end``; predict, export and fine-tuning read it) and when SIGTERM asks the run to stop. ``resume``:
+    ``auto`` continues the newest unfinished checkpoint in ``dir`` when there is one, ``never`` starts over, or a
+    checkpoint folder to continue from."""
+
+    dir: Optional[str] = None
+    every_steps: int = 0
+    every_seconds: float = 600.0
+    at_end: bool = True
+    keep: int = 2
+    resume: str = "auto"
+
+
+@dataclass
 class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     out_dir: str = "runs/main"
+
+
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(annotation: Any) -> str:
@@ -226,9 +274,45 @@ def _build(annotation: Any, value: Any, path: str) -> Any:
         return {str(k): _build(args[1], v, f"{path}.{k}") for k, v in value.items()}
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        return float(value)  # PyYAML (YAML 1.1) reads 1e-3, without a dot, as a string
     if annotation in (int, float, str, bool) and (type(value) is not annotation):
         raise ConfigError(f"{path}: expected {_type_name(annotation)}, got {value!r}")
     return value
+
+
+def _one_of(path: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{path}: {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _check_optimizers_and_placement(training: TrainingConfig) -> None:
+    _one_of("training.embedding_optimizer", training.embedding_optimizer, list(EMBEDDING_OPTIMIZERS))
+    _one_of("training.dense_optimizer", training.dense_optimizer, list(DENSE_OPTIMIZERS))
+    _one_of("training.lr_decay", training.lr_decay, LR_DECAYS)
+    for name in ("weight_decay", "gradient_clip_norm", "warmup_steps"):
+        if getattr(training, name) < 0:
+            raise ConfigError(f"training.{name}: {getattr(training, name)!r}; allowed: >= 0")
+    if not 0.0 <= training.min_lr_ratio <= 1.0:
+        raise ConfigError(f"training.min_lr_ratio: {training.min_lr_ratio!r}; allowed: 0 to 1")
+    if training.memory_budget_gb is not None and training.memory_budget_gb <= 0:
+        raise ConfigError(f"training.memory_budget_gb: {training.memory_budget_gb!r}; allowed: > 0 or null")
+    for i, sharding_type in enumerate(training.sharding_types or []):
+        _one_of(f"training.sharding_types[{i}]", sharding_type, SHARDING_TYPES)
+    for key, table in training.tables.items():
+        for i, sharding_type in enumerate(table.sharding_types or []):
+            _one_of(f"training.tables.{key}.sharding_types[{i}]", sharding_type, SHARDING_TYPES)
+        for i, kernel in enumerate(table.compute_kernels or []):
+            _one_of(f"training.tables.{key}.compute_kernels[{i}]", kernel, COMPUTE_KERNELS)
+        if table.optimizer is not None:
+            _one_of(f"training.tables.{key}.optimizer", table.optimizer, list(EMBEDDING_OPTIMIZERS))
+        if table.lr is not None and table.lr <= 0:
+            raise ConfigError(f"training.tables.{key}.lr: {table.lr!r}; allowed: > 0")
+
+
+def table_groups(training: TrainingConfig) -> Dict[str, TableConfig]:
+    """``training.tables`` by single feature (a key naming several features applies to each)."""
+    return {feature.strip(): table for key, table in training.tables.items() for feature in key.split(",")}
 
 
 def _check(config: JobConfig) -> None:
@@ -244,6 +328,7 @@ def _check(config: JobConfig) -> None:
     for name in ("batch_size", "eval_batch_size", "epochs"):
         positive(f"training.{name}", getattr(training, name))
     positive("training.embedding_lr", training.embedding_lr)
+    positive("training.collective_timeout_s", training.collective_timeout_s)
     positive("training.dense_lr", training.dense_lr)
     positive("model.embedding_dim", model.embedding_dim)
     for name in ("num_experts", "num_levels", "num_shared_experts", "num_task_experts"):
@@ -252,14 +337,17 @@ def _check(config: JobConfig) -> None:
         raise ConfigError(
             f"model.tower.expert_layer_sizes: {model.tower.expert_layer_sizes}; allowed: one or more sizes >= 1"
         )
-    if training.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+    _check_optimizers_and_placement(training)
+    checkpoint = config.checkpoint
+    for name in ("every_steps", "every_seconds"):
+        if getattr(checkpoint, name) < 0:
+            raise ConfigError(f"checkpoint.{name}: {getattr(checkpoint, name)}; allowed: >= 0 (0: off)")
+    if checkpoint.keep < 1:
+        raise ConfigError(f"checkpoint.keep: {checkpoint.keep}; allowed: >= 1")
+    if checkpoint.resume not in ("auto", "never") and not os.path.isdir(checkpoint.resume):
         raise ConfigError(
-            f"training.embedding_optimizer: {training.embedding_optimizer!r}; "
-            f"allowed: {', '.join(EMBEDDING_OPTIMIZERS)}"
+            f"checkpoint.resume: {checkpoint.resume!r}; allowed: auto, never, or an existing checkpoint folder"
         )
-    for i, sharding_type in enumerate(training.sharding_types or []):
-        if sharding_type not in SHARDING_TYPES:
-            raise ConfigError(f"training.sharding_types[{i}]: {sharding_type!r}; allowed: {', '.join(SHARDING_TYPES)}")
     if model.text is not None and model.text.finetune_layers < 0:
         raise ConfigError(f"model.text.finetune_layers: {model.text.finetune_layers}; allowed: >= 0")
     if not 0.0 <= training.item_id_dropout < 1.0:
@@ -308,6 +396,14 @@ def _check(config: JobConfig) -> None:
                     f"objective.tasks.{name}.kind: {task.kind!r}, but {task.label!r} is a {spec.kind} label in "
                     f"{config.data.schema}"
                 )
+        features = [*schema.categorical, *([ITEM_TEXT_FEATURE] if model.text is not None else [])]
+        for key in config.training.tables:
+            for feature in key.split(","):
+                if feature.strip() not in features:
+                    raise ConfigError(
+                        f"training.tables.{key}: {feature.strip()!r} is not a categorical feature of "
+                        f"{config.data.schema}; allowed: {', '.join(features)}"
+                    )
         if model.text is not None and schema.item_text_key is None:
             raise ConfigError(
                 f"model.text: the schema {config.data.schema} declares no item_text_key (the column whose items the "

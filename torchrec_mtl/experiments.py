@@ -35,7 +35,7 @@ def learned_config(config: Dict[str, Any]) -> Dict[str, Any]:
     """A config dict without ``out_dir`` and the keys that do not change the trained model; keys added to the
     config since ``config`` was written take their defaults."""
     config = config_to_dict(config_from_dict(config))
-    kept = {key: value for key, value in config.items() if key != "out_dir"}
+    kept = {key: value for key, value in config.items() if key not in ("out_dir", "checkpoint")}
     for section, key in _NOT_LEARNED:
         kept[section] = {k: v for k, v in kept[section].items() if k != key}
     return kept

@@ -1,5 +1,8 @@
 """The main job: data -> sharded multi-task model -> pipelined training -> per-task evaluation -> table and JSON.
 
+Writes to ``out_dir``: ``results.json`` (metrics, segments, curve, diagnostics, config), ``predictions.npz`` (each test
+row's ``<task>.prediction`` and ``<task>.label``, for the report) and ``checkpoints/`` (torchrec_mtl.train.checkpoint).
+
 Runs at any world size: alone (one gloo process) or under torchrun. Rank 0 preprocesses the logs into shards when
 they changed (torchrec_mtl.data.prepare); every rank then memory-maps the same shards, takes its own batches, and the
 metrics are reduced across ranks.
@@ -25,9 +28,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.train_pipeline import EvalPipelineSparseDist, TrainPipelineSparseDist
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.keyed import KeyedOptimizer
 
 from torchrec_mtl.config import (
     ConfigError,
@@ -36,6 +40,7 @@ from torchrec_mtl.config import (
     TextConfig,
     TowerConfig,
     config_to_dict,
+    table_groups,
     task_set,
 )
 from torchrec_mtl.data import synthetic
@@ -56,9 +61,18 @@ from torchrec_mtl.tasks import TOWER_TASKS, MultiTaskObjective, TaskSet
 from torchrec_mtl.schema import DatasetSchema
 from torchrec_mtl.text.cache import encode_items_file
 from torchrec_mtl.text.table import ItemTextTable
-from torchrec_mtl.train.distributed import DistributedEnv, init_distributed, load_table_weights, shard_model
+from torchrec_mtl.train.distributed import (
+    DistributedEnv,
+    TableOptions,
+    init_distributed,
+    load_table_weights,
+    shard_model,
+)
+from torchrec_mtl.train.optimizers import LearningRateSchedule, table_name
 from torchrec_mtl.train.diagnostics import GateMonitor, label_copy_warnings, leak_warnings
-from torchrec_mtl.train.loop import make_pipeline, train, evaluate
+from torchrec_mtl.train.checkpoint import Checkpointer, CheckpointError, TrainingStopped, read_train_state
+from torchrec_mtl.train.loop import NonFiniteLoss, evaluate, make_eval_pipeline, make_pipeline, train
+from torchrec_mtl.train.resume import CheckpointTrigger, restore_run, resume_path, save_run
 
 
 def seed_everything(seed: int) -> None:
@@ -265,7 +279,7 @@ def _evaluate_item_segments(job: "PreparedJob") -> Dict[str, Tuple[int, Dict[str
             shuffle=False,
             pad_tail=True,
         )
-        segments[name] = (int(mask.sum()), evaluate(job.sharded, job.pipeline, loader, job.tasks.names, False))
+        segments[name] = (int(mask.sum()), evaluate(job.sharded, job.eval_pipeline, loader, job.tasks.names, False))
     return segments
 
 
@@ -284,7 +298,10 @@ class PreparedJob:
     text_table: Optional[ItemTextTable]
     objective: MultiTaskObjective
     sharded: DistributedModelParallel
+    optimizer: KeyedOptimizer  # the embedding (fused) and dense optimizers combined
     pipeline: TrainPipelineSparseDist
+    eval_pipeline: EvalPipelineSparseDist
+    schedule: Optional[LearningRateSchedule]  # every learning rate, by step
 
     def test_users(self) -> Optional[np.ndarray]:
         """The raw user key of each test row (for GAUC), when the schema names a user column."""
@@ -356,25 +373,97 @@ def prepare_job(config: JobConfig, env: DistributedEnv) -> PreparedJob:
         config.objective.min_propensity,
         config.objective.gradient_cosine_every,
     )
-    sharded, optimizer = shard_model(
-        MultiTaskTrain(model, objective),
-        env,
-        training.embedding_optimizer,
-        training.embedding_lr,
-        training.dense_lr,
-        training.sharding_types,
-    )
+    try:
+        sharded, optimizer = shard_model(
+            MultiTaskTrain(model, objective),
+            env,
+            training.embedding_optimizer,
+            training.embedding_lr,
+            training.dense_lr,
+            training.sharding_types,
+            tables={
+                table_name(feature): TableOptions(t.sharding_types, t.compute_kernels, t.optimizer, t.lr)
+                for feature, t in table_groups(training).items()
+            },
+            memory_budget_bytes=int(training.memory_budget_gb * 2**30) if training.memory_budget_gb else None,
+            dense_optimizer_name=training.dense_optimizer,
+            weight_decay=training.weight_decay,
+            clip_norm=training.gradient_clip_norm,
+            print_plan=training.print_plan,
+        )
+    except ValueError as error:  # a table option or the memory budget the planner or FBGEMM cannot meet
+        raise ConfigError(f"training: {error}") from None
     if isinstance(item_text, ItemTextArch):
         load_table_weights(sharded, ITEM_TEXT_TABLE, torch.from_numpy(text_table.vectors))
-    pipeline = make_pipeline(sharded, optimizer, env.device)
-    return PreparedJob(
-        config, env, log, tasks, train_shards, test_shards, features, text_table, objective, sharded, pipeline
-    )
+    job = PreparedJob(
+        config, env, log, tasks, train_shards, test_shards, features, text_table, objective, sharded, optimizer,
+        make_pipeline(sharded, optimizer, env.device), make_eval_pipeline(sharded, env.device), None,
+    )  # fmt: skip
+    job.schedule = LearningRateSchedule(
+        optimizer, training.warmup_steps, training.epochs * len(job.loader("train")), training.lr_decay,
+        training.min_lr_ratio,
+    )  # fmt: skip
+    return job
+
+
+def checkpoint_dir(config: JobConfig) -> Path:
+    return Path(config.checkpoint.dir or Path(config.out_dir) / "checkpoints")
+
+
+# keys that may differ between a checkpoint's config and the run resuming it: where it writes, what it shows,
+# how tables are placed (DCP reshards), and more epochs (which continue the run)
+_RESUMABLE_CHANGES = {"out_dir", "checkpoint", "training.epochs", "training.progress", "training.sharding_types"}
+
+
+def _config_changes(saved: Dict, current: Dict, prefix: str = "") -> List[str]:
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        path = f"{prefix}{key}"
+        if path in _RESUMABLE_CHANGES:
+            continue
+        before, after = saved.get(key), current.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            changes += _config_changes(before, after, f"{path}.")
+        elif before != after:
+            changes.append(f"{path} ({before!r} -> {after!r})")
+    return changes
+
+
+def _resume(job: PreparedJob, checkpointer: Checkpointer, global_batch_rows: int):
+    """The summary and curve window to continue from (restored into the model and optimizers), or None."""
+    path = resume_path(checkpointer, job.config.checkpoint.resume)
+    if path is None:
+        return None
+    changes = _config_changes(read_train_state(path).get("config", {}), config_to_dict(job.config))
+    if changes:
+        raise CheckpointError(
+            f"checkpoint {path}: written by another config ({'; '.join(changes[:5])}); set checkpoint.resume=never "
+            "to start over"
+        )
+    summary, window_batches, train_state = restore_run(path, job.sharded, job.optimizer, global_batch_rows)
+    if job.env.is_main:
+        print(
+            f"resuming from {path}: step {summary.steps}, epoch {summary.epoch + 1} batch {summary.batch}"
+            + ("" if train_state["world_size"] == job.env.world_size else f" (written at world size "
+               f"{train_state['world_size']}, resharded)"),
+            flush=True,
+        )  # fmt: skip
+    return summary, window_batches
+
+
+def _gathered(predictions: Dict[str, np.ndarray], env: DistributedEnv) -> Dict[str, np.ndarray]:
+    """Every rank's test predictions (``evaluate``'s ``predictions_out``), on rank 0, in the test set's row order."""
+    if env.world_size > 1:
+        parts: List[Optional[Dict[str, np.ndarray]]] = [None] * env.world_size
+        dist.all_gather_object(parts, predictions)
+        predictions = {key: np.concatenate([part[key] for part in parts]) for key in predictions}
+    order = np.argsort(predictions["row"], kind="stable")
+    return {key: values[order] for key, values in predictions.items() if key != "row"}
 
 
 def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
     """Train and evaluate as configured; rank 0 prints the table and writes ``out_dir/results.json``."""
-    env = env or init_distributed()
+    env = env or init_distributed(timeout_s=config.training.collective_timeout_s)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))))
     started = time.perf_counter()
     job = prepare_job(config, env)
@@ -384,18 +473,45 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
     first = job.train_shards[0]  # checked before training: a copied label is worth knowing before hours of it
     warnings = label_copy_warnings(first.dense, first.sparse, first.labels, log.dense_features, job.features)
     gated = next((m for m in sharded.modules() if hasattr(m, "gate_weights")), None)
-    summary = train(
-        sharded,
-        pipeline,
-        job.loader("train"),
-        training.epochs,
-        show_progress=show,
-        task_kinds=tasks.names,
-        curve_every=training.curve_every,
-        gated_tower=gated,
+    train_loader = job.loader("train")
+    checkpointer = Checkpointer(checkpoint_dir(config), keep=config.checkpoint.keep)
+    global_batch_rows = train_loader.batch_size * train_loader.world_size
+    save = lambda summary, window, finished=False: save_run(  # noqa: E731
+        checkpointer, sharded, job.optimizer, summary, window, global_batch_rows, config_to_dict(config), finished
     )
+    resume = _resume(job, checkpointer, global_batch_rows)
+    trigger = CheckpointTrigger(save, config.checkpoint.every_steps, config.checkpoint.every_seconds)
+    try:
+        summary = train(
+            sharded,
+            pipeline,
+            train_loader,
+            training.epochs,
+            show_progress=show,
+            task_kinds=tasks.names,
+            curve_every=training.curve_every,
+            gated_tower=gated,
+            resume=resume,
+            after_step=trigger,
+            schedule=job.schedule,
+        )
+    except NonFiniteLoss as error:
+        raise NonFiniteLoss(f"{error}; the last good checkpoint: {checkpointer.latest() or 'none yet'}") from None
+    finally:
+        trigger.close()
+    if summary.stopped:
+        raise TrainingStopped(
+            f"stopped by SIGTERM after step {summary.steps}; checkpoint {trigger.last_path}; run the same command "
+            "again to continue from it"
+        )
+    if config.checkpoint.at_end:
+        save(summary, None, finished=True)
     with GateMonitor(gated) if gated is not None else contextlib.nullcontext() as monitor:
-        metrics = evaluate(sharded, pipeline, job.loader("test"), tasks.names, show, groups=job.test_users())
+        predictions: Dict[str, np.ndarray] = {}
+        metrics = evaluate(
+            sharded, job.eval_pipeline, job.loader("test"), tasks.names, show, job.test_users(), predictions
+        )
+    predictions = _gathered(predictions, env)
     segments = _evaluate_item_segments(job)
     cosine = objective.gradient_cosine
     warnings += (monitor.warnings() if monitor else []) + (cosine.warnings() if cosine else []) + leak_warnings(metrics)
@@ -429,6 +545,7 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
         out = Path(config.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=2))
+        np.savez(out / "predictions.npz", **predictions)
         print(format_table(per_task))
         for name, segment in results["segments"].items():
             summary_line = ", ".join(f"{t} {headline(v)} {v[headline(v)]:.4f}" for t, v in segment["tasks"].items())

@@ -243,6 +243,8 @@ class MultiTaskObjective(nn.Module):
 
         if self.gradient_cosine is not None and self.training:
             self.gradient_cosine.observe(terms)
+        # kept so that a non-finite loss can be traced to its term (torchrec_mtl.train.loop.NonFiniteLoss)
+        self.last_terms = {name: term.detach() for name, term in terms.items()}
         loss = self.weighting(terms)
         return loss, (loss.detach(), predictions, eval_labels)
 

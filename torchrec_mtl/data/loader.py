@@ -64,10 +64,16 @@ class BatchLoader:
         self.shuffle, self.pad_tail, self.seed, self.window_rows = shuffle, pad_tail, seed, window_rows
         self.num_rows = sum(len(shard) for shard in self.shards)
         self.epoch = 0
+        self.start_batch = 0
         self._lengths = torch.ones(batch_size * len(feature_names), dtype=torch.int32)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Walk epoch ``epoch``'s order from its ``start_batch``-th batch on (resuming mid-epoch): the batches before
+        it are skipped without being built, but their random draws are made, so what follows is what an
+        uninterrupted epoch would have yielded."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch: {start_batch}; allowed: 0 to {len(self)} (batches in an epoch)")
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
         """Batches this rank yields: the same on every rank."""
@@ -91,6 +97,7 @@ class BatchLoader:
         remaining = len(self)
         carried: List[EncodedLog] = []
         carried_rows = 0
+        yielded = 0
         for position, shard_index in enumerate(shard_order):
             carried.append(self.shards[shard_index])
             carried_rows += len(self.shards[shard_index])
@@ -101,12 +108,17 @@ class BatchLoader:
             order = rng.permutation(len(window)) if self.shuffle else np.arange(len(window))
             full = min(len(window) // global_batch, remaining)
             for batch in range(full):
+                if yielded < self.start_batch:
+                    yielded += 1
+                    self._skip(rng if self.shuffle else None)
+                    continue
+                yielded += 1
                 start = batch * global_batch + self.rank * self.batch_size
                 yield self._batch(window, order[start : start + self.batch_size], rng=rng if self.shuffle else None)
             remaining -= full
             leftover = order[full * global_batch :]
             carried, carried_rows = ([window.take(leftover)], len(leftover)) if len(leftover) else ([], 0)
-        if remaining and self.pad_tail and carried_rows:
+        if remaining and self.pad_tail and carried_rows and yielded >= self.start_batch:
             # the last, partial global batch: real rows first, then weight-0 copies of the first real row
             tail = carried[0]
             rows = np.arange(global_batch)
@@ -114,6 +126,12 @@ class BatchLoader:
             rows[len(tail) :] = 0
             mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
             yield self._batch(tail, rows[mine], weight[mine])
+
+    def _skip(self, rng: np.random.Generator | None) -> None:
+        """Make a skipped batch's random draws (those ``_batch`` would make)."""
+        if self.id_dropout and rng is not None:
+            for _ in self.id_dropout:
+                rng.random(self.batch_size * self.world_size)
 
     def _batch(
         self,

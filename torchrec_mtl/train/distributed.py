@@ -13,31 +13,40 @@ Example::
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed import embeddingbag
 from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.optim.optimizers import in_backward_optimizer_filter
-from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-EMBEDDING_OPTIMIZERS = {
-    "rowwise_adagrad": RowWiseAdagrad,
-    "adagrad": torch.optim.Adagrad,
-    "adam": torch.optim.Adam,
-    "sgd": torch.optim.SGD,
-}
+from torchrec_mtl.train.optimizers import EMBEDDING_OPTIMIZERS, apply_embedding_optimizers, dense_optimizer
+
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel")
+# the kernels that train inside backward on CPU and GPU ("dense" tables train with the dense optimizer instead)
+COMPUTE_KERNELS = ("fused", "dense", "fused_uvm", "fused_uvm_caching")
+
+
+@dataclass(frozen=True)
+class TableOptions:
+    """Per-table choices: the planner's allowed sharding types and compute kernels, the fused optimizer and its
+    learning rate (None: the defaults of ``shard_model``)."""
+
+    sharding_types: Optional[Sequence[str]] = None
+    compute_kernels: Optional[Sequence[str]] = None
+    optimizer: Optional[str] = None
+    lr: Optional[float] = None
 
 
 class EmbeddingBagCollectionSharder(embeddingbag.EmbeddingBagCollectionSharder):
@@ -65,16 +74,21 @@ class DistributedEnv:
         return self.rank == 0
 
 
-def init_distributed(backend: Optional[str] = None) -> DistributedEnv:
+def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) -> DistributedEnv:
     """Join (or create, at world size 1) the default process group: gloo on CPU, NCCL on GPUs.
 
     Under torchrun the environment names the group; alone, a one-process group on an in-memory store opens no port.
+    A collective that waits ``timeout_s`` seconds for a peer (one that hangs) raises instead of waiting for ever; a
+    peer that dies breaks the connection and the next collective raises at once.
     """
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if "WORLD_SIZE" in os.environ:
             dist.init_process_group(
-                backend=backend, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"])
+                backend=backend,
+                rank=int(os.environ["RANK"]),
+                world_size=int(os.environ["WORLD_SIZE"]),
+                timeout=datetime.timedelta(seconds=timeout_s),
             )
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -91,6 +105,21 @@ def embedding_collections(module: nn.Module) -> List[EmbeddingBagCollection]:
     return [m for m in module.modules() if isinstance(m, EmbeddingBagCollection)]
 
 
+def _constraints(
+    tables: List[str], sharding_types: Optional[Sequence[str]], options: Mapping[str, TableOptions]
+) -> Optional[Dict[str, ParameterConstraints]]:
+    constraints = {}
+    for table in tables:
+        option = options.get(table, TableOptions())
+        types = option.sharding_types or sharding_types
+        if types or option.compute_kernels:
+            constraints[table] = ParameterConstraints(
+                sharding_types=list(types) if types else None,
+                compute_kernels=list(option.compute_kernels) if option.compute_kernels else None,
+            )
+    return constraints or None
+
+
 def shard_model(
     model: nn.Module,
     env: DistributedEnv,
@@ -98,42 +127,64 @@ def shard_model(
     embedding_lr: float = 0.05,
     dense_lr: float = 1e-3,
     sharding_types: Optional[List[str]] = None,
+    tables: Optional[Mapping[str, TableOptions]] = None,
+    memory_budget_bytes: Optional[int] = None,
+    dense_optimizer_name: str = "adam",
+    weight_decay: float = 0.0,
+    clip_norm: float = 0.0,
+    print_plan: bool = False,
 ) -> Tuple[DistributedModelParallel, CombinedOptimizer]:
     """Wrap ``model`` in DistributedModelParallel with a planner-chosen plan and return it with its optimizer.
 
     Args:
         model: the training module; its EmbeddingBagCollections are sharded, the rest is data parallel.
         env: from ``init_distributed``.
-        embedding_optimizer: one of ``EMBEDDING_OPTIMIZERS``; it runs fused inside backward.
+        embedding_optimizer, embedding_lr: the fused optimizer of every table (one of ``EMBEDDING_OPTIMIZERS``),
+            unless ``tables`` says otherwise for a table.
         sharding_types: restrict every table to these torchrec sharding types (None: the planner chooses).
+        tables: table name -> ``TableOptions`` (sharding types, compute kernels, optimizer, learning rate).
+        memory_budget_bytes: the planner's storage per rank (HBM on GPUs, DDR on CPU); None: the device's.
+        dense_optimizer_name, dense_lr, weight_decay, clip_norm: the dense optimizer (``DENSE_OPTIMIZERS``),
+            gradients clipped to total norm ``clip_norm`` when > 0.
+        print_plan: rank 0 prints the chosen plan (table, sharding type, kernel, ranks, shards).
     """
     if embedding_optimizer not in EMBEDDING_OPTIMIZERS:
         raise ValueError(
             f"embedding_optimizer: expected one of {sorted(EMBEDDING_OPTIMIZERS)}, got {embedding_optimizer!r}"
         )
-    for sharding_type in sharding_types or []:
+    tables = dict(tables or {})
+    for sharding_type in [t for o in [TableOptions(sharding_types)] + list(tables.values()) for t in o.sharding_types or []]:
         if sharding_type not in SHARDING_TYPES:
             raise ValueError(f"sharding_types: expected items of {SHARDING_TYPES}, got {sharding_type!r}")
-    tables = [table for ebc in embedding_collections(model) for table in ebc.embedding_bag_configs()]
-    for ebc in embedding_collections(model):
-        apply_optimizer_in_backward(EMBEDDING_OPTIMIZERS[embedding_optimizer], ebc.parameters(), {"lr": embedding_lr})
-    constraints = (
-        {table.name: ParameterConstraints(sharding_types=list(sharding_types)) for table in tables}
-        if sharding_types
-        else None
-    )
+    weights = {
+        table: ebc.embedding_bags[table].weight
+        for ebc in embedding_collections(model)
+        for table in ebc.embedding_bags
+    }
+    unknown = sorted(set(tables) - set(weights))
+    if unknown:
+        raise ValueError(f"tables: {unknown[0]!r} is not a table of the model; its tables: {', '.join(weights)}")
+    specs = {t: (o.optimizer or embedding_optimizer, o.lr or embedding_lr) for t, o in tables.items()}
+    apply_embedding_optimizers(weights, specs, (embedding_optimizer, embedding_lr), env.device.type)
+    caps = {"hbm_cap" if env.device.type == "cuda" else "ddr_cap": memory_budget_bytes} if memory_budget_bytes else {}
     planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=env.world_size, compute_device=env.device.type),
-        constraints=constraints,
+        topology=Topology(world_size=env.world_size, compute_device=env.device.type, **caps),
+        constraints=_constraints(list(weights), sharding_types, tables),
     )
     sharders = [EmbeddingBagCollectionSharder()]
-    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    try:
+        plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    except PlannerError as error:
+        budget = f" within {memory_budget_bytes / 2**30:.2f} GiB per rank" if memory_budget_bytes else ""
+        raise ValueError(f"no sharding plan{budget} meets the constraints: {str(error).splitlines()[0]}") from None
+    if print_plan and env.is_main:
+        print(f"sharding plan for {env.world_size} process(es):\n{plan}", flush=True)
     sharded = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=sharders)
-    dense_optimizer = KeyedOptimizerWrapper(
-        dict(in_backward_optimizer_filter(sharded.named_parameters())),
-        lambda params: torch.optim.Adam(params, lr=dense_lr),
-    )
-    return sharded, CombinedOptimizer([sharded.fused_optimizer, dense_optimizer])
+    dense = dense_optimizer(
+        dict(in_backward_optimizer_filter(sharded.named_parameters())), dense_optimizer_name, dense_lr, weight_decay,
+        clip_norm,
+    )  # fmt: skip
+    return sharded, CombinedOptimizer([sharded.fused_optimizer, dense])
 
 
 def _copy_into(target: torch.Tensor, source: torch.Tensor) -> None:

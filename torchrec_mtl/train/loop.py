@@ -1,56 +1,123 @@
 """Training and evaluation through TorchRec's TrainPipelineSparseDist.
 
-One pipeline serves both: in train mode it runs forward, backward and the optimizer step, overlapping the next
-batch's input distribution; in eval mode (``model.eval()``) it runs forward only, as torchrec's DLRM example does.
+Training runs forward, backward and the optimizer step, overlapping the next batch's input distribution; evaluation
+runs torchrec's EvalPipelineSparseDist (forward only) over the same sharded model.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.train_pipeline import EvalPipelineSparseDist, TrainPipelineSparseDist
 from tqdm import tqdm
 
 from torchrec_mtl.data.loader import BatchLoader
 from torchrec_mtl.train.diagnostics import GateMonitor
 from torchrec_mtl.train.metrics import TaskMetrics, grouped_auc
+from torchrec_mtl.train.optimizers import LearningRateSchedule
 
 
 @dataclass
 class TrainSummary:
+    """What a training run did, and (``epoch``, ``batch``, the running sums) where it is: a checkpoint stores it
+    and a resumed run continues from it exactly."""
+
     steps: int = 0
     samples: int = 0
     seconds: float = 0.0
-    losses: List[float] = field(default_factory=list)  # mean loss of each epoch, this rank
+    losses: List[float] = field(default_factory=list)  # mean loss of each finished epoch, this rank
     # every ``curve_every`` steps: the step, the mean loss since the last point, and each task's windowed metrics
     curve: List[Dict] = field(default_factory=list)
+    epoch: int = 0  # the epoch in progress
+    batch: int = 0  # its batches done
+    epoch_loss: float = 0.0  # the sum of its batches' losses
+    since_loss: float = 0.0  # the sum of the losses since the last curve point
+    since_steps: int = 0
+    stopped: bool = False  # ``after_step`` asked to stop before the last epoch ended
+
+    def to_dict(self) -> Dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Dict) -> "TrainSummary":
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
     @property
     def samples_per_second(self) -> float:
         return self.samples / self.seconds if self.seconds else 0.0
 
 
+class CurveWindow:
+    """The batches behind the next curve point: their predictions and labels, kept (not yet reduced) so that a
+    checkpoint can carry them and the point computed after a resume is the one an uninterrupted run computes."""
+
+    def __init__(self, task_kinds: Dict[str, str], batch_size: int, window_batches: int, world_size: int) -> None:
+        self.task_kinds, self.batch_size = task_kinds, batch_size
+        self.window_size = window_batches * batch_size * world_size
+        self.batches: List[Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]] = []
+
+    def add(self, predictions: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor]) -> None:
+        detach = lambda values: {k: v.detach().cpu() for k, v in values.items()}  # noqa: E731
+        self.batches.append((detach(predictions), detach(labels)))
+
+    def compute(self) -> Dict[str, Dict[str, float]]:
+        """Each task's metrics over the kept batches of every rank (a collective); then the window is emptied."""
+        metrics = TaskMetrics(self.task_kinds, batch_size=self.batch_size, window_size=self.window_size)
+        for predictions, labels in self.batches:
+            metrics.update(predictions, labels)
+        self.batches = []
+        return metrics.compute()
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or infinite loss; the message names the step and the terms that were not finite."""
+
+
+def _non_finite_loss(model: nn.Module, loss: float, step: int, epoch: int) -> NonFiniteLoss:
+    terms = next((m.last_terms for m in model.modules() if hasattr(m, "last_terms")), {})
+    bad = {name: float(value) for name, value in terms.items() if not torch.isfinite(value).all()}
+    named = ", ".join(f"{name} ({value})" for name, value in bad.items()) or "none of the task terms (the weighting)"
+    return NonFiniteLoss(
+        f"step {step} (epoch {epoch + 1}): the loss is {loss}; not finite: {named}. Training stopped before any "
+        "checkpoint of this state was written; lower the learning rates or set training.gradient_clip_norm"
+    )
+
+
 def make_pipeline(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> TrainPipelineSparseDist:
     return TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True)
 
 
-def _drain(pipeline: TrainPipelineSparseDist, loader: BatchLoader, description: str, show_progress: bool):
-    """Yield ``(loss, predictions, labels)`` for each batch of ``loader``, then reset the pipeline for the next pass."""
-    iterator = iter(loader)
-    with tqdm(total=len(loader), desc=description, disable=not show_progress, unit="batch", leave=False) as bar:
-        while True:
-            try:
-                output = pipeline.progress(iterator)
-            except StopIteration:
-                break
-            bar.update(1)
-            yield output
-    pipeline.reset()
+def make_eval_pipeline(model: nn.Module, device: torch.device) -> EvalPipelineSparseDist:
+    """Forward-only pipelining for evaluation (the next batch's input distribution overlaps this one's forward)."""
+    return EvalPipelineSparseDist(model, optimizer=None, device=device)
+
+
+def _drain(pipeline: TrainPipelineSparseDist, batches: Iterable, total: int, description: str, show_progress: bool):
+    """Yield ``(loss, predictions, labels)`` for each of ``batches``; the pipeline is reset for the next pass when
+    they run out or the caller stops early."""
+    iterator = iter(batches)
+    try:
+        with tqdm(total=total, desc=description, disable=not show_progress, unit="batch", leave=False) as bar:
+            while True:
+                try:
+                    output = pipeline.progress(iterator)
+                except StopIteration:
+                    break
+                bar.update(1)
+                yield output
+    finally:
+        pipeline.reset()
+
+
+# Called after each training step with the summary so far and the curve window; True asks to stop.
+AfterStep = Callable[[TrainSummary, Optional[CurveWindow]], bool]
 
 
 def train(
@@ -63,49 +130,75 @@ def train(
     curve_every: int = 0,
     window_batches: int = 100,
     gated_tower: Optional[nn.Module] = None,
+    resume: Optional[Tuple[TrainSummary, Optional[List]]] = None,
+    after_step: Optional[AfterStep] = None,
+    schedule: Optional[LearningRateSchedule] = None,
 ) -> TrainSummary:
     """Run ``epochs`` passes over ``loader`` with ``pipeline`` (built over ``model``); every rank's loader must
     have the same length. With ``task_kinds`` and ``curve_every`` > 0, each task's metrics over the last
     ``window_batches`` batches (all ranks) are recorded every ``curve_every`` steps (every rank computes them at
     the same steps, as the reduction needs); with ``gated_tower`` (MMoE, PLE) each point also holds its gates'
-    entropy and expert usage per task over those batches (this rank's rows, ``GateMonitor``)."""
-    summary = TrainSummary()
+    entropy and expert usage per task over those batches (this rank's rows, ``GateMonitor``; after a resume, over
+    the window's batches since the resume).
+
+    ``resume`` (a checkpoint's summary and curve window batches, ``restore_run``) continues a run where it stopped; ``after_step`` is called
+    after every step (to write checkpoints) and may stop the run early (``summary.stopped``).
+    """
+    summary, window_batches_kept = resume if resume is not None else (TrainSummary(), None)
     window = None
-    monitor: Optional[GateMonitor] = None
     if task_kinds and curve_every > 0:
-        window = TaskMetrics(
-            task_kinds, batch_size=loader.batch_size, window_size=window_batches * loader.batch_size * loader.world_size
-        )
+        window = CurveWindow(task_kinds, loader.batch_size, window_batches, loader.world_size)
+        window.batches = list(window_batches_kept or [])
+    monitor: Optional[GateMonitor] = None
+    if schedule is not None:
+        schedule.set_step(summary.steps)
     model.train()
-    start = time.perf_counter()
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        total, count = torch.zeros(()), 0
-        since, since_count = torch.zeros(()), 0
-        for loss, predictions, labels in _drain(pipeline, loader, f"train epoch {epoch + 1}/{epochs}", show_progress):
-            loss = loss.detach().cpu()
-            total += loss
-            since += loss
-            count += 1
-            since_count += 1
+    start = time.perf_counter() - summary.seconds
+    for epoch in range(summary.epoch, epochs):
+        if epoch != summary.epoch:
+            summary.epoch, summary.batch, summary.epoch_loss = epoch, 0, 0.0
+        loader.set_epoch(epoch, start_batch=summary.batch)
+        batches_left = len(loader) - summary.batch
+        description = f"train epoch {epoch + 1}/{epochs}"
+        for loss, predictions, labels in _drain(pipeline, loader, batches_left, description, show_progress):
+            loss = float(loss.detach())
+            if not math.isfinite(loss):
+                raise _non_finite_loss(model, loss, summary.steps + 1, epoch)
+            summary.epoch_loss += loss
+            summary.since_loss += loss
+            summary.since_steps += 1
             summary.steps += 1
-            # only the batches that the next point's window holds are fed to the metrics (they cost ~10% a step)
+            summary.batch += 1
+            summary.samples += loader.batch_size * loader.world_size
+            lr_scale = schedule.set_step(summary.steps) if schedule is not None else 1.0
+            # only the batches that the next point's window holds are kept (the metrics cost ~10% a step)
             if window is not None and -summary.steps % curve_every < window_batches:
-                window.update(predictions, labels)
+                window.add(predictions, labels)
                 if summary.steps % curve_every == 0:
-                    point = {"step": summary.steps, "epoch": epoch + 1, "loss": float(since / since_count)}
+                    point = {
+                        "step": summary.steps,
+                        "epoch": epoch + 1,
+                        "loss": summary.since_loss / summary.since_steps,
+                        "lr_scale": lr_scale,
+                    }
                     if monitor is not None:
                         point["gates"] = monitor.summary()
                         monitor.__exit__()
                         monitor = None
                     summary.curve.append({**point, **window.compute()})
-                    since, since_count = torch.zeros(()), 0
+                    summary.since_loss, summary.since_steps = 0.0, 0
             # watch the gates over the batches the next point's window holds
             if window is not None and gated_tower is not None and monitor is None:
                 if -(summary.steps + 1) % curve_every < window_batches:
                     monitor = GateMonitor(gated_tower).__enter__()
-        summary.samples += count * loader.batch_size * loader.world_size
-        summary.losses.append(float(total / max(count, 1)))
+            summary.seconds = time.perf_counter() - start
+            if after_step is not None and after_step(summary, window):
+                summary.stopped = True
+                break
+        if summary.stopped:
+            break
+        summary.losses.append(summary.epoch_loss / max(summary.batch, 1))
+        summary.epoch, summary.batch, summary.epoch_loss = epoch + 1, 0, 0.0
     if monitor is not None:
         monitor.__exit__()
     summary.seconds = time.perf_counter() - start
@@ -115,37 +208,46 @@ def train(
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    pipeline: TrainPipelineSparseDist,
+    pipeline: EvalPipelineSparseDist,
     loader: BatchLoader,
     task_kinds: Dict[str, str],
     show_progress: bool = True,
     groups: Optional[np.ndarray] = None,
+    predictions_out: Optional[Dict[str, np.ndarray]] = None,
 ) -> Dict[str, Dict[str, float]]:
     """Whole-set metrics per task over every row of ``loader`` (which should pad its tail), reduced over ranks.
 
     With ``groups`` (one integer per row of the loader's shards, e.g. the user; negative = unknown), binary tasks
-    also get ``gauc``: the AUC within each group, averaged over groups (``grouped_auc``).
+    also get ``gauc``: the AUC within each group, averaged over groups (``grouped_auc``). A ``predictions_out`` dict
+    receives this rank's rows: ``row`` (the index in the shards' order), and per task ``<task>.prediction`` and
+    ``<task>.label`` (NaN outside the task's sample space); padding rows are left out.
     """
     metrics = TaskMetrics(
         task_kinds, batch_size=loader.batch_size, window_size=len(loader) * loader.batch_size * loader.world_size
     )
-    binary = [name for name, kind in task_kinds.items() if kind == "binary"]
-    kept: Dict[str, List[torch.Tensor]] = {f"{n}{part}": [] for n in binary for part in ("-p", "-y")}
+    keep = list(task_kinds) if predictions_out is not None else [n for n, k in task_kinds.items() if k == "binary"]
+    keep = keep if (groups is not None or predictions_out is not None) else []
+    kept: Dict[str, List[torch.Tensor]] = {f"{n}.{part}": [] for n in keep for part in ("prediction", "label")}
     model.eval()
-    for _, predictions, labels in _drain(pipeline, loader, "evaluate", show_progress):
+    for _, predictions, labels in _drain(pipeline, loader, len(loader), "evaluate", show_progress):
         metrics.update(predictions, labels)
-        if groups is not None:
-            for name in binary:
-                kept[f"{name}-p"].append(predictions[name].detach().cpu())
-                kept[f"{name}-y"].append(labels[name].detach().cpu())
+        for name in keep:
+            kept[f"{name}.prediction"].append(predictions[name].detach().float().cpu())
+            kept[f"{name}.label"].append(labels[name].detach().float().cpu())
     model.train()
     result = metrics.compute()
+    columns = {key: torch.cat(values) for key, values in kept.items()}
+    rows = loader.row_order() if keep else None
+    binary = [name for name, kind in task_kinds.items() if kind == "binary"]
     if groups is not None and binary:
-        rows = loader.row_order()
         row_groups = torch.from_numpy(np.where(rows >= 0, groups[np.maximum(rows, 0)], -1))
         gauc = grouped_auc(
-            {n: torch.cat(kept[f"{n}-p"]) for n in binary}, {n: torch.cat(kept[f"{n}-y"]) for n in binary}, row_groups
+            {n: columns[f"{n}.prediction"] for n in binary}, {n: columns[f"{n}.label"] for n in binary}, row_groups
         )
         for name, value in gauc.items():
             result[name]["gauc"] = value
+    if predictions_out is not None:
+        real = rows >= 0
+        predictions_out["row"] = rows[real]
+        predictions_out.update({key: values.numpy()[real] for key, values in columns.items()})
     return result

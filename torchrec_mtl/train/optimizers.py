@@ -1,0 +1,148 @@
+"""The optimizers of a sharded model: fused embedding optimizers per table group, the dense optimizer (torchrec's
+KeyedOptimizerWrapper, with torchrec's GradientClippingOptimizer when clipping), and one learning-rate schedule
+over both.
+
+Embedding tables train inside backward (``apply_optimizer_in_backward``; torchrec fuses the tables that share an
+optimizer and its settings into one FBGEMM kernel), so each table group may have its own optimizer and learning rate.
+
+Example::
+
+    >>> specs = embedding_optimizer_specs(["C1", "C2"], "rowwise_adagrad", 0.05, {"C2": ("adagrad", 0.01)})
+    >>> specs["t_C2"]
+    ('adagrad', 0.01)
+    >>> LearningRateSchedule.multiplier_at(50, warmup_steps=100, total_steps=1000, decay="cosine", min_ratio=0.1)
+    0.51
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torchrec.optim.clipping import GradientClipping, GradientClippingOptimizer
+from torchrec.optim.keyed import KeyedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+EMBEDDING_OPTIMIZERS = {
+    "rowwise_adagrad": RowWiseAdagrad,
+    "adagrad": torch.optim.Adagrad,
+    "adam": torch.optim.Adam,
+    "sgd": torch.optim.SGD,
+}
+# FBGEMM's CPU kernels (fbgemm-gpu-cpu 1.8.0) fuse only these; Adam runs fused on GPUs
+FUSED_ON_CPU = ("rowwise_adagrad", "adagrad", "sgd")
+DENSE_OPTIMIZERS = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "adagrad": torch.optim.Adagrad,
+    "sgd": torch.optim.SGD,
+}
+LR_DECAYS = ("constant", "linear", "cosine")
+
+
+def table_name(feature: str) -> str:
+    """The embedding table of a categorical feature (torchrec_mtl.job.build_model names them so)."""
+    return f"t_{feature}"
+
+
+def embedding_optimizer_specs(
+    features: Sequence[str],
+    default_optimizer: str,
+    default_lr: float,
+    overrides: Optional[Mapping[str, Tuple[str, float]]] = None,
+) -> Dict[str, Tuple[str, float]]:
+    """Table name -> (optimizer, learning rate): the default for every feature's table, except ``overrides``
+    (feature -> (optimizer, lr))."""
+    overrides = dict(overrides or {})
+    return {table_name(f): overrides.get(f, (default_optimizer, default_lr)) for f in features}
+
+
+def apply_embedding_optimizers(
+    tables: Mapping[str, nn.Parameter],
+    specs: Mapping[str, Tuple[str, float]],
+    default: Tuple[str, float],
+    device_type: str = "cpu",
+) -> None:
+    """Attach each table's optimizer to run inside backward (before sharding, so the sharder fuses it); tables
+    without a spec (e.g. the item-text table) get ``default``."""
+    from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
+
+    allowed = FUSED_ON_CPU if device_type == "cpu" else tuple(EMBEDDING_OPTIMIZERS)
+    for name, weight in tables.items():
+        optimizer, lr = specs.get(name, default)
+        if optimizer not in allowed:
+            where = " on CPU (Adam runs fused on GPUs)" if device_type == "cpu" else ""
+            raise ValueError(f"table {name}: optimizer {optimizer!r}; allowed{where}: {', '.join(allowed)}")
+        apply_optimizer_in_backward(EMBEDDING_OPTIMIZERS[optimizer], [weight], {"lr": lr})
+
+
+def dense_optimizer(
+    params: Mapping[str, nn.Parameter],
+    name: str = "adam",
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    clip_norm: float = 0.0,
+) -> KeyedOptimizer:
+    """The optimizer of the replicated (data-parallel) parameters; gradients are clipped to ``clip_norm`` (total
+    L2 norm) first when it is > 0."""
+    if name not in DENSE_OPTIMIZERS:
+        raise ValueError(f"dense optimizer {name!r}; allowed: {', '.join(DENSE_OPTIMIZERS)}")
+    optimizer = KeyedOptimizerWrapper(
+        dict(params), lambda group: DENSE_OPTIMIZERS[name](group, lr=lr, weight_decay=weight_decay)
+    )
+    if clip_norm > 0:
+        return GradientClippingOptimizer(optimizer, clipping=GradientClipping.NORM, max_gradient=clip_norm)
+    return optimizer
+
+
+class LearningRateSchedule:
+    """Scales every param group's own learning rate (embedding tables' and dense) by one multiplier of the step:
+    a linear warmup to 1 over ``warmup_steps``, then ``constant``, or a ``linear`` or ``cosine`` decay to
+    ``min_ratio`` at ``total_steps``.
+
+    torchrec's WarmupOptimizer sets one learning rate for every group, which would erase per-table rates, so the
+    schedule scales each group's base rate instead. It holds no state of its own: ``set_step`` after each step
+    (and after a resume) sets the rates from the step count, which the checkpoint already holds.
+    """
+
+    def __init__(
+        self,
+        optimizer: KeyedOptimizer,
+        warmup_steps: int = 0,
+        total_steps: int = 0,
+        decay: str = "constant",
+        min_ratio: float = 0.0,
+    ) -> None:
+        if decay not in LR_DECAYS:
+            raise ValueError(f"decay {decay!r}; allowed: {', '.join(LR_DECAYS)}")
+        self.groups = list(optimizer.param_groups)
+        self.base_lrs = [float(group["lr"]) for group in self.groups]
+        self.warmup_steps, self.total_steps, self.decay, self.min_ratio = warmup_steps, total_steps, decay, min_ratio
+        self.set_step(0)
+
+    @staticmethod
+    def multiplier_at(step: int, warmup_steps: int, total_steps: int, decay: str, min_ratio: float) -> float:
+        """The multiplier for the update that follows ``step`` completed steps."""
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if decay == "constant" or total_steps <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        shape = 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return round(min_ratio + (1.0 - min_ratio) * shape, 12)
+
+    def multiplier(self, step: int) -> float:
+        return self.multiplier_at(step, self.warmup_steps, self.total_steps, self.decay, self.min_ratio)
+
+    def set_step(self, step: int) -> float:
+        """Set every group's rate for the update after ``step`` steps; returns the multiplier."""
+        multiplier = self.multiplier(step)
+        for group, base in zip(self.groups, self.base_lrs):
+            group["lr"] = base * multiplier
+        return multiplier
+
+    @property
+    def learning_rates(self) -> List[float]:
+        return [float(group["lr"]) for group in self.groups]
