@@ -304,3 +304,17 @@ def test_generated_criteo_log_is_repeatable_and_parses_cleanly_under_the_criteo_
             np.testing.assert_array_equal(a["click"], b["click"])
         else:
             np.testing.assert_array_equal(a, b)
+
+
+def test_extreme_integer_features_follow_the_documented_rule():
+    """log(1 + max(x, 0)): a negative count becomes 0, 1e18 becomes 41.4; past int64 the row is rejected."""
+    from torchrec_mtl.data.preprocess import ChunkParser
+
+    def line(first: str) -> str:
+        return "\t".join(["1", "0", "4", first, "-5", "", *["0"] * 10, *["a1"] * 8])
+
+    chunk = "\n".join([line("1000000000000000000"), line("99999999999999999999")]) + "\n"
+    parsed = ChunkParser(SCHEMA, SCHEMA.columns).parse(chunk.encode(), 1)
+    assert parsed.line_numbers.tolist() == [1]
+    np.testing.assert_allclose(parsed.dense[0, :3], [np.log1p(1e18), 0.0, 0.0], rtol=1e-6)
+    assert [(n, reason, column) for n, reason, column, _, _ in parsed.rejections] == [(2, "integer not valid", "I1")]

@@ -111,6 +111,39 @@ def _write_report(run_dir: str) -> None:
     print(f"report: {write_report(run_dir)}")
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from torchrec_mtl.job import evaluate_checkpoint
+
+    evaluate_checkpoint(load_config(args.config, args.overrides), args.checkpoint)
+    return 0
+
+
+def _trained(checkpoint: str):
+    from torchrec_mtl.inference import load_trained
+
+    if not os.path.exists(checkpoint):
+        raise InputError(f"--checkpoint: {checkpoint}: no such folder")
+    return load_trained(checkpoint)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from torchrec_mtl.predict import predict_file
+
+    if args.input != "-" and not os.path.exists(args.input):
+        raise InputError(f"--input: {args.input}: no such file")
+    summary = predict_file(_trained(args.checkpoint), args.input, args.out, progress=not args.quiet)
+    print(json.dumps(summary), file=sys.stderr)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from torchrec_mtl.inference import export
+
+    path = export(_trained(args.checkpoint), args.out, quantize=args.quantize)
+    print(f"exported {path} (manifest: {path.parent / 'manifest.json'})")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from torchrec_mtl.report import write_report
 
@@ -192,6 +225,49 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="YAML job config (see configs/)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.tower.num_experts=8")
     train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score the test split with a checkpoint (default: the run's newest) at any world size",
+        description="Load a checkpoint into the configured model and evaluate it on the test split; prints the "
+        "table and writes OUT_DIR/evaluation.json.\n\n"
+        "example: torchrec-mtl evaluate --config configs/mmoe_synthetic.yaml "
+        "--checkpoint runs/main/checkpoints/step-000002343",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument("--config", required=True, help="the YAML job config the checkpoint was trained with")
+    evaluate.add_argument("--checkpoint", default=None, help="a step-N folder (default: the newest of the run)")
+    evaluate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. out_dir=runs/main")
+    evaluate.set_defaults(func=_evaluate)
+
+    predict = commands.add_parser(
+        "predict",
+        help="score a log (or stdin) with a trained checkpoint: one prediction per task per line",
+        description="Read a log in the training schema's layout, encode it as training did and write a TSV: the "
+        "line number, then one column per task (probabilities; values for regression tasks). Rejected lines are "
+        "counted by reason.\n\n"
+        "example: torchrec-mtl predict --checkpoint runs/main/checkpoints --input new.tsv --out scores.tsv\n"
+        "example: zcat day_3.gz | torchrec-mtl predict --checkpoint runs/criteo/checkpoints --input - > scores.tsv",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    predict.add_argument("--checkpoint", required=True, help="a step-N folder, or a run's checkpoints folder")
+    predict.add_argument("--input", required=True, help="the log to score (plain or .gz); - for stdin")
+    predict.add_argument("--out", default="-", help="the TSV to write (default: stdout)")
+    predict.add_argument("--quiet", action="store_true", help="no progress bar")
+    predict.set_defaults(func=_predict)
+
+    export_parser = commands.add_parser(
+        "export",
+        help="export a trained model as TorchScript with named per-task outputs (optionally int8 tables)",
+        description="torchrec's inference path: quantize_inference_model (with --quantize), FX trace, TorchScript. "
+        "The artifact loads with torch and fbgemm_gpu alone: model(dense_features, sparse_ids) -> {task: [B]}.\n\n"
+        "example: torchrec-mtl export --checkpoint runs/main/checkpoints --out runs/main/export",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export_parser.add_argument("--checkpoint", required=True, help="a step-N folder, or a run's checkpoints folder")
+    export_parser.add_argument("--out", required=True, help="folder for model.pt and manifest.json")
+    export_parser.add_argument("--quantize", action="store_true", help="int8 embedding tables (dense layers fp32)")
+    export_parser.set_defaults(func=_export)
 
     report = commands.add_parser(
         "report",

@@ -56,6 +56,7 @@ from torchrec_mtl.modules.item_text import (
     item_text_collection,
     tokenize_descriptions,
 )
+from torchrec_mtl.inference import model_inputs
 from torchrec_mtl.modules.towers import PLE, MMoE, SharedBottom, SingleTask
 from torchrec_mtl.tasks import TOWER_TASKS, MultiTaskObjective, TaskSet
 from torchrec_mtl.schema import DatasetSchema
@@ -476,9 +477,11 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
     train_loader = job.loader("train")
     checkpointer = Checkpointer(checkpoint_dir(config), keep=config.checkpoint.keep)
     global_batch_rows = train_loader.batch_size * train_loader.world_size
+    inputs = model_inputs(job)
     save = lambda summary, window, finished=False: save_run(  # noqa: E731
-        checkpointer, sharded, job.optimizer, summary, window, global_batch_rows, config_to_dict(config), finished
-    )
+        checkpointer, sharded, job.optimizer, summary, window, global_batch_rows, config_to_dict(config), finished,
+        inputs,
+    )  # fmt: skip
     resume = _resume(job, checkpointer, global_batch_rows)
     trigger = CheckpointTrigger(save, config.checkpoint.every_steps, config.checkpoint.every_seconds)
     try:
@@ -557,3 +560,25 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
             f"process(es); results in {out / 'results.json'}"
         )
     return results
+
+
+def evaluate_checkpoint(config: JobConfig, checkpoint: Optional[str] = None) -> Dict[str, Dict[str, float]]:
+    """The test metrics of a checkpoint (default: the newest in the config's checkpoint folder), at any world size;
+    rank 0 prints the table and writes ``out_dir/evaluation.json``."""
+    env = init_distributed(timeout_s=config.training.collective_timeout_s)
+    job = prepare_job(config, env)
+    path = Path(checkpoint) if checkpoint else Checkpointer(checkpoint_dir(config)).latest()
+    if path is None:
+        raise CheckpointError(f"{checkpoint_dir(config)}: no checkpoint to evaluate (train first, or pass one)")
+    train = job.loader("train")
+    summary, _, _ = restore_run(path, job.sharded, job.optimizer, train.batch_size * train.world_size)
+    show = config.training.progress and env.is_main
+    metrics = evaluate(job.sharded, job.eval_pipeline, job.loader("test"), job.tasks.names, show, job.test_users())
+    per_task = _headline_first(metrics, _ceilings(config.data.dir) or {})
+    if env.is_main:
+        out = Path(config.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        document = {"checkpoint": str(path), "step": summary.steps, "tasks": per_task}
+        (out / "evaluation.json").write_text(json.dumps(document, indent=2))
+        print(f"{path} (step {summary.steps}):\n{format_table(per_task)}")
+    return per_task

@@ -168,8 +168,11 @@ class MultiTaskObjective(nn.Module):
             shared tower parameters (0: never).
 
     ``forward`` returns ``(loss, (loss.detach(), predictions, labels))``: predictions and labels per evaluated name
-    (tasks and products), labels NaN outside each one's sample space.
+    (tasks and products), labels NaN outside each one's sample space. ``last_terms`` keeps the last forward's loss
+    terms (detached) for the progress bar and for naming a non-finite one.
     """
+
+    terms_kept = True
 
     def __init__(
         self,

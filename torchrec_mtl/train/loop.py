@@ -62,6 +62,7 @@ class CurveWindow:
         self.task_kinds, self.batch_size = task_kinds, batch_size
         self.window_size = window_batches * batch_size * world_size
         self.batches: List[Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]] = []
+        self._metrics: Optional[TaskMetrics] = None
 
     def add(self, predictions: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor]) -> None:
         detach = lambda values: {k: v.detach().cpu() for k, v in values.items()}  # noqa: E731
@@ -69,11 +70,13 @@ class CurveWindow:
 
     def compute(self) -> Dict[str, Dict[str, float]]:
         """Each task's metrics over the kept batches of every rank (a collective); then the window is emptied."""
-        metrics = TaskMetrics(self.task_kinds, batch_size=self.batch_size, window_size=self.window_size)
+        if self._metrics is None:  # built once: a RecMetricModule takes about a second to build
+            self._metrics = TaskMetrics(self.task_kinds, batch_size=self.batch_size, window_size=self.window_size)
+        self._metrics.reset()
         for predictions, labels in self.batches:
-            metrics.update(predictions, labels)
+            self._metrics.update(predictions, labels)
         self.batches = []
-        return metrics.compute()
+        return self._metrics.compute()
 
 
 class NonFiniteLoss(RuntimeError):
@@ -99,21 +102,41 @@ def make_eval_pipeline(model: nn.Module, device: torch.device) -> EvalPipelineSp
     return EvalPipelineSparseDist(model, optimizer=None, device=device)
 
 
-def _drain(pipeline: TrainPipelineSparseDist, batches: Iterable, total: int, description: str, show_progress: bool):
-    """Yield ``(loss, predictions, labels)`` for each of ``batches``; the pipeline is reset for the next pass when
-    they run out or the caller stops early."""
+def _drain(pipeline: TrainPipelineSparseDist, batches: Iterable, bar: tqdm):
+    """Yield ``(loss, predictions, labels)`` for each of ``batches``, advancing ``bar``; the pipeline is reset for
+    the next pass when they run out or the caller stops early."""
     iterator = iter(batches)
     try:
-        with tqdm(total=total, desc=description, disable=not show_progress, unit="batch", leave=False) as bar:
-            while True:
-                try:
-                    output = pipeline.progress(iterator)
-                except StopIteration:
-                    break
-                bar.update(1)
-                yield output
+        while True:
+            try:
+                output = pipeline.progress(iterator)
+            except StopIteration:
+                break
+            bar.update(1)
+            yield output
     finally:
         pipeline.reset()
+
+
+def _bar(total: int, description: str, show_progress: bool) -> tqdm:
+    return tqdm(total=total, desc=description, disable=not show_progress, unit="batch", leave=False)
+
+
+class _RunningTerms:
+    """Each loss term's exponential moving average over recent steps, for the progress bar."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.95) -> None:
+        self.objective = next((m for m in model.modules() if hasattr(type(m), "terms_kept")), None)
+        self.decay, self.values = decay, {}
+
+    def update(self) -> None:
+        for name, value in getattr(self.objective, "last_terms", {}).items():
+            value = float(value)
+            self.values[name] = value if name not in self.values else self.decay * self.values[name] + (1 - self.decay) * value
+
+    def postfix(self, summary: TrainSummary) -> Dict[str, str]:
+        rate = summary.samples / summary.seconds if summary.seconds else 0.0
+        return {"samples/s": f"{rate:,.0f}", **{name: f"{value:.4f}" for name, value in self.values.items()}}
 
 
 # Called after each training step with the summary so far and the curve window; True asks to stop.
@@ -150,6 +173,7 @@ def train(
         window = CurveWindow(task_kinds, loader.batch_size, window_batches, loader.world_size)
         window.batches = list(window_batches_kept or [])
     monitor: Optional[GateMonitor] = None
+    running = _RunningTerms(model)
     if schedule is not None:
         schedule.set_step(summary.steps)
     model.train()
@@ -159,8 +183,8 @@ def train(
             summary.epoch, summary.batch, summary.epoch_loss = epoch, 0, 0.0
         loader.set_epoch(epoch, start_batch=summary.batch)
         batches_left = len(loader) - summary.batch
-        description = f"train epoch {epoch + 1}/{epochs}"
-        for loss, predictions, labels in _drain(pipeline, loader, batches_left, description, show_progress):
+        bar = _bar(batches_left, f"train epoch {epoch + 1}/{epochs}", show_progress)
+        for loss, predictions, labels in _drain(pipeline, loader, bar):
             loss = float(loss.detach())
             if not math.isfinite(loss):
                 raise _non_finite_loss(model, loss, summary.steps + 1, epoch)
@@ -192,9 +216,14 @@ def train(
                 if -(summary.steps + 1) % curve_every < window_batches:
                     monitor = GateMonitor(gated_tower).__enter__()
             summary.seconds = time.perf_counter() - start
+            if show_progress:  # samples/s and each term's running loss beside the bar
+                running.update()
+                if summary.steps % 10 == 0:
+                    bar.set_postfix(running.postfix(summary), refresh=False)
             if after_step is not None and after_step(summary, window):
                 summary.stopped = True
                 break
+        bar.close()
         if summary.stopped:
             break
         summary.losses.append(summary.epoch_loss / max(summary.batch, 1))
@@ -229,11 +258,12 @@ def evaluate(
     keep = keep if (groups is not None or predictions_out is not None) else []
     kept: Dict[str, List[torch.Tensor]] = {f"{n}.{part}": [] for n in keep for part in ("prediction", "label")}
     model.eval()
-    for _, predictions, labels in _drain(pipeline, loader, len(loader), "evaluate", show_progress):
-        metrics.update(predictions, labels)
-        for name in keep:
-            kept[f"{name}.prediction"].append(predictions[name].detach().float().cpu())
-            kept[f"{name}.label"].append(labels[name].detach().float().cpu())
+    with _bar(len(loader), "evaluate", show_progress) as bar:
+        for _, predictions, labels in _drain(pipeline, loader, bar):
+            metrics.update(predictions, labels)
+            for name in keep:
+                kept[f"{name}.prediction"].append(predictions[name].detach().float().cpu())
+                kept[f"{name}.label"].append(labels[name].detach().float().cpu())
     model.train()
     result = metrics.compute()
     columns = {key: torch.cat(values) for key, values in kept.items()}

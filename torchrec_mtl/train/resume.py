@@ -44,13 +44,16 @@ def save_run(
     global_batch_rows: int,
     config: Dict[str, Any],
     finished: bool = False,
+    model_inputs: Optional[Dict[str, Any]] = None,
 ) -> Path:
-    """Write the run's state at ``summary.steps`` (every rank calls it); ``config`` is the job config as a dict."""
+    """Write the run's state at ``summary.steps`` (every rank calls it); ``config`` is the job config as a dict,
+    ``model_inputs`` what rebuilding the model needs beside it (torchrec_mtl.inference.model_inputs)."""
     train_state = {
         "finished": finished,
         "global_batch_rows": global_batch_rows,
         "summary": summary.to_dict(),
         "config": config,
+        "model_inputs": model_inputs,
     }
     rank_state = {"rng": rng_state(), "window": window.batches if window is not None else None}
     _initialise_lazy_state(optimizer)  # only before the first step: every checkpoint then has the same keys

@@ -1,0 +1,176 @@
+"""A trained model out of its checkpoint: unsharded for scoring here, or exported as a TorchScript artifact.
+
+``load_trained`` rebuilds the model a checkpoint holds on one CPU process (no process group: DCP reads the shards
+of every rank into whole tables) from what the checkpoint itself records: the job config and the model's inputs
+(feature names, table sizes, dense width, regression offsets). ``InferenceModel`` wraps it with plain tensor inputs
+and named per-task outputs: probabilities for binary tasks and products (ESMM's CTCVR), values for regression.
+
+``export`` follows torchrec's inference path: ``quantize_inference_model`` (optional: int8 tables, the dense
+layers stay fp32), ``torchrec.fx.symbolic_trace``, ``torch.jit.script``. The artifact needs torch and fbgemm_gpu
+(whose operators the tables call) to load, not this package::
+
+    import torch, fbgemm_gpu  # noqa: F401  (registers the table operators)
+    model = torch.jit.load("runs/main/export/model.pt")
+    outputs = model(dense_features, sparse_ids)  # [B, num_dense] float32, [B, num_features] int64 table rows
+    outputs["ctr"], outputs["ctcvr"], outputs["rating"]
+
+Example::
+
+    >>> trained = load_trained("runs/main/checkpoints/step-000002343")  # doctest: +SKIP
+    >>> export(trained, "runs/main/export", quantize=False)  # doctest: +SKIP
+"""
+
+
+# No "from __future__ import annotations" here: FX writes the forward signatures' annotations into the traced code,
+# and TorchScript must read them as types, not strings.
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_mtl.config import JobConfig, config_from_dict, task_set
+from torchrec_mtl.model import MultiTaskModel
+from torchrec_mtl.tasks import TaskSet
+from torchrec_mtl.train.checkpoint import CheckpointError, read_train_state
+
+
+class TaskOutputs(nn.Module):
+    """Tower logits -> each evaluated name's prediction, as the objective (torchrec_mtl.tasks) defines it:
+    sigmoid for binary tasks, logit + offset for regression, the product of its parts' probabilities for a
+    product. Scriptable (plain lists and dicts)."""
+
+    def __init__(self, tasks: TaskSet, offsets: Dict[str, float]) -> None:
+        super().__init__()
+        self.binary: List[str] = [t.name for t in tasks.tasks if t.kind == "binary"]
+        self.regression: List[str] = [t.name for t in tasks.tasks if t.kind == "regression"]
+        self.offsets: Dict[str, float] = {name: float(offsets.get(name, 0.0)) for name in self.regression}
+        self.products: Dict[str, List[str]] = {p.name: list(p.of) for p in tasks.products}
+
+    def forward(self, logits: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        outputs: Dict[str, torch.Tensor] = {}
+        for name in self.binary:
+            outputs[name] = torch.sigmoid(logits[name])
+        for name in self.regression:
+            outputs[name] = logits[name] + self.offsets[name]
+        for name, parts in self.products.items():
+            product = torch.ones_like(logits[parts[0]])
+            for part in parts:
+                product = product * outputs[part]
+            outputs[name] = product
+        return outputs
+
+
+class InferenceModel(nn.Module):
+    """``forward(dense_features [B, num_dense], sparse_ids [B, num_features])`` -> {task: [B]}: one table row per
+    categorical feature (as preprocessing writes them), in ``feature_names`` order."""
+
+    def __init__(self, model: MultiTaskModel, feature_names: List[str], outputs: TaskOutputs) -> None:
+        super().__init__()
+        self.model, self.outputs = model, outputs
+        self.feature_names: List[str] = list(feature_names)
+
+    def forward(self, dense_features: torch.Tensor, sparse_ids: torch.Tensor) -> Dict[str, torch.Tensor]:
+        sparse = KeyedJaggedTensor(
+            keys=self.feature_names,
+            values=sparse_ids.t().reshape(-1),
+            lengths=torch.ones(sparse_ids.numel(), dtype=torch.int32, device=sparse_ids.device),
+        )
+        return self.outputs(self.model(dense_features, sparse))
+
+
+@dataclass
+class TrainedModel:
+    """What ``load_trained`` rebuilds: the model with its outputs, and what it was trained on."""
+
+    inference: InferenceModel
+    config: JobConfig
+    inputs: Dict[str, Any]  # features, table_sizes, num_dense, dense_features, offsets, item_text
+    checkpoint: Path
+
+    @property
+    def task_kinds(self) -> Dict[str, str]:
+        return dict(task_set(self.config.objective).names)
+
+
+def model_inputs(job: Any) -> Dict[str, Any]:
+    """What a checkpoint needs beside its tensors to rebuild the model (torchrec_mtl.job.PreparedJob -> JSON)."""
+    text = job.text_table
+    return {
+        "features": list(job.features),
+        "table_sizes": dict(job.log.table_sizes),
+        "num_dense": len(job.log.dense_features),
+        "dense_features": list(job.log.dense_features),
+        "offsets": dict(job.objective.offsets),
+        "item_text": {"num_items": text.num_items, "dim": text.dim} if text is not None else None,
+    }
+
+
+def load_trained(checkpoint: str | Path) -> TrainedModel:
+    """The model of ``checkpoint`` (a ``step-N`` folder, or a run's ``checkpoints`` folder: its newest), unsharded,
+    in eval mode, on CPU."""
+    import torch.distributed.checkpoint as dcp
+
+    from torchrec_mtl.job import build_model, build_tower  # noqa: F401  (build_model builds the tower)
+    from torchrec_mtl.modules.item_text import ItemTextArch, item_text_collection
+    from torchrec_mtl.train.checkpoint import Checkpointer
+
+    path = Path(checkpoint)
+    if not (path / "train_state.json").exists() and Checkpointer(path).latest() is not None:
+        path = Checkpointer(path).latest()
+    state = read_train_state(path)
+    inputs = state.get("model_inputs")
+    if inputs is None:
+        raise CheckpointError(f"{path}: records no model inputs (written before they were saved); train again")
+    config = config_from_dict(state["config"])
+    tasks = task_set(config.objective)
+    item_text = None
+    if inputs["item_text"] is not None:
+        if config.model.text.online or config.model.text.finetune_layers:
+            raise CheckpointError(f"{path}: a model that runs BERT inside (model.text.online) is not exported here")
+        collection = item_text_collection(inputs["item_text"]["num_items"], inputs["item_text"]["dim"], torch.device("cpu"))
+        item_text = ItemTextArch(collection, config.model.embedding_dim, config.model.text.projection_layer_sizes)
+    model = build_model(
+        config.model, inputs["num_dense"], inputs["table_sizes"], torch.device("cpu"), tasks.tower_tasks, item_text
+    )
+    # the checkpoint's keys are those of MultiTaskTrain (model.*); DCP fills whole tables from every rank's shards
+    wanted = {f"model.{key}": value for key, value in model.state_dict().items()}
+    try:
+        dcp.load({"model": wanted}, checkpoint_id=str(path), no_dist=True)
+    except (Exception, dcp.api.CheckpointException) as error:
+        raise CheckpointError(f"checkpoint {path}: cannot be read into the model ({str(error).splitlines()[-1]})")
+    model.load_state_dict({key.removeprefix("model."): value for key, value in wanted.items()})
+    inference = InferenceModel(model, inputs["features"], TaskOutputs(tasks, inputs["offsets"])).eval()
+    return TrainedModel(inference, config, inputs, path)
+
+
+def export(trained: TrainedModel, out_dir: str | Path, quantize: bool = False) -> Path:
+    """Write ``out_dir/model.pt`` (TorchScript) and ``out_dir/manifest.json`` (inputs, outputs, how to load)."""
+    import torchrec.fx
+
+    module: nn.Module = trained.inference.requires_grad_(False)  # an inference artifact: outputs carry no graph
+    if quantize:
+        from torchrec.inference.modules import quantize_inference_model
+
+        module = quantize_inference_model(module)
+    scripted = torch.jit.script(torchrec.fx.symbolic_trace(module))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scripted.save(str(out / "model.pt"))
+    manifest = {
+        "inputs": {
+            "dense_features": {"shape": ["B", trained.inputs["num_dense"]], "dtype": "float32",
+                               "columns": trained.inputs["dense_features"]},
+            "sparse_ids": {"shape": ["B", len(trained.inputs["features"])], "dtype": "int64",
+                           "columns": trained.inputs["features"]},
+        },  # fmt: skip
+        "outputs": trained.task_kinds,
+        "quantized": quantize,
+        "checkpoint": str(trained.checkpoint),
+        "load": "import torch, fbgemm_gpu; model = torch.jit.load('model.pt'); model(dense_features, sparse_ids)",
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out / "model.pt"
