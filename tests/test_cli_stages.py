@@ -113,3 +113,11 @@ def test_train_writes_the_report_and_the_report_command_rewrites_it(run, tmp_pat
     assert sorted(p.name for p in (tmp_path / "again").iterdir()) == sorted(p.name for p in (out / "report").iterdir())
     assert main(["report", str(tmp_path / "nothing")]) == 2  # no results.json: one line naming it, no traceback
     assert "results.json" in capsys.readouterr().err
+
+
+def test_train_keeps_a_log_of_what_it_printed(run):
+    out, _ = run
+    log = (out / "train.log").read_text()
+    assert "sharding plan for 1 process(es)" in log and "task    metric     value" in log
+    # a line per curve point: the windowed metrics of the last 100 training batches
+    assert "step 50/125 (epoch 1): loss " in log and "ctr auc " in log and "rating rmse " in log

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from torchrec_mtl.cli import main
-from torchrec_mtl.config import load_config
+from torchrec_mtl.config import ConfigError, load_config
 
 
 @pytest.mark.parametrize(
@@ -27,6 +27,10 @@ from torchrec_mtl.config import load_config
         ("model.tower.expert_layer_sizes=[]", "model.tower.expert_layer_sizes", "one or more"),
         ("data.test_fraction=1", "data.test_fraction", "0 <= test_fraction < 1"),
         ("objective.weighting=gradnorm2", "objective.weighting", "uncertainty"),
+        ("training.lr_decay=exponential", "training.lr_decay", "cosine"),
+        ("training.tables={C1: {compute_kernels: [magic]}}", "training.tables.C1.compute_kernels[0]", "fused"),
+        ("checkpoint.keep=0", "checkpoint.keep", ">= 1"),
+        ("checkpoint.resume=/no/such/checkpoint", "checkpoint.resume", "auto, never, or an existing checkpoint"),
     ],
 )
 def test_invalid_config_names_the_key(override, key, allowed, capsys):
@@ -53,3 +57,37 @@ def test_every_tower_kind_builds_from_config(kind):
     tower = build_tower(config.model.tower, 24, ["ctr", "cvr"])
     logits = tower(torch.randn(5, 24))
     assert list(logits) == ["ctr", "cvr"] and logits["cvr"].shape == (5,)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["configs/mmoe_synthetic.yaml", "configs/ple_synthetic.yaml", "configs/mmoe_movielens.yaml",
+     "configs/mmoe_mind.yaml", "configs/mmoe_criteo_kaggle.yaml"],
+)  # fmt: skip
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert config.objective.tasks["ctr"].label == "click"
+
+
+def test_a_config_is_composed_from_its_includes_and_overrides_them(tmp_path):
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "model.yaml").write_text("model: {embedding_dim: 8, dense_arch_layer_sizes: [8], tower: {kind: ple}}\n")
+    (tmp_path / "parts" / "train.yaml").write_text("training: {epochs: 3, batch_size: 64}\n")
+    (tmp_path / "job.yaml").write_text("include: [parts/model.yaml, parts/train.yaml]\ntraining: {epochs: 2}\n")
+    config = load_config(tmp_path / "job.yaml", ["model.tower.num_levels=2", "model.text=null"])
+    assert (config.model.embedding_dim, config.model.tower.kind, config.model.tower.num_levels) == (8, "ple", 2)
+    assert (config.training.epochs, config.training.batch_size) == (2, 64)  # the file over its includes
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("include: [parts/none.yaml]", r"include\[0\]: .*parts/none.yaml: no such config file"),
+        ("include: parts/none.yaml", "include: expected a list of config files"),
+        ("include: [job.yaml]", "includes itself"),
+    ],
+)
+def test_a_broken_include_is_refused_naming_it(tmp_path, text, message):
+    (tmp_path / "job.yaml").write_text(text + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "job.yaml")

@@ -19,6 +19,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
@@ -424,17 +425,43 @@ def _set_dotted(raw: Dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[List[str]] = None) -> JobConfig:
-    """Read ``path`` (YAML), apply ``key.sub=value`` overrides, validate, and return the JobConfig."""
-    raw: Dict[str, Any] = {}
-    if path is not None:
+def _merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
+    """``top`` over ``base``: mappings merge key by key, anything else (lists included) replaces."""
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def _read_yaml(path: Path, chain: tuple = ()) -> Dict[str, Any]:
+    """A config file with its ``include`` list (files relative to it, merged in order, then the file over them)."""
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: includes itself (through {' -> '.join(str(p) for p in chain)})")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections, got {type(raw).__name__}")
+    includes = raw.pop("include", [])
+    if not isinstance(includes, list) or not all(isinstance(item, str) for item in includes):
+        raise ConfigError(f"{path}: include: expected a list of config files, got {includes!r}")
+    merged: Dict[str, Any] = {}
+    for i, item in enumerate(includes):
         try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+            merged = _merge(merged, _read_yaml(path.parent / item, (*chain, path.resolve())))
+        except ConfigError as error:
+            raise ConfigError(f"{path}: include[{i}]: {error}") from None
+    return _merge(merged, raw)
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[List[str]] = None) -> JobConfig:
+    """Read ``path`` (YAML; its ``include`` files first, e.g. a dataset, a model, the tasks and the training
+    sections), apply ``key.sub=value`` overrides, validate, and return the JobConfig."""
+    raw: Dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
     for override in overrides or []:
         key, sep, text = override.partition("=")
         if not sep or not key:

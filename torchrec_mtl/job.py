@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -462,9 +463,39 @@ def _gathered(predictions: Dict[str, np.ndarray], env: DistributedEnv) -> Dict[s
     return {key: values[order] for key, values in predictions.items() if key != "row"}
 
 
+class _Tee:
+    """A text stream writing to several (the console and the run's log file)."""
+
+    def __init__(self, *streams) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+    def __getattr__(self, name: str):  # isatty, encoding, fileno...: the console's
+        return getattr(self.streams[0], name)
+
+
 def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
-    """Train and evaluate as configured; rank 0 prints the table and writes ``out_dir/results.json``."""
+    """Train and evaluate as configured; rank 0 prints the plan, the curve points and the table, writes
+    ``out_dir/results.json``, and appends what it prints to ``out_dir/train.log``."""
     env = env or init_distributed(timeout_s=config.training.collective_timeout_s)
+    if not env.is_main:
+        return _run_job(config, env)
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "train.log", "a") as log, contextlib.redirect_stdout(_Tee(sys.stdout, log)):
+        print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}: training into {out} ({env.world_size} process(es))")
+        return _run_job(config, env)
+
+
+def _run_job(config: JobConfig, env: DistributedEnv) -> Dict:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))))
     started = time.perf_counter()
     job = prepare_job(config, env)
@@ -497,6 +528,7 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
             resume=resume,
             after_step=trigger,
             schedule=job.schedule,
+            print_curve=env.is_main,
         )
     except NonFiniteLoss as error:
         raise NonFiniteLoss(f"{error}; the last good checkpoint: {checkpointer.latest() or 'none yet'}") from None
