@@ -144,6 +144,23 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = {"train": "bench_train.py", "text": "bench_text.py", "data": "bench_data.py"}
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    import importlib.util
+    from pathlib import Path
+
+    # the benchmarks live in the source checkout's tools/ (they are scripts, not part of the installed package)
+    script = Path(__file__).resolve().parents[1] / "tools" / BENCHMARKS[args.name]
+    if not script.exists():
+        raise InputError(f"benchmark {args.name}: {script} is not here (the benchmarks need a source checkout)")
+    spec = importlib.util.spec_from_file_location(script.stem, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(args.args)
+
+
 def _report(args: argparse.Namespace) -> int:
     from torchrec_mtl.report import write_report
 
@@ -268,6 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser.add_argument("--out", required=True, help="folder for model.pt and manifest.json")
     export_parser.add_argument("--quantize", action="store_true", help="int8 embedding tables (dense layers fp32)")
     export_parser.set_defaults(func=_export)
+
+    benchmark = commands.add_parser(
+        "benchmark",
+        help="run a benchmark of tools/ (train: against plain PyTorch loops; text: cached vs online BERT; data)",
+        description="Run tools/bench_<name>.py with the arguments that follow (see its --help); each prints a table "
+        "and writes JSON.\n\n"
+        "example: torchrec-mtl benchmark train --sweep 512,2048 --out runs/bench_train.json\n"
+        "example: torchrec-mtl benchmark text --out runs/bench_text.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    benchmark.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
+    benchmark.add_argument("args", nargs=argparse.REMAINDER, help="its own arguments (e.g. --out FILE)")
+    benchmark.set_defaults(func=_benchmark)
 
     report = commands.add_parser(
         "report",
