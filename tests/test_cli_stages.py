@@ -121,3 +121,17 @@ def test_train_keeps_a_log_of_what_it_printed(run):
     assert "sharding plan for 1 process(es)" in log and "task    metric     value" in log
     # a line per curve point: the windowed metrics of the last 100 training batches
     assert "step 50/125 (epoch 1): loss " in log and "ctr auc " in log and "rating rmse " in log
+
+
+def test_train_writes_tensorboard_event_files(run):
+    pytest.importorskip("tensorboard", reason="tensorboard is the optional 'tensorboard' extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = run
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr_scale", "train/ctr/auc", "train/rating/rmse", "test/ctcvr/auc"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [50, 100]
+    trained = json.loads((out / "results.json").read_text())
+    (final,) = events.Scalars("test/ctr/auc")
+    assert final.step == 125 and final.value == pytest.approx(trained["tasks"]["ctr"]["auc"], abs=1e-6)

@@ -15,8 +15,9 @@ echo "setting up .venv (pinned stack: torch 2.13.0 CPU, fbgemm-gpu-cpu 1.8.0, to
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 # torch first and alone: a bare dependency resolution could otherwise pick a CUDA build.
 pip install "torch==2.13.0"
-# text: transformers and the local MiniLM (tests use a tiny BERT); report: matplotlib for the run report
-pip install -e ".[test,text,report]"
+# text: transformers and the local MiniLM (tests use a tiny BERT); report: matplotlib for the run report;
+# tensorboard: event files of the training curves
+pip install -e ".[test,text,report,tensorboard]"
 # torchrec's metadata asks for fbgemm-gpu (the CUDA build), which would overwrite fbgemm-gpu-cpu: no deps.
 pip install --no-deps "torchrec==1.9.2"
 .venv/bin/python -c "import torchrec, fbgemm_gpu, torchrec_mtl" 

@@ -72,6 +72,7 @@ from torchrec_mtl.train.distributed import (
 )
 from torchrec_mtl.train.optimizers import LearningRateSchedule, table_name
 from torchrec_mtl.train.diagnostics import GateMonitor, label_copy_warnings, leak_warnings
+from torchrec_mtl.train.board import RunBoard
 from torchrec_mtl.train.checkpoint import Checkpointer, CheckpointError, TrainingStopped, read_train_state
 from torchrec_mtl.train.loop import NonFiniteLoss, evaluate, make_eval_pipeline, make_pipeline, train
 from torchrec_mtl.train.resume import CheckpointTrigger, restore_run, resume_path, save_run
@@ -515,6 +516,7 @@ def _run_job(config: JobConfig, env: DistributedEnv) -> Dict:
     )  # fmt: skip
     resume = _resume(job, checkpointer, global_batch_rows)
     trigger = CheckpointTrigger(save, config.checkpoint.every_steps, config.checkpoint.every_seconds)
+    board = RunBoard(Path(config.out_dir), training.epochs * len(train_loader)) if env.is_main else None
     try:
         summary = train(
             sharded,
@@ -528,12 +530,14 @@ def _run_job(config: JobConfig, env: DistributedEnv) -> Dict:
             resume=resume,
             after_step=trigger,
             schedule=job.schedule,
-            print_curve=env.is_main,
+            on_curve_point=board.curve_point if board is not None else None,
         )
     except NonFiniteLoss as error:
         raise NonFiniteLoss(f"{error}; the last good checkpoint: {checkpointer.latest() or 'none yet'}") from None
     finally:
         trigger.close()
+        if board is not None:
+            board.flush()
     if summary.stopped:
         raise TrainingStopped(
             f"stopped by SIGTERM after step {summary.steps}; checkpoint {trigger.last_path}; run the same command "
@@ -553,6 +557,9 @@ def _run_job(config: JobConfig, env: DistributedEnv) -> Dict:
 
     ceilings = _ceilings(config.data.dir) or {}
     per_task = _headline_first(metrics, ceilings)
+    if board is not None:
+        board.test_metrics(metrics, summary.steps)
+        board.close()
     results = {
         "tasks": per_task,
         "segments": {

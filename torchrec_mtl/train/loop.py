@@ -166,7 +166,7 @@ def train(
     resume: Optional[Tuple[TrainSummary, Optional[List]]] = None,
     after_step: Optional[AfterStep] = None,
     schedule: Optional[LearningRateSchedule] = None,
-    print_curve: bool = False,
+    on_curve_point: Optional[Callable[[Dict], None]] = None,
 ) -> TrainSummary:
     """Run ``epochs`` passes over ``loader`` with ``pipeline`` (built over ``model``); every rank's loader must
     have the same length. With ``task_kinds`` and ``curve_every`` > 0, each task's metrics over the last
@@ -221,8 +221,8 @@ def train(
                         monitor.__exit__()
                         monitor = None
                     summary.curve.append({**point, **window.compute()})
-                    if print_curve:
-                        tqdm.write(curve_line(summary.curve[-1], len(loader) * epochs))
+                    if on_curve_point is not None:
+                        on_curve_point(summary.curve[-1])
                     summary.since_loss, summary.since_steps = 0.0, 0
             # watch the gates over the batches the next point's window holds
             if window is not None and gated_tower is not None and monitor is None:
