@@ -135,3 +135,13 @@ def test_train_writes_tensorboard_event_files(run):
     trained = json.loads((out / "results.json").read_text())
     (final,) = events.Scalars("test/ctr/auc")
     assert final.step == 125 and final.value == pytest.approx(trained["tasks"]["ctr"]["auc"], abs=1e-6)
+
+
+def test_generate_writes_the_log_its_items_and_its_truth(tmp_path, capsys):
+    assert main(["generate", "--out", str(tmp_path), "--rows", "3000", "--seed", "1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert sum(printed["rows"].values()) == 3000 and 0.5 < printed["ceilings"]["ctr_auc"] < 1.0
+    for name in ("train.tsv", "test.tsv", "items.tsv", "test_truth.tsv", "meta.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    lines = (tmp_path / "train.tsv").read_text().splitlines() + (tmp_path / "test.tsv").read_text().splitlines()
+    assert len(lines) == 3000 and all(len(line.split("\t")) == 3 + 13 + 8 for line in lines[:50])
