@@ -145,3 +145,19 @@ def test_generate_writes_the_log_its_items_and_its_truth(tmp_path, capsys):
         assert (tmp_path / name).stat().st_size > 0, name
     lines = (tmp_path / "train.tsv").read_text().splitlines() + (tmp_path / "test.tsv").read_text().splitlines()
     assert len(lines) == 3000 and all(len(line.split("\t")) == 3 + 13 + 8 for line in lines[:50])
+
+
+def test_predict_reads_standard_input(run, small_log, tmp_path):
+    out, _ = run
+    lines = (small_log / "test.tsv").read_bytes().splitlines(keepends=True)[:200]
+    result = subprocess.run(
+        [sys.executable, "-m", "torchrec_mtl.cli", "predict", "--checkpoint", str(out / "checkpoints"), "--input", "-",
+         "--quiet"],
+        input=b"".join(lines), cwd=ROOT, capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    header, *rows = result.stdout.decode().splitlines()
+    assert header == "line\tctr\tcvr\trating\tctcvr" and len(rows) == 200
+    saved = np.load(out / "predictions.npz")["ctr.prediction"][:200]
+    np.testing.assert_allclose([float(r.split("\t")[1]) for r in rows], saved, rtol=1e-4, atol=1e-5)
+    assert json.loads(result.stderr.decode().strip().splitlines()[-1])["scored"] == 200
