@@ -218,12 +218,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tune one task from a joint checkpoint (torchrec_mtl.finetune): ``checkpoint`` (a step-N folder or a
+    run's checkpoints folder: its newest), the ``task`` (or product) whose loss alone trains, the parts kept as
+    they were."""
+
+    checkpoint: str
+    task: str
+    freeze: List[str] = field(default_factory=lambda: ["embeddings", "experts", "gates"])
+
+
+@dataclass
 class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    finetune: Optional[FinetuneConfig] = None
     out_dir: str = "runs/main"
 
 
@@ -349,6 +361,16 @@ def _check(config: JobConfig) -> None:
         raise ConfigError(
             f"checkpoint.resume: {checkpoint.resume!r}; allowed: auto, never, or an existing checkpoint folder"
         )
+    if config.finetune is not None:
+        from torchrec_mtl.finetune import FREEZABLE
+
+        evaluated = [*config.objective.tasks, *config.objective.products]
+        if config.finetune.task not in evaluated:
+            raise ConfigError(f"finetune.task: {config.finetune.task!r}; allowed: {', '.join(evaluated)}")
+        for i, part in enumerate(config.finetune.freeze):
+            _one_of(f"finetune.freeze[{i}]", part, FREEZABLE)
+        if not os.path.isdir(config.finetune.checkpoint):
+            raise ConfigError(f"finetune.checkpoint: {config.finetune.checkpoint!r} is not a checkpoint folder")
     if model.text is not None and model.text.finetune_layers < 0:
         raise ConfigError(f"model.text.finetune_layers: {model.text.finetune_layers}; allowed: >= 0")
     if not 0.0 <= training.item_id_dropout < 1.0:

@@ -57,6 +57,7 @@ from torchrec_mtl.modules.item_text import (
     item_text_collection,
     tokenize_descriptions,
 )
+from torchrec_mtl.finetune import for_task, freeze
 from torchrec_mtl.inference import model_inputs
 from torchrec_mtl.modules.towers import PLE, MMoE, SharedBottom, SingleTask
 from torchrec_mtl.tasks import TOWER_TASKS, MultiTaskObjective, TaskSet
@@ -75,7 +76,7 @@ from torchrec_mtl.train.diagnostics import GateMonitor, label_copy_warnings, lea
 from torchrec_mtl.train.board import RunBoard
 from torchrec_mtl.train.checkpoint import Checkpointer, CheckpointError, TrainingStopped, read_train_state
 from torchrec_mtl.train.loop import NonFiniteLoss, evaluate, make_eval_pipeline, make_pipeline, train
-from torchrec_mtl.train.resume import CheckpointTrigger, restore_run, resume_path, save_run
+from torchrec_mtl.train.resume import CheckpointTrigger, load_model_state, restore_run, resume_path, save_run
 
 
 def seed_everything(seed: int) -> None:
@@ -368,6 +369,8 @@ def prepare_job(config: JobConfig, env: DistributedEnv) -> PreparedJob:
     model = build_model(
         config.model, len(log.dense_features), table_sizes, task_names=tasks.tower_tasks, item_text=item_text
     )
+    frozen_parts = config.finetune.freeze if config.finetune is not None else []
+    freeze(model, frozen_parts)
     offsets = {t.name: log.label_mean("train", t.label) or 0.0 for t in tasks.tasks if t.kind == "regression"}
     objective = MultiTaskObjective(
         tasks,
@@ -398,6 +401,9 @@ def prepare_job(config: JobConfig, env: DistributedEnv) -> PreparedJob:
         raise ConfigError(f"training: {error}") from None
     if isinstance(item_text, ItemTextArch):
         load_table_weights(sharded, ITEM_TEXT_TABLE, torch.from_numpy(text_table.vectors))
+    if "embeddings" in frozen_parts:  # the fused optimizers update tables inside backward: a rate of 0 keeps them
+        for group in sharded.fused_optimizer.param_groups:
+            group["lr"] = 0.0
     job = PreparedJob(
         config, env, log, tasks, train_shards, test_shards, features, text_table, objective, sharded, optimizer,
         make_pipeline(sharded, optimizer, env.device), make_eval_pipeline(sharded, env.device), None,
@@ -430,6 +436,21 @@ def _config_changes(saved: Dict, current: Dict, prefix: str = "") -> List[str]:
         elif before != after:
             changes.append(f"{path} ({before!r} -> {after!r})")
     return changes
+
+
+def _start_finetuning(job: PreparedJob) -> Dict[str, Dict[str, float]]:
+    """Load the joint checkpoint's weights and return every task's test metrics before fine-tuning."""
+    finetune = job.config.finetune
+    path = Path(finetune.checkpoint)
+    if not (path / "train_state.json").exists():
+        path = Checkpointer(path).latest() or path
+    load_model_state(path, job.sharded)
+    show = job.config.training.progress and job.env.is_main
+    before = _headline_first(evaluate(job.sharded, job.eval_pipeline, job.loader("test"), job.tasks.names, show))
+    if job.env.is_main:
+        print(f"fine-tuning {finetune.task} from {path}, frozen: {', '.join(finetune.freeze) or 'nothing'}; "
+              f"before:\n{format_table(before)}", flush=True)  # fmt: skip
+    return before
 
 
 def _resume(job: PreparedJob, checkpointer: Checkpointer, global_batch_rows: int):
@@ -499,6 +520,8 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
 def _run_job(config: JobConfig, env: DistributedEnv) -> Dict:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))))
     started = time.perf_counter()
+    if config.finetune is not None:
+        config = for_task(config, config.finetune.task)
     job = prepare_job(config, env)
     log, tasks, sharded, pipeline, objective = job.log, job.tasks, job.sharded, job.pipeline, job.objective
     training = config.training
@@ -514,6 +537,7 @@ def _run_job(config: JobConfig, env: DistributedEnv) -> Dict:
         checkpointer, sharded, job.optimizer, summary, window, global_batch_rows, config_to_dict(config), finished,
         inputs,
     )  # fmt: skip
+    before = _start_finetuning(job) if config.finetune is not None else None
     resume = _resume(job, checkpointer, global_batch_rows)
     trigger = CheckpointTrigger(save, config.checkpoint.every_steps, config.checkpoint.every_seconds)
     board = RunBoard(Path(config.out_dir), training.epochs * len(train_loader)) if env.is_main else None
@@ -562,6 +586,7 @@ def _run_job(config: JobConfig, env: DistributedEnv) -> Dict:
         board.close()
     results = {
         "tasks": per_task,
+        **({"finetune": {**config_to_dict(config)["finetune"], "before": before, "after": per_task}} if before else {}),
         "segments": {
             name: {"rows": rows, "tasks": _headline_first(values)} for name, (rows, values) in segments.items()
         },

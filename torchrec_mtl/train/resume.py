@@ -95,6 +95,16 @@ def restore_run(
     return summary, rank_state["window"], train_state
 
 
+def load_model_state(path: str | Path, sharded: nn.Module) -> Dict[str, Any]:
+    """Only the model weights of checkpoint ``path`` into ``sharded`` (resharded as needed; optimizers and data
+    position untouched: fine-tuning starts afresh from them); returns its train state."""
+    path = Path(path)
+    train_state = read_train_state(path)
+    state = {"model": sharded.state_dict()}
+    Checkpointer(path.parent).load(path, state)
+    return train_state
+
+
 class CheckpointTrigger:
     """``after_step`` hook: writes a checkpoint every ``every_steps`` steps, every ``every_seconds`` seconds, and when
     SIGTERM arrives (then asks training to stop). Ranks agree through one small all-reduce per step, so a signal or a
