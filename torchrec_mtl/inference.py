@@ -35,7 +35,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_mtl.config import JobConfig, config_from_dict, task_set
 from torchrec_mtl.model import MultiTaskModel
 from torchrec_mtl.tasks import TaskSet
-from torchrec_mtl.train.checkpoint import CheckpointError, read_train_state
+from torchrec_mtl.train.checkpoint import CheckpointError, load_tensors, read_train_state, resolve_checkpoint
 
 
 class TaskOutputs(nn.Module):
@@ -112,15 +112,10 @@ def model_inputs(job: Any) -> Dict[str, Any]:
 def load_trained(checkpoint: str | Path) -> TrainedModel:
     """The model of ``checkpoint`` (a ``step-N`` folder, or a run's ``checkpoints`` folder: its newest), unsharded,
     in eval mode, on CPU."""
-    import torch.distributed.checkpoint as dcp
-
-    from torchrec_mtl.job import build_model, build_tower  # noqa: F401  (build_model builds the tower)
+    from torchrec_mtl.job import build_model
     from torchrec_mtl.modules.item_text import ItemTextArch, item_text_collection
-    from torchrec_mtl.train.checkpoint import Checkpointer
 
-    path = Path(checkpoint)
-    if not (path / "train_state.json").exists() and Checkpointer(path).latest() is not None:
-        path = Checkpointer(path).latest()
+    path = resolve_checkpoint(checkpoint)
     state = read_train_state(path)
     inputs = state.get("model_inputs")
     if inputs is None:
@@ -138,10 +133,7 @@ def load_trained(checkpoint: str | Path) -> TrainedModel:
     )
     # the checkpoint's keys are those of MultiTaskTrain (model.*); DCP fills whole tables from every rank's shards
     wanted = {f"model.{key}": value for key, value in model.state_dict().items()}
-    try:
-        dcp.load({"model": wanted}, checkpoint_id=str(path), no_dist=True)
-    except (Exception, dcp.api.CheckpointException) as error:
-        raise CheckpointError(f"checkpoint {path}: cannot be read into the model ({str(error).splitlines()[-1]})")
+    load_tensors(path, {"model": wanted}, no_dist=True)
     model.load_state_dict({key.removeprefix("model."): value for key, value in wanted.items()})
     inference = InferenceModel(model, inputs["features"], TaskOutputs(tasks, inputs["offsets"])).eval()
     return TrainedModel(inference, config, inputs, path)

@@ -58,6 +58,7 @@ from torchrec_mtl.modules.item_text import (
     tokenize_descriptions,
 )
 from torchrec_mtl.finetune import for_task, freeze
+from torchrec_mtl.headline import headline
 from torchrec_mtl.inference import model_inputs
 from torchrec_mtl.modules.towers import PLE, MMoE, SharedBottom, SingleTask
 from torchrec_mtl.tasks import TOWER_TASKS, MultiTaskObjective, TaskSet
@@ -74,7 +75,14 @@ from torchrec_mtl.train.distributed import (
 from torchrec_mtl.train.optimizers import LearningRateSchedule, table_name
 from torchrec_mtl.train.diagnostics import GateMonitor, label_copy_warnings, leak_warnings
 from torchrec_mtl.train.board import RunBoard
-from torchrec_mtl.train.checkpoint import Checkpointer, CheckpointError, TrainingStopped, read_train_state
+from torchrec_mtl.train.checkpoint import (
+    TRAIN_STATE,
+    Checkpointer,
+    CheckpointError,
+    TrainingStopped,
+    read_train_state,
+    resolve_checkpoint,
+)
 from torchrec_mtl.train.loop import NonFiniteLoss, evaluate, make_eval_pipeline, make_pipeline, train
 from torchrec_mtl.train.resume import CheckpointTrigger, load_model_state, restore_run, resume_path, save_run
 
@@ -229,11 +237,6 @@ def _effective_weights(model: torch.nn.Module) -> Dict[str, float]:
 def _ceilings(data_dir: str) -> Optional[Dict[str, float]]:
     meta = Path(data_dir) / "meta.json"
     return json.loads(meta.read_text()).get("ceilings") if meta.exists() else None
-
-
-def headline(values: Dict[str, float]) -> str:
-    """The headline metric among a task's metrics: AUC (higher is better) or RMSE (lower is better)."""
-    return "auc" if "auc" in values else "rmse"
 
 
 def format_table(tasks: Dict[str, Dict[str, float]]) -> str:
@@ -441,9 +444,7 @@ def _config_changes(saved: Dict, current: Dict, prefix: str = "") -> List[str]:
 def _start_finetuning(job: PreparedJob) -> Dict[str, Dict[str, float]]:
     """Load the joint checkpoint's weights and return every task's test metrics before fine-tuning."""
     finetune = job.config.finetune
-    path = Path(finetune.checkpoint)
-    if not (path / "train_state.json").exists():
-        path = Checkpointer(path).latest() or path
+    path = resolve_checkpoint(finetune.checkpoint)
     load_model_state(path, job.sharded)
     show = job.config.training.progress and job.env.is_main
     before = _headline_first(evaluate(job.sharded, job.eval_pipeline, job.loader("test"), job.tasks.names, show))
@@ -631,18 +632,17 @@ def evaluate_checkpoint(config: JobConfig, checkpoint: Optional[str] = None) -> 
     rank 0 prints the table and writes ``out_dir/evaluation.json``."""
     env = init_distributed(timeout_s=config.training.collective_timeout_s)
     job = prepare_job(config, env)
-    path = Path(checkpoint) if checkpoint else Checkpointer(checkpoint_dir(config)).latest()
-    if path is None:
-        raise CheckpointError(f"{checkpoint_dir(config)}: no checkpoint to evaluate (train first, or pass one)")
-    train = job.loader("train")
-    summary, _, _ = restore_run(path, job.sharded, job.optimizer, train.batch_size * train.world_size)
+    path = resolve_checkpoint(checkpoint or checkpoint_dir(config))
+    if not (path / TRAIN_STATE).exists():
+        raise CheckpointError(f"{path}: no checkpoint to evaluate (train first, or pass one)")
+    step = load_model_state(path, job.sharded)["step"]  # the weights alone: evaluation needs no optimizer state
     show = config.training.progress and env.is_main
     metrics = evaluate(job.sharded, job.eval_pipeline, job.loader("test"), job.tasks.names, show, job.test_users())
     per_task = _headline_first(metrics, _ceilings(config.data.dir) or {})
     if env.is_main:
         out = Path(config.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        document = {"checkpoint": str(path), "step": summary.steps, "tasks": per_task}
+        document = {"checkpoint": str(path), "step": step, "tasks": per_task}
         (out / "evaluation.json").write_text(json.dumps(document, indent=2))
-        print(f"{path} (step {summary.steps}):\n{format_table(per_task)}")
+        print(f"{path} (step {step}):\n{format_table(per_task)}")
     return per_task

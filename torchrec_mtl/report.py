@@ -36,6 +36,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from torchrec_mtl.headline import headline, task_kind
+
 PathLike = Union[str, Path]
 
 # Every file name the report may write into its figures folder; the ones a rerun does not draw are removed, so the
@@ -104,20 +106,6 @@ def load_predictions(path: Path) -> Optional[Dict[str, Tuple[np.ndarray, np.ndar
         keep = np.isfinite(label) & np.isfinite(prediction)  # NaN label: the row is outside the task's sample space
         out[task] = (prediction[keep], label[keep])
     return out
-
-
-def task_kind(metrics: Dict[str, float]) -> Optional[str]:
-    if "auc" in metrics:
-        return "binary"
-    if "rmse" in metrics:
-        return "regression"
-    return None
-
-
-def headline(metrics: Dict[str, float]) -> str:
-    """The metric a task is judged by: AUC, RMSE, or (for a kind this module does not know) its first metric."""
-    kind = task_kind(metrics)
-    return {"binary": "auc", "regression": "rmse"}.get(kind or "", next(iter(metrics), ""))
 
 
 def _dig(mapping: Optional[Dict], *keys, default=None):

@@ -172,8 +172,6 @@ class MultiTaskObjective(nn.Module):
     terms (detached) for the progress bar and for naming a non-finite one.
     """
 
-    terms_kept = True
-
     def __init__(
         self,
         task_set: TaskSet,
@@ -189,6 +187,7 @@ class MultiTaskObjective(nn.Module):
         self.offsets = dict(offsets or {})
         self.min_propensity = min_propensity
         self.weighting = make_weighting(weighting, task_set.weights)
+        self.last_terms: Dict[str, torch.Tensor] = {}
 
     def forward(
         self, logits: Dict[str, torch.Tensor], batch: MultiTaskBatch

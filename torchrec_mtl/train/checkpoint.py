@@ -155,26 +155,43 @@ class Checkpointer:
             dist.barrier()
         return final
 
-    def load(self, path: str | os.PathLike, state: Dict[str, Any]) -> Tuple[Dict[str, Any], Any]:
+    def load(
+        self, path: str | os.PathLike, state: Dict[str, Any], with_rank_state: bool = True
+    ) -> Tuple[Dict[str, Any], Any]:
         """Read checkpoint ``path`` into ``state`` in place (resharding as needed); return its train state and this
-        rank's saved rank state (None when it was written at another world size, whose ranks were other ranks)."""
+        rank's saved rank state (None when it was written at another world size, whose ranks were other ranks, or
+        when not ``with_rank_state``)."""
         path = Path(path)
         train_state = read_train_state(path)
-        try:
-            dcp.load(state, checkpoint_id=str(path))
-        except _READ_OR_WRITE_FAILURES as exc:
-            raise CheckpointError(
-                f"checkpoint {path}: cannot be read ({_reason(exc)}); it is corrupt, truncated or from another model"
-            ) from None
+        load_tensors(path, state)
         rank, world_size = _rank_and_world()
         rank_state = None
-        if train_state.get("world_size") == world_size:
+        if with_rank_state and train_state.get("world_size") == world_size:
             rank_file = path / f"rank-{rank}.pt"
             try:
                 rank_state = torch.load(rank_file, weights_only=False)
             except Exception as exc:
                 raise CheckpointError(f"{rank_file}: cannot be read ({_reason(exc)})") from None
         return train_state, rank_state
+
+
+def load_tensors(path: Path, state: Dict[str, Any], no_dist: bool = False) -> None:
+    """DCP's load of checkpoint ``path`` into ``state`` in place (``no_dist``: this process alone, whatever process
+    group exists), or CheckpointError naming the checkpoint."""
+    try:
+        dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
+    except _READ_OR_WRITE_FAILURES as exc:
+        raise CheckpointError(
+            f"checkpoint {path}: cannot be read ({_reason(exc)}); it is corrupt, truncated or from another model"
+        ) from None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` when it is a checkpoint (a ``step-N`` folder); for a run's checkpoints folder, its newest."""
+    path = Path(path)
+    if not (path / TRAIN_STATE).exists():
+        return Checkpointer(path).latest() or path
+    return path
 
 
 def read_train_state(path: str | os.PathLike) -> Dict[str, Any]:

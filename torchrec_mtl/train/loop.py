@@ -19,6 +19,7 @@ from torchrec.distributed.train_pipeline import EvalPipelineSparseDist, TrainPip
 from tqdm import tqdm
 
 from torchrec_mtl.data.loader import BatchLoader
+from torchrec_mtl.headline import headline, task_kind
 from torchrec_mtl.train.diagnostics import GateMonitor
 from torchrec_mtl.train.metrics import TaskMetrics, grouped_auc
 from torchrec_mtl.train.optimizers import LearningRateSchedule
@@ -83,8 +84,13 @@ class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss; the message names the step and the terms that were not finite."""
 
 
-def _non_finite_loss(model: nn.Module, loss: float, step: int, epoch: int) -> NonFiniteLoss:
-    terms = next((m.last_terms for m in model.modules() if hasattr(m, "last_terms")), {})
+def _objective(model: nn.Module) -> Optional[nn.Module]:
+    """The module whose ``last_terms`` hold the last step's loss terms (torchrec_mtl.tasks.MultiTaskObjective)."""
+    return next((m for m in model.modules() if hasattr(m, "last_terms")), None)
+
+
+def _non_finite_loss(objective: Optional[nn.Module], loss: float, step: int, epoch: int) -> NonFiniteLoss:
+    terms = objective.last_terms if objective is not None else {}
     bad = {name: float(value) for name, value in terms.items() if not torch.isfinite(value).all()}
     named = ", ".join(f"{name} ({value})" for name, value in bad.items()) or "none of the task terms (the weighting)"
     return NonFiniteLoss(
@@ -125,9 +131,9 @@ def _bar(total: int, description: str, show_progress: bool) -> tqdm:
 def curve_line(point: Dict, total_steps: int) -> str:
     """One curve point as a line: ``step 400/2343 (epoch 1): loss 0.4812, ctr auc 0.7221, rating rmse 0.6012``."""
     metrics = [
-        f"{task} {metric} {values[metric]:.4f}"
+        f"{task} {headline(values)} {values[headline(values)]:.4f}"
         for task, values in point.items()
-        if isinstance(values, dict) and (metric := "auc" if "auc" in values else "rmse" if "rmse" in values else None)
+        if isinstance(values, dict) and task_kind(values) is not None  # tasks, not the gates
     ]
     return f"step {point['step']}/{total_steps} (epoch {point['epoch']}): loss {point['loss']:.4f}, " + ", ".join(metrics)
 
@@ -135,9 +141,8 @@ def curve_line(point: Dict, total_steps: int) -> str:
 class _RunningTerms:
     """Each loss term's exponential moving average over recent steps, for the progress bar."""
 
-    def __init__(self, model: nn.Module, decay: float = 0.95) -> None:
-        self.objective = next((m for m in model.modules() if hasattr(type(m), "terms_kept")), None)
-        self.decay, self.values = decay, {}
+    def __init__(self, objective: Optional[nn.Module], decay: float = 0.95) -> None:
+        self.objective, self.decay, self.values = objective, decay, {}
 
     def update(self) -> None:
         for name, value in getattr(self.objective, "last_terms", {}).items():
@@ -184,7 +189,8 @@ def train(
         window = CurveWindow(task_kinds, loader.batch_size, window_batches, loader.world_size)
         window.batches = list(window_batches_kept or [])
     monitor: Optional[GateMonitor] = None
-    running = _RunningTerms(model)
+    objective = _objective(model)
+    running = _RunningTerms(objective)
     if schedule is not None:
         schedule.set_step(summary.steps)
     model.train()
@@ -198,7 +204,7 @@ def train(
         for loss, predictions, labels in _drain(pipeline, loader, bar):
             loss = float(loss.detach())
             if not math.isfinite(loss):
-                raise _non_finite_loss(model, loss, summary.steps + 1, epoch)
+                raise _non_finite_loss(objective, loss, summary.steps + 1, epoch)
             summary.epoch_loss += loss
             summary.since_loss += loss
             summary.since_steps += 1
