@@ -31,6 +31,11 @@ from torchrec_mtl.config import ConfigError, load_config
         ("training.tables={C1: {compute_kernels: [magic]}}", "training.tables.C1.compute_kernels[0]", "fused"),
         ("checkpoint.keep=0", "checkpoint.keep", ">= 1"),
         ("checkpoint.resume=/no/such/checkpoint", "checkpoint.resume", "auto, never, or an existing checkpoint"),
+        ("evaluation.threshold=1.5", "evaluation.threshold", "strictly between 0 and 1, best_f1"),
+        ("evaluation.threshold=best", "evaluation.threshold", "strictly between 0 and 1, best_f1"),
+        ("evaluation.threshold=[0.5]", "evaluation.threshold", "expected float or str"),
+        ("evaluation.threshold=best_f1", "evaluation.threshold", "data.validation_fraction is 0"),
+        ("data.validation_fraction=0.5", "data.validation_fraction", "0 <= validation_fraction < 0.5"),
     ],
 )
 def test_invalid_config_names_the_key(override, key, allowed, capsys):

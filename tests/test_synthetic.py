@@ -104,3 +104,28 @@ def test_same_seed_same_files_other_seed_other_files(tmp_path):
     for name in ("train.tsv", "test.tsv", "items.tsv", "test_truth.tsv"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert (tmp_path / "a" / "train.tsv").read_bytes() != (tmp_path / "c" / "train.tsv").read_bytes()
+
+
+def test_text_ceiling_replays_the_generator_and_orders_its_ceilings(small_log, tmp_path):
+    """tools/text_ceiling.py: the replayed draws give the log's own truth (it checks), and knowing the appeal word
+    sits between knowing nothing of a cold item's own appeal and knowing it exactly."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "ceiling.json"
+    subprocess.run([sys.executable, "tools/text_ceiling.py", "--data", str(small_log), "--out", str(out)], check=True,
+                   capture_output=True)  # fmt: skip
+    ceiling = json.loads(out.read_text())
+    assert ceiling["cold_rows"] > 0
+    assert ceiling["ceiling_without_own_appeal"] < ceiling["ceiling_with_appeal_sextile"] <= ceiling["ceiling_true"]
+    assert ceiling["max_text_gain"] == pytest.approx(
+        ceiling["ceiling_with_appeal_sextile"] - ceiling["ceiling_without_own_appeal"], abs=2e-4
+    )
+    other = tmp_path / "other"  # the same config with another log's truth: refused, not silently wrong
+    other.mkdir()
+    (other / "meta.json").write_text((small_log / "meta.json").read_text())
+    (other / "test_truth.tsv").write_text("p_click\tp_conversion_given_click\texpected_rating\n" + "0.5\t0.5\t3\n" * 10)
+    failed = subprocess.run([sys.executable, "tools/text_ceiling.py", "--data", str(other), "--out", str(out)],
+                            capture_output=True, text=True)  # fmt: skip
+    assert failed.returncode == 2 and "does not give test_truth.tsv's p_click" in failed.stderr

@@ -144,6 +144,20 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vectors(args: argparse.Namespace) -> int:
+    from torchrec_mtl.representations import export_representations
+
+    if not os.path.exists(args.checkpoint):
+        raise InputError(f"--checkpoint: {args.checkpoint}: no such folder")
+    manifest = export_representations(args.checkpoint, args.out, progress=not args.quiet)
+    print(
+        f"wrote {manifest['users']['count']:,} user and {manifest['items']['count']:,} item vectors "
+        f"({manifest['items']['count'] - manifest['items']['seen_in_training']:,} items unseen in training) of "
+        f"dim {manifest['dim']} to {args.out}"
+    )
+    return 0
+
+
 BENCHMARKS = {"train": "bench_train.py", "text": "bench_text.py", "data": "bench_data.py"}
 
 
@@ -285,6 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser.add_argument("--out", required=True, help="folder for model.pt and manifest.json")
     export_parser.add_argument("--quantize", action="store_true", help="int8 embedding tables (dense layers fp32)")
     export_parser.set_defaults(func=_export)
+
+    vectors = commands.add_parser(
+        "vectors",
+        help="write the user and item vectors of a model trained with a retrieval task, keyed by the original IDs",
+        description="Run the checkpoint's two towers over every training user and every item of the items file "
+        "(items never seen in training through their text) and write users.npz, items.npz (ids, keys, vectors) and "
+        "manifest.json. Read them with torchrec_mtl.representations.Representations.load(OUT).\n\n"
+        "example: torchrec-mtl vectors --checkpoint runs/retrieval/checkpoints --out runs/retrieval/vectors",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    vectors.add_argument("--checkpoint", required=True, help="a step-N folder, or a run's checkpoints folder")
+    vectors.add_argument("--out", required=True, help="folder for users.npz, items.npz and manifest.json")
+    vectors.add_argument("--quiet", action="store_true", help="no progress bar")
+    vectors.set_defaults(func=_vectors)
 
     benchmark = commands.add_parser(
         "benchmark",

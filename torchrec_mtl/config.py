@@ -20,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -54,6 +54,8 @@ class DataConfig:
     split_seed: int = 0
     shards: Optional[str] = None
     max_bad_fraction: float = 0.01
+    # a seeded (training.seed) random share of the training rows held out of training, for evaluation.threshold
+    validation_fraction: float = 0.0
     # When set, the synthetic log is generated into ``dir`` (again only if its config changed).
     generate: Optional[SyntheticConfig] = None
 
@@ -92,18 +94,36 @@ class TextConfig:
 
 
 @dataclass
+class RetrievalConfig:
+    """The two-tower arch of a retrieval task (torchrec_mtl.modules.two_tower): the categorical features each tower
+    reads (default: the schema's ``user_id`` / ``item_id``; the item tower also reads the item text when the model
+    has it), the towers' hidden ``layer_sizes`` and output ``dim``, and the loss's softmax ``temperature`` and
+    ``popularity_correction`` (the weight of log q; 0: none)."""
+
+    user_features: Optional[List[str]] = None
+    item_features: Optional[List[str]] = None
+    layer_sizes: List[int] = field(default_factory=lambda: [64])
+    dim: int = 32
+    temperature: float = 0.1
+    popularity_correction: float = 1.0
+
+
+@dataclass
 class ModelConfig:
     embedding_dim: int = 16
     dense_arch_layer_sizes: List[int] = field(default_factory=lambda: [64, 16])
     tower: TowerConfig = field(default_factory=TowerConfig)
     text: Optional[TextConfig] = None  # item descriptions as one more embedding (off when absent)
+    # the two-tower arch, used when objective.tasks declares a task of kind retrieval
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
 
 @dataclass
 class TaskConfig:
-    """One tower output (torchrec_mtl.tasks.TaskSpec): ``kind`` binary or regression, its ``label`` column, its loss
-    ``weight`` (0: evaluated, not trained), and its sample space: rows with its label present, or with ``given``
-    rows where that binary task's label is 1 (``ips``: weighted by 1 / p(given))."""
+    """One task (torchrec_mtl.tasks.TaskSpec): ``kind`` binary or regression (a tower output) or retrieval (the
+    two-tower arch of ``model.retrieval``, trained on the rows where its binary ``label`` is 1), its ``label`` column,
+    its loss ``weight`` (0: evaluated, not trained), and its sample space: rows with its label present, or with
+    ``given`` rows where that binary task's label is 1 (``ips``: weighted by 1 / p(given))."""
 
     label: str
     kind: str = "binary"
@@ -229,6 +249,15 @@ class FinetuneConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """How test predictions are judged beside each task's metrics (torchrec_mtl.train.thresholds): binary tasks also
+    get precision, recall and F1 at ``threshold``, a number between 0 and 1 (a row is positive when p >= it) or
+    ``best_f1``: each task's threshold with the best F1 on the validation rows (``data.validation_fraction`` > 0)."""
+
+    threshold: float | str = 0.5
+
+
+@dataclass
 class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -236,6 +265,7 @@ class JobConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     finetune: Optional[FinetuneConfig] = None
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     out_dir: str = "runs/main"
 
 
@@ -252,8 +282,15 @@ def _build(annotation: Any, value: Any, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _build(inner, value, path)
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _build(options[0], value, path)
+        for option in options:  # e.g. float | str: the first type that takes the value
+            try:
+                return _build(option, value, path)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path}: expected {' or '.join(map(_type_name, options))}, got {value!r}")
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{path or '<top>'}: expected a mapping of {annotation.__name__} fields, got {value!r}")
@@ -323,6 +360,20 @@ def _check_optimizers_and_placement(training: TrainingConfig) -> None:
             raise ConfigError(f"training.tables.{key}.lr: {table.lr!r}; allowed: > 0")
 
 
+def _check_evaluation(config: JobConfig) -> None:
+    """The threshold, and the validation rows that ``best_f1`` chooses it on."""
+    threshold, fraction = config.evaluation.threshold, config.data.validation_fraction
+    if threshold != "best_f1" and not (isinstance(threshold, float) and 0.0 < threshold < 1.0):
+        raise ConfigError(f"evaluation.threshold: {threshold!r}; allowed: a number strictly between 0 and 1, best_f1")
+    if not 0.0 <= fraction < 0.5:
+        raise ConfigError(f"data.validation_fraction: {fraction!r}; allowed: 0 <= validation_fraction < 0.5")
+    if threshold == "best_f1" and fraction == 0.0:
+        raise ConfigError(
+            "evaluation.threshold: best_f1 is chosen on validation rows, but data.validation_fraction is 0; set it "
+            "(e.g. data.validation_fraction=0.1) or give a number"
+        )
+
+
 def table_groups(training: TrainingConfig) -> Dict[str, TableConfig]:
     """``training.tables`` by single feature (a key naming several features applies to each)."""
     return {feature.strip(): table for key, table in training.tables.items() for feature in key.split(",")}
@@ -377,6 +428,7 @@ def _check(config: JobConfig) -> None:
         raise ConfigError(f"training.item_id_dropout: {training.item_id_dropout!r}; allowed: 0 <= p < 1")
     if not 0.0 <= config.data.test_fraction < 1.0:
         raise ConfigError(f"data.test_fraction: {config.data.test_fraction!r}; allowed: 0 <= test_fraction < 1")
+    _check_evaluation(config)
     if not 0.0 <= config.data.max_bad_fraction <= 1.0:
         raise ConfigError(f"data.max_bad_fraction: {config.data.max_bad_fraction!r}; allowed: 0 to 1")
     if model.tower.kind not in TOWER_KINDS:
@@ -414,11 +466,13 @@ def _check(config: JobConfig) -> None:
                     f"objective.tasks.{name}.label: {task.label!r} is not a label of {config.data.schema}; "
                     f"its labels: {', '.join(schema.labels)}"
                 )
-            if spec.kind != task.kind:
+            if spec.kind != {"retrieval": "binary"}.get(task.kind, task.kind):
                 raise ConfigError(
                     f"objective.tasks.{name}.kind: {task.kind!r}, but {task.label!r} is a {spec.kind} label in "
                     f"{config.data.schema}"
                 )
+        if tasks.retrieval is not None:
+            _check_retrieval(model.retrieval, schema, config.data.schema)
         features = [*schema.categorical, *([ITEM_TEXT_FEATURE] if model.text is not None else [])]
         for key in config.training.tables:
             for feature in key.split(","):
@@ -432,6 +486,33 @@ def _check(config: JobConfig) -> None:
                 f"model.text: the schema {config.data.schema} declares no item_text_key (the column whose items the "
                 f"items file describes); set model.text=null to train without item text"
             )
+
+
+def retrieval_features(retrieval: RetrievalConfig, schema: DatasetSchema) -> Tuple[List[str], List[str]]:
+    """The (user, item) tower features: as configured, or the schema's user_id and item_id columns."""
+    user = retrieval.user_features or ([schema.user_id] if schema.user_id else [])
+    item = retrieval.item_features or ([schema.item_id] if schema.item_id else [])
+    return user, item
+
+
+def _check_retrieval(retrieval: RetrievalConfig, schema: DatasetSchema, schema_path: str) -> None:
+    for side in ("user", "item"):
+        features = retrieval_features(retrieval, schema)[side == "item"]
+        if not features:
+            raise ConfigError(
+                f"model.retrieval.{side}_features: none given and the schema {schema_path} names no {side}_id column"
+            )
+        unknown = [f for f in features if f not in schema.categorical]
+        if unknown:
+            raise ConfigError(
+                f"model.retrieval.{side}_features: {unknown} are not categorical features of {schema_path}; "
+                f"allowed: {', '.join(schema.categorical)}"
+            )
+    for name in ("dim", "temperature"):
+        if getattr(retrieval, name) <= 0:
+            raise ConfigError(f"model.retrieval.{name}: must be positive, got {getattr(retrieval, name)!r}")
+    if retrieval.popularity_correction < 0:
+        raise ConfigError(f"model.retrieval.popularity_correction: {retrieval.popularity_correction!r}; allowed: >= 0")
 
 
 def _set_dotted(raw: Dict[str, Any], dotted: str, value: Any) -> None:

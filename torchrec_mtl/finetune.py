@@ -13,6 +13,7 @@ part           parameters
 ``experts``    the tower's experts (MMoE, PLE's task and shared experts, the shared bottom)
 ``gates``      the tower's gates
 ``heads``      the per-task heads
+``retrieval``  the two-tower arch's user and item towers
 =============  ===========================================================================================
 
 The run reports every task's test metrics before and after, so what the specialised model gave up shows beside
@@ -30,7 +31,7 @@ from typing import Iterable, List
 
 from torch import nn
 
-FREEZABLE = ("embeddings", "dense_arch", "text", "experts", "gates", "heads")
+FREEZABLE = ("embeddings", "dense_arch", "text", "experts", "gates", "heads", "retrieval")
 
 
 def part_of(name: str) -> str:
@@ -41,6 +42,8 @@ def part_of(name: str) -> str:
         return "dense_arch"
     if name.startswith("item_text."):
         return "text"
+    if name.startswith("retrieval."):
+        return "retrieval"
     if name.startswith("tower.heads."):
         return "heads"
     if "gate" in name:

@@ -34,6 +34,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_mtl.config import JobConfig, config_from_dict, task_set
 from torchrec_mtl.model import MultiTaskModel
+from torchrec_mtl.modules.two_tower import ITEM_VECTOR, USER_VECTOR
 from torchrec_mtl.tasks import TaskSet
 from torchrec_mtl.train.checkpoint import CheckpointError, load_tensors, read_train_state, resolve_checkpoint
 
@@ -41,7 +42,7 @@ from torchrec_mtl.train.checkpoint import CheckpointError, load_tensors, read_tr
 class TaskOutputs(nn.Module):
     """Tower logits -> each evaluated name's prediction, as the objective (torchrec_mtl.tasks) defines it:
     sigmoid for binary tasks, logit + offset for regression, the product of its parts' probabilities for a
-    product. Scriptable (plain lists and dicts)."""
+    product, the user-item score ``u . v`` for a retrieval task. Scriptable (plain lists and dicts)."""
 
     def __init__(self, tasks: TaskSet, offsets: Dict[str, float]) -> None:
         super().__init__()
@@ -49,6 +50,7 @@ class TaskOutputs(nn.Module):
         self.regression: List[str] = [t.name for t in tasks.tasks if t.kind == "regression"]
         self.offsets: Dict[str, float] = {name: float(offsets.get(name, 0.0)) for name in self.regression}
         self.products: Dict[str, List[str]] = {p.name: list(p.of) for p in tasks.products}
+        self.retrieval: List[str] = [t.name for t in tasks.tasks if t.kind == "retrieval"]
 
     def forward(self, logits: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         outputs: Dict[str, torch.Tensor] = {}
@@ -61,6 +63,8 @@ class TaskOutputs(nn.Module):
             for part in parts:
                 product = product * outputs[part]
             outputs[name] = product
+        for name in self.retrieval:
+            outputs[name] = (logits[USER_VECTOR] * logits[ITEM_VECTOR]).sum(dim=1)
         return outputs
 
 
@@ -88,7 +92,7 @@ class TrainedModel:
 
     inference: InferenceModel
     config: JobConfig
-    inputs: Dict[str, Any]  # features, table_sizes, num_dense, dense_features, offsets, item_text
+    inputs: Dict[str, Any]  # features, table_sizes, num_dense, dense_features, offsets, item_text, retrieval
     checkpoint: Path
 
     @property
@@ -106,6 +110,7 @@ def model_inputs(job: Any) -> Dict[str, Any]:
         "dense_features": list(job.log.dense_features),
         "offsets": dict(job.objective.offsets),
         "item_text": {"num_items": text.num_items, "dim": text.dim} if text is not None else None,
+        "retrieval": job.retrieval_features,
     }
 
 
@@ -129,8 +134,9 @@ def load_trained(checkpoint: str | Path) -> TrainedModel:
         collection = item_text_collection(inputs["item_text"]["num_items"], inputs["item_text"]["dim"], torch.device("cpu"))
         item_text = ItemTextArch(collection, config.model.embedding_dim, config.model.text.projection_layer_sizes)
     model = build_model(
-        config.model, inputs["num_dense"], inputs["table_sizes"], torch.device("cpu"), tasks.tower_tasks, item_text
-    )
+        config.model, inputs["num_dense"], inputs["table_sizes"], torch.device("cpu"), tasks.tower_tasks, item_text,
+        inputs.get("retrieval"),
+    )  # fmt: skip
     # the checkpoint's keys are those of MultiTaskTrain (model.*); DCP fills whole tables from every rank's shards
     wanted = {f"model.{key}": value for key, value in model.state_dict().items()}
     load_tensors(path, {"model": wanted}, no_dist=True)

@@ -40,7 +40,9 @@ from torchrec_mtl.config import (
     ModelConfig,
     TextConfig,
     TowerConfig,
+    config_from_dict,
     config_to_dict,
+    retrieval_features,
     table_groups,
     task_set,
 )
@@ -61,6 +63,7 @@ from torchrec_mtl.finetune import for_task, freeze
 from torchrec_mtl.headline import headline
 from torchrec_mtl.inference import model_inputs
 from torchrec_mtl.modules.towers import PLE, MMoE, SharedBottom, SingleTask
+from torchrec_mtl.modules.two_tower import InBatchSoftmax, TwoTowerArch
 from torchrec_mtl.tasks import TOWER_TASKS, MultiTaskObjective, TaskSet
 from torchrec_mtl.schema import DatasetSchema
 from torchrec_mtl.text.cache import encode_items_file
@@ -85,6 +88,7 @@ from torchrec_mtl.train.checkpoint import (
 )
 from torchrec_mtl.train.loop import NonFiniteLoss, evaluate, make_eval_pipeline, make_pipeline, train
 from torchrec_mtl.train.resume import CheckpointTrigger, load_model_state, restore_run, resume_path, save_run
+from torchrec_mtl.train.thresholds import best_f1_threshold, threshold_metrics
 
 
 def seed_everything(seed: int) -> None:
@@ -100,9 +104,11 @@ def build_model(
     device: torch.device = torch.device("meta"),
     task_names: Optional[List[str]] = None,
     item_text: Optional[torch.nn.Module] = None,
+    retrieval_features: Optional[Tuple[List[str], List[str]]] = None,
 ) -> MultiTaskModel:
     """One embedding table per categorical feature (``table_sizes``: feature -> rows) under the configured tower,
-    with ``item_text`` (``build_item_text``) as one more embedding when given."""
+    with ``item_text`` (``build_item_text``) as one more embedding when given, and with ``retrieval_features``
+    (the user and the item tower's features) the two-tower arch of ``config.retrieval``."""
     tables = [
         EmbeddingBagConfig(
             name=f"t_{feature}", embedding_dim=config.embedding_dim, num_embeddings=rows, feature_names=[feature]
@@ -112,7 +118,12 @@ def build_model(
     in_features = MultiTaskModel.tower_in_features(len(tables) + (item_text is not None), config.embedding_dim)
     tower = build_tower(config.tower, in_features, task_names or TOWER_TASKS)
     ebc = EmbeddingBagCollection(tables=tables, device=device)
-    return MultiTaskModel(ebc, num_dense, config.dense_arch_layer_sizes, tower, item_text)
+    two_tower = None
+    if retrieval_features is not None:
+        columns = [[list(table_sizes).index(feature) for feature in side] for side in retrieval_features]
+        r = config.retrieval
+        two_tower = TwoTowerArch(*columns, config.embedding_dim, item_text is not None, r.layer_sizes, r.dim)
+    return MultiTaskModel(ebc, num_dense, config.dense_arch_layer_sizes, tower, item_text, two_tower)
 
 
 def build_item_text(
@@ -228,6 +239,33 @@ def _shuffled_labels(shards: List[EncodedLog], seed: int) -> List[EncodedLog]:
     return [EncodedLog(log.dense, log.sparse, {name: values[order] for name, values in log.labels.items()}, log.keys)]
 
 
+def split_validation(
+    shards: List[EncodedLog], fraction: float, seed: int
+) -> Tuple[List[EncodedLog], List[EncodedLog]]:
+    """``(train, validation)``: ``fraction`` of each shard's rows (rounded), drawn by a permutation seeded with
+    ``seed``, held out as validation rows; the rest stay for training, in their order. Every rank maps the same shards
+    and draws the same rows, so the split is the same on every rank (each then takes its own batches of either).
+
+    Example::
+
+        >>> log = EncodedLog(np.zeros((10, 1), np.float32), np.zeros((10, 1), np.int64), {"click": np.ones(10)})
+        >>> train, validation = split_validation([log], 0.2, seed=0)
+        >>> len(train[0]), len(validation[0])
+        (8, 2)
+    """
+    if fraction <= 0:
+        return shards, []
+    rng = np.random.default_rng(seed)
+    train, validation = [], []
+    for shard in shards:
+        held = np.zeros(len(shard), dtype=bool)
+        held[rng.permutation(len(shard))[: round(fraction * len(shard))]] = True
+        train.append(shard.take(np.flatnonzero(~held)))
+        if held.any():
+            validation.append(shard.take(np.flatnonzero(held)))
+    return train, validation
+
+
 def _effective_weights(model: torch.nn.Module) -> Dict[str, float]:
     """Each loss term's multiplier at the end of training, as the objective's weighting reports it."""
     weighting = next(m for m in model.modules() if hasattr(m, "effective_weights"))
@@ -239,16 +277,27 @@ def _ceilings(data_dir: str) -> Optional[Dict[str, float]]:
     return json.loads(meta.read_text()).get("ceilings") if meta.exists() else None
 
 
+# a binary task's metrics at its threshold (``_threshold_metrics``), shown in a table of their own
+THRESHOLD_KEYS = ("threshold", "precision", "recall", "f1")
+
+
 def format_table(tasks: Dict[str, Dict[str, float]]) -> str:
-    """A per-task text table: headline metric beside its ceiling, then the other metrics."""
-    lines = [f"{'task':<8}{'metric':<8}{'value':>8}{'ceiling':>9}{'gap':>8}   other"]
+    """A per-task text table: headline metric beside its ceiling, then the other metrics; below it, for the tasks
+    that have them, precision, recall and F1 at the task's threshold."""
+    width = max([8, *(len(task) + 2 for task in tasks)])
+    lines = [f"{'task':<{width}}{'metric':<8}{'value':>8}{'ceiling':>9}{'gap':>8}   other"]
     for task, values in tasks.items():
         metric = headline(values)
         ceiling = values.get("ceiling")
         gap = "" if ceiling is None else f"{abs(ceiling - values[metric]):8.4f}"
         ceiling_text = "" if ceiling is None else f"{ceiling:9.4f}"
-        others = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k not in (metric, "ceiling"))
-        lines.append(f"{task:<8}{metric:<8}{values[metric]:8.4f}{ceiling_text:>9}{gap:>8}   {others}")
+        others = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k not in (metric, "ceiling", *THRESHOLD_KEYS))
+        lines.append(f"{task:<{width}}{metric:<8}{values[metric]:8.4f}{ceiling_text:>9}{gap:>8}   {others}")
+    thresholded = {task: values for task, values in tasks.items() if "f1" in values}
+    if thresholded:
+        lines.append(f"{'task':<{width}}{'threshold':>10}{'precision':>11}{'recall':>8}{'f1':>8}")
+        for task, v in thresholded.items():
+            lines.append(f"{task:<{width}}{v['threshold']:10.4f}{v['precision']:11.4f}{v['recall']:8.4f}{v['f1']:8.4f}")
     return "\n".join(lines)
 
 
@@ -309,6 +358,16 @@ class PreparedJob:
     pipeline: TrainPipelineSparseDist
     eval_pipeline: EvalPipelineSparseDist
     schedule: Optional[LearningRateSchedule]  # every learning rate, by step
+    retrieval_features: Optional[Tuple[List[str], List[str]]] = None  # the two towers' features
+    # training rows held out of train_shards (data.validation_fraction), for choosing thresholds
+    validation_shards: List[EncodedLog] = dataclasses.field(default_factory=list)
+
+    def rows(self) -> Dict[str, int]:
+        """Rows per split as trained and evaluated: ``train`` (less the validation rows), ``validation`` (only when
+        rows are held out) and ``test``."""
+        held = sum(len(shard) for shard in self.validation_shards)
+        return {"train": self.log.rows("train") - held, **({"validation": held} if held else {}),
+                "test": self.log.rows("test")}  # fmt: skip
 
     def test_users(self) -> Optional[np.ndarray]:
         """The raw user key of each test row (for GAUC), when the schema names a user column."""
@@ -318,7 +377,8 @@ class PreparedJob:
         return np.concatenate([shard.keys[user_column] for shard in self.test_shards])
 
     def loader(self, split: str) -> BatchLoader:
-        """This rank's batches: shuffled full batches of the training split, or every test row once."""
+        """This rank's batches: shuffled full batches of the training split (``train``), or every row of ``validation``
+        or ``test`` once."""
         training, env = self.config.training, self.env
         if split == "train":
             item_column = self.log.metadata.get("item_id")
@@ -328,9 +388,13 @@ class PreparedJob:
                 self.train_shards, self.features, training.batch_size, env.rank, env.world_size, shuffle=True,
                 seed=training.seed, id_dropout={item_column: training.item_id_dropout} if item_column else None,
             )  # fmt: skip
+        if split == "validation" and not self.validation_shards:
+            raise ConfigError("data.validation_fraction: no training rows are held out for validation; set it > 0")
+        if split not in ("validation", "test"):
+            raise ValueError(f"split: {split!r}; allowed: train, validation, test")
         return BatchLoader(
-            self.test_shards, self.features, training.eval_batch_size, env.rank, env.world_size, shuffle=False,
-            pad_tail=True,
+            self.validation_shards if split == "validation" else self.test_shards, self.features,
+            training.eval_batch_size, env.rank, env.world_size, shuffle=False, pad_tail=True,
         )  # fmt: skip
 
 
@@ -359,28 +423,42 @@ def prepare_job(config: JobConfig, env: DistributedEnv) -> PreparedJob:
             for shards in (train_shards, test_shards)
         )
         features = [*features, ITEM_TEXT_FEATURE]
+    train_shards, validation_shards = split_validation(train_shards, config.data.validation_fraction, training.seed)
 
     seed_everything(training.seed)
     table_sizes = log.table_sizes
     if env.is_main:
+        held = sum(len(shard) for shard in validation_shards)
         print(
-            f"{log.rows('train'):,} train and {log.rows('test'):,} test rows; embedding rows per feature: "
+            f"{log.rows('train') - held:,} train" + (f", {held:,} validation" if held else "")
+            + f" and {log.rows('test'):,} test rows; embedding rows per feature: "
             + ", ".join(f"{f} {n:,}" for f, n in table_sizes.items()),
             flush=True,
         )
     item_text = build_item_text(config.model.text, config.model.embedding_dim, text_table) if text_table else None
+    two_tower_features = None
+    if tasks.retrieval is not None:
+        two_tower_features = retrieval_features(config.model.retrieval, DatasetSchema.from_yaml(config.data.schema))
     model = build_model(
-        config.model, len(log.dense_features), table_sizes, task_names=tasks.tower_tasks, item_text=item_text
-    )
+        config.model, len(log.dense_features), table_sizes, task_names=tasks.tower_tasks, item_text=item_text,
+        retrieval_features=two_tower_features,
+    )  # fmt: skip
     frozen_parts = config.finetune.freeze if config.finetune is not None else []
     freeze(model, frozen_parts)
     offsets = {t.name: log.label_mean("train", t.label) or 0.0 for t in tasks.tasks if t.kind == "regression"}
+    retrieval_loss, item_feature = None, None
+    if two_tower_features is not None:
+        retrieval_loss, item_feature = _retrieval_loss(
+            config, tasks.retrieval.label, train_shards, features, two_tower_features, table_sizes
+        )
     objective = MultiTaskObjective(
         tasks,
         offsets,
         config.objective.weighting,
         config.objective.min_propensity,
         config.objective.gradient_cosine_every,
+        retrieval_loss,
+        item_feature,
     )
     try:
         sharded, optimizer = shard_model(
@@ -411,6 +489,8 @@ def prepare_job(config: JobConfig, env: DistributedEnv) -> PreparedJob:
         config, env, log, tasks, train_shards, test_shards, features, text_table, objective, sharded, optimizer,
         make_pipeline(sharded, optimizer, env.device), make_eval_pipeline(sharded, env.device), None,
     )  # fmt: skip
+    job.validation_shards = validation_shards
+    job.retrieval_features = two_tower_features
     job.schedule = LearningRateSchedule(
         optimizer, training.warmup_steps, training.epochs * len(job.loader("train")), training.lr_decay,
         training.min_lr_ratio,
@@ -418,13 +498,35 @@ def prepare_job(config: JobConfig, env: DistributedEnv) -> PreparedJob:
     return job
 
 
+def _retrieval_loss(
+    config: JobConfig,
+    label: str,
+    train_shards: List[EncodedLog],
+    features: List[str],
+    two_tower_features: Tuple[List[str], List[str]],
+    table_sizes: Dict[str, int],
+) -> Tuple[InBatchSoftmax, str]:
+    """The retrieval task's loss, its popularity correction counted over the training split's positive rows (the
+    in-batch candidates), and the item feature it reads (the item tower's first)."""
+    item_feature = two_tower_features[1][0]
+    column = features.index(item_feature)
+    num_rows = table_sizes[item_feature]
+    counts = np.zeros(num_rows, dtype=np.int64)
+    for shard in train_shards:
+        positive = shard.labels[label] == 1
+        counts += np.bincount(shard.sparse[positive, column], minlength=num_rows)
+    r = config.model.retrieval
+    return InBatchSoftmax(torch.from_numpy(counts), r.temperature, r.popularity_correction), item_feature
+
+
 def checkpoint_dir(config: JobConfig) -> Path:
     return Path(config.checkpoint.dir or Path(config.out_dir) / "checkpoints")
 
 
 # keys that may differ between a checkpoint's config and the run resuming it: where it writes, what it shows,
-# how tables are placed (DCP reshards), and more epochs (which continue the run)
-_RESUMABLE_CHANGES = {"out_dir", "checkpoint", "training.epochs", "training.progress", "training.sharding_types"}
+# how tables are placed (DCP reshards), more epochs (which continue the run), and how the test rows are judged
+_RESUMABLE_CHANGES = {"out_dir", "checkpoint", "training.epochs", "training.progress", "training.sharding_types",
+                      "evaluation"}  # fmt: skip
 
 
 def _config_changes(saved: Dict, current: Dict, prefix: str = "") -> List[str]:
@@ -459,7 +561,12 @@ def _resume(job: PreparedJob, checkpointer: Checkpointer, global_batch_rows: int
     path = resume_path(checkpointer, job.config.checkpoint.resume)
     if path is None:
         return None
-    changes = _config_changes(read_train_state(path).get("config", {}), config_to_dict(job.config))
+    saved = read_train_state(path).get("config", {})
+    try:  # keys added to the config since the checkpoint was written take their defaults there
+        saved = config_to_dict(config_from_dict(saved))
+    except ConfigError:
+        pass  # compared as written: the differences are named below
+    changes = _config_changes(saved, config_to_dict(job.config))
     if changes:
         raise CheckpointError(
             f"checkpoint {path}: written by another config ({'; '.join(changes[:5])}); set checkpoint.resume=never "
@@ -484,6 +591,35 @@ def _gathered(predictions: Dict[str, np.ndarray], env: DistributedEnv) -> Dict[s
         predictions = {key: np.concatenate([part[key] for part in parts]) for key in predictions}
     order = np.argsort(predictions["row"], kind="stable")
     return {key: values[order] for key, values in predictions.items() if key != "row"}
+
+
+def _threshold_metrics(
+    job: PreparedJob, test: Dict[str, np.ndarray], show: bool
+) -> Tuple[Dict[str, Dict[str, float]], List[str]]:
+    """Each binary task's ``threshold_metrics`` on the gathered ``test`` predictions (``_gathered``), at
+    ``evaluation.threshold`` or (``best_f1``) at the task's best-F1 threshold on the validation rows, with a warning
+    for a task that has no labelled validation row (it gets no threshold metrics). With ``best_f1`` every rank
+    evaluates the validation rows (collectives), so call it on every rank."""
+    threshold = job.config.evaluation.threshold
+    binary = [name for name, kind in job.tasks.names.items() if kind == "binary"]
+    thresholds: Dict[str, float] = {name: threshold for name in binary}
+    warnings = []
+    if threshold == "best_f1":
+        validation: Dict[str, np.ndarray] = {}
+        evaluate(job.sharded, job.eval_pipeline, job.loader("validation"), job.tasks.names, show, None, validation)
+        validation = _gathered(validation, job.env)
+        thresholds = {}
+        for name in binary:
+            labels = validation[f"{name}.label"]
+            if np.isnan(labels).all():
+                warnings.append(f"{name}: no validation row in its sample space; no best-F1 threshold")
+                continue
+            thresholds[name] = best_f1_threshold(validation[f"{name}.prediction"], labels)
+    metrics = {
+        name: threshold_metrics(test[f"{name}.prediction"], test[f"{name}.label"], value)
+        for name, value in thresholds.items()
+    }
+    return metrics, warnings
 
 
 class _Tee:
@@ -577,11 +713,15 @@ def _run_job(config: JobConfig, env: DistributedEnv) -> Dict:
         )
     predictions = _gathered(predictions, env)
     segments = _evaluate_item_segments(job)
+    thresholded, threshold_warnings = _threshold_metrics(job, predictions, show)
     cosine = objective.gradient_cosine
     warnings += (monitor.warnings() if monitor else []) + (cosine.warnings() if cosine else []) + leak_warnings(metrics)
+    warnings += threshold_warnings
 
     ceilings = _ceilings(config.data.dir) or {}
     per_task = _headline_first(metrics, ceilings)
+    for task, values in thresholded.items():  # after the task's own metrics
+        per_task[task].update(values)
     if board is not None:
         board.test_metrics(metrics, summary.steps)
         board.close()
@@ -593,7 +733,7 @@ def _run_job(config: JobConfig, env: DistributedEnv) -> Dict:
         },
         "training": {
             "world_size": env.world_size,
-            "rows": {"train": log.rows("train"), "test": log.rows("test")},
+            "rows": job.rows(),
             "steps": summary.steps,
             "samples_per_s": round(summary.samples_per_second, 1),
             "train_seconds": round(summary.seconds, 2),
@@ -637,12 +777,20 @@ def evaluate_checkpoint(config: JobConfig, checkpoint: Optional[str] = None) -> 
         raise CheckpointError(f"{path}: no checkpoint to evaluate (train first, or pass one)")
     step = load_model_state(path, job.sharded)["step"]  # the weights alone: evaluation needs no optimizer state
     show = config.training.progress and env.is_main
-    metrics = evaluate(job.sharded, job.eval_pipeline, job.loader("test"), job.tasks.names, show, job.test_users())
+    predictions: Dict[str, np.ndarray] = {}
+    metrics = evaluate(
+        job.sharded, job.eval_pipeline, job.loader("test"), job.tasks.names, show, job.test_users(), predictions
+    )
+    thresholded, warnings = _threshold_metrics(job, _gathered(predictions, env), show)  # as training's results
     per_task = _headline_first(metrics, _ceilings(config.data.dir) or {})
+    for task, values in thresholded.items():
+        per_task[task].update(values)
     if env.is_main:
         out = Path(config.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         document = {"checkpoint": str(path), "step": step, "tasks": per_task}
         (out / "evaluation.json").write_text(json.dumps(document, indent=2))
         print(f"{path} (step {step}):\n{format_table(per_task)}")
+        for warning in warnings:
+            print(f"warning: {warning}")
     return per_task

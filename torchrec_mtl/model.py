@@ -23,7 +23,18 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_mtl.data.batch import MultiTaskBatch
 from torchrec_mtl.modules.item_text import ItemTextArch
+from torchrec_mtl.modules.two_tower import ITEM_VECTOR, USER_VECTOR, TwoTowerArch
 from torchrec_mtl.tasks import MultiTaskObjective
+
+
+@torch.fx.wrap
+def with_vectors(outputs: Dict[str, torch.Tensor], user: torch.Tensor, item: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The tower's outputs plus each row's retrieval vectors. One call in a traced graph: the pipeline traces the
+    model with the tower as a leaf, whose output dict cannot be written into there."""
+    merged = dict(outputs)
+    merged[USER_VECTOR] = user
+    merged[ITEM_VECTOR] = item
+    return merged
 
 
 class MultiTaskModel(nn.Module):
@@ -36,6 +47,8 @@ class MultiTaskModel(nn.Module):
         tower: module mapping [B, tower_in_features(...)] to a dict of per-task logits.
         item_text: optional projected item-text vector (torchrec_mtl.modules.item_text), one more embedding of the
             embedding dim beside the categorical ones (count it in ``tower_in_features``).
+        retrieval: optional two-tower arch (torchrec_mtl.modules.two_tower) over the same embeddings (and text);
+            its user and item vectors join the output under ``USER_VECTOR`` and ``ITEM_VECTOR``.
     """
 
     def __init__(
@@ -45,6 +58,7 @@ class MultiTaskModel(nn.Module):
         dense_arch_layer_sizes: List[int],
         tower: nn.Module,
         item_text: Optional[ItemTextArch] = None,
+        retrieval: Optional[TwoTowerArch] = None,
     ) -> None:
         super().__init__()
         dims = {table.embedding_dim for table in embedding_bag_collection.embedding_bag_configs()}
@@ -58,6 +72,7 @@ class MultiTaskModel(nn.Module):
         self.item_text = item_text
         self.interaction = InteractionArch(len(self.sparse_arch.sparse_feature_names) + (item_text is not None))
         self.tower = tower
+        self.retrieval = retrieval
 
     @staticmethod
     def tower_in_features(num_sparse_features: int, embedding_dim: int) -> int:
@@ -66,12 +81,23 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> Dict[str, torch.Tensor]:
         embedded_dense = self.dense_arch(dense_features)
-        embedded_sparse = self.sparse_arch(sparse_features)  # [B, F, D]
-        if self.item_text is not None:
-            embedded_sparse = torch.cat([embedded_sparse, self.item_text(sparse_features).unsqueeze(1)], dim=1)
+        embedded_ids = self.sparse_arch(sparse_features)  # [B, F, D]
+        text = self.item_text(sparse_features) if self.item_text is not None else None
+        embedded_sparse = embedded_ids if text is None else torch.cat([embedded_ids, text.unsqueeze(1)], dim=1)
         # InteractionArch returns [dense, pairwise dots]; the raw embeddings are added so the tower sees both.
         interactions = self.interaction(embedded_dense, embedded_sparse)
-        return self.tower(torch.cat([interactions, embedded_sparse.flatten(1)], dim=1))
+        outputs = self.tower(torch.cat([interactions, embedded_sparse.flatten(1)], dim=1))
+        if self.retrieval is not None:
+            user, item = self.retrieval(embedded_ids, text)
+            outputs = with_vectors(outputs, user, item)
+        return outputs
+
+    def retrieval_vectors(self, sparse_features: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The two-tower arch's (user, item) vectors of each row, without the tower (for exporting them)."""
+        if self.retrieval is None:
+            raise ValueError("the model has no retrieval arch (declare a task of kind retrieval)")
+        text = self.item_text(sparse_features) if self.item_text is not None else None
+        return self.retrieval(self.sparse_arch(sparse_features), text)
 
 
 class MultiTaskTrain(nn.Module):

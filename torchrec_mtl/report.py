@@ -694,7 +694,8 @@ def write_report(run_dir: PathLike, out: Optional[PathLike] = None) -> Path:
     figures = [
         training_curves_figure(results),
         roc_figure(binary, predictions, source),
-        calibration_figure(binary, predictions, source),
+        # a retrieval task's score is a cosine, not a probability: it has an AUC but no calibration
+        calibration_figure([t for t in binary if "calibration" in tasks[t]], predictions, source),
         regression_figure(regression, predictions, source),
         gate_usage_figure(results),
         gate_entropy_figure(results),

@@ -18,6 +18,11 @@ and evaluated on:
 - an **order** constraint p_lower <= p_upper (e.g. p(conversion) <= p(click) for two independent heads), a hinge
   penalty mean(relu(p_lower - p_upper)) over all rows; names may be tasks or products.
 
+A **retrieval** task (at most one) is not a tower output: the model's two-tower arch (torchrec_mtl.modules.two_tower)
+gives each row a user vector and an item vector, and the task trains them on the rows where its binary label is 1
+with a softmax over the items of those rows in the batch (in-batch negatives, corrected for sampling by popularity). It is evaluated on
+every row by the AUC of the user-item score (``u . v``) against its label.
+
 The one missing-label convention (NaN, and ``row_weight`` 0 for padding) drives the losses and the evaluation labels
 (NaN outside a space), so losses and metrics agree on which rows belong to a task.
 
@@ -43,10 +48,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchrec_mtl.data.batch import MultiTaskBatch
+from torchrec_mtl.modules.two_tower import ITEM_VECTOR, USER_VECTOR, InBatchSoftmax
 from torchrec_mtl.train.diagnostics import TaskGradientCosine
 from torchrec_mtl.weighting import make_weighting
 
-TASK_KINDS = ("binary", "regression")
+TASK_KINDS = ("binary", "regression", "retrieval")
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,11 @@ class TaskSet:
             if task.kind not in TASK_KINDS:
                 raise ValueError(f"tasks.{task.name}.kind: {task.kind!r}; allowed: {', '.join(TASK_KINDS)}")
             kinds[task.name] = task.kind
+        if sum(task.kind == "retrieval" for task in self.tasks) > 1:
+            raise ValueError("tasks: at most one task of kind retrieval (the model has one two-tower arch)")
         for task in self.tasks:
+            if task.kind == "retrieval" and (task.given is not None or task.ips):
+                raise ValueError(f"tasks.{task.name}: a retrieval task trains on its positive rows; no given or ips")
             if task.given is not None and kinds.get(task.given) != "binary":
                 raise ValueError(f"tasks.{task.name}.given: {task.given!r} is not a binary task")
             if task.ips and task.given is None:
@@ -115,7 +125,13 @@ class TaskSet:
 
     @property
     def tower_tasks(self) -> List[str]:
-        return [task.name for task in self.tasks]
+        """The tasks with a tower head (all but retrieval)."""
+        return [task.name for task in self.tasks if task.kind != "retrieval"]
+
+    @property
+    def retrieval(self) -> Optional[TaskSpec]:
+        """The retrieval task, if one is declared."""
+        return next((task for task in self.tasks if task.kind == "retrieval"), None)
 
     @property
     def labels(self) -> List[str]:
@@ -166,6 +182,8 @@ class MultiTaskObjective(nn.Module):
         min_propensity: p(given) is clipped below at this in IPS weights.
         gradient_cosine_every: every N training steps, record the pairwise cosines of the terms' gradients on the
             shared tower parameters (0: never).
+        retrieval_loss: the retrieval task's loss (needed when the task set has one), and ``item_feature``, the
+            KJT key of the item ID whose rows it reads (for the popularity correction and same-item masking).
 
     ``forward`` returns ``(loss, (loss.detach(), predictions, labels))``: predictions and labels per evaluated name
     (tasks and products), labels NaN outside each one's sample space. ``last_terms`` keeps the last forward's loss
@@ -179,9 +197,15 @@ class MultiTaskObjective(nn.Module):
         weighting: str = "static",
         min_propensity: float = 0.01,
         gradient_cosine_every: int = 0,
+        retrieval_loss: Optional[InBatchSoftmax] = None,
+        item_feature: Optional[str] = None,
     ) -> None:
         super().__init__()
+        if task_set.retrieval is not None and (retrieval_loss is None or item_feature is None):
+            raise ValueError(f"task {task_set.retrieval.name!r} is a retrieval task: give retrieval_loss and item_feature")
         self.task_set = task_set
+        self.retrieval_loss = retrieval_loss
+        self.item_feature = item_feature
         # sampled every N training steps on the shared tower parameters (0: off); see train/diagnostics.py
         self.gradient_cosine = TaskGradientCosine(gradient_cosine_every) if gradient_cosine_every > 0 else None
         self.offsets = dict(offsets or {})
@@ -206,6 +230,11 @@ class MultiTaskObjective(nn.Module):
         predictions: Dict[str, torch.Tensor] = {}
         eval_labels: Dict[str, torch.Tensor] = {}
         for task in self.task_set.tasks:
+            if task.kind == "retrieval":
+                term, predictions[task.name], eval_labels[task.name] = self._retrieval(logits, batch, label[task.name])
+                if weights[task.name]:
+                    terms[task.name] = term
+                continue
             present = ~torch.isnan(label[task.name])
             space = present if task.given is None else present & (torch.nan_to_num(label[task.given]) == 1)
             target = torch.nan_to_num(label[task.name])
@@ -249,6 +278,16 @@ class MultiTaskObjective(nn.Module):
         self.last_terms = {name: term.detach() for name, term in terms.items()}
         loss = self.weighting(terms)
         return loss, (loss.detach(), predictions, eval_labels)
+
+    def _retrieval(
+        self, outputs: Dict[str, torch.Tensor], batch: MultiTaskBatch, label: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss over the positive rows, each row's score u . v, its evaluation label) of the retrieval task."""
+        user, item = outputs[USER_VECTOR], outputs[ITEM_VECTOR]
+        positive = torch.nan_to_num(label) == 1  # NaN: missing or padding
+        item_rows = batch.sparse_features[self.item_feature].values()  # one ID per row
+        loss = self.retrieval_loss(user[positive], item[positive], item_rows[positive])
+        return loss, (user * item).sum(dim=1).detach(), label
 
 
 # The spine's objective and evaluated names, kept for code written against them.

@@ -1,6 +1,7 @@
 """Per-task metrics through torchrec's RecMetricModule, one RecTaskInfo per task.
 
-Binary tasks get AUC, NE and calibration; regression tasks get MSE, RMSE and MAE. A task's rows are those whose label is
+Binary tasks get AUC, NE and calibration; regression tasks get MSE, RMSE and MAE; a retrieval task (its score a
+cosine, not a probability) gets AUC alone. A task's rows are those whose label is
 not NaN (see torchrec_mtl.tasks): the label becomes the RecMetric weight, so rows outside the task count nowhere.
 Values are reduced across ranks by RecMetricModule itself.
 
@@ -28,13 +29,14 @@ from torchrec.metrics.metrics_config import (
 
 _BINARY = {RecMetricEnum.AUC: "auc", RecMetricEnum.NE: "ne", RecMetricEnum.CALIBRATION: "calibration"}
 _REGRESSION = {RecMetricEnum.MSE: "mse", RecMetricEnum.MAE: "mae"}
+_BY_KIND = {"binary": _BINARY, "regression": _REGRESSION, "retrieval": {RecMetricEnum.AUC: "auc"}}
 
 
 class TaskMetrics:
     """Accumulates predictions per task and computes the metrics of each task's kind.
 
     Args:
-        task_kinds: task name -> "binary" or "regression".
+        task_kinds: task name -> "binary", "regression" or "retrieval".
         batch_size: per-rank batch size.
         window_size: rows kept per window (global, over all ranks); make it at least the evaluation set's size for
             whole-set AUC.
@@ -56,7 +58,7 @@ class TaskMetrics:
         ]
         by_metric: Dict[RecMetricEnum, list] = {}
         for index, name in enumerate(names):
-            for metric in _BINARY if self.task_kinds[name] == "binary" else _REGRESSION:
+            for metric in _BY_KIND[self.task_kinds[name]]:
                 by_metric.setdefault(metric, []).append(index)
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         window_size = max(window_size, 2 * batch_size * world_size)

@@ -1,0 +1,203 @@
+"""User and item vectors out of a model trained with a retrieval task: written keyed by the original IDs, read back.
+
+``export_representations`` runs the checkpoint's two towers (torchrec_mtl.modules.two_tower) once per user and once
+per item and writes to ``out_dir``:
+
+- ``users.npz``: ``ids`` (the user IDs as the log writes them), ``keys`` (their integers, as preprocessing parses
+  them), ``vectors`` float32 [users, dim]: every user of the training split, from the user-side features of the
+  user's last training row;
+- ``items.npz``: ``ids``, ``keys``, ``vectors``, and ``seen`` (the item appears in the training split): every item of
+  the items file when the model reads item text, so an item never seen in training gets a vector from its
+  description (its ID falls to the unseen-ID row); without text, every item of the training split;
+- ``manifest.json``: the checkpoint, the towers' features, the counts, how to read them.
+
+Vectors have unit length, so a dot product is the model's user-item score and a cosine; the item matrix can go
+straight into a nearest-neighbour index (``faiss.IndexFlatIP(dim).add(items.vectors)``).
+
+Example::
+
+    >>> export_representations("runs/retrieval/checkpoints", "runs/retrieval/vectors")  # doctest: +SKIP
+    (or: torchrec-mtl vectors --checkpoint runs/retrieval/checkpoints --out runs/retrieval/vectors)
+    >>> vectors = Representations.load("runs/retrieval/vectors")  # doctest: +SKIP
+    >>> vectors.items.nearest(vectors.users.vector("3b216ca4"), k=10)  # doctest: +SKIP
+    (array(['6ac30ad3', ...]), array([0.83, ...], dtype=float32))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from tqdm import tqdm
+
+from torchrec_mtl.data.prepare import shards_dir
+from torchrec_mtl.data.preprocess import _tokens_to_rows
+from torchrec_mtl.data.shards import EncodedLog, ShardedLog
+from torchrec_mtl.inference import TrainedModel, load_trained
+from torchrec_mtl.modules.item_text import ITEM_TEXT_FEATURE
+from torchrec_mtl.schema import DatasetSchema
+from torchrec_mtl.train.checkpoint import CheckpointError
+
+BATCH_ROWS = 8192
+
+
+@dataclass
+class VectorTable:
+    """IDs with one unit-length vector each; ``vector(id)`` and ``nearest(query, k)`` by dot product."""
+
+    ids: np.ndarray  # str
+    keys: np.ndarray  # int64
+    vectors: np.ndarray  # float32 [N, dim]
+
+    def __post_init__(self) -> None:
+        self._position = {str(i): n for n, i in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def vector(self, id: str) -> np.ndarray:
+        if str(id) not in self._position:
+            raise KeyError(f"{id!r} has no vector (not among the {len(self):,} exported)")
+        return self.vectors[self._position[str(id)]]
+
+    def nearest(self, query: np.ndarray, k: int = 10, exclude: Optional[List[str]] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """The ``k`` IDs with the highest ``query . vector`` (best first) and their scores, leaving out ``exclude``."""
+        scores = self.vectors @ np.asarray(query, dtype=np.float32)
+        if exclude:
+            scores[[self._position[str(i)] for i in exclude if str(i) in self._position]] = -np.inf
+        k = min(k, len(scores))
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return self.ids[top], scores[top]
+
+
+@dataclass
+class Representations:
+    """What ``export_representations`` wrote: ``users``, ``items`` (``seen``: in the training split) and the
+    manifest."""
+
+    users: VectorTable
+    items: VectorTable
+    items_seen: np.ndarray
+    manifest: Dict
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Representations":
+        directory = Path(directory)
+        missing = [n for n in ("users.npz", "items.npz", "manifest.json") if not (directory / n).exists()]
+        if missing:
+            raise FileNotFoundError(f"{directory}: no {', '.join(missing)}; write them with `torchrec-mtl vectors`")
+        users, items = (np.load(directory / f"{side}.npz") for side in ("users", "items"))
+        return cls(
+            VectorTable(users["ids"], users["keys"], users["vectors"]),
+            VectorTable(items["ids"], items["keys"], items["vectors"]),
+            items["seen"],
+            json.loads((directory / "manifest.json").read_text()),
+        )
+
+
+def format_keys(keys: np.ndarray, categorical_format: str) -> np.ndarray:
+    """Integer keys back to the log's IDs: 8 lowercase hex digits (Criteo's hashes) or decimal."""
+    pattern = "{:08x}" if categorical_format == "hex" else "{:d}"
+    return np.array([pattern.format(int(k)) for k in keys])
+
+
+def feature_rows(data_dir: Path, schema: DatasetSchema, feature: str, keys: np.ndarray) -> np.ndarray:
+    """The table rows preprocessing gives raw ``keys`` of ``feature``: through the saved vocabulary (0: rare or
+    unseen), or the hash rule ``1 + key % (hash_size - 1)`` (0: empty)."""
+    rule = schema.vocabulary_rule(feature)
+    if rule.is_hash:
+        return np.where(keys >= 0, 1 + keys % (rule.hash_size - 1), 0)
+    return _tokens_to_rows(keys, np.load(data_dir / "vocab" / f"{feature}.npy"))
+
+
+def _last_rows(keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Distinct keys (sorted) and the index of each one's last row."""
+    distinct, first_from_end = np.unique(keys[::-1], return_index=True)
+    return distinct, len(keys) - 1 - first_from_end
+
+
+def _vectors(trained: TrainedModel, sparse_ids: np.ndarray, side: int, progress: bool, what: str) -> np.ndarray:
+    features = trained.inputs["features"]
+    model = trained.inference.model
+    parts = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(sparse_ids), BATCH_ROWS), desc=what, disable=not progress):
+            ids = torch.from_numpy(sparse_ids[start : start + BATCH_ROWS].astype(np.int64))
+            kjt = KeyedJaggedTensor(
+                keys=features, values=ids.t().reshape(-1), lengths=torch.ones(ids.numel(), dtype=torch.int32)
+            )
+            parts.append(model.retrieval_vectors(kjt)[side].numpy())
+    return np.concatenate(parts) if parts else np.zeros((0, trained.config.model.retrieval.dim), np.float32)
+
+
+def export_representations(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True) -> Dict:
+    """Write every user's and item's vector (see the module docstring); returns the manifest."""
+    trained = load_trained(checkpoint)
+    config, inputs = trained.config, trained.inputs
+    if inputs.get("retrieval") is None:
+        raise CheckpointError(
+            f"{trained.checkpoint}: the model has no retrieval task, so no user and item vectors (declare one: "
+            "objective.tasks.<name>: {kind: retrieval, label: click})"
+        )
+    user_features, item_features = inputs["retrieval"]
+    features: List[str] = inputs["features"]
+    schema = DatasetSchema.from_yaml(config.data.schema)
+    data = shards_dir(config.data)
+    train = EncodedLog.concat(ShardedLog.open(data).split("train"))
+
+    user_keys, user_last = _last_rows(train.keys[schema.user_id])
+    user_ids = np.zeros((len(user_keys), len(features)), dtype=np.int64)
+    for feature in user_features:
+        column = features.index(feature)
+        user_ids[:, column] = train.sparse[user_last, column]
+    users = _vectors(trained, user_ids, 0, progress, "user vectors")
+
+    item_column = schema.item_id
+    seen_keys, item_last = _last_rows(train.keys[item_column])
+    if inputs["item_text"] is not None:
+        from torchrec_mtl.text.table import parse_item_keys, read_items
+
+        items_file = Path(config.data.dir) / config.model.text.items
+        item_names, _ = read_items(items_file)
+        item_keys = parse_item_keys(item_names, schema.categorical_format, items_file)
+        item_names = np.array(item_names)
+    else:
+        item_keys, item_names = seen_keys, format_keys(seen_keys, schema.categorical_format)
+    position = np.clip(np.searchsorted(seen_keys, item_keys), 0, max(len(seen_keys) - 1, 0))
+    seen = (seen_keys[position] == item_keys) if len(seen_keys) else np.zeros(len(item_keys), bool)
+    item_ids = np.zeros((len(item_keys), len(features)), dtype=np.int64)
+    for feature in item_features:
+        column = features.index(feature)
+        if feature == item_column:
+            item_ids[:, column] = feature_rows(data, schema, feature, item_keys)
+        else:  # another item-side feature: the item's last training row's, the unseen row for a cold item
+            item_ids[seen, column] = train.sparse[item_last[position[seen]], column]
+    if inputs["item_text"] is not None:
+        item_ids[:, features.index(ITEM_TEXT_FEATURE)] = np.arange(1, len(item_keys) + 1)  # row 1 + i: item i
+    items = _vectors(trained, item_ids, 1, progress, "item vectors")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "users.npz", ids=format_keys(user_keys, schema.categorical_format), keys=user_keys, vectors=users)
+    np.savez(out / "items.npz", ids=item_names, keys=item_keys, vectors=items, seen=seen)
+    manifest = {
+        "checkpoint": str(trained.checkpoint),
+        "dim": int(users.shape[1]),
+        "users": {"count": len(user_keys), "features": user_features},
+        "items": {
+            "count": len(item_keys),
+            "seen_in_training": int(seen.sum()),
+            "features": item_features + ([ITEM_TEXT_FEATURE] if inputs["item_text"] is not None else []),
+        },
+        "score": "dot product of unit vectors (a cosine): the model's user-item retrieval score",
+        "read": "from torchrec_mtl.representations import Representations; Representations.load(dir)",
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
