@@ -26,7 +26,10 @@ RETRIEVAL = "objective.tasks.retrieval={kind: retrieval, label: click, weight: 0
 
 def test_the_in_batch_loss_is_a_softmax_over_the_batch_items_less_log_popularity():
     torch.manual_seed(0)
-    user, item = torch.nn.functional.normalize(torch.randn(4, 3), dim=1), torch.nn.functional.normalize(torch.randn(4, 3), dim=1)
+    user, item = (
+        torch.nn.functional.normalize(torch.randn(4, 3), dim=1),
+        torch.nn.functional.normalize(torch.randn(4, 3), dim=1),
+    )
     counts = torch.tensor([0, 30, 10, 5, 5])
     rows = torch.tensor([1, 2, 3, 4])
     loss = InBatchSoftmax(counts, temperature=0.5)(user, item, rows)
@@ -124,7 +127,10 @@ def test_exported_vectors_give_the_scores_the_model_evaluated(retrieval_run):
     item_at = {int(k): i for i, k in enumerate(vectors.items.keys)}
     rows = [r for r in range(2000) if int(test.keys["C1"][r]) in user_at]
     exported = [
-        float(vectors.users.vectors[user_at[int(test.keys["C1"][r])]] @ vectors.items.vectors[item_at[int(test.keys["C2"][r])]])
+        float(
+            vectors.users.vectors[user_at[int(test.keys["C1"][r])]]
+            @ vectors.items.vectors[item_at[int(test.keys["C2"][r])]]
+        )
         for r in rows
     ]
     # rows of cold items included: their vectors come from the ID's unseen row and their text

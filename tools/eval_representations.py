@@ -136,7 +136,10 @@ def retrieval_rows(
     }
     if baseline_category is not None:
         scorers["expected_clicks"] = _expected_clicks(train, users.keys, items.keys, schema, baseline_category, label)
-    train_user_rows, train_item_rows = _positions(train_pairs[:, 0], users.keys), _positions(train_pairs[:, 1], items.keys)
+    train_user_rows, train_item_rows = (
+        _positions(train_pairs[:, 0], users.keys),
+        _positions(train_pairs[:, 1], items.keys),
+    )
     rows = []
     for method, scorer in scorers.items():
         scores = []
@@ -171,10 +174,14 @@ def category_rows(dataset: str, config: JobConfig, vectors: Representations, cat
     chance = (counts[category[known]] - 1) / (len(known) - 1)
     cold = ~vectors.items_seen[known]
     rows = []
-    for metric, mask in ((f"same_category@{NEIGHBOURS}", np.ones_like(cold)), (f"cold_same_category@{NEIGHBOURS}", cold)):
+    for metric, mask in (
+        (f"same_category@{NEIGHBOURS}", np.ones_like(cold)),
+        (f"cold_same_category@{NEIGHBOURS}", cold),
+    ):
         if mask.any():
-            rows.append({"dataset": dataset, "method": "ours", "metric": metric, "value": round(float(same[mask].mean()), 4),
-                         "chance": round(float(chance[mask].mean()), 4), "items": int(mask.sum())})  # fmt: skip
+            value, expected = round(float(same[mask].mean()), 4), round(float(chance[mask].mean()), 4)
+            rows.append({"dataset": dataset, "method": "ours", "metric": metric, "value": value, "chance": expected,
+                         "items": int(mask.sum())})  # fmt: skip
     return rows
 
 

@@ -66,7 +66,9 @@ class VectorTable:
             raise KeyError(f"{id!r} has no vector (not among the {len(self):,} exported)")
         return self.vectors[self._position[str(id)]]
 
-    def nearest(self, query: np.ndarray, k: int = 10, exclude: Optional[List[str]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    def nearest(
+        self, query: np.ndarray, k: int = 10, exclude: Optional[List[str]] = None
+    ) -> Tuple[np.ndarray, np.ndarray]:
         """The ``k`` IDs with the highest ``query . vector`` (best first) and their scores, leaving out ``exclude``."""
         scores = self.vectors @ np.asarray(query, dtype=np.float32)
         if exclude:

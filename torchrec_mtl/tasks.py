@@ -20,8 +20,8 @@ and evaluated on:
 
 A **retrieval** task (at most one) is not a tower output: the model's two-tower arch (torchrec_mtl.modules.two_tower)
 gives each row a user vector and an item vector, and the task trains them on the rows where its binary label is 1
-with a softmax over the items of those rows in the batch (in-batch negatives, corrected for sampling by popularity). It is evaluated on
-every row by the AUC of the user-item score (``u . v``) against its label.
+with a softmax over the items of those rows in the batch (in-batch negatives, corrected for sampling by popularity).
+It is evaluated on every row by the AUC of the user-item score (``u . v``) against its label.
 
 The one missing-label convention (NaN, and ``row_weight`` 0 for padding) drives the losses and the evaluation labels
 (NaN outside a space), so losses and metrics agree on which rows belong to a task.
@@ -202,7 +202,9 @@ class MultiTaskObjective(nn.Module):
     ) -> None:
         super().__init__()
         if task_set.retrieval is not None and (retrieval_loss is None or item_feature is None):
-            raise ValueError(f"task {task_set.retrieval.name!r} is a retrieval task: give retrieval_loss and item_feature")
+            raise ValueError(
+                f"task {task_set.retrieval.name!r} is a retrieval task: give retrieval_loss and item_feature"
+            )
         self.task_set = task_set
         self.retrieval_loss = retrieval_loss
         self.item_feature = item_feature
