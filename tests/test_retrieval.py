@@ -167,6 +167,40 @@ def test_cold_items_land_nearer_to_their_planted_category(retrieval_run):
     assert share > 2 * chance, (share, chance)
 
 
+def _retrieval_at_world_size_2(rank: int, world_size: int, port: int, log: str, out: str) -> None:
+    from dist_workers import _join
+
+    from torchrec_mtl.job import run_job
+
+    _join(rank, world_size, port)
+    run_job(load_config("configs/mmoe_synthetic.yaml", [
+        f"data.dir={log}", "data.generate=null", f"out_dir={out}", "model.text=null", "training.batch_size=256",
+        "training.progress=false", "checkpoint.every_seconds=0", "training.sharding_types=[row_wise]", RETRIEVAL]))  # fmt: skip
+
+
+def test_a_two_process_row_wise_run_exports_the_vectors_it_scored_with(small_log, tmp_path):
+    """The towers train through the sharded pipeline at world size 2 (each rank's own in-batch negatives), and the
+    vectors exported from its row-wise checkpoint (read back whole, in one process) give the scores it evaluated."""
+    import torch.multiprocessing as mp
+
+    from conftest import free_port
+
+    mp.spawn(_retrieval_at_world_size_2, args=(2, free_port(), str(small_log), str(tmp_path)), nprocs=2)
+    assert (
+        main(["vectors", "--checkpoint", str(tmp_path / "checkpoints"), "--out", str(tmp_path / "v"), "--quiet"]) == 0
+    )
+    vectors = Representations.load(tmp_path / "v")
+    config = load_config("configs/mmoe_synthetic.yaml", [f"data.dir={small_log}", "data.generate=null"])
+    test = EncodedLog.concat(ShardedLog.open(shards_dir(config.data)).split("test"))
+    user_at = {int(k): i for i, k in enumerate(vectors.users.keys)}
+    item_at = {int(k): i for i, k in enumerate(vectors.items.keys)}
+    rows = [r for r in range(1000) if int(test.keys["C1"][r]) in user_at and int(test.keys["C2"][r]) in item_at]
+    users = vectors.users.vectors[[user_at[int(test.keys["C1"][r])] for r in rows]]
+    items = vectors.items.vectors[[item_at[int(test.keys["C2"][r])] for r in rows]]
+    saved = np.load(tmp_path / "predictions.npz")
+    np.testing.assert_allclose((users * items).sum(axis=1), saved["retrieval.prediction"][rows], atol=1e-5)
+
+
 def test_vectors_of_a_missing_checkpoint_are_refused_in_one_line(tmp_path, capsys):
     assert main(["vectors", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
     assert "no such folder" in capsys.readouterr().err
