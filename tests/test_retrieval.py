@@ -173,9 +173,10 @@ def _retrieval_at_world_size_2(rank: int, world_size: int, port: int, log: str, 
     from torchrec_mtl.job import run_job
 
     _join(rank, world_size, port)
-    run_job(load_config("configs/mmoe_synthetic.yaml", [
-        f"data.dir={log}", "data.generate=null", f"out_dir={out}", "model.text=null", "training.batch_size=256",
-        "training.progress=false", "checkpoint.every_seconds=0", "training.sharding_types=[row_wise]", RETRIEVAL]))  # fmt: skip
+    overrides = [f"data.dir={log}", "data.generate=null", f"out_dir={out}", "model.text=null",
+                 "training.batch_size=256", "training.progress=false", "checkpoint.every_seconds=0",
+                 "training.sharding_types=[row_wise]", RETRIEVAL]  # fmt: skip
+    run_job(load_config("configs/mmoe_synthetic.yaml", overrides))
 
 
 def test_a_two_process_row_wise_run_exports_the_vectors_it_scored_with(small_log, tmp_path):
