@@ -45,7 +45,7 @@ from torchrec_mtl.config import JobConfig, load_config
 from torchrec_mtl.data.prepare import shards_dir
 from torchrec_mtl.data.shards import EncodedLog, ShardedLog
 from torchrec_mtl.experiments import ensure_movielens, quiet, run_or_reuse
-from torchrec_mtl.representations import Representations, export_representations
+from torchrec_mtl.representations import Representations, export_representations, positions
 from torchrec_mtl.schema import DatasetSchema
 
 CONFIGS = {"synthetic": "configs/retrieval_synthetic.yaml", "movielens": "configs/retrieval_movielens.yaml"}
@@ -78,19 +78,12 @@ def _clicked_pairs(log: EncodedLog, user_column: str, item_column: str, label: s
     return np.unique(np.stack([log.keys[user_column][clicked], log.keys[item_column][clicked]], axis=1), axis=0)
 
 
-def _positions(keys: np.ndarray, table_keys: np.ndarray) -> np.ndarray:
-    """The position of each key in ``table_keys`` (-1: not there)."""
-    order = np.argsort(table_keys)
-    found = np.clip(np.searchsorted(table_keys[order], keys), 0, len(order) - 1)
-    return np.where(table_keys[order][found] == keys, order[found], -1)
-
-
 def _expected_clicks(
     train: EncodedLog, users: np.ndarray, items: np.ndarray, schema: DatasetSchema, category_column: str, label: str
 ) -> Callable[[np.ndarray], np.ndarray]:
     """A hand-made baseline, scoring (user, item) by expected clicks: the item's training impressions x the user's
     click rate on the item's category x the item's click rate (rates smoothed by 1 click in 10 rows)."""
-    user_rows, item_rows = _positions(train.keys[schema.user_id], users), _positions(train.keys[schema.item_id], items)
+    user_rows, item_rows = positions(train.keys[schema.user_id], users), positions(train.keys[schema.item_id], items)
     known = (user_rows >= 0) & (item_rows >= 0)
     clicked = (train.labels[label] == 1)[known]
     category_values = train.sparse[known, schema.categorical.index(category_column)]
@@ -121,14 +114,14 @@ def retrieval_rows(
     users, items = vectors.users, vectors.items
     seen_before = {tuple(pair) for pair in train_pairs.tolist()}
     held_out = np.array([pair for pair in test_pairs.tolist() if tuple(pair) not in seen_before]).reshape(-1, 2)
-    user_rows, item_rows = _positions(held_out[:, 0], users.keys), _positions(held_out[:, 1], items.keys)
+    user_rows, item_rows = positions(held_out[:, 0], users.keys), positions(held_out[:, 1], items.keys)
     held_out, user_rows, item_rows = held_out[user_rows >= 0], user_rows[user_rows >= 0], item_rows[user_rows >= 0]
     evaluated = np.unique(user_rows)
     relevant = [item_rows[(user_rows == u) & (item_rows >= 0)] for u in evaluated]
     keep = [i for i, r in enumerate(relevant) if len(r)]
     evaluated, relevant = evaluated[keep], [relevant[i] for i in keep]
 
-    clicked_items = _positions(train.keys[schema.item_id][train.labels[label] == 1], items.keys)
+    clicked_items = positions(train.keys[schema.item_id][train.labels[label] == 1], items.keys)
     clicks = np.bincount(clicked_items[clicked_items >= 0], minlength=len(items)).astype(np.float64)
     scorers: Dict[str, Callable[[np.ndarray], np.ndarray]] = {
         "ours": lambda block: users.vectors[block] @ items.vectors.T,
@@ -137,8 +130,8 @@ def retrieval_rows(
     if baseline_category is not None:
         scorers["expected_clicks"] = _expected_clicks(train, users.keys, items.keys, schema, baseline_category, label)
     train_user_rows, train_item_rows = (
-        _positions(train_pairs[:, 0], users.keys),
-        _positions(train_pairs[:, 1], items.keys),
+        positions(train_pairs[:, 0], users.keys),
+        positions(train_pairs[:, 1], items.keys),
     )
     rows = []
     for method, scorer in scorers.items():
@@ -162,7 +155,7 @@ def category_rows(dataset: str, config: JobConfig, vectors: Representations, cat
     log = ShardedLog.open(shards_dir(config.data))
     both = EncodedLog.concat([*log.split("train"), *log.split("test")])
     column = log.categorical_features.index(category_column)
-    item_rows = _positions(both.keys[schema.item_id], vectors.items.keys)
+    item_rows = positions(both.keys[schema.item_id], vectors.items.keys)
     category = np.full(len(vectors.items), -1, dtype=np.int64)
     category[item_rows[item_rows >= 0]] = both.sparse[item_rows >= 0, column]
     known = np.flatnonzero(category >= 0)

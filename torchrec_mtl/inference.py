@@ -68,6 +68,15 @@ class TaskOutputs(nn.Module):
         return outputs
 
 
+def one_id_per_feature(feature_names: List[str], sparse_ids: torch.Tensor) -> KeyedJaggedTensor:
+    """[B, len(feature_names)] table rows, one per feature and row (as preprocessing writes them) -> the model's KJT."""
+    return KeyedJaggedTensor(
+        keys=feature_names,
+        values=sparse_ids.t().reshape(-1),
+        lengths=torch.ones(sparse_ids.numel(), dtype=torch.int32, device=sparse_ids.device),
+    )
+
+
 class InferenceModel(nn.Module):
     """``forward(dense_features [B, num_dense], sparse_ids [B, num_features])`` -> {task: [B]}: one table row per
     categorical feature (as preprocessing writes them), in ``feature_names`` order."""
@@ -78,12 +87,7 @@ class InferenceModel(nn.Module):
         self.feature_names: List[str] = list(feature_names)
 
     def forward(self, dense_features: torch.Tensor, sparse_ids: torch.Tensor) -> Dict[str, torch.Tensor]:
-        sparse = KeyedJaggedTensor(
-            keys=self.feature_names,
-            values=sparse_ids.t().reshape(-1),
-            lengths=torch.ones(sparse_ids.numel(), dtype=torch.int32, device=sparse_ids.device),
-        )
-        return self.outputs(self.model(dense_features, sparse))
+        return self.outputs(self.model(dense_features, one_id_per_feature(self.feature_names, sparse_ids)))
 
 
 @dataclass

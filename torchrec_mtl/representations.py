@@ -33,13 +33,12 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm import tqdm
 
 from torchrec_mtl.data.prepare import shards_dir
 from torchrec_mtl.data.preprocess import _tokens_to_rows
 from torchrec_mtl.data.shards import EncodedLog, ShardedLog
-from torchrec_mtl.inference import TrainedModel, load_trained
+from torchrec_mtl.inference import TrainedModel, load_trained, one_id_per_feature
 from torchrec_mtl.modules.item_text import ITEM_TEXT_FEATURE
 from torchrec_mtl.schema import DatasetSchema
 from torchrec_mtl.train.checkpoint import CheckpointError
@@ -119,6 +118,21 @@ def feature_rows(data_dir: Path, schema: DatasetSchema, feature: str, keys: np.n
     return _tokens_to_rows(keys, np.load(data_dir / "vocab" / f"{feature}.npy"))
 
 
+def positions(keys: np.ndarray, table_keys: np.ndarray) -> np.ndarray:
+    """The position of each of ``keys`` in ``table_keys`` (any order), -1 where it is not there.
+
+    Example::
+
+        >>> positions(np.array([7, 3, 9]), np.array([3, 5, 7]))
+        array([ 2,  0, -1])
+    """
+    if not len(table_keys):
+        return np.full(len(keys), -1)
+    order = np.argsort(table_keys, kind="stable")
+    found = np.clip(np.searchsorted(table_keys[order], keys), 0, len(order) - 1)
+    return np.where(table_keys[order][found] == keys, order[found], -1)
+
+
 def _last_rows(keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Distinct keys (sorted) and the index of each one's last row."""
     distinct, first_from_end = np.unique(keys[::-1], return_index=True)
@@ -132,10 +146,7 @@ def _vectors(trained: TrainedModel, sparse_ids: np.ndarray, side: int, progress:
     with torch.no_grad():
         for start in tqdm(range(0, len(sparse_ids), BATCH_ROWS), desc=what, disable=not progress):
             ids = torch.from_numpy(sparse_ids[start : start + BATCH_ROWS].astype(np.int64))
-            kjt = KeyedJaggedTensor(
-                keys=features, values=ids.t().reshape(-1), lengths=torch.ones(ids.numel(), dtype=torch.int32)
-            )
-            parts.append(model.retrieval_vectors(kjt)[side].numpy())
+            parts.append(model.retrieval_vectors(one_id_per_feature(features, ids))[side].numpy())
     return np.concatenate(parts) if parts else np.zeros((0, trained.config.model.retrieval.dim), np.float32)
 
 
@@ -172,8 +183,8 @@ def export_representations(checkpoint: str | os.PathLike, out_dir: str | os.Path
         item_names = np.array(item_names)
     else:
         item_keys, item_names = seen_keys, format_keys(seen_keys, schema.categorical_format)
-    position = np.clip(np.searchsorted(seen_keys, item_keys), 0, max(len(seen_keys) - 1, 0))
-    seen = (seen_keys[position] == item_keys) if len(seen_keys) else np.zeros(len(item_keys), bool)
+    position = positions(item_keys, seen_keys)
+    seen = position >= 0
     item_ids = np.zeros((len(item_keys), len(features)), dtype=np.int64)
     for feature in item_features:
         column = features.index(feature)
