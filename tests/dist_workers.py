@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
+import time
 
 import numpy as np
 import torch
@@ -102,4 +104,105 @@ def sharded_matches_unsharded(rank: int, world_size: int, port: int, log_dir: st
     assert all(torch.isfinite(torch.tensor(summary.losses)))
     after = local_table_shards()
     assert before and any(not torch.equal(before[k], after[k]) for k in before), "no local table shard trained"
+    torch.distributed.destroy_process_group()
+
+
+class _LabelPoisonedAt:
+    """``loader``'s batches, but batch ``index`` (0-based, every epoch) gets ``label`` = +inf on every row; the time it
+    is handed out goes to ``stamp`` (a file). Everything else is the loader's."""
+
+    def __init__(self, loader: BatchLoader, index: int, label: str, stamp: str) -> None:
+        self.loader, self.index, self.label, self.stamp = loader, index, label, stamp
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for index, batch in enumerate(self.loader):
+            if index == self.index:
+                batch.labels[self.label] = torch.full_like(batch.labels[self.label], float("inf"))
+                with open(self.stamp, "w") as handle:
+                    handle.write(repr(time.time()))
+            yield batch
+
+
+def non_finite_loss_on_one_rank(
+    rank: int,
+    world_size: int,
+    port: int,
+    config_path: str,
+    overrides: list,
+    out_dir: str,
+    bad_rank: int,
+    bad_batch: int,
+) -> None:
+    """Train the configured job for real (prepare_job, TrainPipelineSparseDist, a checkpoint trigger); rank
+    ``bad_rank``'s batch ``bad_batch`` has an infinite rating label. Each rank writes ``rank-<r>.json``: the exception
+    that ended its training (type, message) and when."""
+    from torchrec_mtl.config import load_config
+    from torchrec_mtl.job import prepare_job
+    from torchrec_mtl.train.checkpoint import Checkpointer
+    from torchrec_mtl.train.resume import CheckpointTrigger, save_run
+
+    _join(rank, world_size, port)
+    config = load_config(config_path, overrides)
+    env = init_distributed(timeout_s=config.training.collective_timeout_s)
+    job = prepare_job(config, env)
+    loader = job.loader("train")
+    if rank == bad_rank:
+        loader = _LabelPoisonedAt(loader, bad_batch, "rating", os.path.join(out_dir, "poisoned_at"))
+    checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"))
+    rows = loader.batch_size * loader.world_size
+
+    def save(summary, window):
+        return save_run(checkpointer, job.sharded, job.optimizer, summary, window, rows, {})
+
+    trigger = CheckpointTrigger(save, every_steps=1000, handle_sigterm=False, checkpointer=checkpointer)
+    outcome = {"type": None, "message": None}
+    try:
+        train(job.sharded, job.pipeline, loader, 1, show_progress=False, task_kinds=job.tasks.names, curve_every=50,
+              after_step=trigger)  # fmt: skip
+    except Exception as error:  # what ended training on this rank, whatever it was
+        outcome = {"type": type(error).__name__, "message": str(error)}
+    outcome["ended_at"] = time.time()
+    with open(os.path.join(out_dir, f"rank-{rank}.json"), "w") as handle:
+        json.dump(outcome, handle)
+    if outcome["type"] == "NonFiniteLoss":  # every rank stopped at the same point: the group is still usable
+        torch.distributed.destroy_process_group()
+
+
+def checkpoint_blocked_at(
+    rank: int, world_size: int, port: int, config_path: str, overrides: list, out_dir: str, blocked_step: int
+) -> None:
+    """Train the configured job with a checkpoint every 2 steps while a file stands where step ``blocked_step``'s
+    partial folder goes (only rank 0 creates it: rank 1 learns only that another rank failed). Each rank writes
+    ``rank-<r>.json`` as ``non_finite_loss_on_one_rank`` does."""
+    from torchrec_mtl.config import load_config
+    from torchrec_mtl.job import prepare_job
+    from torchrec_mtl.train.checkpoint import Checkpointer
+    from torchrec_mtl.train.resume import CheckpointTrigger, save_run
+
+    _join(rank, world_size, port)
+    config = load_config(config_path, overrides)
+    env = init_distributed(timeout_s=config.training.collective_timeout_s)
+    job = prepare_job(config, env)
+    loader = job.loader("train")
+    checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"))
+    rows = loader.batch_size * loader.world_size
+
+    def save(summary, window):
+        return save_run(checkpointer, job.sharded, job.optimizer, summary, window, rows, {})
+
+    trigger = CheckpointTrigger(save, every_steps=2, handle_sigterm=False, checkpointer=checkpointer, retry_after_s=0)
+    outcome = {"type": None, "message": None}
+    try:
+        train(job.sharded, job.pipeline, loader, 1, show_progress=False, after_step=trigger)
+    except Exception as error:
+        outcome = {"type": type(error).__name__, "message": str(error)}
+    outcome["ended_at"] = time.time()
+    with open(os.path.join(out_dir, f"rank-{rank}.json"), "w") as handle:
+        json.dump(outcome, handle)
     torch.distributed.destroy_process_group()

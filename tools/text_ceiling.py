@@ -38,7 +38,7 @@ from torchrec_mtl.data import synthetic
 def replay_generator(data_dir: Path) -> Dict:
     """The generator's variables up to the click draw, for the log in ``data_dir`` (its meta.json's config)."""
     config = synthetic.SyntheticConfig(**json.loads((data_dir / "meta.json").read_text())["config"])
-    source = inspect.getsource(synthetic.generate)
+    source = inspect.getsource(synthetic._generate)
     start, end = source.index("    rng = np.random.default_rng"), source.index("    click = rng.random")
     names = dict(vars(synthetic), config=config, out_dir=str(data_dir))
     exec(textwrap.dedent(source[start:end]), names)  # noqa: S102  (our own generator's code, replayed)

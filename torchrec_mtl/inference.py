@@ -34,9 +34,17 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_mtl.config import JobConfig, config_from_dict, task_set
 from torchrec_mtl.model import MultiTaskModel
+from torchrec_mtl.outputs import new_folder
 from torchrec_mtl.modules.two_tower import ITEM_VECTOR, USER_VECTOR
 from torchrec_mtl.tasks import TaskSet
-from torchrec_mtl.train.checkpoint import CheckpointError, load_tensors, read_train_state, resolve_checkpoint
+from torchrec_mtl.train.checkpoint import (
+    TRAIN_STATE,
+    CheckpointError,
+    load_tensors,
+    read_train_state,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
 
 
 class TaskOutputs(nn.Module):
@@ -120,15 +128,20 @@ def model_inputs(job: Any) -> Dict[str, Any]:
 
 def load_trained(checkpoint: str | Path) -> TrainedModel:
     """The model of ``checkpoint`` (a ``step-N`` folder, or a run's ``checkpoints`` folder: its newest), unsharded,
-    in eval mode, on CPU."""
+    in eval mode, on CPU. The checkpoint is verified against its manifest before any file of it is read, and its
+    weights must all be finite (torchrec_mtl.train.checkpoint); otherwise CheckpointError naming the file or the
+    parameter."""
     from torchrec_mtl.job import build_model
     from torchrec_mtl.modules.item_text import ItemTextArch, item_text_collection
 
     path = resolve_checkpoint(checkpoint)
+    verify_checkpoint(path)  # once: the train state below and DCP's files are then what the run wrote
     state = read_train_state(path)
     inputs = state.get("model_inputs")
     if inputs is None:
         raise CheckpointError(f"{path}: records no model inputs (written before they were saved); train again")
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"{path / TRAIN_STATE}: records no job config (the 'config' key); train again")
     config = config_from_dict(state["config"])
     tasks = task_set(config.objective)
     item_text = None
@@ -143,7 +156,7 @@ def load_trained(checkpoint: str | Path) -> TrainedModel:
     )  # fmt: skip
     # the checkpoint's keys are those of MultiTaskTrain (model.*); DCP fills whole tables from every rank's shards
     wanted = {f"model.{key}": value for key, value in model.state_dict().items()}
-    load_tensors(path, {"model": wanted}, no_dist=True)
+    load_tensors(path, {"model": wanted}, no_dist=True, verify=False)  # verified above; refuses non-finite weights
     model.load_state_dict({key.removeprefix("model."): value for key, value in wanted.items()})
     inference = InferenceModel(model, inputs["features"], TaskOutputs(tasks, inputs["offsets"])).eval()
     return TrainedModel(inference, config, inputs, path)
@@ -159,8 +172,12 @@ def export(trained: TrainedModel, out_dir: str | Path, quantize: bool = False) -
 
         module = quantize_inference_model(module)
     scripted = torch.jit.script(torchrec.fx.symbolic_trace(module))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with new_folder(out_dir, "export", inputs=[trained.checkpoint]) as out:
+        _write_export(out, scripted, trained, quantize)
+    return Path(out_dir) / "model.pt"
+
+
+def _write_export(out: Path, scripted: torch.jit.ScriptModule, trained: TrainedModel, quantize: bool) -> None:
     scripted.save(str(out / "model.pt"))
     manifest = {
         "inputs": {
@@ -175,4 +192,3 @@ def export(trained: TrainedModel, out_dir: str | Path, quantize: bool = False) -
         "load": "import torch, fbgemm_gpu; model = torch.jit.load('model.pt'); model(dense_features, sparse_ids)",
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return out / "model.pt"

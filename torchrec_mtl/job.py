@@ -48,7 +48,7 @@ from torchrec_mtl.config import (
 )
 from torchrec_mtl.data import synthetic
 from torchrec_mtl.data.loader import BatchLoader
-from torchrec_mtl.data.prepare import prepare_shards, shards_dir
+from torchrec_mtl.data.prepare import MissingInputError, prepare_shards, resolve_files, shards_dir
 from torchrec_mtl.data.shards import EncodedLog, ShardedLog
 from torchrec_mtl.model import MultiTaskModel, MultiTaskTrain
 from torchrec_mtl.modules.item_text import (
@@ -63,6 +63,7 @@ from torchrec_mtl.finetune import for_task, freeze
 from torchrec_mtl.headline import headline
 from torchrec_mtl.inference import model_inputs
 from torchrec_mtl.modules.towers import PLE, MMoE, SharedBottom, SingleTask
+from torchrec_mtl.outputs import claim_folder
 from torchrec_mtl.modules.two_tower import InBatchSoftmax, TwoTowerArch
 from torchrec_mtl.tasks import TOWER_TASKS, MultiTaskObjective, TaskSet
 from torchrec_mtl.schema import DatasetSchema
@@ -641,14 +642,22 @@ class _Tee:
         return getattr(self.streams[0], name)
 
 
+def claim_run_folder(config: JobConfig) -> Path:
+    """``out_dir``, created and marked, or OutputError when it holds files of others or the run's data."""
+    try:
+        logs = [path for paths in resolve_files(config.data).values() for path in paths]
+    except MissingInputError:  # a log still to be generated; the data folder itself stands for it
+        logs = [config.data.dir]
+    return claim_folder(config.out_dir, "run", inputs=[*logs, config.data.schema], option="out_dir")
+
+
 def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
     """Train and evaluate as configured; rank 0 prints the plan, the curve points and the table, writes
     ``out_dir/results.json``, and appends what it prints to ``out_dir/train.log``."""
+    out = claim_run_folder(config)  # every rank: a refusal stops them all, before any collective
     env = env or init_distributed(timeout_s=config.training.collective_timeout_s)
     if not env.is_main:
         return _run_job(config, env)
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     with open(out / "train.log", "a") as log, contextlib.redirect_stdout(_Tee(sys.stdout, log)):
         print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}: training into {out} ({env.world_size} process(es))")
         return _run_job(config, env)
@@ -676,7 +685,9 @@ def _run_job(config: JobConfig, env: DistributedEnv) -> Dict:
     )  # fmt: skip
     before = _start_finetuning(job) if config.finetune is not None else None
     resume = _resume(job, checkpointer, global_batch_rows)
-    trigger = CheckpointTrigger(save, config.checkpoint.every_steps, config.checkpoint.every_seconds)
+    trigger = CheckpointTrigger(
+        save, config.checkpoint.every_steps, config.checkpoint.every_seconds, checkpointer=checkpointer
+    )
     board = RunBoard(Path(config.out_dir), training.epochs * len(train_loader)) if env.is_main else None
     try:
         summary = train(
@@ -750,8 +761,7 @@ def _run_job(config: JobConfig, env: DistributedEnv) -> Dict:
         "config": config_to_dict(config),
     }
     if env.is_main:
-        out = Path(config.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = claim_run_folder(config)
         (out / "results.json").write_text(json.dumps(results, indent=2))
         np.savez(out / "predictions.npz", **predictions)
         print(format_table(per_task))
@@ -770,6 +780,7 @@ def _run_job(config: JobConfig, env: DistributedEnv) -> Dict:
 def evaluate_checkpoint(config: JobConfig, checkpoint: Optional[str] = None) -> Dict[str, Dict[str, float]]:
     """The test metrics of a checkpoint (default: the newest in the config's checkpoint folder), at any world size;
     rank 0 prints the table and writes ``out_dir/evaluation.json``."""
+    claim_run_folder(config)
     env = init_distributed(timeout_s=config.training.collective_timeout_s)
     job = prepare_job(config, env)
     path = resolve_checkpoint(checkpoint or checkpoint_dir(config))
@@ -786,8 +797,7 @@ def evaluate_checkpoint(config: JobConfig, checkpoint: Optional[str] = None) -> 
     for task, values in thresholded.items():
         per_task[task].update(values)
     if env.is_main:
-        out = Path(config.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = claim_run_folder(config)
         document = {"checkpoint": str(path), "step": step, "tasks": per_task}
         (out / "evaluation.json").write_text(json.dumps(document, indent=2))
         print(f"{path} (step {step}):\n{format_table(per_task)}")

@@ -1,10 +1,21 @@
 """Score a log with a trained model: each line checked and encoded as in training, one prediction per task per row.
 
-The log has the training schema's layout (labels included: their values are read, checked and ignored); the
-categorical values go through the training run's own encoding (hashing, or the vocabularies preprocessing saved
-beside the shards), and the item text, when the model has it, through the run's items file. Every line is scored
-or rejected with the preprocessing reasons (torchrec_mtl.data.preprocess); the output is a TSV with the input's
-line number and one column per task (probabilities; values for regression tasks).
+New traffic has no labels, so labels are read when a line has them (a value present is checked) and never
+required. The layout is decided per file from its first line:
+
+- a header row, when the schema declares ``header: true`` or every field of line 1 is a column name of the schema:
+  columns matched by name as preprocessing matches them; the label columns may be absent, and columns the schema
+  ignores may be there;
+- otherwise by its field count: the training layout (the schema's columns, labels filled or empty) or the same
+  without the label columns. A first line that is neither is a LogFormatError naming the file, the line, the field
+  count and the counts expected. (Empty lines and lines too long before it are rejected and the next one decides;
+  where the schema pads short rows, a short first line is decided by the first chunk's full-length lines.)
+
+The features are encoded exactly as in training: the same dense transform and hashing, the vocabularies
+preprocessing saved beside the shards, and the item text, when the model has it, through the run's items file.
+Every line is scored or rejected with the preprocessing reasons (torchrec_mtl.data.preprocess), lines longer than
+``max_line_bytes`` included ("line too long", skipped without being held whole); a header row is neither. The
+output is a TSV with the input's line number and one column per task (probabilities; values for regression tasks).
 
 Example::
 
@@ -15,33 +26,58 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections import Counter
+from dataclasses import replace
+from itertools import chain
 from pathlib import Path
-from typing import Dict, Iterator, Optional, TextIO, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from torchrec_mtl.data.preprocess import ChunkParser, _tokens_to_rows, read_chunks
+from torchrec_mtl.data.preprocess import (
+    MAX_LINE_BYTES,
+    ChunkParser,
+    LineTooLong,
+    LogFormatError,
+    _tokens_to_rows,
+    drop_first_line,
+    read_chunks,
+)
 from torchrec_mtl.data.prepare import shards_dir
+from torchrec_mtl.data.shards import ShardError
 from torchrec_mtl.inference import TrainedModel
-from torchrec_mtl.schema import DatasetSchema
+from torchrec_mtl.outputs import new_file
+from torchrec_mtl.schema import DatasetSchema, LabelSpec
 
 CHUNK_BYTES = 8 << 20
+HEADER_START = "line\t"  # the scores file's first column: a file that starts so is one of ours
 
 
 class _Encoder:
-    """The training run's encoding of a line's features: dense transform, hashed rows, vocabulary rows, text rows."""
+    """The training run's encoding of a line's features: dense transform, hashed rows, vocabulary rows, text rows,
+    whatever the layout of the file (``layout``)."""
 
     def __init__(self, trained: TrainedModel) -> None:
         config = trained.config
-        self.schema = DatasetSchema.from_yaml(config.data.schema)
-        if self.schema.header:
-            raise ValueError(f"{config.data.schema}: predict reads headerless logs (the schema's columns)")
-        self.parser = ChunkParser(self.schema, self.schema.file_columns or self.schema.columns)
+        schema = DatasetSchema.from_yaml(config.data.schema)
+        # a label is read when the line has it (a value present is checked) and never required
+        optional = {name: LabelSpec(spec.kind, optional=True) for name, spec in schema.labels.items()}
+        self.schema = replace(schema, labels=optional)
+        self.columns = self.schema.columns  # the training layout
+        self.unlabeled = [c for c in self.columns if c not in self.schema.labels]
+        self.known = set(self.schema.features_and_labels) | set(self.schema.ignore)
+        self.parsers: Dict[Tuple[str, ...], ChunkParser] = {}
         vocab = shards_dir(config.data) / "vocab"
+        needs_vocabularies = any(not self.schema.vocabulary_rule(f).is_hash for f in self.schema.categorical)
+        if needs_vocabularies and not vocab.is_dir():
+            raise ShardError(
+                f"{vocab}: the vocabularies of the training run ({trained.checkpoint}) are gone; predict encodes "
+                "IDs with them, so it needs the run's data folder (data.dir / data.shards) where training left it"
+            )
         self.vocabularies = [
             (self.schema.categorical.index(f), np.load(vocab / f"{f}.npy"))
             for f in self.schema.categorical
@@ -58,9 +94,87 @@ class _Encoder:
             key = self.schema.key_columns.index(self.schema.item_text_key)
             self.text_rows = lambda keys: table.rows(keys[:, key])
 
-    def encode(self, chunk: bytes, first_line: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, list]:
-        """(line numbers, dense, sparse ids, rejections) of a chunk of whole lines."""
-        parsed = self.parser.parse(chunk, first_line)
+    def layout(
+        self, name: str, chunk: bytes, first_line: int, too_long: Sequence[LineTooLong]
+    ) -> Tuple[Optional[List[str]], bytes, int, Sequence[LineTooLong]]:
+        """The columns of the file ``name`` whose first chunk this is, and the chunk, its first line's number and its
+        lines too long once a header row is taken off. The columns are None (undecided) while the lines so far are
+        empty or too long: they are rejected whatever the layout."""
+        schema = self.schema
+        skipped = {t.index for t in too_long}
+        if first_line == 1 and 0 in skipped and schema.header:
+            raise LogFormatError(f"{name}:1: the header is too long ({too_long[0].value()})")
+        if first_line == 1 and 0 not in skipped:
+            line = chunk[: chunk.find(b"\n")].rstrip(b"\r").decode("utf-8", "replace")
+            names = [column.strip().lstrip("\ufeff") for column in line.split(schema.separator)]
+            if schema.header or set(names) <= self.known:
+                _, chunk, too_long = drop_first_line(chunk, too_long)
+                return self._header_columns(names, name), chunk, 2, too_long
+        # the lines read whole and not empty (the others are rejected whatever the layout)
+        lines = [(i, line) for i, line in enumerate(chunk.rstrip(b"\n").split(b"\n")) if i not in skipped]
+        lines = [(i, line.rstrip(b"\r")) for i, line in lines if line.rstrip(b"\r")]
+        if not lines:
+            return None, chunk, first_line, too_long
+        separator = schema.separator.encode()
+        full, bare = len(self.columns), len(self.unlabeled)
+        # the layout most of the first chunk's lines have: one malformed line (the first one, say) is rejected as
+        # any other, it does not decide for the file
+        found = Counter(line.count(separator) + 1 for _, line in lines)
+        if schema.pad_short_rows:  # padded rows of either layout are short: full-length rows decide
+            return (self.columns if found[full] or not found[bare] else self.unlabeled), chunk, first_line, too_long
+        if found[full] or found[bare]:
+            return (self.columns if found[full] >= found[bare] else self.unlabeled), chunk, first_line, too_long
+        i, line = lines[0]
+        fields = line.count(separator) + 1
+        names = [column.strip() for column in line.decode("utf-8", "replace").split(schema.separator)]
+        unknown = [column for column in names if column not in self.known]
+        hint = (
+            f"; read as a header, {unknown[:5]} are not columns of it (list them under ignore)"
+            if first_line + i == 1 and len(unknown) < fields
+            else ""
+        )
+        line_number = first_line + i
+        raise LogFormatError(
+            f"{name}:{line_number}: {fields} fields; predict reads {full} (the training layout of schema "
+            f"{schema.source}), {bare} (the same without the label columns {list(schema.labels)}) or a header row "
+            f"of its column names{hint}"
+        )
+
+    def _header_columns(self, names: List[str], name: str) -> List[str]:
+        """Preprocessing's header rules (torchrec_mtl.data.preprocess), but the labels may be absent."""
+        source = self.schema.source
+        for position, column in enumerate(names, start=1):
+            if column not in self.known:
+                raise LogFormatError(
+                    f"{name}:1: header column {position} is {column!r}, which schema {source} neither uses nor "
+                    f"ignores (add it under ignore, or fix the file)"
+                )
+        twice = sorted({c for c in names if names.count(c) > 1})
+        features = [*self.schema.integer, *self.schema.numeric, *self.schema.categorical]
+        missing = [c for c in features if c not in names]
+        if twice or missing:
+            raise LogFormatError(
+                f"{name}:1: header names column(s) {twice} twice" if twice
+                else f"{name}:1: header lacks feature column(s) {missing} that schema {source} needs"
+            )  # fmt: skip
+        return names
+
+    def parser(self, columns: Sequence[str]) -> ChunkParser:
+        key = tuple(columns)
+        if key not in self.parsers:
+            self.parsers[key] = ChunkParser(self.schema, columns)
+        return self.parsers[key]
+
+    def encode(
+        self,
+        chunk: bytes,
+        first_line: int,
+        columns: Optional[Sequence[str]] = None,
+        too_long: Sequence[LineTooLong] = (),
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+        """(line numbers, dense, sparse ids, rejections) of a chunk of whole lines laid out as ``columns`` (default:
+        the training layout)."""
+        parsed = self.parser(columns or self.columns).parse(chunk, first_line, too_long)
         sparse = parsed.sparse.astype(np.int64)
         for t, (column, vocabulary) in enumerate(self.vocabularies):
             sparse[:, column] = _tokens_to_rows(parsed.tokens[:, t], vocabulary)
@@ -70,14 +184,23 @@ class _Encoder:
 
 
 def predict_lines(
-    trained: TrainedModel, path: str | Path, batch_size: int = 8192
+    trained: TrainedModel, path: str | Path, batch_size: int = 8192, max_line_bytes: int = MAX_LINE_BYTES
 ) -> Iterator[Tuple[np.ndarray, Dict[str, np.ndarray], list]]:
-    """For each chunk of ``path`` ("-": stdin): its scored lines' numbers, each task's predictions, its rejections."""
+    """For each chunk of ``path`` ("-": stdin): its scored lines' numbers, each task's predictions, its rejections.
+
+    The layout is the file's (see the module's docstring); a line of more than ``max_line_bytes`` bytes is
+    rejected as "line too long" without being held whole."""
     encoder = _Encoder(trained)
     model = trained.inference
+    where, source = ("stdin", Path("/dev/stdin")) if str(path) == "-" else (str(path), Path(path))
+    columns: Optional[List[str]] = None
     with torch.no_grad():
-        for chunk, first_line in _chunks(Path("/dev/stdin") if str(path) == "-" else Path(path)):
-            lines, dense, sparse, rejections = encoder.encode(chunk, first_line)
+        for chunk, first_line, too_long in _chunks(source, max_line_bytes):
+            if columns is None:
+                columns, chunk, first_line, too_long = encoder.layout(where, chunk, first_line, too_long)
+                if not chunk:
+                    continue
+            lines, dense, sparse, rejections = encoder.encode(chunk, first_line, columns, too_long)
             outputs: Dict[str, list] = {}
             for start in range(0, len(lines), batch_size):
                 part = model(torch.from_numpy(dense[start : start + batch_size]),
@@ -87,29 +210,42 @@ def predict_lines(
             yield lines, {name: np.concatenate(values) for name, values in outputs.items()}, rejections
 
 
-def _chunks(path: Path) -> Iterator[Tuple[bytes, int]]:
-    """Chunks of whole lines with the number of their first line (a leading UTF-8 byte order mark dropped)."""
+def _chunks(path: Path, max_line_bytes: int) -> Iterator[Tuple[bytes, int, List[LineTooLong]]]:
+    """Chunks of whole lines with the number of their first line and their lines too long (a leading UTF-8 byte
+    order mark dropped)."""
     next_line = 1
-    for chunk, _ in read_chunks(path, CHUNK_BYTES):
+    for chunk, _, too_long in read_chunks(path, CHUNK_BYTES, max_line_bytes):
         if next_line == 1 and chunk.startswith(b"\xef\xbb\xbf"):
             chunk = chunk[3:]
-        yield chunk, next_line
+        yield chunk, next_line, too_long
         next_line += chunk.count(b"\n")
 
 
 def predict_file(
-    trained: TrainedModel, path: str | Path, out: Optional[str | Path] = None, progress: bool = True
+    trained: TrainedModel,
+    path: str | Path,
+    out: Optional[str | Path] = None,
+    progress: bool = True,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> Dict[str, object]:
     """Score every line of ``path`` into ``out`` (TSV; None or "-": stdout); returns the counts and the rejection
-    reasons (lines read = scored + rejected)."""
-    handle: TextIO = sys.stdout if out in (None, "-") else open(out, "w")
+    reasons (lines read = scored + rejected; a header row is neither). A log whose layout is not the schema's stops
+    with a LogFormatError before ``out`` is written."""
+    scored = predict_lines(trained, path, max_line_bytes=max_line_bytes)
     counts = {"lines": 0, "scored": 0, "rejected": 0}
     reasons: Counter = Counter()
     names = list(trained.task_kinds)
-    try:
-        handle.write("\t".join(["line", *names]) + "\n")
+    # a new file beside ``out``, renamed at the end: an earlier scores file of ours is replaced, nothing else is
+    output = (
+        contextlib.nullcontext(sys.stdout)
+        if out in (None, "-")
+        else new_file(out, inputs=[path, trained.checkpoint], ours_if_starts_with=HEADER_START)
+    )
+    with output as handle:
+        first = next(scored, None)  # the first chunk decides the layout: an unreadable log stops here
+        handle.write("\t".join([HEADER_START.rstrip("\t"), *names]) + "\n")
         with tqdm(desc=f"scoring {path}", unit="row", disable=not progress, file=sys.stderr) as bar:
-            for lines, outputs, rejections in predict_lines(trained, path):
+            for lines, outputs, rejections in chain([first] if first is not None else [], scored):
                 for i, line in enumerate(lines):
                     handle.write("\t".join([str(int(line)), *(f"{outputs[n][i]:.6g}" for n in names)]) + "\n")
                 for _, reason, column, value, _ in rejections:
@@ -117,8 +253,5 @@ def predict_file(
                 counts["scored"] += len(lines)
                 counts["rejected"] += len(rejections)
                 bar.update(len(lines) + len(rejections))
-    finally:
-        if handle is not sys.stdout:
-            handle.close()
     counts["lines"] = counts["scored"] + counts["rejected"]
     return {**counts, "reasons": dict(reasons)}

@@ -37,11 +37,14 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from torchrec_mtl.headline import headline, task_kind
+from torchrec_mtl.outputs import check_folder, new_file, new_folder
 
 PathLike = Union[str, Path]
 
 # Every file name the report may write into its figures folder; the ones a rerun does not draw are removed, so the
 # folder never shows a figure from an earlier state of the run.
+# the first line of every report: a file that starts with it is one of ours, which a new report may replace
+HTML_FIRST_LINE = "<!DOCTYPE html><!-- torchrec-mtl run report -->"
 FIGURES = ("training_curves", "roc", "calibration", "regression", "gate_usage", "gate_entropy")
 CALIBRATION_BINS = 20
 # A ROC curve over 600k rows has as many points; this many draw the same line.
@@ -670,7 +673,7 @@ def render_html(results: Dict, run_dir: Path, figures: Sequence[FigureSection]) 
         parts.append('<p class="note">none</p>')
     parts += [_figure_html(figure) for figure in figures]
     return (
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'{HTML_FIRST_LINE}\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>Run report: {html.escape(run_dir.resolve().name)}</title>\n<style>{_STYLE}</style>\n</head>\n"
         "<body>\n" + "\n".join(parts) + "\n</body>\n</html>\n"
     )
@@ -703,11 +706,12 @@ def write_report(run_dir: PathLike, out: Optional[PathLike] = None) -> Path:
     figures = [f for f in figures if f.png is not None or f.notes]  # a run without regression tasks: no section
 
     folder = out.with_suffix("") if out.suffix else out.parent / f"{out.name}_figures"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in FIGURES:
-        (folder / f"{name}.png").unlink(missing_ok=True)
-    for figure in figures:
-        if figure.png is not None:
-            (folder / f"{figure.name}.png").write_bytes(figure.png)
-    out.write_text(render_html(results, run_dir, figures), encoding="utf-8")
+    inputs = [run_dir / "results.json", source]
+    check_folder(folder, "report", inputs, option="--out (its figures folder)")
+    with new_file(out, inputs, ours_if_starts_with=HTML_FIRST_LINE) as page:
+        with new_folder(folder, "report", inputs, option="--out (its figures folder)") as pngs:
+            for figure in figures:
+                if figure.png is not None:
+                    (pngs / f"{figure.name}.png").write_bytes(figure.png)
+        page.write(render_html(results, run_dir, figures))
     return out

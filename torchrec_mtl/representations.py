@@ -40,6 +40,7 @@ from torchrec_mtl.data.preprocess import _tokens_to_rows
 from torchrec_mtl.data.shards import EncodedLog, ShardedLog
 from torchrec_mtl.inference import TrainedModel, load_trained, one_id_per_feature
 from torchrec_mtl.modules.item_text import ITEM_TEXT_FEATURE
+from torchrec_mtl.outputs import new_folder
 from torchrec_mtl.schema import DatasetSchema
 from torchrec_mtl.train.checkpoint import CheckpointError
 
@@ -196,21 +197,21 @@ def export_representations(checkpoint: str | os.PathLike, out_dir: str | os.Path
         item_ids[:, features.index(ITEM_TEXT_FEATURE)] = np.arange(1, len(item_keys) + 1)  # row 1 + i: item i
     items = _vectors(trained, item_ids, 1, progress, "item vectors")
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "users.npz", ids=format_keys(user_keys, schema.categorical_format), keys=user_keys, vectors=users)
-    np.savez(out / "items.npz", ids=item_names, keys=item_keys, vectors=items, seen=seen)
-    manifest = {
-        "checkpoint": str(trained.checkpoint),
-        "dim": int(users.shape[1]),
-        "users": {"count": len(user_keys), "features": user_features},
-        "items": {
-            "count": len(item_keys),
-            "seen_in_training": int(seen.sum()),
-            "features": item_features + ([ITEM_TEXT_FEATURE] if inputs["item_text"] is not None else []),
-        },
-        "score": "dot product of unit vectors (a cosine): the model's user-item retrieval score",
-        "read": "from torchrec_mtl.representations import Representations; Representations.load(dir)",
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    with new_folder(out_dir, "vectors", inputs=[trained.checkpoint, data]) as out:
+        user_ids = format_keys(user_keys, schema.categorical_format)
+        np.savez(out / "users.npz", ids=user_ids, keys=user_keys, vectors=users)
+        np.savez(out / "items.npz", ids=item_names, keys=item_keys, vectors=items, seen=seen)
+        manifest = {
+            "checkpoint": str(trained.checkpoint),
+            "dim": int(users.shape[1]),
+            "users": {"count": len(user_keys), "features": user_features},
+            "items": {
+                "count": len(item_keys),
+                "seen_in_training": int(seen.sum()),
+                "features": item_features + ([ITEM_TEXT_FEATURE] if inputs["item_text"] is not None else []),
+            },
+            "score": "dot product of unit vectors (a cosine): the model's user-item retrieval score",
+            "read": "from torchrec_mtl.representations import Representations; Representations.load(dir)",
+        }
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -31,7 +31,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
-import yaml
+
+from torchrec_mtl.yaml_files import YamlFileError, read_yaml
 
 LABEL_KINDS = ("binary", "regression")
 CATEGORICAL_FORMATS = ("hex", "decimal")
@@ -151,12 +152,9 @@ class DatasetSchema:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "DatasetSchema":
         try:
-            with open(path) as f:
-                raw = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise SchemaError(f"{path}: no such schema file") from None
-        except yaml.YAMLError as error:
-            raise SchemaError(f"{path}: not valid YAML: {error}") from None
+            raw = read_yaml(path, "schema")
+        except YamlFileError as error:
+            raise SchemaError(str(error)) from None
         if not isinstance(raw, dict):
             raise SchemaError(f"{path}: expected a mapping at the top level")
         return cls.from_dict(raw, source=str(path))

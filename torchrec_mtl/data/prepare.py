@@ -58,6 +58,7 @@ def prepare_shards(config: DataConfig, progress: bool = True) -> ShardedLog:
         if progress:
             print(f"preprocessing {sum(map(len, files_by_split.values()))} file(s) into {out} ...", flush=True)
         preprocess(
-            schema, files_by_split, out, max_bad_fraction=config.max_bad_fraction, progress=progress, **split_options
-        )
+            schema, files_by_split, out, max_bad_fraction=config.max_bad_fraction, progress=progress,
+            out_option="data.shards", **split_options,
+        )  # fmt: skip
     return ShardedLog.open(out)

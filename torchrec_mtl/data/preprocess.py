@@ -11,14 +11,16 @@ checks, in the order they are tried (a row's reason is the first that fails):
 ========================  ==========================================================================================
 reason                    what failed
 ========================  ==========================================================================================
+``line too long``         more than ``max_line_bytes`` bytes (default 1 MiB) before the line end: skipped while
+                          reading, never held whole (the value is its length; the raw line, its first 200 bytes)
 ``empty line``            nothing between two line ends
 ``too many fields``       more separators than the schema has columns
 ``too few fields``        fewer (unless the schema pads short rows and only categorical fields are missing)
 ``label missing``         an empty required label
 ``label not 0/1``         a binary label other than 0 or 1 (``2``, ``yes``, ``nan``)
-``label not a number``    a regression label that is not a finite number
+``label not a number``    a regression label that is not a number finite in float32 (1e39 is not)
 ``integer not valid``     an integer feature that is not a base-10 integer within int64
-``numeric not valid``     a numeric feature that is not a finite number
+``numeric not valid``     a numeric feature that is not a number finite in float32
 ``categorical not hex``   a ``hex`` categorical with other characters, a sign, or over 64 bits
 ``categorical not id``    a ``decimal`` categorical that is not a non-negative integer
 ========================  ==========================================================================================
@@ -28,7 +30,8 @@ tab, CR and LF are written as ``\\\\``, ``\\t``, ``\\r``, ``\\n``), the first fe
 file:line, and ``max_bad_fraction`` stops the run once the rejected share of the rows read so far exceeds it.
 Decoding is lenient: bytes that are not UTF-8 (and NUL bytes) become U+FFFD, which no numeric or hex check accepts.
 
-Output (``out_dir``), written into ``out_dir.partial`` and renamed at the end so a half-written folder is never read:
+Output (``out_dir``), written into a fresh hidden folder beside it and renamed at the end (torchrec_mtl.outputs), so a
+half-written folder is never read and only earlier shards are ever replaced:
 
 - ``<split>/part-NNNNN.{dense,sparse,labels}.npy``: float32 [n, dense], int32 [n, categorical] embedding rows,
   float32 [n, labels] with NaN for a missing optional label; ``np.load(..., mmap_mode="r")`` maps them.
@@ -52,13 +55,12 @@ import gzip
 import io
 import json
 import os
-import shutil
 import sys
 import time
 import zlib
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -66,11 +68,13 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
+from torchrec_mtl.outputs import new_folder
 from torchrec_mtl.schema import DatasetSchema
 
 FORMAT_VERSION = 2
 # Every reason a row can be rejected for, as in the table above.
 REASONS = (
+    "line too long",
     "empty line",
     "too many fields",
     "too few fields",
@@ -83,6 +87,7 @@ REASONS = (
     "categorical not id",
 )
 MISSING_TOKEN = -1
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 _PARSE_THREADS = 2
 
 
@@ -156,12 +161,40 @@ def _open_bytes(path: Path):
     return buffered, (gzip.GzipFile(fileobj=buffered) if gzipped else buffered)
 
 
-def read_chunks(path: Path, chunk_bytes: int) -> Iterator[Tuple[bytes, int]]:
-    """Yield (chunk of whole lines ending in b"\\n", bytes of the file consumed so far).
+MAX_LINE_BYTES = 1 << 20  # the default longest line read: longer ones are rejected as "line too long"
+_TOO_LONG_HEAD = 200  # bytes of a line too long kept for rejects.tsv
 
-    Reads sequentially, so a named pipe works as well as a file (its progress then counts uncompressed bytes)."""
+
+@dataclass
+class LineTooLong:
+    """A line of more than ``limit`` bytes, skipped while it was read: an empty line stands in for it in its chunk
+    (so the line numbers after it stay exact), and ChunkParser.parse rejects that line as "line too long"."""
+
+    index: int  # of the stand-in among its chunk's lines (0: the first)
+    length: int  # bytes before its b"\n"
+    limit: int
+    head: bytes  # its first bytes
+
+    def value(self) -> str:
+        return f"{self.length:,} bytes, limit {self.limit:,}"
+
+    def raw_line(self) -> str:
+        return self.head.decode("utf-8", "replace") + f"... ({self.length - len(self.head):,} more bytes)"
+
+
+def read_chunks(
+    path: Path, chunk_bytes: int, max_line_bytes: int = MAX_LINE_BYTES
+) -> Iterator[Tuple[bytes, int, List[LineTooLong]]]:
+    """Yield (chunk of whole lines ending in b"\\n", bytes of the file consumed so far, the chunk's lines too long).
+
+    Reads sequentially, so a named pipe works as well as a file (its progress then counts uncompressed bytes). A line
+    of more than ``max_line_bytes`` bytes before its b"\\n" is counted as it streams by, never held whole, and an
+    empty line stands in for it (see LineTooLong): a chunk is at most ``chunk_bytes + max_line_bytes + 1`` bytes."""
+    if max_line_bytes < 1:
+        raise ValueError(f"max_line_bytes: expected at least 1, got {max_line_bytes}")
     raw, stream = _open_bytes(path)
-    carry = b""
+    carry = b""  # the start of a line not ended yet: at most max_line_bytes bytes
+    skipping: Optional[LineTooLong] = None  # a line not ended yet that is already too long: only counted
     consumed = 0
     with raw:
         while True:
@@ -175,15 +208,55 @@ def read_chunks(path: Path, chunk_bytes: int) -> Iterator[Tuple[bytes, int]]:
             if not block:
                 break
             consumed = raw.tell() if stream is not raw else consumed + len(block)
-            block = carry + block
+            ended: Optional[LineTooLong] = None
+            if skipping is not None:
+                cut = block.find(b"\n")
+                if cut < 0:
+                    skipping.length += len(block)
+                    continue
+                skipping.length += cut
+                ended, skipping, block = skipping, None, block[cut + 1 :]
+            else:
+                block = carry + block
             cut = block.rfind(b"\n")
-            if cut < 0:
-                carry = block
-                continue
-            carry = block[cut + 1 :]
-            yield block[: cut + 1], consumed
-        if carry:
-            yield carry + b"\n", consumed
+            whole, carry = block[: cut + 1], block[cut + 1 :]
+            if len(carry) > max_line_bytes:
+                skipping, carry = LineTooLong(0, len(carry), max_line_bytes, carry[:_TOO_LONG_HEAD]), b""
+            chunk, too_long = _skip_long_lines(whole, max_line_bytes)
+            if ended is not None:
+                chunk = b"\n" + chunk
+                too_long = [ended, *(replace(t, index=t.index + 1) for t in too_long)]
+            if chunk:
+                yield chunk, consumed, too_long
+        if skipping is not None:
+            yield b"\n", consumed, [skipping]
+        elif carry:
+            yield carry + b"\n", consumed, []
+
+
+def _skip_long_lines(chunk: bytes, max_line_bytes: int) -> Tuple[bytes, List[LineTooLong]]:
+    """``chunk`` (whole lines) with an empty line in place of each line of more than ``max_line_bytes`` bytes."""
+    if len(chunk) <= max_line_bytes + 1:
+        return chunk, []
+    ends = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    long_lines = np.flatnonzero(ends - starts > max_line_bytes).tolist()
+    if not long_lines:
+        return chunk, []
+    pieces, too_long, position = [], [], 0
+    for i in long_lines:
+        start, end = int(starts[i]), int(ends[i])
+        pieces.append(chunk[position:start])
+        too_long.append(LineTooLong(i, end - start, max_line_bytes, chunk[start : start + _TOO_LONG_HEAD]))
+        position = end  # its b"\n" stays
+    pieces.append(chunk[position:])
+    return b"".join(pieces), too_long
+
+
+def drop_first_line(chunk: bytes, too_long: Sequence[LineTooLong]) -> Tuple[bytes, bytes, List[LineTooLong]]:
+    """(the chunk's first line without its line end, the rest of the chunk, the rest's lines too long)."""
+    first, _, rest = chunk.partition(b"\n")
+    return first.rstrip(b"\r"), rest, [replace(t, index=t.index - 1) for t in too_long if t.index > 0]
 
 
 @dataclass
@@ -251,6 +324,11 @@ def split_chunk(chunk: bytes, separator: str, n_columns: int) -> SplitChunk:
 # Checking and converting one chunk of lines.
 
 
+def _finite_in_float32(value: pl.Expr) -> pl.Expr:
+    """Finite once stored as float32 (the shards' type): 1e39 is finite in float64 but +inf in float32."""
+    return (value.is_finite() & (value.abs() <= FLOAT32_MAX)).fill_null(False)
+
+
 def _column_rules(
     schema: DatasetSchema, name: str, text: pl.Expr, value: pl.Expr
 ) -> Tuple[Optional[pl.Expr], Optional[pl.Expr], Optional[pl.Expr]]:
@@ -263,7 +341,7 @@ def _column_rules(
         if spec.kind == "binary":
             bad_value, reason = ~value.is_in([0.0, 1.0]).fill_null(False), pl.lit("label not 0/1")
         else:
-            bad_value, reason = ~value.is_finite().fill_null(False), pl.lit("label not a number")
+            bad_value, reason = ~_finite_in_float32(value), pl.lit("label not a number")
         if spec.optional:
             return parse, ~empty & bad_value, reason
         return parse, empty | bad_value, pl.when(empty).then(pl.lit("label missing")).otherwise(reason)
@@ -271,7 +349,7 @@ def _column_rules(
         return text.str.to_integer(base=10, strict=False), ~empty & value.is_null(), pl.lit("integer not valid")
     if name in schema.numeric:
         parse = text.cast(pl.Float64, strict=False)
-        return parse, ~empty & ~value.is_finite().fill_null(False), pl.lit("numeric not valid")
+        return parse, ~empty & ~_finite_in_float32(value), pl.lit("numeric not valid")
     if name in schema.categorical:
         base, reason = (16, "categorical not hex") if schema.categorical_format == "hex" else (10, "categorical not id")
         # to_integer accepts a sign; tokens have none (a negative value is caught by value < 0)
@@ -294,15 +372,22 @@ class ParsedChunk:
 
 
 class ChunkParser:
-    """Checks and converts lines whose fields are laid out as ``file_columns``: each field is parsed once."""
+    """Checks and converts lines whose fields are laid out as ``file_columns``: each field is parsed once.
+
+    Every feature must be among ``file_columns``; a label may be absent (predict scores logs without labels): it is
+    then missing (NaN) on every row."""
 
     def __init__(self, schema: DatasetSchema, file_columns: Sequence[str]) -> None:
         self.schema, self.file_columns = schema, list(file_columns)
         self.frequency_features = [f for f in schema.categorical if not schema.vocabulary_rule(f).is_hash]
         n = len(self.file_columns)
         index = {name: i for i, name in enumerate(self.file_columns)}
-        # padding may only supply categorical fields: every label and dense field must be on the line
-        last_required = max(index[c] for c in [*schema.labels, *schema.integer, *schema.numeric])
+        absent = [c for c in [*schema.integer, *schema.numeric, *schema.categorical] if c not in index]
+        if absent:
+            raise ValueError(f"file columns {self.file_columns} lack the feature(s) {absent} of {schema.source}")
+        # padding may only supply categorical fields: every label and dense field in the layout must be on the line
+        required = [index[c] for c in [*schema.labels, *schema.integer, *schema.numeric] if c in index]
+        last_required = max(required, default=-1)
         may_pad = pl.lit(schema.pad_short_rows) & (pl.col("n_fields") > last_required)
         self.row_problem = (
             pl.when(pl.col("n_fields") == 0)
@@ -340,13 +425,18 @@ class ChunkParser:
             value(f).fill_null(MISSING_TOKEN).alias(f"t{i}") for i, f in enumerate(self.frequency_features)
         ]
         self.key_exprs = [value(f).fill_null(MISSING_TOKEN).alias(f"k{i}") for i, f in enumerate(schema.key_columns)]
-        # An empty optional label parses to null: NaN marks it missing.
+        # An empty optional label parses to null: NaN marks it missing (and every row of a label not in the layout).
         self.label_exprs = [
-            value(c).fill_null(float("nan")).cast(pl.Float32).alias(f"l{i}") for i, c in enumerate(schema.labels)
+            (value(c).fill_null(float("nan")) if c in index else pl.repeat(float("nan"), pl.len()))
+            .cast(pl.Float32)
+            .alias(f"l{i}")
+            for i, c in enumerate(schema.labels)
         ]
 
-    def parse(self, chunk: bytes, first_line: int) -> ParsedChunk:
-        """Check and convert a chunk of whole lines whose first line is number ``first_line`` of its file."""
+    def parse(self, chunk: bytes, first_line: int, too_long: Sequence[LineTooLong] = ()) -> ParsedChunk:
+        """Check and convert a chunk of whole lines whose first line is number ``first_line`` of its file.
+
+        ``too_long``: the chunk's lines that read_chunks skipped (empty stand-ins), rejected as "line too long"."""
         split = split_chunk(chunk, self.schema.separator, len(self.file_columns))
         frame = split.fields.with_columns(
             pl.Series("n_fields", split.n_fields),
@@ -373,6 +463,12 @@ class ChunkParser:
                 (int(n), r, c or "", v or "", split.raw_line(chunk, int(n) - first_line))
                 for n, r, c, v in described.iter_rows()
             ]
+        stand_ins = {first_line + t.index: t for t in too_long}
+        for k, (n, *_) in enumerate(rejections if stand_ins else ()):
+            if n in stand_ins:  # an empty line, so always rejected
+                t = stand_ins.pop(n)
+                rejections[k] = (n, "line too long", "", t.value(), t.raw_line())
+        assert not stand_ins, f"lines {sorted(stand_ins)} too long but not empty stand-ins"
         kept = frame.filter(~pl.col("rejected"))
         rows = kept.height
         return ParsedChunk(
@@ -583,9 +679,11 @@ def preprocess(
     split_seed: int = 0,
     max_bad_fraction: float = 0.01,
     chunk_bytes: int = 8 << 20,
+    max_line_bytes: int = MAX_LINE_BYTES,
     shard_rows: int = 1 << 18,
     show_examples: int = 5,
     progress: bool = True,
+    out_option: str = "--out",
 ) -> PreprocessSummary:
     """Read every file of every split, write shards into ``out_dir`` and return the summary.
 
@@ -594,13 +692,40 @@ def preprocess(
             share of the ``train`` files' rows goes to ``test`` instead (drawn per line, so chunking never changes it).
         max_bad_fraction: stop with TooManyBadRows once rejected / read exceeds it (checked after every chunk).
         chunk_bytes: bytes read and parsed at a time (memory scales with it; 8 MiB was fastest on 2 cores).
+        max_line_bytes: a longer line (bytes before its line end) is rejected as "line too long" and skipped as it
+            is read, so memory stays within a few times ``chunk_bytes + max_line_bytes`` whatever the lines.
         shard_rows: rows per shard file (the last shard of a split holds the rest).
+        out_option: how the user named ``out_dir`` (an option or a config key), for the messages.
+
+    The shards are written into a fresh folder beside ``out_dir`` and renamed into place at the end
+    (torchrec_mtl.outputs.new_folder): ``out_dir`` is replaced only when it holds earlier shards, never when it holds
+    anything else or any of the input files (OutputError before anything is read). When the run stops for too many
+    bad rows, that folder is kept for its ``rejects.tsv``.
     """
+    inputs = [path for paths in files_by_split.values() for path in paths]
+    with new_folder(out_dir, "shards", inputs, option=out_option, keep_on=(TooManyBadRows,)) as work:
+        return _write_shards(
+            work, schema, files_by_split, Path(out_dir), test_fraction, split_seed, max_bad_fraction, chunk_bytes,
+            max_line_bytes, shard_rows, show_examples, progress,
+        )  # fmt: skip
+
+
+def _write_shards(
+    work: Path,
+    schema: DatasetSchema,
+    files_by_split: Dict[str, Sequence[str | os.PathLike]],
+    out_dir: Path,
+    test_fraction: float,
+    split_seed: int,
+    max_bad_fraction: float,
+    chunk_bytes: int,
+    max_line_bytes: int,
+    shard_rows: int,
+    show_examples: int,
+    progress: bool,
+) -> PreprocessSummary:
     started = time.perf_counter()
-    out_dir = Path(out_dir)
-    work = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    (work / "vocab").mkdir(parents=True)
+    (work / "vocab").mkdir()
     splits = list(dict.fromkeys([*files_by_split, *(["test"] if test_fraction > 0 else [])]))
     writer = _ShardWriter(work, splits, schema, shard_rows)
     summary = PreprocessSummary(rows_written=writer.rows, out_dir=str(out_dir))
@@ -612,9 +737,9 @@ def preprocess(
         total=sum(i["bytes"] for i in inputs), unit="B", unit_scale=True, desc="preprocess", disable=not progress
     )
 
-    def parse(parser: ChunkParser, chunk: bytes, first_line: int, file_index: int, split: str):
+    def parse(parser: ChunkParser, chunk: bytes, first_line: int, too_long: List, file_index: int, split: str):
         """Runs on a worker thread: check and convert, route each kept row to a split, count training tokens."""
-        parsed = parser.parse(chunk, first_line)
+        parsed = parser.parse(chunk, first_line, too_long)
         destination = np.full(len(parsed.line_numbers), splits.index(split), dtype=np.int8)
         if test_fraction > 0 and split == "train":
             destination[_uniform(split_seed, file_index, parsed.line_numbers) < test_fraction] = splits.index("test")
@@ -648,34 +773,37 @@ def preprocess(
                 f"stopped in {path}.\n{summary.text()}\nall rejected rows: {work / 'rejects.tsv'}"
             )
 
-    def chunks() -> Iterator[Tuple[int, Dict, ChunkParser, bytes, int]]:
-        """(file index, input, parser, chunk, number of its first line), header rows consumed, in file order."""
+    def chunks() -> Iterator[Tuple[int, Dict, ChunkParser, bytes, int, List[LineTooLong]]]:
+        """(file index, input, parser, chunk, number of its first line, its lines too long), header rows consumed,
+        in file order."""
         for file_index, described in enumerate(inputs):
             path = Path(described["path"])
             file_columns: Optional[List[str]] = None if schema.header else schema.columns
             next_line, consumed = 1, 0
-            for chunk, position in read_chunks(path, chunk_bytes):
+            for chunk, position, too_long in read_chunks(path, chunk_bytes, max_line_bytes):
                 bar.update(position - consumed)
                 consumed = position
                 if next_line == 1 and chunk.startswith(b"\xef\xbb\xbf"):
                     chunk = chunk[3:]  # a UTF-8 byte order mark
                 if file_columns is None:
-                    header, _, chunk = chunk.partition(b"\n")
-                    file_columns = _header_columns(header.decode("utf-8", "replace").rstrip("\r"), schema, path)
+                    if too_long and too_long[0].index == 0:
+                        raise LogFormatError(f"{path}:1: the header is too long ({too_long[0].value()})")
+                    header, chunk, too_long = drop_first_line(chunk, too_long)
+                    file_columns = _header_columns(header.decode("utf-8", "replace"), schema, path)
                     next_line = 2
                     if not chunk:
                         continue
                 key = tuple(file_columns)
                 if key not in parsers:
                     parsers[key] = ChunkParser(schema, file_columns)
-                yield file_index, described, parsers[key], chunk, next_line
+                yield file_index, described, parsers[key], chunk, next_line, too_long
                 next_line += chunk.count(b"\n")
 
     # polars and numpy release the GIL: parsing the next chunks overlaps writing this one (order is kept).
     with rejects, bar, ThreadPoolExecutor(max_workers=_PARSE_THREADS) as pool:
         in_flight: Deque = deque()
-        for file_index, described, parser, chunk, first_line in chunks():
-            job = pool.submit(parse, parser, chunk, first_line, file_index, described["split"])
+        for file_index, described, parser, chunk, first_line, too_long in chunks():
+            job = pool.submit(parse, parser, chunk, first_line, too_long, file_index, described["split"])
             in_flight.append((described, job))
             if len(in_flight) > _PARSE_THREADS:
                 described, job = in_flight.popleft()
@@ -725,9 +853,7 @@ def preprocess(
         "split_options": {"test_fraction": test_fraction, "split_seed": split_seed},
         "seconds": round(summary.seconds, 2),
     }
-    (work / "metadata.json").write_text(json.dumps(metadata, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(work, out_dir)
+    (work / "metadata.json").write_text(json.dumps(metadata, indent=2, allow_nan=False))  # strict JSON
     if progress:
         print(summary.text(), file=sys.stderr, flush=True)
     return summary

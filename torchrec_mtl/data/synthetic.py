@@ -47,6 +47,8 @@ import torch
 
 from torchrec.metrics.auc import compute_auc
 
+from torchrec_mtl.outputs import new_files
+
 # Bumped whenever the same config would generate different data, so a stale log is regenerated, never reused.
 GENERATOR_VERSION = 2
 LABEL_COLUMNS: List[str] = ["click", "conversion", "rating"]
@@ -127,6 +129,12 @@ class SyntheticConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("num_rows", "num_users", "num_items", "num_categories", "num_segments", "num_brands",
+                     "num_sessions"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"seed: must be >= 0, got {self.seed}")
         if self.num_categories > len(_CATEGORY_WORDS):
             raise ValueError(f"num_categories: at most {len(_CATEGORY_WORDS)}, got {self.num_categories}")
         if not 0.0 < self.test_fraction < 1.0:
@@ -201,9 +209,12 @@ def _descriptions(
 
 def generate(config: SyntheticConfig, out_dir: str | os.PathLike) -> Dict:
     """Write the log, the items file, the test truth and ``meta.json``; return the meta dict."""
+    with new_files(out_dir, "synthetic", last="meta.json") as out:
+        return _generate(config, out)
+
+
+def _generate(config: SyntheticConfig, out: Path) -> Dict:
     rng = np.random.default_rng(config.seed)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     num_users, num_items, num_cat = config.num_users, config.num_items, config.num_categories
 
     # Items.

@@ -34,7 +34,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,15 @@ ItemId = str | int
 
 class TextCacheError(RuntimeError):
     """The cache file is unreadable, malformed, or was written by a different model identity."""
+
+
+def _refuse_non_finite(vectors: np.ndarray, ids: Sequence, where: str, advice: str) -> None:
+    """One NaN vector would turn every standardised item vector NaN: refuse it, naming the item."""
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if len(bad):
+        raise TextCacheError(
+            f"{where}: item {str(ids[bad[0]])!r} has a non-finite vector ({len(bad):,} item(s) in all); {advice}"
+        )
 
 
 def text_hash(text: str) -> str:
@@ -109,6 +118,7 @@ class ItemTextCache:
                 f"vectors {vectors.shape} {vectors.dtype}); expected format {FORMAT} with count ids and "
                 "float32 vectors [count, dim]"
             )
+        _refuse_non_finite(vectors, ids, f"text cache {self.path}", "delete it to rebuild")
         self.identity, self.dim = meta["identity"], dim
         self._ids, self._hashes, self._vectors = ids.astype(str), hashes.astype(str), vectors
 
@@ -182,6 +192,7 @@ class ItemTextCache:
                 todo.append(row)
         if todo:
             vectors[todo] = encoder.encode([wanted[new_ids[r]] for r in todo], progress=progress)
+            _refuse_non_finite(vectors, new_ids, f"the encoder ({identity})", "nothing was written to the cache")
         removed = len(set(self._ids.tolist()) - set(new_ids))
 
         self._write(np.array(new_ids, dtype=str), np.array(new_hashes, dtype=str), vectors, identity)
@@ -237,6 +248,10 @@ def encode_items_file(
     plus ``items`` (rows read)."""
     import polars as pl
 
+    if Path(cache_path).exists() and Path(items_path).exists() and os.path.samefile(cache_path, items_path):
+        raise TextCacheError(f"{cache_path}: the cache path is the items file itself; choose another cache path")
+    if Path(cache_path).is_dir():
+        raise TextCacheError(f"{cache_path}: is a folder; expected the path of the .npz cache file")
     try:
         frame = pl.read_csv(items_path, separator="\t", infer_schema=False)
     except (OSError, pl.exceptions.PolarsError) as error:
@@ -246,6 +261,12 @@ def encode_items_file(
         raise TextCacheError(
             f"{items_path}: expected columns item_id and description in the header, missing {missing} "
             f"(found {frame.columns})"
+        )
+    repeated = frame.filter(pl.col("item_id").is_duplicated()).get_column("item_id")
+    if len(repeated):
+        raise TextCacheError(
+            f"{items_path}: item_id {repeated[0]!r} appears more than once ({len(repeated):,} rows share an ID); "
+            "expected one description per item"
         )
     items = dict(zip(frame["item_id"].to_list(), frame["description"].fill_null("").to_list(), strict=True))
     summary = ItemTextCache(cache_path).update(items, encoder, rebuild=rebuild, progress=progress)

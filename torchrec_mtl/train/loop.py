@@ -10,10 +10,11 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.train_pipeline import EvalPipelineSparseDist, TrainPipelineSparseDist
 from tqdm import tqdm
@@ -81,7 +82,8 @@ class CurveWindow:
 
 
 class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN or infinite loss; the message names the step and the terms that were not finite."""
+    """Training produced a NaN or infinite loss; the message names the step, the terms that were not finite and (in a
+    distributed run) the rank that saw it. Every rank raises it at the same step with the same message."""
 
 
 def _objective(model: nn.Module) -> Optional[nn.Module]:
@@ -89,14 +91,45 @@ def _objective(model: nn.Module) -> Optional[nn.Module]:
     return next((m for m in model.modules() if hasattr(m, "last_terms")), None)
 
 
-def _non_finite_loss(objective: Optional[nn.Module], loss: float, step: int, epoch: int) -> NonFiniteLoss:
+def _rank_and_world() -> Tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def agree_max(values: Sequence[int]) -> List[int]:
+    """Each of ``values``' maximum over all ranks: one all-reduce of a few integers (every rank must call it, with as
+    many values); in one process, the values themselves and no collective."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [int(value) for value in values]
+    on_gpu = dist.get_backend() == "nccl"  # NCCL reduces only GPU tensors (init_distributed set the device)
+    flags = torch.tensor([int(value) for value in values], dtype=torch.int64, device="cuda" if on_gpu else "cpu")
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags.tolist()
+
+
+def _non_finite_loss(
+    objective: Optional[nn.Module], loss: float, step: int, epoch: int, rank: int = 0, world_size: int = 1
+) -> NonFiniteLoss:
     terms = objective.last_terms if objective is not None else {}
     bad = {name: float(value) for name, value in terms.items() if not torch.isfinite(value).all()}
     named = ", ".join(f"{name} ({value})" for name, value in bad.items()) or "none of the task terms (the weighting)"
+    where, everywhere = (f" on rank {rank} of {world_size}", " on every rank") if world_size > 1 else ("", "")
     return NonFiniteLoss(
-        f"step {step} (epoch {epoch + 1}): the loss is {loss}; not finite: {named}. Training stopped before any "
-        "checkpoint of this state was written; lower the learning rates or set training.gradient_clip_norm"
+        f"step {step} (epoch {epoch + 1}): the loss is {loss}{where}; not finite: {named}. Training stopped"
+        f"{everywhere} before any checkpoint of this state was written; lower the learning rates or set "
+        "training.gradient_clip_norm"
     )
+
+
+def _agreed_non_finite(
+    objective: Optional[nn.Module], loss: float, step: int, epoch: int, seen_by: int
+) -> NonFiniteLoss:
+    """The error every rank raises when rank ``seen_by`` (the lowest whose loss was not finite) saw one: that rank
+    words it and sends the words to the others (a collective: every rank calls it, after agreeing on ``seen_by``)."""
+    rank, world_size = _rank_and_world()
+    message = [str(_non_finite_loss(objective, loss, step, epoch, rank, world_size)) if rank == seen_by else None]
+    if world_size > 1:
+        dist.broadcast_object_list(message, src=seen_by)
+    return NonFiniteLoss(message[0])
 
 
 def make_pipeline(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> TrainPipelineSparseDist:
@@ -154,7 +187,10 @@ class _RunningTerms:
         return {"samples/s": f"{rate:,.0f}", **{name: f"{value:.4f}" for name, value in self.values.items()}}
 
 
-# Called after each training step with the summary so far and the curve window; True asks to stop.
+# Called after each training step with the summary so far and the curve window; True asks to stop. A hook that must
+# agree with the other ranks each step (torchrec_mtl.train.resume.CheckpointTrigger) may ride on the loop's own per-step
+# all-reduce: it has ``local_flags()`` (this rank's few integers, called right after the step) and is then called as
+# ``after_step(summary, window, agreed)`` with their maximum over the ranks.
 AfterStep = Callable[[TrainSummary, Optional[CurveWindow]], bool]
 
 
@@ -182,6 +218,10 @@ def train(
 
     ``resume`` (a checkpoint's summary and curve window batches, ``restore_run``) continues a run where it stopped; ``after_step`` is called
     after every step (to write checkpoints) and may stop the run early (``summary.stopped``).
+
+    A non-finite loss on any rank stops every rank at that step with the same NonFiniteLoss (naming the lowest rank
+    that saw one): the ranks agree after each step through one all-reduce of a few integers, which also carries
+    ``after_step``'s flags when it has ``local_flags`` (AfterStep); in one process there is no collective.
     """
     summary, window_batches_kept = resume if resume is not None else (TrainSummary(), None)
     window = None
@@ -193,6 +233,8 @@ def train(
     running = _RunningTerms(objective)
     if schedule is not None:
         schedule.set_step(summary.steps)
+    rank, world_size = _rank_and_world()
+    hook_flags: Optional[Callable[[], Sequence[int]]] = getattr(after_step, "local_flags", None)
     model.train()
     start = time.perf_counter() - summary.seconds
     for epoch in range(summary.epoch, epochs):
@@ -203,8 +245,10 @@ def train(
         bar = _bar(batches_left, f"train epoch {epoch + 1}/{epochs}", show_progress)
         for loss, predictions, labels in _drain(pipeline, loader, bar):
             loss = float(loss.detach())
-            if not math.isfinite(loss):
-                raise _non_finite_loss(objective, loss, summary.steps + 1, epoch)
+            # every rank learns of a non-finite loss on any rank (world_size - rank: the lowest such rank wins)
+            agreed = agree_max([0 if math.isfinite(loss) else world_size - rank, *(hook_flags() if hook_flags else ())])
+            if agreed[0]:
+                raise _agreed_non_finite(objective, loss, summary.steps + 1, epoch, world_size - agreed[0])
             summary.epoch_loss += loss
             summary.since_loss += loss
             summary.since_steps += 1
@@ -239,9 +283,11 @@ def train(
                 running.update()
                 if summary.steps % 10 == 0:
                     bar.set_postfix(running.postfix(summary), refresh=False)
-            if after_step is not None and after_step(summary, window):
-                summary.stopped = True
-                break
+            if after_step is not None:
+                stop = after_step(summary, window, agreed[1:]) if hook_flags else after_step(summary, window)
+                if stop:
+                    summary.stopped = True
+                    break
         bar.close()
         if summary.stopped:
             break

@@ -22,13 +22,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
 from torchrec_mtl.train.checkpoint import Checkpointer, CheckpointError, read_train_state, rng_state, set_rng_state
-from torchrec_mtl.train.loop import CurveWindow, TrainSummary
+from torchrec_mtl.train.loop import CurveWindow, TrainSummary, agree_max
 
 
 def _run_state(sharded: nn.Module, optimizer: KeyedOptimizer) -> Dict[str, Any]:
@@ -106,10 +105,15 @@ def load_model_state(path: str | Path, sharded: nn.Module) -> Dict[str, Any]:
 class CheckpointTrigger:
     """``after_step`` hook: writes a checkpoint every ``every_steps`` steps, every ``every_seconds`` seconds, and when
     SIGTERM arrives (then asks training to stop). Ranks agree through one small all-reduce per step, so a signal or a
-    clock seen by one rank moves all of them at the same step.
+    clock seen by one rank moves all of them at the same step: the training loop's own per-step all-reduce carries
+    ``local_flags`` and passes the agreed values in (``torchrec_mtl.train.loop.AfterStep``); called without them,
+    the trigger reduces its flags itself.
 
     ``save(summary, window)`` writes the checkpoint; ``stop_requested`` tells afterwards whether SIGTERM stopped
-    the run.
+    the run. A save that raises CheckpointError (``Checkpointer.save`` raises it on every rank together) is tried
+    once more after ``retry_after_s`` seconds; when that fails too, CheckpointError "checkpoint step-N failed twice
+    (<reason>); the last good checkpoint is <path>" stops training, the same on every rank: the newest complete one
+    in ``checkpointer`` when given (so also one an earlier run wrote), else the last this trigger wrote.
     """
 
     def __init__(
@@ -118,8 +122,11 @@ class CheckpointTrigger:
         every_steps: int = 0,
         every_seconds: float = 0.0,
         handle_sigterm: bool = True,
+        checkpointer: Optional[Checkpointer] = None,
+        retry_after_s: float = 1.0,
     ) -> None:
         self.save, self.every_steps, self.every_seconds = save, every_steps, every_seconds
+        self.checkpointer, self.retry_after_s = checkpointer, retry_after_s
         self.last_saved_at = time.monotonic()
         self.stop_requested = False
         self.last_path: Optional[Path] = None
@@ -136,18 +143,60 @@ class CheckpointTrigger:
             signal.signal(signal.SIGTERM, self._previous_handler)
             self._previous_handler = None
 
-    def __call__(self, summary: TrainSummary, window: Optional[CurveWindow]) -> bool:
+    def local_flags(self) -> List[int]:
+        """This rank's view after a step: [SIGTERM arrived, a checkpoint is due by the clock]."""
         due_by_time = self.every_seconds > 0 and time.monotonic() - self.last_saved_at >= self.every_seconds
-        flags = torch.tensor([int(self._signalled), int(due_by_time)])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        stop, due = bool(flags[0]), bool(flags[1])
+        return [int(self._signalled), int(due_by_time)]
+
+    def __call__(
+        self, summary: TrainSummary, window: Optional[CurveWindow], agreed: Optional[List[int]] = None
+    ) -> bool:
+        """``agreed``: ``local_flags``' maximum over the ranks, when the caller reduced them (the training loop)."""
+        if agreed is None:
+            agreed = agree_max(self.local_flags())
+        stop, due = bool(agreed[0]), bool(agreed[1])
         due = due or stop or (self.every_steps > 0 and summary.steps % self.every_steps == 0)
         if due:
-            self.last_path = self.save(summary, window)
+            self.last_path = self._save_with_retry(summary, window)
             self.last_saved_at = time.monotonic()
         self.stop_requested = stop
         return stop
+
+    def _save_with_retry(self, summary: TrainSummary, window: Optional[CurveWindow]) -> Path:
+        """``save``, tried once more when it raises CheckpointError (every rank raises it together, so every rank
+        retries together); a second failure raises CheckpointError naming the last good checkpoint."""
+        name = f"step-{summary.steps:09d}"  # the checkpoint's folder name (Checkpointer.save)
+        try:
+            return self.save(summary, window)
+        except CheckpointError as error:
+            cause, _ = self._agreed_failure(error)
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(f"warning: checkpoint {name} failed ({cause}); trying once more", flush=True)
+        time.sleep(self.retry_after_s)
+        try:
+            return self.save(summary, window)
+        except CheckpointError as error:
+            cause, last = self._agreed_failure(error)
+            where = f"the last good checkpoint is {last}" if last is not None else "there is no good checkpoint yet"
+            raise CheckpointError(f"checkpoint {name} failed twice ({cause}); {where}") from None
+
+    def _agreed_failure(self, error: CheckpointError) -> Tuple[str, Optional[Path]]:
+        """The same on every rank (a collective when distributed): why the save failed, in the words of the lowest
+        rank that saw the fault itself (the others' Checkpointer.save says "another rank failed"), and the last good
+        checkpoint, rank 0's (it renames checkpoints into place): the newest complete one in ``checkpointer``, else
+        the last one this trigger wrote."""
+        message = str(error)  # Checkpointer.save's "checkpoint <path>: not written (<cause>); earlier ... intact"
+        _, opened, rest = message.partition(": not written (")
+        cause, closed, _ = rest.rpartition("); earlier checkpoints are intact")
+        cause = cause if opened and closed else message
+        last = self.checkpointer.latest() if self.checkpointer is not None else self.last_path
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            views: List[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(views, (cause, str(last) if last is not None else None))
+            causes = [view[0] for view in views]
+            cause = next((c for c in causes if c != "another rank failed"), causes[0])
+            last = Path(views[0][1]) if views[0][1] is not None else None
+        return cause, last
 
 
 def resume_path(checkpointer: Checkpointer, resume: str) -> Optional[Path]:
