@@ -11,6 +11,92 @@ from torchrec_mtl.data import synthetic
 from torchrec_mtl.data.synthetic import SyntheticConfig, generate
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# The two tiers. A bare `pytest` runs the unit tier (pyproject's addopts: -m "not e2e"), in under a minute on 2 cores;
+# `pytest -m e2e` runs the end-to-end tier; tools/test.sh (the README's command, and CI's) runs both.
+# A test is e2e when it trains a model (run_job, the train stage, or the sharded training pipeline), runs a whole CLI
+# stage on a trained run, starts processes, or takes more than about a second; a module- or session-scoped fixture
+# that trains counts for every test that uses it. Listed here rather than marked in the files: whole files by name,
+# and "file::test function" (every parametrization of it) where a file holds both tiers.
+E2E_FILES = {
+    "test_bench_train.py",  # the benchmark through the CLI, with worker processes
+    "test_checkpoint.py",  # runs killed and resumed, world sizes 1 and 2
+    "test_cli_stages.py",  # train, evaluate, predict, export, report on one trained run
+    "test_distributed.py",  # two gloo processes per sharding type
+    "test_job.py",  # whole training jobs
+    "test_rank_faults.py",  # faults inside training, at world sizes 1 and 2
+}
+E2E_TESTS = {
+    # a trained checkpoint (module fixture `run`), and a check across two processes
+    "test_checkpoint_integrity.py::test_every_checkpoint_lists_its_other_files_and_its_rank_files_load_weights_only",
+    "test_checkpoint_integrity.py::test_one_flipped_byte_in_any_file_is_refused_by_every_command",
+    "test_checkpoint_integrity.py::test_a_pickle_planted_as_a_rank_file_runs_nothing_even_with_a_forged_manifest",
+    "test_checkpoint_integrity.py::test_a_pickle_planted_as_dcp_metadata_runs_nothing_even_with_a_forged_manifest",
+    "test_checkpoint_integrity.py::test_an_unlisted_a_missing_file_or_no_manifest_is_refused",
+    "test_checkpoint_integrity.py::test_a_non_finite_weight_with_a_matching_manifest_is_refused",
+    "test_checkpoint_integrity.py::test_an_intact_checkpoint_predicts_and_resumes",
+    "test_checkpoint_integrity.py::test_every_rank_refuses_what_one_rank_found",
+    "test_finetune.py::test_finetuning_one_task_keeps_the_frozen_parts_and_reports_before_and_after",
+    "test_hostile.py::test_hostile_invocations_end_cleanly_change_nothing_else_and_account_for_every_line",
+    "test_item_text.py::test_cached_vectors_sit_in_a_planner_sharded_table_frozen_unless_trainable",
+    "test_item_text.py::test_results_report_cold_and_warm_items_with_text",
+    "test_item_text.py::test_fine_tuning_trains_the_top_bert_layer_end_to_end_and_nothing_below",
+    "test_plug_in.py::test_mmoe_in_a_dlrm_built_model_trains_under_train_pipeline_sparse_dist",
+    # a trained run (module fixture `run`), and the train stage on Ali-CCP
+    "test_predict_inputs.py::test_labelled_empty_label_label_less_and_header_logs_score_the_same_rows_the_same",
+    "test_predict_inputs.py::test_the_layouts_encode_to_the_same_model_inputs",
+    "test_predict_inputs.py::test_a_log_of_another_layout_is_one_clear_error_before_anything_is_written",
+    "test_predict_inputs.py::test_a_line_too_long_is_rejected_without_being_read_whole_and_the_line_numbers_stay_exact",
+    "test_predict_inputs.py::test_a_header_csv_of_a_header_schema_scores_with_and_without_its_labels",
+    # property tests: unit tests by nature, here for their time (10-20 s each, 1,000+ examples per parser)
+    "test_properties.py::test_every_line_of_a_chunk_is_used_or_rejected_with_a_known_reason",
+    "test_properties.py::test_whole_files_of_random_bytes_are_counted_line_by_line",
+    "test_properties.py::test_a_schema_is_accepted_or_refused_naming_its_key",
+    "test_properties.py::test_config_overrides_are_accepted_or_refused_naming_the_key",
+    "test_reliability.py::test_a_non_finite_loss_stops_training_naming_the_step_and_term_and_keeps_the_last_good_"
+    "checkpoint",
+    "test_reliability.py::test_when_a_rank_dies_the_others_exit_with_an_error_within_seconds",
+    # whole reports with their figures (the report stage; a second or more each)
+    "test_report.py::test_the_report_is_one_self_contained_file_with_every_task_and_figure",
+    "test_report.py::test_without_predictions_the_prediction_figures_are_notes_and_stale_pngs_go",
+    "test_report.py::test_a_tower_without_gates_and_a_task_missing_from_the_curve_get_notes",
+    "test_report.py::test_a_task_absent_from_predictions_gets_a_note",
+    "test_report.py::test_a_custom_output_path_gets_its_figures_folder_beside_it_and_the_pngs_are_deterministic",
+    "test_report.py::test_the_declared_task_kinds_decide_the_tables_and_figures",
+    "test_reproducibility.py::test_a_seed_fixes_training_on_one_machine",
+    # a trained retrieval run (module fixture `retrieval_run`), and a two-process run
+    "test_retrieval.py::test_exported_vectors_give_the_scores_the_model_evaluated",
+    "test_retrieval.py::test_cold_items_land_nearer_to_their_planted_category",
+    "test_retrieval.py::test_a_two_process_row_wise_run_exports_the_vectors_it_scored_with",
+    "test_retrieval.py::test_the_representation_benchmark_scores_the_exported_vectors_and_its_baselines",
+    "test_sharding_and_optimizers.py::test_the_schedule_warms_up_then_decays_every_group_from_its_own_rate",
+    "test_synthetic.py::test_text_ceiling_replays_the_generator_and_orders_its_ceilings",  # tools/ in a subprocess
+    "test_thresholds.py::test_best_f1_threshold_is_chosen_on_held_out_rows_and_scored_on_the_test_rows",
+    "test_thresholds.py::test_a_fixed_threshold_scores_the_test_predictions_at_it",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    """Mark the tests of E2E_FILES and E2E_TESTS e2e; name the entries that match no collected test of their file."""
+    unmatched = set(E2E_TESTS)
+    collected_files = set()
+    for item in items:
+        file = item.path.name
+        function = getattr(item, "originalname", item.name)
+        collected_files.add(file)
+        unmatched.discard(f"{file}::{function}")
+        if file in E2E_FILES or f"{file}::{function}" in E2E_TESTS:
+            item.add_marker(pytest.mark.e2e)
+    # a renamed or removed test leaves its entry behind (and a renamed e2e test would land in the unit tier);
+    # checked only when whole files were collected
+    partial = config.option.keyword or any("::" in arg for arg in config.args)
+    stale = sorted(entry for entry in unmatched if entry.split("::")[0] in collected_files)
+    if stale and not partial:
+        raise pytest.UsageError(
+            "tests/conftest.py: E2E_TESTS names tests that are not there (renamed or removed? update the table): "
+            + ", ".join(stale)
+        )
 SMALL = SyntheticConfig(num_rows=40_000, num_users=300, num_items=200, num_brands=40, seed=3)
 
 

@@ -14,9 +14,10 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from torchrec_mtl.config import JobConfig, DataConfig
 from torchrec_mtl.data.loader import BatchLoader
-from torchrec_mtl.job import build_model, load_data
+from torchrec_mtl.build import build_model
+from torchrec_mtl.run.prepare import load_data
 from torchrec_mtl.model import MultiTaskTrain
-from torchrec_mtl.tasks import EVALUATED_TASKS, EsmmObjective
+from esmm import EVALUATED_TASKS, EsmmObjective
 from torchrec_mtl.train.distributed import init_distributed, load_full_state, shard_model
 from torchrec_mtl.train.loop import evaluate, make_eval_pipeline, make_pipeline, train
 
@@ -143,7 +144,7 @@ def non_finite_loss_on_one_rank(
     ``bad_rank``'s batch ``bad_batch`` has an infinite rating label. Each rank writes ``rank-<r>.json``: the exception
     that ended its training (type, message) and when."""
     from torchrec_mtl.config import load_config
-    from torchrec_mtl.job import prepare_job
+    from torchrec_mtl.run import prepare_job
     from torchrec_mtl.train.checkpoint import Checkpointer
     from torchrec_mtl.train.resume import CheckpointTrigger, save_run
 
@@ -181,7 +182,7 @@ def checkpoint_blocked_at(
     partial folder goes (only rank 0 creates it: rank 1 learns only that another rank failed). Each rank writes
     ``rank-<r>.json`` as ``non_finite_loss_on_one_rank`` does."""
     from torchrec_mtl.config import load_config
-    from torchrec_mtl.job import prepare_job
+    from torchrec_mtl.run import prepare_job
     from torchrec_mtl.train.checkpoint import Checkpointer
     from torchrec_mtl.train.resume import CheckpointTrigger, save_run
 

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from conftest import free_port
 from torchrec_mtl.config import load_config
-from torchrec_mtl.job import run_job
+from torchrec_mtl.run import run_job
 from torchrec_mtl.train.checkpoint import TRAIN_STATE, Checkpointer, CheckpointError, read_train_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,7 +158,7 @@ def test_a_run_stopped_by_sigterm_then_killed_by_sigkill_ends_like_the_uninterru
 
 def _restore_and_evaluate(log: Path, out: Path, checkpoints: list, sharding: str) -> list:
     """Each checkpoint's step and test metrics, restored into one model prepared at this world size."""
-    from torchrec_mtl.job import prepare_job
+    from torchrec_mtl.run import prepare_job
     from torchrec_mtl.train.distributed import init_distributed
     from torchrec_mtl.train.loop import evaluate
     from torchrec_mtl.train.resume import restore_run

@@ -52,11 +52,28 @@ def test_shipped_config_loads_with_overrides():
     assert config.data.generate.num_rows == 3_000_000 and config.model.tower.kind == "mmoe"
 
 
+def test_the_generate_section_mirrors_the_generator_config():
+    """config.sections imports nothing from the package, so data.generate is its own copy of SyntheticConfig."""
+    import dataclasses
+
+    from torchrec_mtl.config import DataConfig, GenerateConfig, synthetic_config
+    from torchrec_mtl.data.synthetic import SyntheticConfig
+
+    def shape(cls):
+        return [(f.name, str(f.type), f.default) for f in dataclasses.fields(cls)]
+
+    assert shape(GenerateConfig) == shape(SyntheticConfig)
+    section = GenerateConfig(num_rows=10, seed=3)
+    converted = synthetic_config(DataConfig(generate=section))
+    assert converted == SyntheticConfig(num_rows=10, seed=3)
+    assert dataclasses.asdict(converted) == dataclasses.asdict(section)  # what meta.json's config is compared with
+
+
 @pytest.mark.parametrize("kind", ["single_task", "shared_bottom", "mmoe", "ple"])
 def test_every_tower_kind_builds_from_config(kind):
     import torch
 
-    from torchrec_mtl.job import build_tower
+    from torchrec_mtl.build import build_tower
 
     config = load_config("configs/mmoe_synthetic.yaml", [f"model.tower.kind={kind}", "model.tower.num_levels=2"])
     tower = build_tower(config.model.tower, 24, ["ctr", "cvr"])

@@ -9,7 +9,7 @@ import torch
 from torchrec_mtl.config import ConfigError, load_config
 from torchrec_mtl.finetune import part_of
 from torchrec_mtl.inference import load_trained
-from torchrec_mtl.job import run_job
+from torchrec_mtl.run import run_job
 
 
 def _run(log, out, *extra):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from torchrec_mtl.config import load_config
-from torchrec_mtl.job import PreparedJob, prepare_job, run_job
+from torchrec_mtl.run import PreparedJob, prepare_job, run_job
 from torchrec_mtl.modules.item_text import ITEM_TEXT_TABLE
 from torchrec_mtl.text.cache import encode_items_file
 from torchrec_mtl.text.encoder import TextEncoder

@@ -10,7 +10,7 @@ from torchmetrics.functional.classification import binary_auroc
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_mtl.data.batch import MultiTaskBatch
-from torchrec_mtl.tasks import EVALUATED_TASKS, EsmmObjective
+from esmm import EVALUATED_TASKS, EsmmObjective
 from torchrec_mtl.train.metrics import TaskMetrics
 
 

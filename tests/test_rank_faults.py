@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from conftest import free_port
 from dist_workers import checkpoint_blocked_at, non_finite_loss_on_one_rank
 from torchrec_mtl.config import load_config
-from torchrec_mtl.job import prepare_job
+from torchrec_mtl.run import prepare_job
 from torchrec_mtl.train.checkpoint import Checkpointer, CheckpointError
 from torchrec_mtl.train.distributed import init_distributed
 from torchrec_mtl.train.loop import train

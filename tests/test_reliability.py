@@ -19,7 +19,7 @@ import pytest
 from conftest import free_port
 from torchrec_mtl.cli import main
 from torchrec_mtl.config import load_config
-from torchrec_mtl.job import prepare_job
+from torchrec_mtl.run import prepare_job
 from torchrec_mtl.train.checkpoint import Checkpointer, CheckpointError, read_train_state
 from torchrec_mtl.train.distributed import init_distributed
 from torchrec_mtl.train.loop import TrainSummary

@@ -10,7 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from torchrec_mtl.report import FIGURES, ReportError, binned_means, roc_points, write_report
+from torchrec_mtl.report import (
+    FIGURES,
+    ReportError,
+    binned_means,
+    calibrated_tasks,
+    roc_points,
+    task_kinds,
+    write_report,
+)
 
 imread = pytest.importorskip("matplotlib.image").imread  # matplotlib is an optional dependency
 
@@ -193,6 +201,7 @@ def test_a_task_absent_from_predictions_gets_a_note(tmp_path):
         ('{"training": {}}', "'tasks' must map"),
         ('{"tasks": {"ctr": 0.7}}', "'tasks' must map"),
         ("[1, 2]", "expected a JSON object"),
+        ('{"tasks": {"ctr": {"auc": 0.7}}, "task_kinds": {"ctr": 1}}', "'task_kinds' must map"),
         (None, "not found"),
     ],
 )
@@ -257,3 +266,33 @@ def test_a_results_json_with_only_tasks_still_gets_a_report(tmp_path):
     page = write_report(make_run(tmp_path / "run", results, predictions=False)).read_text(encoding="utf-8")
     assert "results.json has no training curve (training.curve is empty)" in notes(page)
     assert images(page) == [] and all(f"<td>{task}</td>" in page for task in TASKS)
+
+
+def _kinds_the_guess_gets_wrong() -> dict:
+    """cvr a binary task without a calibration metric, ctcvr declared retrieval though its metrics look binary."""
+    results = results_dict()
+    del results["tasks"]["cvr"]["calibration"]
+    results["task_kinds"] = {"ctr": "binary", "cvr": "binary", "rating": "regression", "ctcvr": "retrieval"}
+    return results
+
+
+def test_an_older_results_json_without_task_kinds_has_them_guessed_from_the_metrics():
+    results = _kinds_the_guess_gets_wrong()
+    del results["task_kinds"]
+    assert task_kinds(results) == {"ctr": "binary", "cvr": "binary", "rating": "regression", "ctcvr": "binary"}
+    assert calibrated_tasks(results) == ["ctr", "ctcvr"], "no calibration metric: taken for a retrieval task"
+
+
+def test_the_declared_task_kinds_decide_the_tables_and_figures(tmp_path):
+    results = _kinds_the_guess_gets_wrong()
+    assert task_kinds(results) == results["task_kinds"]
+    assert calibrated_tasks(results) == ["ctr", "cvr"]
+    run = make_run(tmp_path / "run", results, predictions=False)
+    write_predictions(tmp_path / "all_tasks.npz")
+    with np.load(tmp_path / "all_tasks.npz") as arrays:  # cvr and ctcvr left out: their notes tell which figures
+        np.savez(run / "predictions.npz", **{k: arrays[k] for k in arrays.files if k.startswith(("ctr.", "rating."))})
+    page = write_report(run).read_text(encoding="utf-8")
+    assert notes(page).count("task cvr: not in predictions.npz") == 2, "binary: ROC and calibration"
+    assert notes(page).count("task ctcvr: not in predictions.npz") == 1, "retrieval: ROC only"
+    assert page.count("<td>ctcvr</td><td>retrieval</td>") == 3, "the metric table and both segments"
+    assert page.count("<td>cvr</td><td>binary</td>") == 3

@@ -170,7 +170,7 @@ def test_cold_items_land_nearer_to_their_planted_category(retrieval_run):
 def _retrieval_at_world_size_2(rank: int, world_size: int, port: int, log: str, out: str) -> None:
     from dist_workers import _join
 
-    from torchrec_mtl.job import run_job
+    from torchrec_mtl.run import run_job
 
     _join(rank, world_size, port)
     overrides = [f"data.dir={log}", "data.generate=null", f"out_dir={out}", "model.text=null",

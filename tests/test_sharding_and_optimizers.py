@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from torchrec_mtl.config import ConfigError, load_config
-from torchrec_mtl.job import prepare_job
+from torchrec_mtl.run import prepare_job
 from torchrec_mtl.train.distributed import init_distributed
 from torchrec_mtl.train.loop import train
 from torchrec_mtl.train.optimizers import LearningRateSchedule, dense_optimizer

@@ -13,7 +13,9 @@ from conftest import SMALL
 from torchrec_mtl.config import load_config
 from torchrec_mtl.data.shards import EncodedLog
 from torchrec_mtl.data.synthetic import generate
-from torchrec_mtl.job import format_table, run_job, split_validation
+from torchrec_mtl.data.splits import split_validation
+from torchrec_mtl.results import format_table
+from torchrec_mtl.run import run_job
 from torchrec_mtl.train.thresholds import best_f1_threshold, threshold_metrics
 
 NAN = np.nan

@@ -91,9 +91,9 @@ def test_sharded_tables_keep_no_gradient_so_gradnorm_measures_the_tower():
     from torchrec_mtl.config import JobConfig
     from torchrec_mtl.data.loader import BatchLoader
     from torchrec_mtl.data.shards import EncodedLog
-    from torchrec_mtl.job import build_model
+    from torchrec_mtl.build import build_model
     from torchrec_mtl.model import MultiTaskTrain
-    from torchrec_mtl.tasks import EsmmObjective
+    from esmm import EsmmObjective
     from torchrec_mtl.train.distributed import init_distributed, shard_model
 
     features = [f"C{i}" for i in range(1, 5)]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cached item-text vectors against running the encoder on every batch, side by side in one run.
 
-Two prepared main jobs (torchrec_mtl.job.prepare_job: DistributedModelParallel + TrainPipelineSparseDist, MMoE) on
+Two prepared main jobs (prepare_job: DistributedModelParallel + TrainPipelineSparseDist, MMoE) on
 the same generated log, the same seed and so the same batches, differ only in where the item-text vector comes from:
 
 - ``cached``: a lookup in the planner-sharded table of MiniLM vectors (``model.text``), encoded once beforehand;
@@ -33,9 +33,9 @@ from typing import Dict, List
 
 import torch
 
+from common import quiet
 from torchrec_mtl.config import load_config
-from torchrec_mtl.experiments import quiet
-from torchrec_mtl.job import PreparedJob, prepare_job
+from torchrec_mtl.run.prepare import PreparedJob, prepare_job
 from torchrec_mtl.text.encoder import TextEncoder
 from torchrec_mtl.text.table import read_items
 from torchrec_mtl.train.distributed import init_distributed

@@ -11,9 +11,9 @@ MMoE tower (torchrec_mtl.modules.towers.MMoE: 4 experts [128, 64], heads [32]) w
 
 Contenders, stepped on the same batches (generated once, up front, from a seeded generator):
 
-- ``ours``: torchrec_mtl.job.build_model -> MultiTaskTrain(MultiTaskObjective) -> shard_model (DistributedModelParallel
-  at world size 1: fused FBGEMM TBE with row-wise Adagrad inside backward, Adam for the dense part) ->
-  make_pipeline (TrainPipelineSparseDist); one step is one ``pipeline.progress``.
+- ``ours``: torchrec_mtl.build.build_model -> MultiTaskTrain(MultiTaskObjective) -> shard_model
+  (DistributedModelParallel at world size 1: fused FBGEMM TBE with row-wise Adagrad inside backward, Adam for the
+  dense part) -> make_pipeline (TrainPipelineSparseDist); one step is one ``pipeline.progress``.
 - ``naive``: what torch-rechub and DeepCTR-Torch do: one nn.EmbeddingBag per feature with dense gradients and one
   torch.optim.Adam (default settings) over all parameters.
 - ``strong``: the strongest plain loop: nn.EmbeddingBag(sparse=True) per feature, torch.optim.SparseAdam for the
@@ -48,6 +48,9 @@ g @ W, weight gradient g^T @ x), their median times summed; the tower step and t
 table and writes JSON (``targets`` says which acceptance target this run meets; ``config.load_average_before_after``
 shows whether other processes shared the CPUs while the steps were timed).
 
+The contenders' models and batches are in bench_train_contenders.py, the timing, FLOP and memory measurements in
+bench_train_measure.py; this script runs them and reports.
+
 Example::
 
     .venv/bin/python tools/bench_train.py --sweep 512,2048,4096 --out runs/bench_train.json
@@ -59,415 +62,40 @@ Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import itertools
 import json
 import os
 import platform
-import resource
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torchrec.models.dlrm import DenseArch, InteractionArch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-from tqdm import tqdm
 
-from torchrec_mtl.config import ModelConfig, TowerConfig, TrainingConfig
-from torchrec_mtl.data.batch import MultiTaskBatch
-from torchrec_mtl.experiments import quiet
-from torchrec_mtl.job import build_model, build_tower
-from torchrec_mtl.model import MultiTaskModel, MultiTaskTrain
-from torchrec_mtl.tasks import MultiTaskObjective, TaskSet, TaskSpec
-from torchrec_mtl.train.distributed import DistributedEnv, init_distributed, shard_model
-from torchrec_mtl.train.loop import make_pipeline
+from bench_train_contenders import (
+    EMBEDDING_DIM,
+    MODEL,
+    NUM_DENSE,
+    NUM_SPARSE,
+    TASKS,
+    ZIPF_EXPONENT,
+    build_contenders,
+    make_batches,
+    table_sizes,
+)
+from bench_train_measure import measure_memory, memory_worker, quartile, time_steps, tower_flops
+from common import quiet
+from torchrec_mtl.config import TrainingConfig
+from torchrec_mtl.model import MultiTaskModel
+from torchrec_mtl.train.distributed import DistributedEnv, init_distributed
 
-EMBEDDING_DIM = 64
-NUM_DENSE = 13
-NUM_SPARSE = 26
-ZIPF_EXPONENT = 1.05
-RATING_OFFSET = 3.0  # the regression head starts at a typical rating, as prepare_job's label-mean offset does
-EMBEDDING_LR = 0.05  # the configs' defaults (configs/mmoe_synthetic.yaml); rates do not change the step's cost
-DENSE_LR = 0.002
-MODEL = ModelConfig(
-    embedding_dim=EMBEDDING_DIM,
-    dense_arch_layer_sizes=[512, 256, EMBEDDING_DIM],
-    tower=TowerConfig(kind="mmoe", num_experts=4, expert_layer_sizes=[128, 64], tower_layer_sizes=[32]),
-)
-TASKS = TaskSet(
-    tasks=(
-        TaskSpec("ctr", "binary", "click"),
-        TaskSpec("cvr", "binary", "conversion"),
-        TaskSpec("rating", "regression", "rating"),
-    )
-)
 TARGETS = {  # the issue's acceptance: key -> (bound, "min" or "max")
     "speedup_vs_naive": (5.0, "min"),
     "speedup_vs_strong": (1.0, "min"),
     "row_wise_memory_ratio": (0.55, "max"),
     "tower_flops_fraction": (0.5, "min"),
 }
-Batch = Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]  # dense [B, 13], ids [F, B, 1], labels
-
-
-# ---------------------------------------------------------------------------------------------------- the data
-
-
-def table_sizes(item_rows: int, quick: bool) -> Dict[str, int]:
-    """Feature -> table rows: the item table, then 25 tables spaced geometrically (1,000 to 100,000 rows; 100 to
-    1,000 with ``quick``)."""
-    low, high = (100, 1_000) if quick else (1_000, 100_000)
-    others = np.geomspace(low, high, NUM_SPARSE - 1).round().astype(int)
-    return {"item": item_rows, **{f"c{i:02d}": int(rows) for i, rows in enumerate(others, 1)}}
-
-
-def zipf_ids(rng: np.random.Generator, rows: int, size: int) -> np.ndarray:
-    """``size`` row IDs in [0, rows): popularity rank k drawn with p proportional to (k + 1) ** -ZIPF_EXPONENT, then
-    mapped to a row by a fixed random permutation (hashed IDs spread popular items over the table)."""
-    cdf = np.cumsum(np.arange(1, rows + 1, dtype=np.float64) ** -ZIPF_EXPONENT)
-    ranks = np.searchsorted(cdf, rng.random(size) * cdf[-1], side="right").clip(max=rows - 1)
-    return rng.permutation(rows)[ranks]
-
-
-def make_batches(
-    sizes: Dict[str, int], batch_size: int, count: int, seed: int, progress: bool = True
-) -> List[MultiTaskBatch]:
-    """``count`` training batches of ``batch_size`` rows: one ID per feature, Criteo-like dense counts, random
-    labels (throughput does not depend on them)."""
-    rng = np.random.default_rng(seed)
-    rows = batch_size * count
-    ids = np.stack(
-        [zipf_ids(rng, n, rows) for n in tqdm(sizes.values(), desc="batches", leave=False, disable=not progress)]
-    )  # [F, rows]
-    dense = np.log1p(rng.exponential(10.0, size=(rows, NUM_DENSE))).astype(np.float32)
-    click = (rng.random(rows) < 0.2).astype(np.float32)
-    conversion = click * (rng.random(rows) < 0.2)
-    rating = rng.integers(1, 6, size=rows).astype(np.float32)
-    lengths = torch.ones(NUM_SPARSE * batch_size, dtype=torch.int32)
-    batches = []
-    for i in range(count):
-        part = slice(i * batch_size, (i + 1) * batch_size)
-        batches.append(
-            MultiTaskBatch(
-                dense_features=torch.from_numpy(dense[part].copy()),
-                sparse_features=KeyedJaggedTensor.from_lengths_sync(
-                    keys=list(sizes), values=torch.from_numpy(ids[:, part].reshape(-1).copy()), lengths=lengths
-                ),
-                labels={
-                    "click": torch.from_numpy(click[part].copy()),
-                    "conversion": torch.from_numpy(conversion[part].astype(np.float32)),
-                    "rating": torch.from_numpy(rating[part].copy()),
-                },
-                row_weight=torch.ones(batch_size),
-            )
-        )
-    return batches
-
-
-def plain_batch(batch: MultiTaskBatch) -> Batch:
-    """The same batch as the plain loops take it: IDs [F, B, 1], each feature's slice contiguous (the KJT's values are
-    feature-major with one ID per row), so the plain loops pay no reshaping inside the step."""
-    ids = batch.sparse_features.values().view(NUM_SPARSE, -1, 1)
-    return batch.dense_features, ids, batch.labels
-
-
-# ---------------------------------------------------------------------------------------------------- the models
-
-
-def build_ours(
-    env: DistributedEnv, sizes: Dict[str, int], sharding_types: Optional[List[str]] = None
-) -> Tuple[nn.Module, torch.optim.Optimizer, MultiTaskModel]:
-    """Our full path: build_model (meta) -> MultiTaskTrain -> shard_model; returns (sharded, optimizer, the model
-    before sharding, for its parameter count)."""
-    model = build_model(MODEL, NUM_DENSE, sizes, task_names=TASKS.tower_tasks)
-    objective = MultiTaskObjective(
-        TASKS, offsets={"rating": RATING_OFFSET}, weighting="static", gradient_cosine_every=0
-    )
-    extra = {"sharding_types": sharding_types} if sharding_types else {}
-    sharded, optimizer = shard_model(
-        model=MultiTaskTrain(model, objective),
-        env=env,
-        embedding_optimizer="rowwise_adagrad",
-        embedding_lr=EMBEDDING_LR,
-        dense_lr=DENSE_LR,
-        **extra,
-    )
-    return sharded, optimizer, model
-
-
-class PlainModel(nn.Module):
-    """The plain-PyTorch model: one nn.EmbeddingBag per feature, then the same dense modules as MultiTaskModel."""
-
-    def __init__(self, sizes: Dict[str, int], sparse: bool) -> None:
-        super().__init__()
-        self.embeddings = nn.ModuleList(
-            [nn.EmbeddingBag(rows, EMBEDDING_DIM, mode="sum", sparse=sparse) for rows in sizes.values()]
-        )
-        self.dense_arch = DenseArch(NUM_DENSE, MODEL.dense_arch_layer_sizes)
-        self.interaction = InteractionArch(len(sizes))
-        in_features = MultiTaskModel.tower_in_features(len(sizes), EMBEDDING_DIM)
-        self.tower = build_tower(MODEL.tower, in_features, TASKS.tower_tasks)
-
-    def dense_parameters(self) -> List[nn.Parameter]:
-        """Every parameter but the tables'."""
-        return [p for name, p in self.named_parameters() if not name.startswith("embeddings.")]
-
-    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> Dict[str, torch.Tensor]:
-        embedded = torch.stack([bag(ids[i]) for i, bag in enumerate(self.embeddings)], dim=1)  # [B, F, D]
-        interactions = self.interaction(self.dense_arch(dense), embedded)
-        return self.tower(torch.cat([interactions, embedded.flatten(1)], dim=1))
-
-
-def plain_loss(logits: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """BCE per binary task plus the rating's squared error, summed (every row belongs to every task here)."""
-    return (
-        F.binary_cross_entropy_with_logits(logits["ctr"], labels["click"])
-        + F.binary_cross_entropy_with_logits(logits["cvr"], labels["conversion"])
-        + F.mse_loss(logits["rating"] + RATING_OFFSET, labels["rating"])
-    )
-
-
-def plain_stepper(model: PlainModel, optimizers: Sequence[torch.optim.Optimizer], batches: List[Batch]) -> Callable:
-    """A function running one training step of ``model`` on the next batch of ``batches`` (cycled)."""
-    source = itertools.cycle(batches)
-
-    def step() -> None:
-        dense, ids, labels = next(source)
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        plain_loss(model(dense, ids), labels).backward()
-        for optimizer in optimizers:
-            optimizer.step()
-
-    return step
-
-
-# ---------------------------------------------------------------------------------------------------- measuring
-
-
-def time_steps(steppers: Dict[str, Callable], steps: int, warmup: int, progress: bool = True) -> Dict[str, List[float]]:
-    """Seconds of each of ``steps`` timed steps per contender, after ``warmup`` untimed ones. The contenders take
-    turns step by step, so that load from other processes on the machine falls on all of them alike."""
-    times: Dict[str, List[float]] = {name: [] for name in steppers}
-    with tqdm(total=len(steppers) * (warmup + steps), desc="training steps", disable=not progress) as bar:
-        for index in range(warmup + steps):
-            bar.set_postfix_str("warm-up" if index < warmup else "timed")
-            for name, step in steppers.items():
-                started = time.perf_counter()
-                step()
-                if index >= warmup:
-                    times[name].append(time.perf_counter() - started)
-                bar.update(1)
-    return times
-
-
-def tower_flops(batch_size: int, repeats: int, progress: bool = True) -> Dict[str, Any]:
-    """The MMoE tower's forward+backward GFLOP/s against torch.mm's on its largest Linear layer (module docstring).
-
-    The tower step and the three products take turns, ``repeats`` times, so load from other processes falls on both
-    alike; medians of each."""
-    torch.manual_seed(0)
-    in_features = MultiTaskModel.tower_in_features(NUM_SPARSE, EMBEDDING_DIM)
-    tower = build_tower(MODEL.tower, in_features, TASKS.tower_tasks)
-    linears = [m for m in tower.modules() if isinstance(m, nn.Linear)]
-    forward_flops = sum(2 * batch_size * m.in_features * m.out_features for m in linears)
-    x = torch.randn(batch_size, in_features, requires_grad=True)
-
-    def tower_step() -> None:
-        tower.zero_grad(set_to_none=True)
-        x.grad = None
-        sum(logit.sum() for logit in tower(x).values()).backward()
-
-    largest = max(linears, key=lambda m: m.in_features * m.out_features)
-    weight = torch.randn(largest.out_features, largest.in_features)
-    inputs = torch.randn(batch_size, largest.in_features)
-    grads = torch.randn(batch_size, largest.out_features)
-    functions: Dict[str, Callable[[], Any]] = {
-        "tower": tower_step,
-        # the three products of an nn.Linear's step, with its layouts
-        "mm_forward": lambda: torch.mm(inputs, weight.t()),
-        "mm_input_grad": lambda: torch.mm(grads, weight),
-        "mm_weight_grad": lambda: torch.mm(grads.t(), inputs),
-    }
-    for function in functions.values():  # warm-up: allocator, BLAS buffers
-        function()
-        function()
-    times: Dict[str, List[float]] = {name: [] for name in functions}
-    for _ in tqdm(range(repeats), desc="tower FLOPs", leave=False, disable=not progress):
-        for name, function in functions.items():
-            started = time.perf_counter()
-            function()
-            times[name].append(time.perf_counter() - started)
-    layer_flops = 2 * batch_size * largest.in_features * largest.out_features
-
-    def rates(seconds: Dict[str, float]) -> Tuple[float, float]:
-        """(tower GFLOP/s, the products' GFLOP/s) from one time per function."""
-        products = seconds["mm_forward"] + seconds["mm_input_grad"] + seconds["mm_weight_grad"]
-        return 3 * forward_flops / seconds["tower"] / 1e9, 3 * layer_flops / products / 1e9
-
-    medians = {name: statistics.median(seconds) for name, seconds in times.items()}
-    tower_gflops, mm_gflops = rates(medians)
-    fast_tower, fast_mm = rates({name: quartile(seconds) for name, seconds in times.items()})
-    return {
-        "tower_flops_fraction": round(tower_gflops / mm_gflops, 3),
-        "tower_gflops_per_s": round(tower_gflops, 2),
-        "mm_gflops_per_s": round(mm_gflops, 2),
-        "mm_forward_gflops_per_s": round(layer_flops / medians["mm_forward"] / 1e9, 2),
-        "tower_gflop_per_step": round(3 * forward_flops / 1e9, 3),
-        "tower_largest_linear": [largest.in_features, largest.out_features],
-        "median_seconds": {name: round(seconds, 6) for name, seconds in medians.items()},
-        "tower_flops_fraction_p25": round(fast_tower / fast_mm, 3),
-    }
-
-
-def quartile(seconds: List[float]) -> float:
-    """The 25th percentile of step times: the pace of the steps least disturbed by other processes."""
-    return float(np.percentile(seconds, 25))
-
-
-def local_bytes(value: Any) -> int:
-    """Bytes of this rank's local shards of every ShardedTensor in a nested state (dicts, lists)."""
-    if isinstance(value, ShardedTensor):
-        return sum(shard.tensor.numel() * shard.tensor.element_size() for shard in value.local_shards())
-    if isinstance(value, dict):
-        return sum(local_bytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(local_bytes(v) for v in value)
-    return 0
-
-
-def memory_worker(args: argparse.Namespace) -> None:
-    """One rank of the memory measurement (launched by ``measure_memory`` with RANK, WORLD_SIZE, MASTER_*): shard
-    every table row-wise, take two training steps, and write this rank's embedding bytes and peak memory."""
-    quiet()
-    env = init_distributed()
-    torch.set_num_threads(max(1, args.threads // env.world_size))
-    torch.manual_seed(0)
-    sizes = table_sizes(args.item_rows, args.quick)
-    sharded, optimizer, _ = build_ours(env, sizes, sharding_types=["row_wise"])
-    placed = sorted({ps.sharding_type for plan in sharded.plan.plan.values() for ps in plan.values()})
-    # a couple of steps, so that whatever the optimizer allocates lazily is there too
-    batches = make_batches(sizes, max(1, args.batch_size // env.world_size), 4, seed=1 + env.rank, progress=False)
-    pipeline = make_pipeline(sharded, optimizer, env.device)
-    iterator = iter(batches)
-    for _ in range(2):
-        pipeline.progress(iterator)
-    result = {
-        "rank": env.rank,
-        "world_size": env.world_size,
-        "sharding_types": placed,
-        "weight_bytes": local_bytes(sharded.state_dict()),
-        "optimizer_bytes": local_bytes(sharded.fused_optimizer.state_dict()),
-        "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
-    }
-    Path(args.memory_worker).write_text(json.dumps(result))
-    torch.distributed.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def measure_memory(args: argparse.Namespace, progress: bool = True) -> Dict[str, Any]:
-    """Run ``memory_worker`` at world sizes 1 and 2 (fresh processes of this script, at the same time) and compare
-    the largest per-rank embedding bytes."""
-    passed = ["--item-rows", str(args.item_rows), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
-    passed += ["--quick"] if args.quick else []
-    with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as logs:
-        launched = []
-        for world_size in (1, 2):
-            port = free_port()
-            for rank in range(world_size):
-                out = Path(folder) / f"ws{world_size}_rank{rank}.json"
-                env = {
-                    **os.environ,
-                    "RANK": str(rank),
-                    "LOCAL_RANK": str(rank),
-                    "WORLD_SIZE": str(world_size),
-                    "LOCAL_WORLD_SIZE": str(world_size),
-                    "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(port),
-                }
-                log = logs.enter_context(open(Path(folder) / f"ws{world_size}_rank{rank}.log", "w"))
-                command = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), *passed]
-                command += ["--memory-worker", str(out)]
-                launched.append((out, log, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)))
-        with tqdm(total=len(launched), desc="memory (ws 1 and 2)", leave=False, disable=not progress) as bar:
-            for out, log, process in launched:
-                code = process.wait()
-                if code != 0:
-                    log.flush()
-                    tail = Path(log.name).read_text()[-3000:]
-                    raise RuntimeError(f"memory worker {out.name} exited with {code}:\n{tail}")
-                bar.update(1)
-        ranks = [json.loads(out.read_text()) for out, _, _ in launched]
-    for rank in ranks:
-        if rank["sharding_types"] != ["row_wise"]:
-            raise RuntimeError(f"the plan placed {rank['sharding_types']}, asked for row_wise only")
-        rank["embedding_bytes"] = rank["weight_bytes"] + rank["optimizer_bytes"]
-    ws1 = [r for r in ranks if r["world_size"] == 1]
-    ws2 = [r for r in ranks if r["world_size"] == 2]
-    return {
-        "row_wise_memory_ratio": round(max(r["embedding_bytes"] for r in ws2) / ws1[0]["embedding_bytes"], 4),
-        "embedding_bytes_ws1": ws1[0]["embedding_bytes"],
-        "embedding_bytes_ws2_per_rank": [r["embedding_bytes"] for r in ws2],
-        "table_weight_bytes_ws2_per_rank": [r["weight_bytes"] for r in ws2],
-        "optimizer_state_bytes_ws2_per_rank": [r["optimizer_bytes"] for r in ws2],
-        "peak_rss_mb_ws1": round(ws1[0]["maxrss_bytes"] / 2**20, 1),
-        "peak_rss_mb_ws2_per_rank": [round(r["maxrss_bytes"] / 2**20, 1) for r in ws2],
-    }
-
-
-# ---------------------------------------------------------------------------------------------------- the run
-
-
-def build_contenders(
-    env: DistributedEnv, sizes: Dict[str, int], batches: List[MultiTaskBatch]
-) -> Tuple[Dict[str, Callable[[], Any]], int]:
-    """One training-step function per contender, each on its own model over ``batches`` (cycled), and the dense
-    parameter count they share (checked: the contenders must run the same dense compute)."""
-    torch.manual_seed(0)
-    sharded, optimizer, model = build_ours(env, sizes)
-    pipeline = make_pipeline(sharded, optimizer, env.device)
-    sharded.train()
-    ours_source = itertools.cycle(batches)
-    plain_batches = [plain_batch(batch) for batch in batches]
-    naive = PlainModel(sizes, sparse=False)
-    naive_fused = PlainModel(sizes, sparse=False)
-    strong = PlainModel(sizes, sparse=True)
-    ours_dense = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("sparse_arch."))
-    plain_dense = sum(p.numel() for p in naive.dense_parameters())
-    if ours_dense != plain_dense:
-        raise RuntimeError(f"dense parts differ: ours {ours_dense:,} parameters, the plain model {plain_dense:,}")
-    steppers = {
-        "ours": lambda: pipeline.progress(ours_source),
-        "naive": plain_stepper(naive, [torch.optim.Adam(naive.parameters(), lr=DENSE_LR)], plain_batches),
-        # context, not a target: the naive loop with torch's fused Adam kernel (not the default the peers use)
-        "naive_fused_adam": plain_stepper(
-            naive_fused, [torch.optim.Adam(naive_fused.parameters(), lr=DENSE_LR, fused=True)], plain_batches
-        ),
-        "strong": plain_stepper(
-            strong,
-            [
-                torch.optim.SparseAdam(list(strong.embeddings.parameters()), lr=DENSE_LR),
-                torch.optim.Adam(strong.dense_parameters(), lr=DENSE_LR, fused=True),
-            ],
-            plain_batches,
-        ),
-    }
-    return steppers, ours_dense
 
 
 def batch_sweep(

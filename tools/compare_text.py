@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Item text against IDs alone, on cold and warm items, over seeds: the synthetic default and MovieLens.
 
-Each (dataset, model, seed) is one run of the main job (torchrec_mtl.job.run_job): ``text`` adds the item-text table
+Each (dataset, model, seed) is one run of the main job (run_job): ``text`` adds the item-text table
 (frozen MiniLM vectors of each item's description, projected beside the ID embeddings; ``model.text``), ``id_only`` is
 the same config without it. Everything else (data, tower, objective, item-ID dropout, optimizer) is the dataset
 config's. The job evaluates every test row and, apart, the rows whose item never appears in training (``cold``) and
@@ -26,9 +26,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
+from common import ensure_movielens, quiet, rows_by, run_or_reuse, summary_row
 from torchrec_mtl.config import load_config
-from torchrec_mtl.experiments import ensure_movielens, quiet, rows_by, run_or_reuse, summary_row
-from torchrec_mtl.job import headline
+from torchrec_mtl.results import headline
 
 CONFIGS = {"synthetic": "configs/mmoe_synthetic.yaml", "movielens": "configs/mmoe_movielens.yaml"}
 MODELS = {"text": ["model.text={}"], "id_only": ["model.text=null"]}

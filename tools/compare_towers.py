@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Compare towers (single-task, shared-bottom, MMoE, PLE) per task over seeds, on the synthetic default and MovieLens.
 
-Each (dataset, tower, seed) is one run of the main job (torchrec_mtl.job.run_job) with only ``model.tower.kind`` and
+Each (dataset, tower, seed) is one run of the main job (run_job) with only ``model.tower.kind`` and
 ``training.seed`` changed: the same data, embeddings, objective (ESMM + IPS-CVR + rating) and optimizer. The seed
 moves the initialisation and the shuffle order; the data are fixed.
 
@@ -28,9 +28,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
+from common import ensure_movielens, quiet, run_or_reuse, summary_row
 from torchrec_mtl.config import load_config
-from torchrec_mtl.experiments import ensure_movielens, quiet, run_or_reuse, summary_row
-from torchrec_mtl.job import headline
+from torchrec_mtl.results import headline
 
 CONFIGS = {"synthetic": "configs/mmoe_synthetic.yaml", "movielens": "configs/mmoe_movielens.yaml"}
 TOWERS = ["single_task", "separate_towers", "shared_bottom", "mmoe", "ple"]

@@ -37,39 +37,29 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from torchrec_mtl.config import JobConfig, load_config
-from torchrec_mtl.data.prepare import shards_dir
-from torchrec_mtl.data.shards import EncodedLog, ShardedLog
-from torchrec_mtl.experiments import ensure_movielens, quiet, run_or_reuse
-from torchrec_mtl.representations import Representations, export_representations, positions
-from torchrec_mtl.schema import DatasetSchema
+TOOLS = str(Path(__file__).resolve().parent)
+if TOOLS not in sys.path:  # loaded from its file (tests/test_retrieval.py), not run as a script
+    sys.path.insert(0, TOOLS)
+
+from common import ensure_movielens, quiet, run_or_reuse  # noqa: E402
+from torchrec_mtl.config import JobConfig, load_config  # noqa: E402
+from torchrec_mtl.data.prepare import shards_dir  # noqa: E402
+from torchrec_mtl.data.shards import EncodedLog, ShardedLog  # noqa: E402
+from torchrec_mtl.representations import (  # noqa: E402
+    Representations,
+    export_representations,
+    positions,
+    ranking_metrics,
+)
+from torchrec_mtl.schema import DatasetSchema  # noqa: E402
 
 CONFIGS = {"synthetic": "configs/retrieval_synthetic.yaml", "movielens": "configs/retrieval_movielens.yaml"}
 CATEGORY_COLUMNS = {"synthetic": "C3", "movielens": "genre1"}  # for the --baselines expected-clicks score
 NEIGHBOURS = 10
-
-
-def ranking_metrics(scores: np.ndarray, relevant: Sequence[np.ndarray], k: int) -> Dict[str, float]:
-    """Mean recall@k and NDCG@k over users: ``scores`` [users, items] (-inf: left out), ``relevant[u]`` the held-out
-    item positions of user u (non-empty).
-
-    Example::
-
-        >>> ranking_metrics(np.array([[0.9, 0.1, 0.5]]), [np.array([2])], k=2)  # item 2 ranked second
-        {'recall@2': 1.0, 'ndcg@2': 0.6309297535714575}
-    """
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    discounts = 1.0 / np.log2(np.arange(2, k + 2))
-    recall, ndcg = [], []
-    for user, items in enumerate(relevant):
-        hits = np.isin(top[user], items)
-        recall.append(hits.sum() / len(items))
-        ndcg.append((hits * discounts).sum() / discounts[: min(len(items), k)].sum())
-    return {f"recall@{k}": float(np.mean(recall)), f"ndcg@{k}": float(np.mean(ndcg))}
 
 
 def _clicked_pairs(log: EncodedLog, user_column: str, item_column: str, label: str) -> np.ndarray:

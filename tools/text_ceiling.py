@@ -11,8 +11,8 @@ So, scoring each cold row by its true click logit with the item's own appeal:
 - ``ceiling_without_own_appeal``: left out (all a model without text can know about a cold item);
 
 and ``max_text_gain`` = with sextile - without: the largest cold CTR AUC gain a text-fused model can have over the
-same model on IDs, were both perfect. The latent draws are the generator's own, replayed from its code with the
-log's seed; the replay is checked against the log's ``test_truth.tsv`` before anything is computed.
+same model on IDs, were both perfect. The latent draws are the generator's own (``synthetic.draw_latents`` with the
+log's config and seed); the replay is checked against the log's ``test_truth.tsv`` before anything is computed.
 
 Example::
 
@@ -22,12 +22,10 @@ Example::
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
-import textwrap
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import numpy as np
 import polars as pl
@@ -35,18 +33,17 @@ import polars as pl
 from torchrec_mtl.data import synthetic
 
 
-def replay_generator(data_dir: Path) -> Dict:
-    """The generator's variables up to the click draw, for the log in ``data_dir`` (its meta.json's config)."""
+def replay_generator(data_dir: Path) -> Dict[str, Any]:
+    """The generator's variables up to the click draw, for the log in ``data_dir`` (its meta.json's config), and
+    under ``rng`` its random generator, left where the generator draws the click labels next."""
     config = synthetic.SyntheticConfig(**json.loads((data_dir / "meta.json").read_text())["config"])
-    source = inspect.getsource(synthetic._generate)
-    start, end = source.index("    rng = np.random.default_rng"), source.index("    click = rng.random")
-    names = dict(vars(synthetic), config=config, out_dir=str(data_dir))
-    exec(textwrap.dedent(source[start:end]), names)  # noqa: S102  (our own generator's code, replayed)
+    rng = np.random.default_rng(config.seed)
+    world: Dict[str, Any] = dict(synthetic.draw_latents(config, rng), rng=rng)
     truth = pl.read_csv(data_dir / "test_truth.tsv", separator="\t")["p_click"].to_numpy()
-    replayed = names["p_click"][names["is_test"]]
+    replayed = world["p_click"][world["is_test"]]
     if replayed.shape != truth.shape or not np.allclose(replayed, truth, rtol=0, atol=1e-12):
         raise ValueError(f"{data_dir}: the replayed generator does not give test_truth.tsv's p_click")
-    return names
+    return world
 
 
 def text_ceilings(data_dir: Path) -> Dict[str, float]:

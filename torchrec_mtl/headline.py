@@ -1,6 +1,7 @@
-"""Which metric a task is judged by, read from the metrics it has: AUC for binary tasks (higher is better), RMSE for
-regression tasks (lower is better). Shared by the printed tables, the curve lines, the report and the comparison
-tools; no heavy imports, so the report can use it without torch.
+"""Which metric a task is judged by: its kind's headline (torchrec_mtl.task_kinds) when the kind is known, else read
+from the metrics it has (results written before they carried kinds): AUC for binary tasks, RMSE for regression.
+Shared by the printed tables, the curve lines, the report and the comparison tools; no heavy imports, so the report
+can use it without torch.
 
 Example::
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
+from torchrec_mtl.task_kinds import KINDS
+
 
 def task_kind(metrics: Dict[str, float]) -> Optional[str]:
     """``binary`` (it has an AUC), ``regression`` (an RMSE), or None (not a task's metrics)."""
@@ -22,7 +25,8 @@ def task_kind(metrics: Dict[str, float]) -> Optional[str]:
     return None
 
 
-def headline(metrics: Dict[str, float]) -> str:
-    """The metric a task is judged by: AUC, RMSE, or (for a kind not known here) its first metric."""
-    kind = task_kind(metrics)
-    return {"binary": "auc", "regression": "rmse"}.get(kind or "", next(iter(metrics), ""))
+def headline(metrics: Dict[str, float], kind: Optional[str] = None) -> str:
+    """The metric a task of ``kind`` (default: guessed by ``task_kind``) is judged by; for a kind not known here,
+    its first metric."""
+    kind = kind or task_kind(metrics)
+    return KINDS[kind].headline if kind in KINDS else next(iter(metrics), "")

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_mtl.build import build_cached_item_text, build_model
 from torchrec_mtl.config import JobConfig, config_from_dict, task_set
 from torchrec_mtl.model import MultiTaskModel
 from torchrec_mtl.outputs import new_folder
@@ -112,28 +113,11 @@ class TrainedModel:
         return dict(task_set(self.config.objective).names)
 
 
-def model_inputs(job: Any) -> Dict[str, Any]:
-    """What a checkpoint needs beside its tensors to rebuild the model (torchrec_mtl.job.PreparedJob -> JSON)."""
-    text = job.text_table
-    return {
-        "features": list(job.features),
-        "table_sizes": dict(job.log.table_sizes),
-        "num_dense": len(job.log.dense_features),
-        "dense_features": list(job.log.dense_features),
-        "offsets": dict(job.objective.offsets),
-        "item_text": {"num_items": text.num_items, "dim": text.dim} if text is not None else None,
-        "retrieval": job.retrieval_features,
-    }
-
-
 def load_trained(checkpoint: str | Path) -> TrainedModel:
     """The model of ``checkpoint`` (a ``step-N`` folder, or a run's ``checkpoints`` folder: its newest), unsharded,
     in eval mode, on CPU. The checkpoint is verified against its manifest before any file of it is read, and its
     weights must all be finite (torchrec_mtl.train.checkpoint); otherwise CheckpointError naming the file or the
     parameter."""
-    from torchrec_mtl.job import build_model
-    from torchrec_mtl.modules.item_text import ItemTextArch, item_text_collection
-
     path = resolve_checkpoint(checkpoint)
     verify_checkpoint(path)  # once: the train state below and DCP's files are then what the run wrote
     state = read_train_state(path)
@@ -148,8 +132,10 @@ def load_trained(checkpoint: str | Path) -> TrainedModel:
     if inputs["item_text"] is not None:
         if config.model.text.online or config.model.text.finetune_layers:
             raise CheckpointError(f"{path}: a model that runs BERT inside (model.text.online) is not exported here")
-        collection = item_text_collection(inputs["item_text"]["num_items"], inputs["item_text"]["dim"], torch.device("cpu"))
-        item_text = ItemTextArch(collection, config.model.embedding_dim, config.model.text.projection_layer_sizes)
+        text = inputs["item_text"]
+        item_text = build_cached_item_text(
+            config.model.text, config.model.embedding_dim, text["num_items"], text["dim"], torch.device("cpu")
+        )
     model = build_model(
         config.model, inputs["num_dense"], inputs["table_sizes"], torch.device("cpu"), tasks.tower_tasks, item_text,
         inputs.get("retrieval"),

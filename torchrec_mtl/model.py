@@ -25,6 +25,7 @@ from torchrec_mtl.data.batch import MultiTaskBatch
 from torchrec_mtl.modules.item_text import ItemTextArch
 from torchrec_mtl.modules.two_tower import ITEM_VECTOR, USER_VECTOR, TwoTowerArch
 from torchrec_mtl.tasks import MultiTaskObjective
+from torchrec_mtl.protocols import NeedsSharedParameters
 
 
 @torch.fx.wrap
@@ -113,7 +114,7 @@ class MultiTaskTrain(nn.Module):
         self.objective = objective
         # gradient-level weighting and diagnostics measure on the shared tower parameters
         for part in (objective.weighting, objective.gradient_cosine):
-            if hasattr(part, "attach"):
+            if isinstance(part, NeedsSharedParameters):
                 part.attach(model.tower.shared_parameters())
 
     def forward(

@@ -43,9 +43,9 @@ from torchrec_mtl.data.preprocess import (
     ChunkParser,
     LineTooLong,
     LogFormatError,
-    _tokens_to_rows,
     drop_first_line,
     read_chunks,
+    tokens_to_rows,
 )
 from torchrec_mtl.data.prepare import shards_dir
 from torchrec_mtl.data.shards import ShardError
@@ -177,7 +177,7 @@ class _Encoder:
         parsed = self.parser(columns or self.columns).parse(chunk, first_line, too_long)
         sparse = parsed.sparse.astype(np.int64)
         for t, (column, vocabulary) in enumerate(self.vocabularies):
-            sparse[:, column] = _tokens_to_rows(parsed.tokens[:, t], vocabulary)
+            sparse[:, column] = tokens_to_rows(parsed.tokens[:, t], vocabulary)
         if self.text_rows is not None:
             sparse = np.concatenate([sparse, self.text_rows(parsed.keys)[:, None]], axis=1)
         return parsed.line_numbers, parsed.dense, sparse, parsed.rejections

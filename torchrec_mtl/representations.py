@@ -29,14 +29,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from torchrec_mtl.data.prepare import shards_dir
-from torchrec_mtl.data.preprocess import _tokens_to_rows
+from torchrec_mtl.data.preprocess import tokens_to_rows
 from torchrec_mtl.data.shards import EncodedLog, ShardedLog
 from torchrec_mtl.inference import TrainedModel, load_trained, one_id_per_feature
 from torchrec_mtl.modules.item_text import ITEM_TEXT_FEATURE
@@ -116,7 +116,7 @@ def feature_rows(data_dir: Path, schema: DatasetSchema, feature: str, keys: np.n
     rule = schema.vocabulary_rule(feature)
     if rule.is_hash:
         return np.where(keys >= 0, 1 + keys % (rule.hash_size - 1), 0)
-    return _tokens_to_rows(keys, np.load(data_dir / "vocab" / f"{feature}.npy"))
+    return tokens_to_rows(keys, np.load(data_dir / "vocab" / f"{feature}.npy"))
 
 
 def positions(keys: np.ndarray, table_keys: np.ndarray) -> np.ndarray:
@@ -132,6 +132,26 @@ def positions(keys: np.ndarray, table_keys: np.ndarray) -> np.ndarray:
     order = np.argsort(table_keys, kind="stable")
     found = np.clip(np.searchsorted(table_keys[order], keys), 0, len(order) - 1)
     return np.where(table_keys[order][found] == keys, order[found], -1)
+
+
+def ranking_metrics(scores: np.ndarray, relevant: Sequence[np.ndarray], k: int) -> Dict[str, float]:
+    """Mean recall@k and NDCG@k over users: ``scores`` [users, items] (-inf: left out), ``relevant[u]`` the held-out
+    item positions of user u (non-empty). recall@k is the share of the user's relevant items in the top k, NDCG@k
+    the discounted gain of the hits over the best possible; ties in the ranking keep item order.
+
+    Example::
+
+        >>> ranking_metrics(np.array([[0.9, 0.1, 0.5]]), [np.array([2])], k=2)  # item 2 ranked second
+        {'recall@2': 1.0, 'ndcg@2': 0.6309297535714575}
+    """
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    recall, ndcg = [], []
+    for user, items in enumerate(relevant):
+        hits = np.isin(top[user], items)
+        recall.append(hits.sum() / len(items))
+        ndcg.append((hits * discounts).sum() / discounts[: min(len(items), k)].sum())
+    return {f"recall@{k}": float(np.mean(recall)), f"ndcg@{k}": float(np.mean(ndcg))}
 
 
 def _last_rows(keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

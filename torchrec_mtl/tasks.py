@@ -1,8 +1,8 @@
 """Tasks declared as data, and the objective they make: losses, per-task predictions and evaluation labels.
 
-A **task** is one tower output: a label column, a kind (``binary``: BCE on a logit; ``regression``: squared error on
-an output plus an offset, the label's training mean), a loss weight and a **sample space**, the rows it is trained
-and evaluated on:
+A **task** is one tower output: a label column, a kind (torchrec_mtl.task_kinds: ``binary``: BCE on a logit;
+``regression``: squared error on an output plus an offset, the label's training mean), a loss weight and a **sample
+space**, the rows it is trained and evaluated on:
 
 - ``present``: rows where its label is present (NaN marks a missing label);
 - ``given: T``: rows where binary task T's label is 1 (and this label present), e.g. CVR on clicked rows. With
@@ -49,10 +49,10 @@ from torch import nn
 
 from torchrec_mtl.data.batch import MultiTaskBatch
 from torchrec_mtl.modules.two_tower import ITEM_VECTOR, USER_VECTOR, InBatchSoftmax
+from torchrec_mtl.task_kinds import KINDS
 from torchrec_mtl.train.diagnostics import TaskGradientCosine
 from torchrec_mtl.weighting import make_weighting
 
-TASK_KINDS = ("binary", "regression", "retrieval")
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,8 @@ class TaskSet:
     def __post_init__(self) -> None:
         kinds: Dict[str, str] = {}
         for task in self.tasks:
-            if task.kind not in TASK_KINDS:
-                raise ValueError(f"tasks.{task.name}.kind: {task.kind!r}; allowed: {', '.join(TASK_KINDS)}")
+            if task.kind not in KINDS:
+                raise ValueError(f"tasks.{task.name}.kind: {task.kind!r}; allowed: {', '.join(sorted(KINDS))}")
             kinds[task.name] = task.kind
         if sum(task.kind == "retrieval" for task in self.tasks) > 1:
             raise ValueError("tasks: at most one task of kind retrieval (the model has one two-tower arch)")
@@ -126,7 +126,7 @@ class TaskSet:
     @property
     def tower_tasks(self) -> List[str]:
         """The tasks with a tower head (all but retrieval)."""
-        return [task.name for task in self.tasks if task.kind != "retrieval"]
+        return [task.name for task in self.tasks if KINDS[task.kind].tower_head]
 
     @property
     def retrieval(self) -> Optional[TaskSpec]:
@@ -240,13 +240,12 @@ class MultiTaskObjective(nn.Module):
             present = ~torch.isnan(label[task.name])
             space = present if task.given is None else present & (torch.nan_to_num(label[task.given]) == 1)
             target = torch.nan_to_num(label[task.name])
-            if task.kind == "binary":
-                loss = F.binary_cross_entropy_with_logits(logits[task.name], target, reduction="none")
-                predictions[task.name] = log_p[task.name].detach().exp()
-            else:
-                output = logits[task.name] + self.offsets.get(task.name, 0.0)
-                loss = (output - target) ** 2
-                predictions[task.name] = output.detach()
+            kind = KINDS[task.kind]
+            output = logits[task.name]
+            if task.name in self.offsets:  # a regression task starts at its label's training mean
+                output = output + self.offsets[task.name]
+            loss = kind.loss(output, target)
+            predictions[task.name] = kind.prediction(output.detach())
             row_weights = space.float()
             if task.ips:
                 propensity = log_p[task.given].detach().exp().clamp(min=self.min_propensity)
@@ -292,22 +291,5 @@ class MultiTaskObjective(nn.Module):
         return loss, (user * item).sum(dim=1).detach(), label
 
 
-# The spine's objective and evaluated names, kept for code written against them.
+# The tower heads of the default task set: ``build_model``'s default when no task set is given.
 TOWER_TASKS = esmm_tasks().tower_tasks
-EVALUATED_TASKS = dict(esmm_tasks().names)
-
-
-def EsmmObjective(
-    weights: Optional[Dict[str, float]] = None,
-    rating_offset: float = 0.0,
-    min_propensity: float = 0.01,
-    weighting: str = "static",
-) -> MultiTaskObjective:
-    """The ESMM task set as an objective. ``weights`` per term: ``ctr``, ``ctcvr``, ``cvr_ips`` (the IPS-weighted
-    CVR term, default 0) and ``rating``."""
-    allowed = ("ctr", "ctcvr", "cvr_ips", "rating")
-    unknown = sorted(set(weights or {}) - set(allowed))
-    if unknown:
-        raise ValueError(f"weights: unknown loss term(s) {unknown}; allowed: {allowed}")
-    task_set = esmm_tasks(**{"ctr": 1.0, "ctcvr": 1.0, "cvr_ips": 0.0, "rating": 1.0, **(weights or {})})
-    return MultiTaskObjective(task_set, {"rating": rating_offset}, weighting, min_propensity)

@@ -29,13 +29,12 @@ Example::
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Type
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-WEIGHTINGS = ("static", "uncertainty", "gradnorm")
 
 
 def flat_gradient(loss: torch.Tensor, parameters: List[nn.Parameter]) -> torch.Tensor:
@@ -144,11 +143,16 @@ class GradNormWeighting(nn.Module):
         return {name: weight * float(m) for (name, weight), m in zip(self.weights.items(), self.multipliers)}
 
 
+# The one registry of weightings: ``objective.weighting`` names a key; each class takes the terms' weights.
+WEIGHTINGS: Dict[str, Type[nn.Module]] = {
+    "static": StaticWeighting,
+    "uncertainty": UncertaintyWeighting,
+    "gradnorm": GradNormWeighting,
+}
+
+
 def make_weighting(kind: str, weights: Dict[str, float]) -> nn.Module:
-    if kind == "static":
-        return StaticWeighting(weights)
-    if kind == "uncertainty":
-        return UncertaintyWeighting(weights)
-    if kind == "gradnorm":
-        return GradNormWeighting(weights)
-    raise ValueError(f"weighting: {kind!r}; allowed: {', '.join(WEIGHTINGS)}")
+    """The weighting ``kind`` (a key of ``WEIGHTINGS``) over the terms' ``weights``."""
+    if kind not in WEIGHTINGS:
+        raise ValueError(f"weighting: {kind!r}; allowed: {', '.join(WEIGHTINGS)}")
+    return WEIGHTINGS[kind](weights)

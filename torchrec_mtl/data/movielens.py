@@ -68,6 +68,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from torchrec_mtl.data.movielens_history import (
+    MIN_RATINGS_FOR_TEST,
+    count_before,
+    per_user_test,
+    sample_negatives,
+)
+
 LABELS = ["click", "conversion", "rating"]
 INTEGER_MEANING: dict[str, str] = {
     "user_prior_ratings": "the user's training-split ratings strictly before the row's time",
@@ -90,9 +97,7 @@ GENRES = [
 NO_GENRE = "(no genres listed)"
 LIKED_RATING = 4.0
 SPLITS = ("per_user", "global")
-MIN_RATINGS_FOR_TEST = 5  # per_user split: users with fewer ratings stay wholly in train
 MAX_TAGS = 10
-_MAX_ROUNDS = 10_000
 
 
 def _read(source: Path) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
@@ -160,70 +165,6 @@ def _descriptions(table: pl.DataFrame, tags: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _count_before(keys_sorted: np.ndarray, owner: np.ndarray, before: np.ndarray) -> np.ndarray:
-    """For each query, the number of events of ``owner`` with time strictly before ``before``.
-
-    ``keys_sorted`` holds ``owner << 32 | time`` of every event, sorted."""
-    start = np.searchsorted(keys_sorted, owner << 32, side="left")
-    return np.searchsorted(keys_sorted, (owner << 32) | before, side="left") - start
-
-
-def _sample_negatives(
-    user: np.ndarray,
-    max_year: np.ndarray,
-    rated_keys: np.ndarray,
-    movie_ids: np.ndarray,
-    movie_year: np.ndarray,
-    popularity: np.ndarray,
-    k: int,
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, int]:
-    """[n, k] movieIds: never rated by the row's user, ``movie_year`` at most ``max_year``, no repeats in a row.
-
-    Rejection sampling over all still-unfilled slots at once; returns the draws and the number of rounds."""
-    n = user.size
-    chosen = np.zeros((n, k), dtype=np.int64)
-    pending = np.ones((n, k), dtype=bool)
-    p = popularity / popularity.sum()
-    rounds = 0
-    while pending.any():
-        rounds += 1
-        if rounds > _MAX_ROUNDS:
-            raise RuntimeError(
-                f"negative sampling: {int(pending.sum())} slots still unfilled after {_MAX_ROUNDS} rounds"
-            )
-        rows, cols = np.nonzero(pending)
-        draw = rng.choice(movie_ids.size, size=rows.size, p=p)
-        movie = movie_ids[draw]
-        key = (user[rows] << 32) | movie
-        at = np.minimum(np.searchsorted(rated_keys, key), rated_keys.size - 1)
-        bad = (rated_keys[at] == key) | (movie_year[draw] > max_year[rows])
-        chosen[rows, cols] = movie
-        pending[rows, cols] = bad
-        # a repeat within a row: the later slot draws again (only rows touched this round can hold a new repeat)
-        touched = np.unique(rows)
-        block, open_ = chosen[touched], pending[touched]
-        for j in range(1, k):
-            earlier = (block[:, :j] == block[:, j : j + 1]) & ~open_[:, :j]
-            open_[:, j] |= earlier.any(axis=1)
-        pending[touched] = open_
-    return chosen, rounds
-
-
-def _per_user_test(user: np.ndarray, movie: np.ndarray, ts: np.ndarray, test_fraction: float) -> np.ndarray:
-    """Boolean per rating: among the user's last ``ceil(test_fraction * n_user)`` in (timestamp, movieId) order.
-
-    None for users with fewer than :data:`MIN_RATINGS_FOR_TEST` ratings, at most ``n_user - 1`` otherwise."""
-    order = np.lexsort((movie, ts, user))
-    _, start, count = np.unique(user[order], return_index=True, return_counts=True)
-    n_test = np.ceil(np.round(test_fraction * count, 9)).astype(np.int64)
-    n_test = np.where(count >= MIN_RATINGS_FOR_TEST, np.minimum(np.maximum(n_test, 1), count - 1), 0)
-    rank = np.arange(user.size) - np.repeat(start, count)  # position within the user's ordered ratings
-    is_test = np.empty(user.size, dtype=bool)
-    is_test[order] = rank >= np.repeat(count - n_test, count)
-    return is_test
-
-
 def _rates(frame: pl.DataFrame) -> dict[str, float]:
     clicks = frame.filter(pl.col("click") == 1)
     return {
@@ -271,7 +212,7 @@ def convert_movielens(
         test_positive_rating = ts >= cut
     else:
         cut = None
-        test_positive_rating = _per_user_test(user, movie, ts, test_fraction)
+        test_positive_rating = per_user_test(user, movie, ts, test_fraction)
     year = ts.astype("datetime64[s]").astype("datetime64[Y]").astype(np.int64) + 1970
 
     # Negatives.
@@ -284,7 +225,7 @@ def convert_movielens(
     movie_year = table["release_year"].fill_null(pl.Series(first_year)).to_numpy().astype(np.int64)
     rated_keys = np.unique((user << 32) | movie)
     rng = np.random.default_rng(seed)
-    negatives, rounds = _sample_negatives(user, year + 1, rated_keys, movie_ids, movie_year, popularity, k, rng)
+    negatives, rounds = sample_negatives(user, year + 1, rated_keys, movie_ids, movie_year, popularity, k, rng)
 
     # All rows, [n, 1 + k] raveled: each positive followed by its negatives, so time order holds.
     row_movie = np.concatenate([movie[:, None], negatives], axis=1).ravel()
@@ -299,8 +240,8 @@ def convert_movielens(
 
     # Features, from training-split ratings strictly before the row's time.
     in_train = ~test_positive_rating
-    user_prior = _count_before(np.sort((user[in_train] << 32) | ts[in_train]), row_user, row_ts)
-    item_prior = _count_before(np.sort((movie[in_train] << 32) | ts[in_train]), row_movie, row_ts)
+    user_prior = count_before(np.sort((user[in_train] << 32) | ts[in_train]), row_user, row_ts)
+    item_prior = count_before(np.sort((movie[in_train] << 32) | ts[in_train]), row_movie, row_ts)
     at = np.searchsorted(movie_ids, row_movie)
     release = table["release_year"][at]
     frame = pl.DataFrame(

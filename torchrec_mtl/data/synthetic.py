@@ -213,8 +213,21 @@ def generate(config: SyntheticConfig, out_dir: str | os.PathLike) -> Dict:
         return _generate(config, out)
 
 
-def _generate(config: SyntheticConfig, out: Path) -> Dict:
-    rng = np.random.default_rng(config.seed)
+def draw_latents(config: SyntheticConfig, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+    """The generator's draws up to the click labels: item and user latents, the impressions and their true
+    probabilities, by name (``item_category``, ``click_appeal``, ``cold``, ``is_test``, ``user``, ``item``,
+    ``click_logit``, ``p_click``, ``p_conversion`` ...). ``rng`` must be ``np.random.default_rng(config.seed)``
+    for the log's own draws; it is left where the generator draws the clicks next (``rng.random(num_rows)``).
+
+    Example::
+
+        >>> config = SyntheticConfig(num_rows=1_000, num_users=50, num_items=40, num_brands=8, seed=1)
+        >>> rng = np.random.default_rng(config.seed)
+        >>> latents = draw_latents(config, rng)
+        >>> clicked = rng.random(config.num_rows) < latents["p_click"]  # the log's click labels
+        >>> int(latents["is_test"].sum())
+        200
+    """
     num_users, num_items, num_cat = config.num_users, config.num_items, config.num_categories
 
     # Items.
@@ -275,6 +288,51 @@ def _generate(config: SyntheticConfig, out: Path) -> Dict:
         conversion_logit
         + _calibrated_bias(conversion_logit[train_rows], config.conversion_rate, weights=p_click[train_rows])
     )
+    return {
+        "item_category": item_category,
+        "item_brand": item_brand,
+        "brand_click_appeal": brand_click_appeal,
+        "brand_conversion_appeal": brand_conversion_appeal,
+        "click_appeal": click_appeal,
+        "conversion_appeal": conversion_appeal,
+        "price": price,
+        "item_age_days": item_age_days,
+        "popularity": popularity,
+        "cold": cold,
+        "user_segment": user_segment,
+        "segment_taste": segment_taste,
+        "user_taste": user_taste,
+        "click_propensity": click_propensity,
+        "purchase_propensity": purchase_propensity,
+        "activity": activity,
+        "is_test": is_test,
+        "user": user,
+        "item": item,
+        "device": device,
+        "position": position,
+        "hour": hour,
+        "taste": taste,
+        "click_logit": click_logit,
+        "conversion_logit": conversion_logit,
+        "p_click": p_click,
+        "p_conversion": p_conversion,
+    }
+
+
+def _generate(config: SyntheticConfig, out: Path) -> Dict:
+    rng = np.random.default_rng(config.seed)
+    latents = draw_latents(config, rng)
+    item_category, item_brand, price = latents["item_category"], latents["item_brand"], latents["price"]
+    click_appeal, conversion_appeal = latents["click_appeal"], latents["conversion_appeal"]
+    item_age_days, cold, user_segment = latents["item_age_days"], latents["cold"], latents["user_segment"]
+    click_propensity, purchase_propensity = latents["click_propensity"], latents["purchase_propensity"]
+    is_test, user, item, device = latents["is_test"], latents["user"], latents["item"], latents["device"]
+    position, hour, taste = latents["position"], latents["hour"], latents["taste"]
+    p_click, p_conversion = latents["p_click"], latents["p_conversion"]
+    num_items = config.num_items
+    num_test = int(is_test.sum())
+    num_train = config.num_rows - num_test
+
     click = rng.random(config.num_rows) < p_click
     conversion = click & (rng.random(config.num_rows) < p_conversion)
     rating_mean = 3.3 + 0.5 * taste + 0.6 * click_appeal[item] + 0.4 * conversion_appeal[item]

@@ -33,30 +33,33 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
-import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-TRAIN_STATE = "train_state.json"
-MANIFEST = "manifest.json"
-_MANIFEST_FORMAT = 1
-_HASH_CHUNK = 1 << 20  # bytes per read while hashing: checkpoints are far larger than memory allows reading whole
+from torchrec_mtl.train.integrity import (
+    MANIFEST,
+    TRAIN_STATE,
+    CheckpointError,
+    WeightsOnlyLoadPlanner,
+    check_metadata,
+    failure_reason,
+    first_non_finite,
+    verification_error,
+    verify_checkpoint,
+    write_atomically,
+    write_manifest,
+)
+
 _COMPLETE = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or read; the message names it."""
 
 
 class TrainingStopped(RuntimeError):
@@ -93,15 +96,6 @@ def _raise_agreed(error: Optional[str], no_dist: bool = False) -> None:
         error = next((message for message in found if message is not None), None)
     if error is not None:
         raise CheckpointError(error)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
 
 
 def rng_state() -> Dict[str, Any]:
@@ -187,13 +181,13 @@ class Checkpointer:
                 error = exc
         if error is None:
             try:
-                _write_atomically(partial / f"rank-{rank}.pt", _to_bytes(rank_state))
+                write_atomically(partial / f"rank-{rank}.pt", _to_bytes(rank_state))
             except OSError as exc:
                 error = exc
         if _all_ok(error is None) and rank == 0:
             try:
                 document = {"step": step, "world_size": world_size, **train_state}
-                _write_atomically(partial / TRAIN_STATE, json.dumps(document, indent=2).encode())
+                write_atomically(partial / TRAIN_STATE, json.dumps(document, indent=2).encode())
                 # last: every rank's DCP and rank files are written (the collective above), so it covers them all
                 write_manifest(partial)
                 if final.exists():  # the same step written again (a resumed run that stopped where it started)
@@ -204,7 +198,7 @@ class Checkpointer:
         if not _all_ok(error is None):
             if rank == 0:
                 shutil.rmtree(partial, ignore_errors=True)
-            reason = _reason(error) if error else "another rank failed"
+            reason = failure_reason(error) if error else "another rank failed"
             raise CheckpointError(f"checkpoint {final}: not written ({reason}); earlier checkpoints are intact")
         if rank == 0:
             for old in self.complete()[: -self.keep]:
@@ -223,7 +217,7 @@ class Checkpointer:
         rank, world_size = _rank_and_world()
         # once, before any file of it is parsed; each rank hashes its share of the files (ranks share the folder:
         # they all wrote into it) and every rank refuses when any rank found a fault
-        _raise_agreed(_verification_error(path, rank, world_size))
+        _raise_agreed(verification_error(path, rank, world_size))
         train_state = read_train_state(path)
         load_tensors(path, state, verify=False)
         rank_state = None
@@ -233,104 +227,9 @@ class Checkpointer:
             try:  # tensors and plain containers only: a pickle that would run code is refused, not run
                 rank_state = torch.load(rank_file, weights_only=True)
             except Exception as exc:
-                error = f"{rank_file}: cannot be read ({_reason(exc)})"
+                error = f"{rank_file}: cannot be read ({failure_reason(exc)})"
             _raise_agreed(error)  # the same condition on every rank (the train state's world size): all call it
         return train_state, rank_state
-
-
-def _files(folder: Path) -> Iterator[Tuple[str, Path]]:
-    """Every entry of ``folder`` but its manifest and folders (recursively; a link, to a folder too, is an entry,
-    not followed), as (its path relative to ``folder`` with ``/``, its path), sorted."""
-    found = []
-    for root, folders, names in os.walk(folder):
-        names += [name for name in folders if os.path.islink(os.path.join(root, name))]
-        for name in names:
-            file = Path(root, name)
-            relative = file.relative_to(folder).as_posix()
-            if relative != MANIFEST:
-                found.append((relative, file))
-    return iter(sorted(found))
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_manifest(folder: str | os.PathLike) -> Path:
-    """Write ``folder/manifest.json``: the size and SHA-256 of every other file in ``folder`` (recursively, by
-    relative path); returns its path. ``save`` calls it last, after every rank's files are written."""
-    folder = Path(folder)
-    files = {relative: {"size": file.stat().st_size, "sha256": _sha256(file)} for relative, file in _files(folder)}
-    document = {"format": _MANIFEST_FORMAT, "files": files}
-    _write_atomically(folder / MANIFEST, json.dumps(document, indent=2).encode())
-    return folder / MANIFEST
-
-
-def verify_checkpoint(path: str | os.PathLike) -> None:
-    """Check checkpoint ``path`` against its ``manifest.json`` before anything in it is deserialised: the manifest
-    is there and valid, every file it lists is present with its size and SHA-256, and no other file is present;
-    otherwise CheckpointError naming the checkpoint, the file and what is wrong with it. Reads every file once, in
-    1 MiB pieces."""
-    error = _verification_error(Path(path))
-    if error is not None:
-        raise CheckpointError(error)
-
-
-def _verification_error(path: Path, share: int = 0, shares: int = 1) -> Optional[str]:
-    """What ``verify_checkpoint`` finds wrong with ``path`` (None: nothing), hashing only the listed files whose
-    index is ``share`` modulo ``shares`` (the presence and sizes of all of them are always checked: it is cheap)."""
-    if not path.is_dir():
-        return f"{path}: no such checkpoint folder"
-    manifest = path / MANIFEST
-    if not manifest.is_file():
-        if not (path / TRAIN_STATE).exists():
-            return f"{path}: not a checkpoint (no {TRAIN_STATE}, no {MANIFEST})"
-        return f"checkpoint {path}: no {MANIFEST}: written by an older version or tampered with"
-    try:
-        listed = _manifest_files(json.loads(manifest.read_text()))
-    except (OSError, ValueError) as exc:
-        return f"checkpoint {path}: {MANIFEST}: not a valid manifest ({_reason(exc)})"
-    present = dict(_files(path))
-    for relative in present:
-        if relative not in listed:
-            return f"checkpoint {path}: {relative}: not listed in the manifest (a file added after it was written)"
-    for relative, expected in listed.items():
-        file = present.get(relative)
-        if file is None:
-            return f"checkpoint {path}: {relative}: missing"
-        size = file.stat().st_size if file.is_file() else None
-        if size != expected["size"]:
-            return f"checkpoint {path}: {relative}: size mismatch ({size} bytes, the manifest says {expected['size']})"
-    for index, (relative, expected) in enumerate(listed.items()):
-        if index % shares == share and _sha256(present[relative]) != expected["sha256"]:
-            return f"checkpoint {path}: {relative}: checksum mismatch (changed after it was written)"
-    return None
-
-
-def _manifest_files(document: Any) -> Dict[str, Dict[str, Any]]:
-    """The ``files`` of a manifest document, checked for shape, in sorted order (every rank hashes the same share),
-    or ValueError saying what is wrong with it."""
-    if not isinstance(document, dict) or document.get("format") != _MANIFEST_FORMAT:
-        raise ValueError(f"expected a JSON object with format {_MANIFEST_FORMAT}")
-    files = document.get("files")
-    if not isinstance(files, dict):
-        raise ValueError("expected 'files': an object")
-    for relative, entry in files.items():
-        # a listed path that leaves the folder would make verification read a file outside the checkpoint
-        if relative.startswith("/") or ".." in relative.split("/") or relative in ("", MANIFEST):
-            raise ValueError(f"file {relative!r}: not a path inside the checkpoint")
-        if not (
-            isinstance(entry, dict)
-            and isinstance(entry.get("size"), int)
-            and isinstance(entry.get("sha256"), str)
-            and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])
-        ):
-            raise ValueError(f"file {relative!r}: expected an integer 'size' and a hex 'sha256'")
-    return dict(sorted(files.items()))
 
 
 def load_tensors(path: Path, state: Dict[str, Any], no_dist: bool = False, verify: bool = True) -> None:
@@ -341,88 +240,18 @@ def load_tensors(path: Path, state: Dict[str, Any], no_dist: bool = False, verif
     path = Path(path)
     rank, world_size = (0, 1) if no_dist else _rank_and_world()
     if verify:  # DCP unpickles .metadata: never before it is checked
-        _raise_agreed(_verification_error(path, rank, world_size), no_dist)
-    _check_metadata(path)
+        _raise_agreed(verification_error(path, rank, world_size), no_dist)
+    check_metadata(path)
     try:
-        dcp.load(state, checkpoint_id=str(path), planner=_WeightsOnlyLoadPlanner(), no_dist=no_dist)
+        dcp.load(state, checkpoint_id=str(path), planner=WeightsOnlyLoadPlanner(), no_dist=no_dist)
     except _READ_OR_WRITE_FAILURES as exc:
         raise CheckpointError(
-            f"checkpoint {path}: cannot be read ({_reason(exc)}); it is corrupt, truncated or from another model"
+            f"checkpoint {path}: cannot be read ({failure_reason(exc)}); it is corrupt, truncated or from another model"
         ) from None
     if "model" in state:
         # a weight that is NaN or infinite makes every prediction NaN: refused here, not scored
-        name = _first_non_finite(state["model"])
+        name = first_non_finite(state["model"])
         _raise_agreed(f"checkpoint {path}: non-finite values in {name}" if name else None, no_dist)
-
-
-# What DCP's .metadata may name: its own metadata classes, tensor sizes, dtypes and layouts, paths. DCP reads the file
-# with pickle.load, which would call whatever a forged file names (a manifest rewritten along with it passes the
-# checksums): the same bytes are first unpickled here with only these allowed, so DCP's load creates nothing else.
-_METADATA_CLASSES = {
-    "torch.distributed.checkpoint.metadata": {
-        "Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "StorageMeta", "_MEM_FORMAT_ENCODING",
-    },
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},
-    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"},
-    "collections": {"OrderedDict"},
-}  # fmt: skip
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """An unpickler that builds only what DCP's metadata holds (``_METADATA_CLASSES``, torch dtypes)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if name in _METADATA_CLASSES.get(module, ()) or (
-            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        ):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"it names {module}.{name}, which checkpoint metadata never holds")
-
-
-def _check_metadata(path: Path) -> None:
-    """CheckpointError unless DCP's ``.metadata`` of ``path`` unpickles with only ``_METADATA_CLASSES``."""
-    file = path / ".metadata"
-    try:
-        with open(file, "rb") as handle:
-            _MetadataUnpickler(handle).load()
-    except FileNotFoundError:
-        return  # DCP names the missing file itself
-    except Exception as exc:  # a forged or damaged pickle raises anything its opcodes lead to
-        raise CheckpointError(f"checkpoint {path}: .metadata: refused ({_reason(exc)})") from None
-
-
-class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
-    """DCP's default load planner, but a checkpoint's non-tensor values (DCP unpickles them with
-    ``weights_only=False``) must first load with ``weights_only=True``: plain values and tensors, no code."""
-
-    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-        torch.load(value, weights_only=True)  # raises on anything else; the same bytes then load alike below
-        value.seek(0)
-        super().load_bytes(read_item, value)
-
-
-def _first_non_finite(state_dict: Dict[str, Any]) -> Optional[str]:
-    """The name of the first floating tensor of ``state_dict`` holding a NaN or infinity in this rank's part of it
-    (a ShardedTensor's local shards, a DTensor's local tensor), or None."""
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-    from torch.distributed.tensor import DTensor
-
-    for name, value in state_dict.items():
-        if isinstance(value, ShardedTensor):
-            parts = [shard.tensor for shard in value.local_shards()]
-        elif isinstance(value, DTensor):
-            parts = [value.to_local()]
-        elif isinstance(value, torch.Tensor):
-            parts = [value]
-        else:
-            continue
-        for part in parts:
-            if (part.is_floating_point() or part.is_complex()) and not bool(torch.isfinite(part).all()):
-                return name
-    return None
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -451,20 +280,13 @@ def read_train_state(path: str | os.PathLike) -> Dict[str, Any]:
 _READ_OR_WRITE_FAILURES = (Exception, dcp.api.CheckpointException)
 
 
-def _reason(error: BaseException) -> str:
-    """The root cause's last line (for DCP's exception: the failed rank's own exception), shortened."""
-    text = str(error)
-    # torch.load(weights_only=True)'s refusal ends in a documentation link; the line naming what it refused is the one
-    # to show (and not its advice to load the file with weights_only=False)
-    refused = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\. |\.?$)", text, re.MULTILINE)
-    if refused:
-        return f"refused by torch.load(weights_only=True): {refused.group(1)}"[:300]
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else ""
-    return (last if ":" in last else f"{type(error).__name__}: {last}")[:300]
-
-
 def _to_bytes(value: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(value, buffer)
     return buffer.getvalue()
+
+
+__all__ = [
+    "MANIFEST", "TRAIN_STATE", "CheckpointError", "Checkpointer", "TrainingStopped", "load_tensors", "read_train_state",
+    "resolve_checkpoint", "rng_state", "set_rng_state", "verify_checkpoint", "write_manifest",
+]  # fmt: skip

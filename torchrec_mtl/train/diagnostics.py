@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from torchrec_mtl.weighting import flat_gradient
+from torchrec_mtl.protocols import Gated
 
 # A task whose AUC is this close to 1 is more likely fed its own label than learned.
 LEAK_AUC = 0.999
@@ -39,7 +40,7 @@ class GateMonitor:
     """
 
     def __init__(self, tower: nn.Module, collapsed_below: float = 0.01) -> None:
-        if not hasattr(tower, "gate_weights"):
+        if not isinstance(tower, Gated):
             raise TypeError(f"{type(tower).__name__} has no gates (gate_weights)")
         self.tower, self.collapsed_below = tower, collapsed_below
         self.rows = 0

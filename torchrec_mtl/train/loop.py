@@ -24,6 +24,7 @@ from torchrec_mtl.headline import headline, task_kind
 from torchrec_mtl.train.diagnostics import GateMonitor
 from torchrec_mtl.train.metrics import TaskMetrics, grouped_auc
 from torchrec_mtl.train.optimizers import LearningRateSchedule
+from torchrec_mtl.protocols import ReportsTerms, find
 
 
 @dataclass
@@ -88,7 +89,7 @@ class NonFiniteLoss(RuntimeError):
 
 def _objective(model: nn.Module) -> Optional[nn.Module]:
     """The module whose ``last_terms`` hold the last step's loss terms (torchrec_mtl.tasks.MultiTaskObjective)."""
-    return next((m for m in model.modules() if hasattr(m, "last_terms")), None)
+    return find(model, ReportsTerms)
 
 
 def _rank_and_world() -> Tuple[int, int]:
@@ -129,6 +130,9 @@ def _agreed_non_finite(
     message = [str(_non_finite_loss(objective, loss, step, epoch, rank, world_size)) if rank == seen_by else None]
     if world_size > 1:
         dist.broadcast_object_list(message, src=seen_by)
+        # the pipeline has already started the next batch's input exchange on every rank: a barrier waits for it
+        # (gloo completes earlier work first), so no collective is left running when the ranks stop
+        dist.barrier()
     return NonFiniteLoss(message[0])
 
 

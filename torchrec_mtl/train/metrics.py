@@ -27,9 +27,12 @@ from torchrec.metrics.metrics_config import (
     RecTaskInfo,
 )
 
-_BINARY = {RecMetricEnum.AUC: "auc", RecMetricEnum.NE: "ne", RecMetricEnum.CALIBRATION: "calibration"}
-_REGRESSION = {RecMetricEnum.MSE: "mse", RecMetricEnum.MAE: "mae"}
-_BY_KIND = {"binary": _BINARY, "regression": _REGRESSION, "retrieval": {RecMetricEnum.AUC: "auc"}}
+from torchrec_mtl.task_kinds import KINDS
+
+
+def _metrics_of(kind: str) -> Dict[RecMetricEnum, str]:
+    """The torchrec metrics of a task kind (torchrec_mtl.task_kinds), each with the name it is reported under."""
+    return {RecMetricEnum[name]: name.lower() for name in KINDS[kind].metrics}
 
 
 class TaskMetrics:
@@ -58,7 +61,7 @@ class TaskMetrics:
         ]
         by_metric: Dict[RecMetricEnum, list] = {}
         for index, name in enumerate(names):
-            for metric in _BY_KIND[self.task_kinds[name]]:
+            for metric in _metrics_of(self.task_kinds[name]):
                 by_metric.setdefault(metric, []).append(index)
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         window_size = max(window_size, 2 * batch_size * world_size)

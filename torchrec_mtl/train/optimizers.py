@@ -43,7 +43,7 @@ LR_DECAYS = ("constant", "linear", "cosine")
 
 
 def table_name(feature: str) -> str:
-    """The embedding table of a categorical feature (torchrec_mtl.job.build_model names them so)."""
+    """The embedding table of a categorical feature (torchrec_mtl.build.build_model names them so)."""
     return f"t_{feature}"
 
 

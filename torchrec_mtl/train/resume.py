@@ -46,7 +46,7 @@ def save_run(
     model_inputs: Optional[Dict[str, Any]] = None,
 ) -> Path:
     """Write the run's state at ``summary.steps`` (every rank calls it); ``config`` is the job config as a dict,
-    ``model_inputs`` what rebuilding the model needs beside it (torchrec_mtl.inference.model_inputs)."""
+    ``model_inputs`` what rebuilding the model needs beside it (torchrec_mtl.run.prepare.PreparedJob.model_inputs)."""
     train_state = {
         "finished": finished,
         "global_batch_rows": global_batch_rows,
@@ -177,6 +177,8 @@ class CheckpointTrigger:
             return self.save(summary, window)
         except CheckpointError as error:
             cause, last = self._agreed_failure(error)
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.barrier()  # the pipeline's started input exchange completes before every rank stops
             where = f"the last good checkpoint is {last}" if last is not None else "there is no good checkpoint yet"
             raise CheckpointError(f"checkpoint {name} failed twice ({cause}); {where}") from None
 

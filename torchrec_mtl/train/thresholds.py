@@ -7,7 +7,7 @@ Conventions where a ratio has no denominator: with no positive prediction, preci
 recall is 0; F1 is 0 whenever precision and recall are both 0. Every value is then a number (never NaN), and a
 threshold that predicts nothing positive scores F1 0 rather than looking perfect.
 
-Pure numpy; the job (torchrec_mtl.job) applies them to the gathered test predictions, at the configured threshold or
+Pure numpy; the run (torchrec_mtl.run.evaluate) applies them to the gathered test predictions, at the configured threshold or
 at the one ``best_f1_threshold`` chooses on the validation predictions.
 
 Example::

@@ -1,4 +1,7 @@
-"""Repeated runs of the main job for the comparison tools: run or reuse a run, and mean and spread over seeds.
+"""What the comparison tools share: repeated runs of the main job (run or reuse a run, mean and spread over seeds),
+quiet logs, and the shared data beside the checkout. Not part of the package: the tools import it as ``common``
+(tools/ is on ``sys.path`` when a tool runs as a script; a tool that is also loaded from its file, as
+tests/test_retrieval.py loads eval_representations.py, puts tools/ there first).
 
 A run is reused when its ``results.json`` was made by the same learned configuration (everything but where it writes,
 progress display and diagnostics' sampling) on the same data (the input files' fingerprint, and for a generated log
@@ -24,9 +27,11 @@ from torchrec_mtl.config import JobConfig, config_from_dict, config_to_dict
 from torchrec_mtl.data import synthetic
 from torchrec_mtl.data.prepare import MissingInputError, resolve_files
 from torchrec_mtl.data.preprocess import input_fingerprint
-from torchrec_mtl.job import run_job
+from torchrec_mtl.run.train import run_job
 from torchrec_mtl.schema import DatasetSchema
 
+# The read-only datasets beside the checkout (../shared/data from the repository root).
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # (section, key) pairs that change how a run is shown or where it writes, not what it learns
 _NOT_LEARNED = {("training", "progress"), ("training", "curve_every"), ("objective", "gradient_cosine_every")}
 
@@ -90,12 +95,12 @@ def quiet() -> None:
     warnings.filterwarnings("ignore")
 
 
-def ensure_movielens(data_dir: str, source: str = "../shared/data/movielens-latest-small") -> None:
-    """Convert MovieLens latest-small into the multi-task log in ``data_dir`` unless it is there."""
+def ensure_movielens(data_dir: str, source: str | Path = SHARED_DATA / "movielens-latest-small") -> None:
+    """Convert MovieLens latest-small (``source``) into the multi-task log in ``data_dir`` unless it is there."""
     if not (Path(data_dir) / "train.tsv").exists():
         from torchrec_mtl.data.movielens import convert_movielens
 
-        convert_movielens(source, data_dir)
+        convert_movielens(str(source), data_dir)
 
 
 def rows_by(rows: List[Dict], *keys: str) -> Dict[Tuple, List[Dict]]:

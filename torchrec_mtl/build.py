@@ -1,0 +1,126 @@
+"""The model a config describes, built the same way for training (then sharded) and for serving (then loaded from a
+checkpoint): the embedding tables, the tower (looked up by name in ``TOWERS``), the item-text arch and the two-tower
+retrieval arch.
+
+Example::
+
+    >>> model = build_model(config.model, num_dense=13, table_sizes={"C1": 1000, "C2": 500})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from torchrec_mtl.config import JobConfig, ModelConfig, TextConfig, TowerConfig
+from torchrec_mtl.data.shards import EncodedLog
+from torchrec_mtl.model import MultiTaskModel
+from torchrec_mtl.modules.item_text import (
+    EncodedItemTextArch,
+    ItemTextArch,
+    item_text_collection,
+    tokenize_descriptions,
+)
+from torchrec_mtl.modules.towers import TOWERS
+from torchrec_mtl.modules.two_tower import InBatchSoftmax, TwoTowerArch
+from torchrec_mtl.tasks import TOWER_TASKS
+from torchrec_mtl.text.table import ItemTextTable
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(
+    config: ModelConfig,
+    num_dense: int,
+    table_sizes: Dict[str, int],
+    device: torch.device = torch.device("meta"),
+    task_names: Optional[List[str]] = None,
+    item_text: Optional[torch.nn.Module] = None,
+    retrieval_features: Optional[Tuple[List[str], List[str]]] = None,
+) -> MultiTaskModel:
+    """One embedding table per categorical feature (``table_sizes``: feature -> rows) under the configured tower,
+    with ``item_text`` (``build_item_text``) as one more embedding when given, and with ``retrieval_features``
+    (the user and the item tower's features) the two-tower arch of ``config.retrieval``."""
+    tables = [
+        EmbeddingBagConfig(
+            name=f"t_{feature}", embedding_dim=config.embedding_dim, num_embeddings=rows, feature_names=[feature]
+        )
+        for feature, rows in table_sizes.items()
+    ]
+    in_features = MultiTaskModel.tower_in_features(len(tables) + (item_text is not None), config.embedding_dim)
+    tower = build_tower(config.tower, in_features, task_names or TOWER_TASKS)
+    ebc = EmbeddingBagCollection(tables=tables, device=device)
+    two_tower = None
+    if retrieval_features is not None:
+        columns = [[list(table_sizes).index(feature) for feature in side] for side in retrieval_features]
+        r = config.retrieval
+        two_tower = TwoTowerArch(*columns, config.embedding_dim, item_text is not None, r.layer_sizes, r.dim)
+    return MultiTaskModel(ebc, num_dense, config.dense_arch_layer_sizes, tower, item_text, two_tower)
+
+
+def build_item_text(
+    config: TextConfig, embedding_dim: int, table: ItemTextTable, device: torch.device = torch.device("meta")
+) -> torch.nn.Module:
+    """The item-text arch: the frozen (or tuned) table of cached vectors, or (``online``, ``finetune_layers``) the
+    BERT itself run on each batch's descriptions, its top ``finetune_layers`` layers trained."""
+    if not config.online and config.finetune_layers == 0:
+        return build_cached_item_text(config, embedding_dim, table.num_items, table.dim, device)
+    from torchrec_mtl.text.encoder import TextEncoder
+
+    encoder = TextEncoder(config.encoder, pooling=config.pooling)
+    token_ids, attention_mask = tokenize_descriptions(encoder.tokenizer, table.descriptions[1:])
+    return EncodedItemTextArch(
+        encoder.model.train(),
+        token_ids,
+        attention_mask,
+        embedding_dim,
+        config.projection_layer_sizes,
+        trainable_layers=config.finetune_layers,
+    )
+
+
+def build_cached_item_text(
+    config: TextConfig, embedding_dim: int, num_items: int, dim: int, device: torch.device = torch.device("meta")
+) -> ItemTextArch:
+    """The item-text arch over a table of ``num_items`` cached vectors of width ``dim`` (rows filled from the cache
+    in training, from the checkpoint in serving), projected to ``embedding_dim``."""
+    collection = item_text_collection(num_items, dim, device)
+    return ItemTextArch(collection, embedding_dim, config.projection_layer_sizes, trainable=config.trainable)
+
+
+def build_tower(config: TowerConfig, in_features: int, task_names: List[str]) -> torch.nn.Module:
+    """The configured tower over ``in_features`` inputs with one logit per task: ``TOWERS[config.kind]``'s
+    ``from_config``; an unknown kind is a ValueError naming the known ones."""
+    if config.kind not in TOWERS:
+        raise ValueError(f"model.tower.kind: {config.kind!r}; allowed: {', '.join(sorted(TOWERS))}")
+    return TOWERS[config.kind].from_config(config, in_features, task_names)
+
+
+def build_retrieval_loss(
+    config: JobConfig,
+    label: str,
+    train_shards: List[EncodedLog],
+    features: List[str],
+    two_tower_features: Tuple[List[str], List[str]],
+    table_sizes: Dict[str, int],
+) -> Tuple[InBatchSoftmax, str]:
+    """The retrieval task's loss, its popularity correction counted over the training split's positive rows (the
+    in-batch candidates), and the item feature it reads (the item tower's first)."""
+    item_feature = two_tower_features[1][0]
+    column = features.index(item_feature)
+    num_rows = table_sizes[item_feature]
+    counts = np.zeros(num_rows, dtype=np.int64)
+    for shard in train_shards:
+        positive = shard.labels[label] == 1
+        counts += np.bincount(shard.sparse[positive, column], minlength=num_rows)
+    r = config.model.retrieval
+    return InBatchSoftmax(torch.from_numpy(counts), r.temperature, r.popularity_correction), item_feature

@@ -1,0 +1,67 @@
+"""Job configuration: typed dataclasses loaded from YAML, checked before any work starts.
+
+The sections are in ``sections`` (a leaf: it imports nothing from torchrec_mtl), reading YAML and the typed build in
+``load``, every check and the conversions to domain objects in ``check``; this package re-exports their public
+names.
+
+An unknown key, a value of the wrong type or an impossible value stops the job with the key's dotted path, the value
+and what is allowed. Command-line overrides use the same paths: ``training.epochs=2``, ``model.tower.num_experts=8``
+(values are parsed as YAML, so ``training.sharding_types=[row_wise]`` works).
+
+Example::
+
+    >>> config = load_config("configs/mmoe_synthetic.yaml", ["training.epochs=2"])  # doctest: +SKIP
+    >>> config.training.epochs  # doctest: +SKIP
+    2
+"""
+
+from __future__ import annotations
+
+from torchrec_mtl.config.check import retrieval_features, synthetic_config, table_groups, task_set
+from torchrec_mtl.config.load import config_from_dict, config_to_dict, load_config
+from torchrec_mtl.config.sections import (
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    EvaluationConfig,
+    FinetuneConfig,
+    GenerateConfig,
+    JobConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    OrderConfig,
+    ProductConfig,
+    RetrievalConfig,
+    TableConfig,
+    TaskConfig,
+    TextConfig,
+    TowerConfig,
+    TrainingConfig,
+)
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "EvaluationConfig",
+    "FinetuneConfig",
+    "GenerateConfig",
+    "JobConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OrderConfig",
+    "ProductConfig",
+    "RetrievalConfig",
+    "TableConfig",
+    "TaskConfig",
+    "TextConfig",
+    "TowerConfig",
+    "TrainingConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "retrieval_features",
+    "synthetic_config",
+    "table_groups",
+    "task_set",
+]

@@ -1,0 +1,237 @@
+"""Checking a built job config: values that type-check but cannot work, against the registries that define what is
+allowed (tower kinds, weightings, sharding types and kernels, optimizers, the task relations, the dataset schema), and
+the conversions of config sections into the domain's objects (``task_set``, ``retrieval_features``, ``table_groups``,
+``synthetic_config``).
+
+The one module of torchrec_mtl.config that imports from the rest of the package; every ConfigError names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from torchrec_mtl.config.sections import (
+    ConfigError,
+    DataConfig,
+    JobConfig,
+    ObjectiveConfig,
+    RetrievalConfig,
+    TableConfig,
+    TrainingConfig,
+)
+from torchrec_mtl.data.synthetic import SyntheticConfig
+from torchrec_mtl.modules.item_text import ITEM_TEXT_FEATURE
+from torchrec_mtl.modules.towers import TOWERS
+from torchrec_mtl.schema import DatasetSchema, SchemaError
+from torchrec_mtl.tasks import OrderSpec, ProductSpec, TaskSet, TaskSpec
+from torchrec_mtl.train.distributed import COMPUTE_KERNELS, SHARDING_TYPES
+from torchrec_mtl.train.optimizers import DENSE_OPTIMIZERS, EMBEDDING_OPTIMIZERS, LR_DECAYS
+from torchrec_mtl.weighting import WEIGHTINGS
+
+
+def task_set(objective: ObjectiveConfig) -> TaskSet:
+    """The declared tasks and relations, checked against each other (ValueError names the key)."""
+    return TaskSet(
+        tasks=tuple(TaskSpec(name, t.kind, t.label, t.weight, t.given, t.ips) for name, t in objective.tasks.items()),
+        products=tuple(ProductSpec(name, tuple(p.of), p.weight) for name, p in objective.products.items()),
+        orders=tuple(OrderSpec(o.lower, o.upper, o.weight) for o in objective.orders),
+    )
+
+
+def synthetic_config(data: DataConfig) -> Optional[SyntheticConfig]:
+    """``data.generate`` as the generator's SyntheticConfig (None when not set); a ValueError names a bad field."""
+    if data.generate is None:
+        return None
+    return SyntheticConfig(**dataclasses.asdict(data.generate))
+
+
+def _one_of(path: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{path}: {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _check_optimizers_and_placement(training: TrainingConfig) -> None:
+    _one_of("training.embedding_optimizer", training.embedding_optimizer, list(EMBEDDING_OPTIMIZERS))
+    _one_of("training.dense_optimizer", training.dense_optimizer, list(DENSE_OPTIMIZERS))
+    _one_of("training.lr_decay", training.lr_decay, LR_DECAYS)
+    for name in ("weight_decay", "gradient_clip_norm", "warmup_steps"):
+        if getattr(training, name) < 0:
+            raise ConfigError(f"training.{name}: {getattr(training, name)!r}; allowed: >= 0")
+    if not 0.0 <= training.min_lr_ratio <= 1.0:
+        raise ConfigError(f"training.min_lr_ratio: {training.min_lr_ratio!r}; allowed: 0 to 1")
+    if training.memory_budget_gb is not None and training.memory_budget_gb <= 0:
+        raise ConfigError(f"training.memory_budget_gb: {training.memory_budget_gb!r}; allowed: > 0 or null")
+    for i, sharding_type in enumerate(training.sharding_types or []):
+        _one_of(f"training.sharding_types[{i}]", sharding_type, SHARDING_TYPES)
+    for key, table in training.tables.items():
+        for i, sharding_type in enumerate(table.sharding_types or []):
+            _one_of(f"training.tables.{key}.sharding_types[{i}]", sharding_type, SHARDING_TYPES)
+        for i, kernel in enumerate(table.compute_kernels or []):
+            _one_of(f"training.tables.{key}.compute_kernels[{i}]", kernel, COMPUTE_KERNELS)
+        if table.optimizer is not None:
+            _one_of(f"training.tables.{key}.optimizer", table.optimizer, list(EMBEDDING_OPTIMIZERS))
+        if table.lr is not None and table.lr <= 0:
+            raise ConfigError(f"training.tables.{key}.lr: {table.lr!r}; allowed: > 0")
+
+
+def _check_evaluation(config: JobConfig) -> None:
+    """The threshold, and the validation rows that ``best_f1`` chooses it on."""
+    threshold, fraction = config.evaluation.threshold, config.data.validation_fraction
+    if threshold != "best_f1" and not (isinstance(threshold, float) and 0.0 < threshold < 1.0):
+        raise ConfigError(f"evaluation.threshold: {threshold!r}; allowed: a number strictly between 0 and 1, best_f1")
+    if not 0.0 <= fraction < 0.5:
+        raise ConfigError(f"data.validation_fraction: {fraction!r}; allowed: 0 <= validation_fraction < 0.5")
+    if threshold == "best_f1" and fraction == 0.0:
+        raise ConfigError(
+            "evaluation.threshold: best_f1 is chosen on validation rows, but data.validation_fraction is 0; set it "
+            "(e.g. data.validation_fraction=0.1) or give a number"
+        )
+
+
+def table_groups(training: TrainingConfig) -> Dict[str, TableConfig]:
+    """``training.tables`` by single feature (a key naming several features applies to each)."""
+    return {feature.strip(): table for key, table in training.tables.items() for feature in key.split(",")}
+
+
+def _check(config: JobConfig) -> None:
+    """Values that type-check but cannot work."""
+
+    def positive(path: str, value: float) -> None:
+        if value <= 0:
+            raise ConfigError(f"{path}: must be positive, got {value!r}")
+
+    try:
+        synthetic_config(config.data)
+    except ValueError as error:  # the generator's own check of its sizes
+        raise ConfigError(f"data.generate: {error}") from None
+    training, model = config.training, config.model
+    if training.curve_every < 0:
+        raise ConfigError(f"training.curve_every: {training.curve_every}; allowed: >= 0")
+    for name in ("batch_size", "eval_batch_size", "epochs"):
+        positive(f"training.{name}", getattr(training, name))
+    positive("training.embedding_lr", training.embedding_lr)
+    positive("training.collective_timeout_s", training.collective_timeout_s)
+    positive("training.dense_lr", training.dense_lr)
+    positive("model.embedding_dim", model.embedding_dim)
+    for name in ("num_experts", "num_levels", "num_shared_experts", "num_task_experts"):
+        positive(f"model.tower.{name}", getattr(model.tower, name))
+    if not model.tower.expert_layer_sizes or min(model.tower.expert_layer_sizes) < 1:
+        raise ConfigError(
+            f"model.tower.expert_layer_sizes: {model.tower.expert_layer_sizes}; allowed: one or more sizes >= 1"
+        )
+    _check_optimizers_and_placement(training)
+    checkpoint = config.checkpoint
+    for name in ("every_steps", "every_seconds"):
+        if getattr(checkpoint, name) < 0:
+            raise ConfigError(f"checkpoint.{name}: {getattr(checkpoint, name)}; allowed: >= 0 (0: off)")
+    if checkpoint.keep < 1:
+        raise ConfigError(f"checkpoint.keep: {checkpoint.keep}; allowed: >= 1")
+    if checkpoint.resume not in ("auto", "never") and not os.path.isdir(checkpoint.resume):
+        raise ConfigError(
+            f"checkpoint.resume: {checkpoint.resume!r}; allowed: auto, never, or an existing checkpoint folder"
+        )
+    if config.finetune is not None:
+        from torchrec_mtl.finetune import FREEZABLE
+
+        evaluated = [*config.objective.tasks, *config.objective.products]
+        if config.finetune.task not in evaluated:
+            raise ConfigError(f"finetune.task: {config.finetune.task!r}; allowed: {', '.join(evaluated)}")
+        for i, part in enumerate(config.finetune.freeze):
+            _one_of(f"finetune.freeze[{i}]", part, FREEZABLE)
+        if not os.path.isdir(config.finetune.checkpoint):
+            raise ConfigError(f"finetune.checkpoint: {config.finetune.checkpoint!r} is not a checkpoint folder")
+    if model.text is not None and model.text.finetune_layers < 0:
+        raise ConfigError(f"model.text.finetune_layers: {model.text.finetune_layers}; allowed: >= 0")
+    if not 0.0 <= training.item_id_dropout < 1.0:
+        raise ConfigError(f"training.item_id_dropout: {training.item_id_dropout!r}; allowed: 0 <= p < 1")
+    if not 0.0 <= config.data.test_fraction < 1.0:
+        raise ConfigError(f"data.test_fraction: {config.data.test_fraction!r}; allowed: 0 <= test_fraction < 1")
+    if not config.data.train:
+        raise ConfigError("data.train: []; expected at least one file or pattern of training logs")
+    _check_evaluation(config)
+    if not 0.0 <= config.data.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction: {config.data.max_bad_fraction!r}; allowed: 0 to 1")
+    if model.tower.kind not in TOWERS:
+        raise ConfigError(f"model.tower.kind: {model.tower.kind!r}; allowed: {', '.join(TOWERS)}")
+    if not model.dense_arch_layer_sizes or model.dense_arch_layer_sizes[-1] != model.embedding_dim:
+        raise ConfigError(
+            f"model.dense_arch_layer_sizes: {model.dense_arch_layer_sizes}; its last size must equal "
+            f"model.embedding_dim ({model.embedding_dim})"
+        )
+    if config.objective.weighting not in WEIGHTINGS:
+        raise ConfigError(f"objective.weighting: {config.objective.weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
+    if config.objective.gradient_cosine_every < 0:
+        raise ConfigError(f"objective.gradient_cosine_every: {config.objective.gradient_cosine_every}; allowed: >= 0")
+    if config.objective.weighting == "gradnorm" and model.tower.kind == "single_task":
+        raise ConfigError(
+            "objective.weighting: gradnorm needs shared tower parameters; model.tower.kind is single_task"
+        )
+    if not config.objective.tasks:
+        raise ConfigError("objective.tasks: declare at least one task")
+    try:
+        tasks = task_set(config.objective)
+    except ValueError as error:
+        raise ConfigError(f"objective.{error}") from None
+    if not any(tasks.weights.values()):
+        raise ConfigError("objective: every task and relation has weight 0; nothing would train")
+    if os.path.exists(config.data.schema):
+        try:
+            schema = DatasetSchema.from_yaml(config.data.schema)
+        except SchemaError as error:
+            raise ConfigError(f"data.schema: {error}") from None
+        for name, task in config.objective.tasks.items():
+            spec = schema.labels.get(task.label)
+            if spec is None:
+                raise ConfigError(
+                    f"objective.tasks.{name}.label: {task.label!r} is not a label of {config.data.schema}; "
+                    f"its labels: {', '.join(schema.labels)}"
+                )
+            if spec.kind != {"retrieval": "binary"}.get(task.kind, task.kind):
+                raise ConfigError(
+                    f"objective.tasks.{name}.kind: {task.kind!r}, but {task.label!r} is a {spec.kind} label in "
+                    f"{config.data.schema}"
+                )
+        if tasks.retrieval is not None:
+            _check_retrieval(model.retrieval, schema, config.data.schema)
+        features = [*schema.categorical, *([ITEM_TEXT_FEATURE] if model.text is not None else [])]
+        for key in config.training.tables:
+            for feature in key.split(","):
+                if feature.strip() not in features:
+                    raise ConfigError(
+                        f"training.tables.{key}: {feature.strip()!r} is not a categorical feature of "
+                        f"{config.data.schema}; allowed: {', '.join(features)}"
+                    )
+        if model.text is not None and schema.item_text_key is None:
+            raise ConfigError(
+                f"model.text: the schema {config.data.schema} declares no item_text_key (the column whose items the "
+                f"items file describes); set model.text=null to train without item text"
+            )
+
+
+def retrieval_features(retrieval: RetrievalConfig, schema: DatasetSchema) -> Tuple[List[str], List[str]]:
+    """The (user, item) tower features: as configured, or the schema's user_id and item_id columns."""
+    user = retrieval.user_features or ([schema.user_id] if schema.user_id else [])
+    item = retrieval.item_features or ([schema.item_id] if schema.item_id else [])
+    return user, item
+
+
+def _check_retrieval(retrieval: RetrievalConfig, schema: DatasetSchema, schema_path: str) -> None:
+    for side in ("user", "item"):
+        features = retrieval_features(retrieval, schema)[side == "item"]
+        if not features:
+            raise ConfigError(
+                f"model.retrieval.{side}_features: none given and the schema {schema_path} names no {side}_id column"
+            )
+        unknown = [f for f in features if f not in schema.categorical]
+        if unknown:
+            raise ConfigError(
+                f"model.retrieval.{side}_features: {unknown} are not categorical features of {schema_path}; "
+                f"allowed: {', '.join(schema.categorical)}"
+            )
+    for name in ("dim", "temperature"):
+        if getattr(retrieval, name) <= 0:
+            raise ConfigError(f"model.retrieval.{name}: must be positive, got {getattr(retrieval, name)!r}")
+    if retrieval.popularity_correction < 0:
+        raise ConfigError(f"model.retrieval.popularity_correction: {retrieval.popularity_correction!r}; allowed: >= 0")

@@ -1,0 +1,81 @@
+"""What the towers share: the input type, argument checks, expert MLPs, the gated mix and the per-task heads.
+
+Example::
+
+    >>> heads = TaskHeads(8, ["ctr", "cvr"], layer_sizes=[4])
+    >>> sorted(heads({"ctr": torch.randn(2, 8), "cvr": torch.randn(2, 8)}))
+    ['ctr', 'cvr']
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Union
+
+import torch
+from torch import nn
+from torchrec.modules.mlp import MLP
+from torchrec.sparse.jagged_tensor import KeyedTensor
+
+# A tower's input: a dense [B, in_features] tensor, or a KeyedTensor (e.g. an EmbeddingBagCollection's output) whose
+# values() are that tensor.
+TowerInput = Union[torch.Tensor, KeyedTensor]
+
+
+def task_list(task_names: Sequence[str]) -> List[str]:
+    """``task_names`` as a list, refusing a bare string, an empty list and repeated names."""
+    if isinstance(task_names, str):
+        raise TypeError(f"task_names: expected a list of names, got the string {task_names!r}")
+    names = list(task_names)
+    if not names:
+        raise ValueError("task_names: must name at least one task, got an empty list")
+    if len(set(names)) != len(names):
+        raise ValueError(f"task_names: names must be unique, got {names}")
+    return names
+
+
+def check_at_least_one(argument: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{argument}: must be at least 1, got {value}")
+
+
+def layer_sizes_of(argument: str, sizes: Sequence[int], allow_empty: bool = False) -> List[int]:
+    sizes = list(sizes)
+    if not sizes and not allow_empty:
+        raise ValueError(f"{argument}: needs at least one layer size, got {sizes}")
+    if any(size < 1 for size in sizes):
+        raise ValueError(f"{argument}: every layer size must be at least 1, got {sizes}")
+    return sizes
+
+
+def make_experts(count: int, in_features: int, layer_sizes: Sequence[int]) -> nn.ModuleList:
+    """``count`` separate MLPs, each with its own random initialisation, so they start different."""
+    return nn.ModuleList([MLP(in_features, list(layer_sizes)) for _ in range(count)])
+
+
+def as_tensor(features: TowerInput) -> torch.Tensor:
+    return features.values() if isinstance(features, KeyedTensor) else features
+
+
+def mix(weights: torch.Tensor, expert_outputs: torch.Tensor) -> torch.Tensor:
+    """Gate-weighted sum of expert outputs: weights [B, E] and outputs [B, E, D] give [B, D]."""
+    return torch.bmm(weights.unsqueeze(1), expert_outputs).squeeze(1)
+
+
+class TaskHeads(nn.Module):
+    """One small MLP per task ending in a single output unit."""
+
+    def __init__(self, in_features: int, task_names: List[str], layer_sizes: Sequence[int]) -> None:
+        super().__init__()
+        layer_sizes = list(layer_sizes)
+        self.heads = nn.ModuleDict(
+            {
+                name: nn.Sequential(
+                    MLP(in_features, layer_sizes) if layer_sizes else nn.Identity(),
+                    nn.Linear(layer_sizes[-1] if layer_sizes else in_features, 1),
+                )
+                for name in task_names
+            }
+        )
+
+    def forward(self, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {name: head(inputs[name]).squeeze(-1) for name, head in self.heads.items()}

@@ -1,0 +1,54 @@
+"""The interfaces the loop, the diagnostics and the run find parts of a model by, in place of attribute probes.
+
+Each is a ``runtime_checkable`` Protocol: a module satisfies it by having the method or attribute, as the towers,
+the objective and the weightings do; ``find`` returns the first submodule that satisfies one.
+
+Example::
+
+    >>> from torchrec_mtl.modules.towers import MMoE
+    >>> isinstance(MMoE(8, ["ctr", "cvr"], num_experts=2, expert_layer_sizes=[4]), Gated)
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional, Protocol, Type, TypeVar, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class Gated(Protocol):
+    """A tower with softmax gates over experts (MMoE, PLE): each task's gate weights for a batch of inputs."""
+
+    def gate_weights(self, features: torch.Tensor) -> Dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class ReportsTerms(Protocol):
+    """An objective that keeps the last forward's loss terms (detached), to name a non-finite one."""
+
+    last_terms: Dict[str, torch.Tensor]
+
+
+@runtime_checkable
+class ReportsWeights(Protocol):
+    """A loss weighting that reports each term's multiplier."""
+
+    def effective_weights(self) -> Dict[str, float]: ...
+
+
+@runtime_checkable
+class NeedsSharedParameters(Protocol):
+    """A weighting or diagnostic that measures gradients on the tower's shared parameters."""
+
+    def attach(self, parameters: Iterable[nn.Parameter]) -> None: ...
+
+
+P = TypeVar("P")
+
+
+def find(model: nn.Module, protocol: Type[P]) -> Optional[P]:
+    """The first submodule of ``model`` (itself included, in ``modules()`` order) that satisfies ``protocol``."""
+    return next((module for module in model.modules() if isinstance(module, protocol)), None)

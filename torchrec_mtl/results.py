@@ -1,0 +1,61 @@
+"""The per-task results a run reports: each task's metrics with its headline metric first and its ceiling when the
+data know it, and the text table printed at the end of a run. No torch: tools and the report use it too.
+
+Example::
+
+    >>> print(format_table(headline_first({"ctr": {"ne": 0.88, "auc": 0.76}})))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Optional
+
+from torchrec_mtl.headline import headline
+
+
+def ceilings(data_dir: str) -> Optional[Dict[str, float]]:
+    meta = Path(data_dir) / "meta.json"
+    return json.loads(meta.read_text()).get("ceilings") if meta.exists() else None
+
+
+# a binary task's metrics at its threshold (torchrec_mtl.run.evaluate.task_threshold_metrics), shown in a table of
+# their own
+THRESHOLD_KEYS = ("threshold", "precision", "recall", "f1")
+
+
+def format_table(tasks: Dict[str, Dict[str, float]]) -> str:
+    """A per-task text table: headline metric beside its ceiling, then the other metrics; below it, for the tasks
+    that have them, precision, recall and F1 at the task's threshold."""
+    width = max([8, *(len(task) + 2 for task in tasks)])
+    lines = [f"{'task':<{width}}{'metric':<8}{'value':>8}{'ceiling':>9}{'gap':>8}   other"]
+    for task, values in tasks.items():
+        metric = headline(values)
+        ceiling = values.get("ceiling")
+        gap = "" if ceiling is None else f"{abs(ceiling - values[metric]):8.4f}"
+        ceiling_text = "" if ceiling is None else f"{ceiling:9.4f}"
+        others = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k not in (metric, "ceiling", *THRESHOLD_KEYS))
+        lines.append(f"{task:<{width}}{metric:<8}{values[metric]:8.4f}{ceiling_text:>9}{gap:>8}   {others}")
+    thresholded = {task: values for task, values in tasks.items() if "f1" in values}
+    if thresholded:
+        lines.append(f"{'task':<{width}}{'threshold':>10}{'precision':>11}{'recall':>8}{'f1':>8}")
+        for task, v in thresholded.items():
+            lines.append(f"{task:<{width}}{v['threshold']:10.4f}{v['precision']:11.4f}{v['recall']:8.4f}{v['f1']:8.4f}")
+    return "\n".join(lines)
+
+
+def headline_first(
+    metrics: Dict[str, Dict[str, float]],
+    ceilings: Optional[Dict[str, float]] = None,
+    kinds: Optional[Dict[str, str]] = None,
+) -> Dict[str, Dict[str, float]]:
+    """Each task's metrics with its headline metric (of its kind, from ``kinds``: task -> kind) first, and its
+    ceiling when the data know it."""
+    per_task = {}
+    for task, values in metrics.items():
+        metric = headline(values, (kinds or {}).get(task))
+        ceiling = (ceilings or {}).get(f"{task}_{metric}")
+        per_task[task] = {metric: values[metric], **({"ceiling": ceiling} if ceiling is not None else {})}
+        per_task[task].update({k: v for k, v in values.items() if k != metric})
+    return per_task

@@ -1,0 +1,120 @@
+"""Scoring a prepared job's test rows: item segments (cold and warm), predictions gathered across ranks, threshold
+metrics; and ``evaluate_checkpoint``, the ``torchrec-mtl evaluate`` entry point.
+
+Example::
+
+    >>> per_task = evaluate_checkpoint(load_config("configs/mmoe_synthetic.yaml"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch.distributed as dist
+
+from torchrec_mtl.config import JobConfig
+from torchrec_mtl.data.loader import BatchLoader
+from torchrec_mtl.data.shards import EncodedLog
+from torchrec_mtl.data.splits import cold_item_rows
+from torchrec_mtl.results import ceilings, format_table, headline_first
+from torchrec_mtl.run.prepare import PreparedJob, checkpoint_dir, claim_run_folder, prepare_job
+from torchrec_mtl.train.checkpoint import TRAIN_STATE, CheckpointError, resolve_checkpoint
+from torchrec_mtl.train.distributed import DistributedEnv, init_distributed
+from torchrec_mtl.train.loop import evaluate
+from torchrec_mtl.train.resume import load_model_state
+from torchrec_mtl.train.thresholds import best_f1_threshold, threshold_metrics
+
+
+def evaluate_item_segments(job: PreparedJob) -> Dict[str, Tuple[int, Dict[str, Dict[str, float]]]]:
+    """The test metrics again on rows whose item never appears in training (``cold``) and on the rest (``warm``),
+    when the schema names an item column; each with its row count."""
+    item_column = job.log.metadata.get("item_id")
+    if item_column is None:
+        return {}
+    cold = cold_item_rows(job.train_shards, job.test_shards, item_column)
+    test = EncodedLog.concat(job.test_shards)
+    segments = {}
+    for name, mask in (("cold", cold), ("warm", ~cold)):
+        if not mask.any():
+            continue
+        loader = BatchLoader(
+            test.take(np.flatnonzero(mask)),
+            job.features,
+            job.config.training.eval_batch_size,
+            job.env.rank,
+            job.env.world_size,
+            shuffle=False,
+            pad_tail=True,
+        )
+        segments[name] = (int(mask.sum()), evaluate(job.sharded, job.eval_pipeline, loader, job.tasks.names, False))
+    return segments
+
+
+def gathered(predictions: Dict[str, np.ndarray], env: DistributedEnv) -> Dict[str, np.ndarray]:
+    """Every rank's test predictions (``evaluate``'s ``predictions_out``), on rank 0, in the test set's row order."""
+    if env.world_size > 1:
+        parts: List[Optional[Dict[str, np.ndarray]]] = [None] * env.world_size
+        dist.all_gather_object(parts, predictions)
+        predictions = {key: np.concatenate([part[key] for part in parts]) for key in predictions}
+    order = np.argsort(predictions["row"], kind="stable")
+    return {key: values[order] for key, values in predictions.items() if key != "row"}
+
+
+def task_threshold_metrics(
+    job: PreparedJob, test: Dict[str, np.ndarray], show: bool
+) -> Tuple[Dict[str, Dict[str, float]], List[str]]:
+    """Each binary task's ``threshold_metrics`` on the gathered ``test`` predictions (``gathered``), at
+    ``evaluation.threshold`` or (``best_f1``) at the task's best-F1 threshold on the validation rows, with a warning
+    for a task that has no labelled validation row (it gets no threshold metrics). With ``best_f1`` every rank
+    evaluates the validation rows (collectives), so call it on every rank."""
+    threshold = job.config.evaluation.threshold
+    binary = [name for name, kind in job.tasks.names.items() if kind == "binary"]
+    thresholds: Dict[str, float] = {name: threshold for name in binary}
+    warnings = []
+    if threshold == "best_f1":
+        validation: Dict[str, np.ndarray] = {}
+        evaluate(job.sharded, job.eval_pipeline, job.loader("validation"), job.tasks.names, show, None, validation)
+        validation = gathered(validation, job.env)
+        thresholds = {}
+        for name in binary:
+            labels = validation[f"{name}.label"]
+            if np.isnan(labels).all():
+                warnings.append(f"{name}: no validation row in its sample space; no best-F1 threshold")
+                continue
+            thresholds[name] = best_f1_threshold(validation[f"{name}.prediction"], labels)
+    metrics = {
+        name: threshold_metrics(test[f"{name}.prediction"], test[f"{name}.label"], value)
+        for name, value in thresholds.items()
+    }
+    return metrics, warnings
+
+
+def evaluate_checkpoint(config: JobConfig, checkpoint: Optional[str] = None) -> Dict[str, Dict[str, float]]:
+    """The test metrics of a checkpoint (default: the newest in the config's checkpoint folder), at any world size;
+    rank 0 prints the table and writes ``out_dir/evaluation.json``."""
+    claim_run_folder(config)
+    env = init_distributed(timeout_s=config.training.collective_timeout_s)
+    job = prepare_job(config, env)
+    path = resolve_checkpoint(checkpoint or checkpoint_dir(config))
+    if not (path / TRAIN_STATE).exists():
+        raise CheckpointError(f"{path}: no checkpoint to evaluate (train first, or pass one)")
+    step = load_model_state(path, job.sharded)["step"]  # the weights alone: evaluation needs no optimizer state
+    show = config.training.progress and env.is_main
+    predictions: Dict[str, np.ndarray] = {}
+    metrics = evaluate(
+        job.sharded, job.eval_pipeline, job.loader("test"), job.tasks.names, show, job.test_users(), predictions
+    )
+    thresholded, warnings = task_threshold_metrics(job, gathered(predictions, env), show)  # as training's results
+    per_task = headline_first(metrics, ceilings(config.data.dir) or {}, job.tasks.names)
+    for task, values in thresholded.items():
+        per_task[task].update(values)
+    if env.is_main:
+        out = claim_run_folder(config)
+        document = {"checkpoint": str(path), "step": step, "tasks": per_task, "task_kinds": job.tasks.names}
+        (out / "evaluation.json").write_text(json.dumps(document, indent=2))
+        print(f"{path} (step {step}):\n{format_table(per_task)}")
+        for warning in warnings:
+            print(f"warning: {warning}")
+    return per_task
