@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from torchrec_mtl.data import synthetic
+from torchrec_mtl.data import synthetic_text
 from torchrec_mtl.data.synthetic import SyntheticConfig, generate
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -64,6 +64,9 @@ E2E_TESTS = {
     "test_report.py::test_a_custom_output_path_gets_its_figures_folder_beside_it_and_the_pngs_are_deterministic",
     "test_report.py::test_the_declared_task_kinds_decide_the_tables_and_figures",
     "test_reproducibility.py::test_a_seed_fixes_training_on_one_machine",
+    # model selection: trainings of several epochs with validation after each
+    "test_selection.py::test_the_selected_epoch_is_the_scan_of_the_curve_and_its_model_is_the_one_tested",
+    "test_selection.py::test_training_stops_after_patience_epochs_without_improvement",
     # a trained retrieval run (module fixture `retrieval_run`), and a two-process run
     "test_retrieval.py::test_exported_vectors_give_the_scores_the_model_evaluated",
     "test_retrieval.py::test_cold_items_land_nearer_to_their_planted_category",
@@ -116,16 +119,16 @@ WORDS += sorted(
         {
             part
             for group in (
-                synthetic._CATEGORY_WORDS,
-                synthetic._APPEAL_WORDS,
-                synthetic._VALUE_WORDS,
-                synthetic._PRICE_WORDS,
+                synthetic_text.CATEGORY_WORDS,
+                synthetic_text.APPEAL_WORDS,
+                synthetic_text.VALUE_WORDS,
+                synthetic_text.PRICE_WORDS,
             )
             for words in group
             for word in words
             for part in word.split()
         }
-        | set(synthetic._FILLER_WORDS)
+        | set(synthetic_text.FILLER_WORDS)
     )
     - set(WORDS)
 )

@@ -12,7 +12,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from torchrec_mtl.config import JobConfig, DataConfig
+from torchrec_mtl.config import DataConfig, InteractionConfig, JobConfig, ModelConfig
 from torchrec_mtl.data.loader import BatchLoader
 from torchrec_mtl.build import build_model
 from torchrec_mtl.run.prepare import load_data
@@ -27,12 +27,14 @@ def _join(rank: int, world_size: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
-def sharded_matches_unsharded(rank: int, world_size: int, port: int, log_dir: str, sharding_type: str) -> None:
+def sharded_matches_unsharded(
+    rank: int, world_size: int, port: int, log_dir: str, sharding_type: str, interaction: str = "dot"
+) -> None:
     """Same weights: the sharded model's predictions and its evaluation over both ranks equal the unsharded model's;
-    then it trains."""
+    then it trains. ``interaction``: the model's interaction kind (torchrec_mtl.modules.interactions)."""
     _join(rank, world_size, port)
     env = init_distributed()
-    config = JobConfig(data=DataConfig(dir=log_dir))
+    config = JobConfig(data=DataConfig(dir=log_dir), model=ModelConfig(interaction=InteractionConfig(kind=interaction)))
     log = load_data(config, env)
     features, train_shards, test_log = log.categorical_features, log.split("train"), log.split("test")
     torch.manual_seed(0)
@@ -83,7 +85,9 @@ def sharded_matches_unsharded(rank: int, world_size: int, port: int, log_dir: st
                 if 0 < y[mine].mean() < 1 and p[mine].unique().numel() > 1:
                     per_user.append(float(binary_auroc(p[mine], y[mine].long())))
             gauc = distributed_metrics[task]["gauc"]
-            assert abs(gauc - np.mean(per_user)) < 1e-4, (task, gauc, np.mean(per_user), len(per_user))
+            # a user has a handful of rows: one pair of scores that ties in float32 (torchrec) and not in float64
+            # (here) moves that user's AUC by up to 1 / pairs, so the mean over ~180 users by up to ~3e-4
+            assert abs(gauc - np.mean(per_user)) < 5e-4, (task, gauc, np.mean(per_user), len(per_user))
         else:
             expected = float(((p - y) ** 2).mean().sqrt())
             assert abs(distributed_metrics[task]["rmse"] - expected) < 1e-5, (task, distributed_metrics[task], expected)

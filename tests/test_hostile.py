@@ -27,6 +27,7 @@ from torchrec_mtl.data.synthetic import SyntheticConfig, generate
 from torchrec_mtl.train.checkpoint import MANIFEST, TRAIN_STATE, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
+MIND = ROOT.parent / "shared" / "data" / "mind-small-subset"
 SCHEMA = str(ROOT / "configs" / "datasets" / "synthetic.yaml")
 CONFIG = str(ROOT / "configs" / "mmoe_synthetic.yaml")
 TINY = SyntheticConfig(num_rows=6_000, num_users=120, num_items=80, num_brands=20, num_sessions=300, seed=5)
@@ -399,6 +400,19 @@ def _cases() -> List[Case]:
         add(Case(f"report --out {name}", lambda w, o, p=path: ["report", str(w["run"]), "--out", str(w["root"] / p)],
                  2, says))  # fmt: skip
     add(Case("benchmark (the benchmarks are scripts in tools/, not a command)", lambda w, o: ["benchmark"], 2))
+    # ------------------------------------------------------------------------------------------------ convert
+    add(Case("convert an unknown dataset", lambda w, o: ["convert", "netflix", "--source", "x", "--out", str(o)], 2))
+    add(Case("convert movielens --source absent",
+             lambda w, o: ["convert", "movielens", "--source", str(w["root"] / "absent"), "--out", str(o / "c")], 2,
+             "no such folder"))  # fmt: skip
+    add(Case("convert mind --source a folder of something else",
+             lambda w, o: ["convert", "mind", "--source", str(w["bad"]), "--out", str(o / "c")], 2, "behaviors.tsv"))
+    add(Case("convert mind --test-fraction 1", lambda w, o: ["convert", "mind", "--source", str(w["bad"]), "--out",
+                                                             str(o / "c"), "--test-fraction", "1"], 2))  # fmt: skip
+    for index in range(7):
+        add(Case(f"convert --out forbidden {index}",
+                 lambda w, o, i=index: ["convert", "mind", "--source", str(MIND if MIND.is_dir() else w["bad"]),
+                                        "--out", str(_forbidden_folders(w)[i][1])], 2))  # fmt: skip
     return cases
 
 
@@ -408,8 +422,8 @@ CASES = _cases()
 def test_the_harness_has_at_least_300_invocations_across_every_subcommand():
     assert len(CASES) >= 300, len(CASES)
     commands = {case.name.split()[0] for case in CASES}
-    assert {"generate", "preprocess", "encode-items", "train", "evaluate", "predict", "export", "vectors",
-            "report"} <= commands  # fmt: skip
+    assert {"generate", "preprocess", "encode-items", "convert", "train", "evaluate", "predict", "export",
+            "vectors", "report"} <= commands  # fmt: skip
 
 
 def test_hostile_invocations_end_cleanly_change_nothing_else_and_account_for_every_line(world):

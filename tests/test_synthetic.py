@@ -10,7 +10,8 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from torchrec_mtl.data.synthetic import _CATEGORY_WORDS, SyntheticConfig, generate
+from torchrec_mtl.data.synthetic import SyntheticConfig, generate
+from torchrec_mtl.data.synthetic_text import CATEGORY_WORDS
 from torchrec_mtl.schema import DatasetSchema
 
 SCHEMA = DatasetSchema.from_yaml("configs/datasets/synthetic.yaml")
@@ -86,14 +87,14 @@ def test_cold_items_appear_only_in_test_and_have_text(small_log):
 
 def test_item_descriptions_carry_the_item_category(small_log):
     # Every description names its item's category with one of that category's two words, and no other category's.
-    category_words = {w for pair in _CATEGORY_WORDS for w in pair}
+    category_words = {w for pair in CATEGORY_WORDS for w in pair}
     pairs = pl.read_csv(small_log / "items.tsv", separator="\t").join(
         read_log(small_log / "train.tsv", SCHEMA).select("C2", "C3").unique(), left_on="item_id", right_on="C2"
     )
     for category, descriptions in pairs.group_by("C3").agg(pl.col("description")).iter_rows():
         used = [set(d.split()) & category_words for d in descriptions]
         assert all(len(words) == 1 for words in used), (category, descriptions[:3])
-        assert any(set.union(*used) <= set(pair) for pair in _CATEGORY_WORDS), (category, set.union(*used))
+        assert any(set.union(*used) <= set(pair) for pair in CATEGORY_WORDS), (category, set.union(*used))
 
 
 def test_same_seed_same_files_other_seed_other_files(tmp_path):

@@ -20,6 +20,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec_mtl.config import JobConfig, ModelConfig, TextConfig, TowerConfig
 from torchrec_mtl.data.shards import EncodedLog
 from torchrec_mtl.model import MultiTaskModel
+from torchrec_mtl.modules.interactions import INTERACTIONS
 from torchrec_mtl.modules.item_text import (
     EncodedItemTextArch,
     ItemTextArch,
@@ -56,15 +57,15 @@ def build_model(
         )
         for feature, rows in table_sizes.items()
     ]
-    in_features = MultiTaskModel.tower_in_features(len(tables) + (item_text is not None), config.embedding_dim)
-    tower = build_tower(config.tower, in_features, task_names or TOWER_TASKS)
+    interaction = build_interaction(config, len(tables) + (item_text is not None))
+    tower = build_tower(config.tower, interaction.out_features, task_names or TOWER_TASKS)
     ebc = EmbeddingBagCollection(tables=tables, device=device)
     two_tower = None
     if retrieval_features is not None:
         columns = [[list(table_sizes).index(feature) for feature in side] for side in retrieval_features]
         r = config.retrieval
         two_tower = TwoTowerArch(*columns, config.embedding_dim, item_text is not None, r.layer_sizes, r.dim)
-    return MultiTaskModel(ebc, num_dense, config.dense_arch_layer_sizes, tower, item_text, two_tower)
+    return MultiTaskModel(ebc, num_dense, config.dense_arch_layer_sizes, tower, item_text, two_tower, interaction)
 
 
 def build_item_text(
@@ -95,6 +96,15 @@ def build_cached_item_text(
     in training, from the checkpoint in serving), projected to ``embedding_dim``."""
     collection = item_text_collection(num_items, dim, device)
     return ItemTextArch(collection, embedding_dim, config.projection_layer_sizes, trainable=config.trainable)
+
+
+def build_interaction(config: ModelConfig, num_embeddings: int) -> torch.nn.Module:
+    """The configured interaction (``INTERACTIONS[config.interaction.kind]``) over the dense output and
+    ``num_embeddings`` embeddings of ``config.embedding_dim``."""
+    kind = config.interaction.kind
+    if kind not in INTERACTIONS:
+        raise ValueError(f"model.interaction.kind: {kind!r}; allowed: {', '.join(INTERACTIONS)}")
+    return INTERACTIONS[kind].from_config(config.interaction, num_embeddings, config.embedding_dim)
 
 
 def build_tower(config: TowerConfig, in_features: int, task_names: List[str]) -> torch.nn.Module:

@@ -90,6 +90,20 @@ def _encode_items(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from torchrec_mtl.data.sources import SOURCES, convert
+
+    if not os.path.isdir(args.source):
+        raise InputError(f"--source: {args.source}: no such folder; expected {SOURCES[args.dataset].expects}")
+    try:
+        summary = convert(args.dataset, args.source, args.out, seed=args.seed, test_fraction=args.test_fraction)
+    except FileNotFoundError as error:
+        raise InputError(f"--source: {error}; expected {SOURCES[args.dataset].expects}") from None
+    print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}, indent=2))
+    print(f"-> {args.out}; train it with a config whose data.schema is {SOURCES[args.dataset].schema}")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
@@ -179,7 +193,8 @@ EXIT_BUG = 70  # EX_SOFTWARE: an error no check foresaw
 
 
 COMMANDS = {
-    "generate": _generate, "preprocess": _preprocess, "encode-items": _encode_items, "train": _train,
+    "generate": _generate, "preprocess": _preprocess, "encode-items": _encode_items, "convert": _convert,
+    "train": _train,
     "evaluate": _evaluate, "predict": _predict, "export": _export, "vectors": _vectors, "report": _report,
 }  # fmt: skip
 

@@ -13,6 +13,8 @@ import argparse
 
 from torchrec_mtl.data.preprocess import MAX_LINE_BYTES
 
+DATASETS = ("movielens", "mind")  # the keys of torchrec_mtl.data.sources.SOURCES (not imported: it needs polars)
+
 DESCRIPTION = '''The torchrec-mtl command line: data, training, evaluation, serving, reports.
 
 Examples:
@@ -124,6 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--rebuild", action="store_true", help="re-encode everything (e.g. after changing model)")
     encode.add_argument("--quiet", action="store_true", help="no progress bar")
     encode.set_defaults(command="encode-items")
+
+    convert = commands.add_parser(
+        "convert",
+        help="turn a public dataset (MovieLens latest-small, MIND) into a multi-task log in its schema's layout",
+        description="Write train.tsv, test.tsv, items.tsv and meta.json of a dataset of torchrec_mtl.data.sources.\n\n"
+        "example: torchrec-mtl convert movielens --source ../shared/data/movielens-latest-small "
+        "--out runs/data/movielens",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    convert.add_argument("dataset", choices=DATASETS, help="which dataset")
+    convert.add_argument("--source", required=True, help="the dataset's folder as downloaded")
+    convert.add_argument("--out", required=True, help="output folder (new, empty or an earlier output of ours)")
+    convert.add_argument("--seed", type=at_least(0), default=None, help="seed of any sampling (default 0)")
+    convert.add_argument("--test-fraction", type=share(False), default=None, help="share of rows in test (0.2)")
+    convert.set_defaults(command="convert")
 
     train = commands.add_parser(
         "train",

@@ -17,11 +17,12 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torchrec.models.dlrm import DenseArch, InteractionArch, SparseArch, choose
+from torchrec.models.dlrm import DenseArch, SparseArch, choose
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_mtl.data.batch import MultiTaskBatch
+from torchrec_mtl.modules.interactions import DotInteraction
 from torchrec_mtl.modules.item_text import ItemTextArch
 from torchrec_mtl.modules.two_tower import ITEM_VECTOR, USER_VECTOR, TwoTowerArch
 from torchrec_mtl.tasks import MultiTaskObjective
@@ -39,7 +40,8 @@ def with_vectors(outputs: Dict[str, torch.Tensor], user: torch.Tensor, item: tor
 
 
 class MultiTaskModel(nn.Module):
-    """Sparse arch (EmbeddingBagCollection) + dense arch (MLP) -> [dense, embeddings, pairwise dots] -> tower.
+    """Sparse arch (EmbeddingBagCollection) + dense arch (MLP) -> interaction (default: [dense, pairwise dots,
+    embeddings]) -> tower.
 
     Args:
         embedding_bag_collection: one table per categorical feature, all of the same embedding dim.
@@ -50,6 +52,8 @@ class MultiTaskModel(nn.Module):
             embedding dim beside the categorical ones (count it in ``tower_in_features``).
         retrieval: optional two-tower arch (torchrec_mtl.modules.two_tower) over the same embeddings (and text);
             its user and item vectors join the output under ``USER_VECTOR`` and ``ITEM_VECTOR``.
+        interaction: what makes the tower's input of the dense output and the embeddings
+            (torchrec_mtl.modules.interactions; its ``out_features`` is the tower's width); default DLRM's dots.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class MultiTaskModel(nn.Module):
         tower: nn.Module,
         item_text: Optional[ItemTextArch] = None,
         retrieval: Optional[TwoTowerArch] = None,
+        interaction: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
         dims = {table.embedding_dim for table in embedding_bag_collection.embedding_bag_configs()}
@@ -71,13 +76,15 @@ class MultiTaskModel(nn.Module):
         self.sparse_arch = SparseArch(embedding_bag_collection)
         self.dense_arch = DenseArch(dense_in_features, dense_arch_layer_sizes)
         self.item_text = item_text
-        self.interaction = InteractionArch(len(self.sparse_arch.sparse_feature_names) + (item_text is not None))
+        num_embeddings = len(self.sparse_arch.sparse_feature_names) + (item_text is not None)
+        self.interaction = interaction or DotInteraction(num_embeddings, dense_arch_layer_sizes[-1])
         self.tower = tower
         self.retrieval = retrieval
 
     @staticmethod
     def tower_in_features(num_sparse_features: int, embedding_dim: int) -> int:
-        """Width of the tower input: dense output, flattened embeddings, pairwise dot products."""
+        """Width of the tower input with the default interaction: dense output, flattened embeddings, pairwise dot
+        products."""
         return embedding_dim * (1 + num_sparse_features) + choose(num_sparse_features + 1, 2)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> Dict[str, torch.Tensor]:
@@ -85,9 +92,7 @@ class MultiTaskModel(nn.Module):
         embedded_ids = self.sparse_arch(sparse_features)  # [B, F, D]
         text = self.item_text(sparse_features) if self.item_text is not None else None
         embedded_sparse = embedded_ids if text is None else torch.cat([embedded_ids, text.unsqueeze(1)], dim=1)
-        # InteractionArch returns [dense, pairwise dots]; the raw embeddings are added so the tower sees both.
-        interactions = self.interaction(embedded_dense, embedded_sparse)
-        outputs = self.tower(torch.cat([interactions, embedded_sparse.flatten(1)], dim=1))
+        outputs = self.tower(self.interaction(embedded_dense, embedded_sparse))
         if self.retrieval is not None:
             user, item = self.retrieval(embedded_ids, text)
             outputs = with_vectors(outputs, user, item)

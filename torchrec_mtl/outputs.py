@@ -44,6 +44,7 @@ KNOWN_NAMES = {
     "export": {"model.pt", "manifest.json"},
     "vectors": {"users.npz", "items.npz", "manifest.json"},
     "synthetic": {"train.tsv", "test.tsv", "items.tsv", "test_truth.tsv", "meta.json", "shards", "item_text.npz"},
+    "converted": {"train.tsv", "test.tsv", "items.tsv", "meta.json", "shards", "item_text.npz"},
     "report": {f"{name}.png" for name in (
         "training_curves", "roc", "calibration", "regression", "gate_usage", "gate_entropy")},
 }

@@ -10,9 +10,36 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional, TypedDict
 
 from torchrec_mtl.headline import headline
+
+
+TaskMetrics = Dict[str, float]  # metric name -> value, the headline metric first (then "ceiling" when known)
+
+
+class SegmentResults(TypedDict):
+    rows: int  # test rows in the segment
+    tasks: Dict[str, TaskMetrics]
+
+
+class Diagnostics(TypedDict):
+    gates: Optional[Dict[str, Any]]  # task -> {"entropy", "usage"}; None without a gated tower
+    gradient_cosine: Optional[Dict[str, float]]  # "task|task" -> mean cosine; None when not measured
+    warnings: List[str]
+
+
+class Results(TypedDict, total=False):
+    """``results.json`` as ``torchrec-mtl train`` writes it (docs/results_json.md); ``finetune`` only when the run
+    fine-tuned a task."""
+
+    tasks: Dict[str, TaskMetrics]  # task (or product) -> its test metrics
+    task_kinds: Dict[str, str]  # task -> its kind (torchrec_mtl.task_kinds.KINDS)
+    finetune: Dict[str, Any]  # the finetune section, with every task's metrics "before" and "after"
+    segments: Dict[str, SegmentResults]  # "cold" and "warm" items
+    training: Dict[str, Any]  # world_size, rows, steps, samples_per_s, seconds, epoch losses, curve, weights
+    diagnostics: Diagnostics
+    config: Dict[str, Any]  # the job config as run (config_to_dict)
 
 
 def ceilings(data_dir: str) -> Optional[Dict[str, float]]:

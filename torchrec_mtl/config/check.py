@@ -23,6 +23,7 @@ from torchrec_mtl.config.sections import (
 )
 from torchrec_mtl.data.synthetic import SyntheticConfig
 from torchrec_mtl.modules.item_text import ITEM_TEXT_FEATURE
+from torchrec_mtl.modules.interactions import INTERACTIONS
 from torchrec_mtl.modules.towers import TOWERS
 from torchrec_mtl.schema import DatasetSchema, SchemaError
 from torchrec_mtl.tasks import OrderSpec, ProductSpec, TaskSet, TaskSpec
@@ -88,6 +89,25 @@ def _check_evaluation(config: JobConfig) -> None:
             "evaluation.threshold: best_f1 is chosen on validation rows, but data.validation_fraction is 0; set it "
             "(e.g. data.validation_fraction=0.1) or give a number"
         )
+    stopping = config.training.early_stopping
+    if stopping is not None:
+        if fraction == 0.0:
+            raise ConfigError(
+                "training.early_stopping: selects on validation rows, but data.validation_fraction is 0; set it "
+                "(e.g. data.validation_fraction=0.1)"
+            )
+        if stopping.patience < 1 or stopping.min_delta < 0:
+            raise ConfigError(
+                f"training.early_stopping: patience {stopping.patience}, min_delta {stopping.min_delta}; allowed: "
+                "patience >= 1, min_delta >= 0"
+            )
+        task, dot, metric = stopping.metric.partition(".")
+        names = task_set(config.objective).names
+        if stopping.metric != "mean_auc" and not (dot and metric and task in names):
+            raise ConfigError(
+                f"training.early_stopping.metric: {stopping.metric!r}; allowed: mean_auc, or <task>.<metric> with a "
+                f"task of {', '.join(names)} (e.g. ctr.auc, rating.rmse)"
+            )
 
 
 def table_groups(training: TrainingConfig) -> Dict[str, TableConfig]:
@@ -155,6 +175,11 @@ def _check(config: JobConfig) -> None:
         raise ConfigError(f"data.max_bad_fraction: {config.data.max_bad_fraction!r}; allowed: 0 to 1")
     if model.tower.kind not in TOWERS:
         raise ConfigError(f"model.tower.kind: {model.tower.kind!r}; allowed: {', '.join(TOWERS)}")
+    if model.interaction.kind not in INTERACTIONS:
+        raise ConfigError(f"model.interaction.kind: {model.interaction.kind!r}; allowed: {', '.join(INTERACTIONS)}")
+    for name in ("num_layers", "low_rank"):
+        if getattr(model.interaction, name) < 1:
+            raise ConfigError(f"model.interaction.{name}: {getattr(model.interaction, name)}; allowed: >= 1")
     if not model.dense_arch_layer_sizes or model.dense_arch_layer_sizes[-1] != model.embedding_dim:
         raise ConfigError(
             f"model.dense_arch_layer_sizes: {model.dense_arch_layer_sizes}; its last size must equal "

@@ -72,6 +72,17 @@ class TowerConfig:
 
 
 @dataclass
+class InteractionConfig:
+    """How the dense output and the embeddings meet before the tower (torchrec_mtl.modules.interactions): ``dot``
+    (DLRM's pairwise dots beside the inputs), ``concat`` (the inputs alone) or ``dcn`` (DCN-V2's low-rank cross
+    network of ``num_layers`` layers of rank ``low_rank`` over the inputs)."""
+
+    kind: str = "dot"
+    num_layers: int = 2  # dcn
+    low_rank: int = 16  # dcn
+
+
+@dataclass
 class TextConfig:
     """Item descriptions as a frozen table of BERT vectors (torchrec_mtl.modules.item_text). ``items``: the items file
     (item_id, description), relative to ``data.dir``; ``cache``: the vector cache, brought up to date before training
@@ -110,6 +121,7 @@ class ModelConfig:
     embedding_dim: int = 16
     dense_arch_layer_sizes: List[int] = field(default_factory=lambda: [64, 16])
     tower: TowerConfig = field(default_factory=TowerConfig)
+    interaction: InteractionConfig = field(default_factory=InteractionConfig)
     text: Optional[TextConfig] = None  # item descriptions as one more embedding (off when absent)
     # the two-tower arch, used when objective.tasks declares a task of kind retrieval
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
@@ -207,6 +219,20 @@ class TrainingConfig:
     # every N steps, record the loss and each task's metrics over the last 100 batches (0: off)
     curve_every: int = 200
     progress: bool = True
+    early_stopping: Optional[EarlyStoppingConfig] = None  # off when absent
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Model selection on the validation rows (``data.validation_fraction`` > 0): after every epoch the model is
+    scored on them by ``metric`` (``<task>.<metric>``, e.g. ``ctr.auc`` or ``rating.rmse``, the sign taken care of;
+    or ``mean_auc``: the mean AUC of the binary tasks and products); the best epoch's weights are kept
+    (``<checkpoint dir>/best``) and are what the run tests, saves last and exports; training stops once ``patience``
+    epochs in a row fail to beat the best by more than ``min_delta``, so ``training.epochs`` is a maximum."""
+
+    metric: str = "mean_auc"
+    patience: int = 2
+    min_delta: float = 0.0
 
 
 @dataclass

@@ -34,6 +34,8 @@ from typing import Dict, List
 
 import polars as pl
 
+from torchrec_mtl.outputs import new_files
+
 COLUMNS = ["click", "history_length", "hour", "user", "news", "category", "subcategory", "impression"]
 _TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
 
@@ -45,7 +47,14 @@ def _news_number(token: str) -> int:
 
 
 def convert_mind(source: str | os.PathLike, out_dir: str | os.PathLike, test_fraction: float = 0.2) -> Dict:
-    """Write the click log, the items file and meta.json from a MIND folder; return the meta dict."""
+    """Write the click log, the items file and meta.json from a MIND folder; return the meta dict. The files are
+    written beside and moved in at the end (``meta.json`` last); ``out_dir`` must be new, empty or an earlier output
+    of ours (torchrec_mtl.outputs)."""
+    with new_files(out_dir, "converted", last="meta.json") as work:
+        return _write_mind(source, work, test_fraction)
+
+
+def _write_mind(source: str | os.PathLike, out_dir: str | os.PathLike, test_fraction: float) -> Dict:
     source, out = Path(source), Path(out_dir)
     for name in ("behaviors.tsv", "news.tsv"):
         if not (source / name).is_file():

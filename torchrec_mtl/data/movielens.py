@@ -74,6 +74,7 @@ from torchrec_mtl.data.movielens_history import (
     per_user_test,
     sample_negatives,
 )
+from torchrec_mtl.outputs import new_files
 
 LABELS = ["click", "conversion", "rating"]
 INTEGER_MEANING: dict[str, str] = {
@@ -185,7 +186,21 @@ def convert_movielens(
 ) -> dict:
     """Write ``train.tsv``, ``test.tsv``, ``items.tsv`` and ``meta.json`` into ``out_dir``; return the summary.
 
-    The construction (labels, negatives, split, features) is in the module docstring."""
+    The construction (labels, negatives, split, features) is in the module docstring. The files are written beside
+    and moved in at the end (``meta.json`` last); ``out_dir`` must be new, empty or an earlier output of ours
+    (torchrec_mtl.outputs)."""
+    with new_files(out_dir, "converted", last="meta.json") as work:
+        return _write_movielens(source_dir, work, negatives_per_positive, test_fraction, seed, split)
+
+
+def _write_movielens(
+    source_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    negatives_per_positive: int,
+    test_fraction: float,
+    seed: int,
+    split: str,
+) -> dict:
     started = time.perf_counter()
     if negatives_per_positive < 0:
         raise ValueError(f"negatives_per_positive: must be >= 0, got {negatives_per_positive}")

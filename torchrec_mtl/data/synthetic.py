@@ -47,6 +47,7 @@ import torch
 
 from torchrec.metrics.auc import compute_auc
 
+from torchrec_mtl.data.synthetic_text import CATEGORY_WORDS, item_descriptions
 from torchrec_mtl.outputs import new_files
 
 # Bumped whenever the same config would generate different data, so a stale log is regenerated, never reused.
@@ -77,36 +78,6 @@ INTEGER_MEANING: Dict[str, str] = {
     **{f"I{k}": "noise count (no effect)" for k in range(7, NUM_INT_COLUMNS + 1)},
 }
 
-_CATEGORY_WORDS = [
-    ("kitchen", "cookware"),
-    ("garden", "outdoor"),
-    ("fitness", "sport"),
-    ("books", "reading"),
-    ("toys", "kids"),
-    ("audio", "headphones"),
-    ("beauty", "skincare"),
-    ("office", "stationery"),
-    ("travel", "luggage"),
-    ("pets", "animals"),
-    ("gaming", "console"),
-    ("fashion", "apparel"),
-    ("camera", "photo"),
-    ("music", "instrument"),
-    ("home", "decor"),
-    ("auto", "car"),
-]
-# Six appeal levels (sextiles of the item's click appeal): the description is the only view of a cold item's appeal.
-_APPEAL_WORDS = [
-    ("awful", "ugly"),
-    ("dull", "plain"),
-    ("ordinary", "standard"),
-    ("nice", "pleasant"),
-    ("popular", "stylish"),
-    ("bestselling", "stunning"),
-]
-_VALUE_WORDS = [("overpriced", "flimsy"), ("decent", "fair"), ("reliable", "durable"), ("great value", "loved")]
-_PRICE_WORDS = [("cheap",), ("affordable",), ("premium",), ("luxury",)]
-_FILLER_WORDS = ("new", "item", "edition", "model", "series", "pack", "set", "classic", "original", "version")
 _DEVICE_EFFECT = np.array([0.0, -0.3, 0.25, -0.5])
 
 
@@ -135,8 +106,8 @@ class SyntheticConfig:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.seed < 0:
             raise ValueError(f"seed: must be >= 0, got {self.seed}")
-        if self.num_categories > len(_CATEGORY_WORDS):
-            raise ValueError(f"num_categories: at most {len(_CATEGORY_WORDS)}, got {self.num_categories}")
+        if self.num_categories > len(CATEGORY_WORDS):
+            raise ValueError(f"num_categories: at most {len(CATEGORY_WORDS)}, got {self.num_categories}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction: must lie in (0, 1), got {self.test_fraction}")
         if not 0.0 <= self.cold_item_fraction < 1.0:
@@ -179,32 +150,6 @@ def _half_star_rating(mean: np.ndarray, noise_std: float, rng: np.random.Generat
     prob = torch.special.ndtr((upper - latent) / noise_std) - torch.special.ndtr((lower - latent) / noise_std)
     expected = (prob * torch.from_numpy(stars)).sum(dim=1).numpy()
     return observed, expected
-
-
-def _descriptions(
-    category: np.ndarray,
-    click_appeal: np.ndarray,
-    conversion_appeal: np.ndarray,
-    price: np.ndarray,
-    rng: np.random.Generator,
-) -> List[str]:
-    def bucket(x: np.ndarray, levels: int = 4) -> np.ndarray:
-        return np.searchsorted(np.quantile(x, np.linspace(0.0, 1.0, levels + 1)[1:-1]), x)
-
-    appeal = bucket(click_appeal, len(_APPEAL_WORDS))
-    value, price_level = bucket(conversion_appeal), bucket(np.log(price))
-    texts = []
-    for i in range(category.size):
-        words = [
-            rng.choice(_CATEGORY_WORDS[category[i]]),
-            rng.choice(_APPEAL_WORDS[appeal[i]]),
-            rng.choice(_VALUE_WORDS[value[i]]),
-            rng.choice(_PRICE_WORDS[price_level[i]]),
-            *rng.choice(_FILLER_WORDS, size=2, replace=False),
-        ]
-        rng.shuffle(words)
-        texts.append(" ".join(str(w) for w in words))
-    return texts
 
 
 def generate(config: SyntheticConfig, out_dir: str | os.PathLike) -> Dict:
@@ -380,7 +325,7 @@ def _generate(config: SyntheticConfig, out: Path) -> Dict:
     pl.DataFrame(
         {
             "item_id": hex_id("item", np.arange(num_items)),
-            "description": _descriptions(item_category, click_appeal, conversion_appeal, price, rng),
+            "description": item_descriptions(item_category, click_appeal, conversion_appeal, price, rng),
         }
     ).write_csv(out / "items.tsv", separator="\t")
 

@@ -26,9 +26,10 @@ import torch
 
 from torchrec_mtl.config import ConfigError, JobConfig, config_from_dict, config_to_dict
 from torchrec_mtl.finetune import for_task
-from torchrec_mtl.results import ceilings, format_table, headline, headline_first
+from torchrec_mtl.results import Results, ceilings, format_table, headline, headline_first
 from torchrec_mtl.run.evaluate import evaluate_item_segments, gathered, task_threshold_metrics
 from torchrec_mtl.run.prepare import PreparedJob, checkpoint_dir, claim_run_folder, prepare_job
+from torchrec_mtl.run.selection import EpochValidator
 from torchrec_mtl.train.board import RunBoard
 from torchrec_mtl.train.checkpoint import (
     Checkpointer,
@@ -130,7 +131,7 @@ class _Tee:
         return getattr(self.streams[0], name)
 
 
-def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
+def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Results:
     """Train and evaluate as configured; rank 0 prints the plan, the curve points and the table, writes
     ``out_dir/results.json``, and appends what it prints to ``out_dir/train.log``."""
     out = claim_run_folder(config)  # every rank: a refusal stops them all, before any collective
@@ -142,7 +143,7 @@ def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Dict:
         return _run_job(config, env)
 
 
-def _run_job(config: JobConfig, env: DistributedEnv) -> Dict:
+def _run_job(config: JobConfig, env: DistributedEnv) -> Results:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))))
     started = time.perf_counter()
     if config.finetune is not None:
@@ -167,6 +168,11 @@ def _run_job(config: JobConfig, env: DistributedEnv) -> Dict:
     trigger = CheckpointTrigger(
         save, config.checkpoint.every_steps, config.checkpoint.every_seconds, checkpointer=checkpointer
     )
+    validator = None
+    if training.early_stopping is not None:
+        best = Checkpointer(checkpoint_dir(config) / "best", keep=1)
+        state = {"config": config_to_dict(config), "model_inputs": inputs, "global_batch_rows": global_batch_rows}
+        validator = EpochValidator(job, training.early_stopping, best, state, show)
     board = RunBoard(Path(config.out_dir), training.epochs * len(train_loader)) if env.is_main else None
     try:
         summary = train(
@@ -182,6 +188,7 @@ def _run_job(config: JobConfig, env: DistributedEnv) -> Dict:
             after_step=trigger,
             schedule=job.schedule,
             on_curve_point=board.curve_point if board is not None else None,
+            after_epoch=validator,
         )
     except NonFiniteLoss as error:
         raise NonFiniteLoss(f"{error}; the last good checkpoint: {checkpointer.latest() or 'none yet'}") from None
@@ -194,6 +201,16 @@ def _run_job(config: JobConfig, env: DistributedEnv) -> Dict:
             f"stopped by SIGTERM after step {summary.steps}; checkpoint {trigger.last_path}; run the same command "
             "again to continue from it"
         )
+    selected = validator.selected(summary) if validator is not None else None
+    if selected is not None:  # the selected epoch's model is the one tested, saved last and exported
+        load_model_state(validator.best_path(summary), sharded)
+        if env.is_main:
+            print(
+                f"selected epoch {selected['epoch']} (step {selected['step']}) of {summary.epoch} by validation "
+                f"{training.early_stopping.metric} {abs(selected['score']):.4f}"
+                + (" (stopped early)" if summary.converged else ""),
+                flush=True,
+            )
     if config.checkpoint.at_end:
         save(summary, None, finished=True)
     with GateMonitor(gated) if gated is not None else contextlib.nullcontext() as monitor:
@@ -214,7 +231,7 @@ def _run_job(config: JobConfig, env: DistributedEnv) -> Dict:
     if board is not None:
         board.test_metrics(metrics, summary.steps)
         board.close()
-    results = {
+    results: Results = {
         "tasks": per_task,
         "task_kinds": tasks.names,
         **({"finetune": {**config_to_dict(config)["finetune"], "before": before, "after": per_task}} if before else {}),
@@ -231,6 +248,8 @@ def _run_job(config: JobConfig, env: DistributedEnv) -> Dict:
             "epoch_losses": summary.losses,
             "curve": summary.curve,
             "effective_weights": _effective_weights(sharded),
+            **({"validation": summary.validation, "selected": {k: selected[k] for k in ("epoch", "step", "score")},
+                "stopped_early": summary.converged} if selected is not None else {}),  # fmt: skip
             "total_seconds": round(time.perf_counter() - started, 2),
         },
         "diagnostics": {

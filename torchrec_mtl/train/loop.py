@@ -44,6 +44,9 @@ class TrainSummary:
     since_loss: float = 0.0  # the sum of the losses since the last curve point
     since_steps: int = 0
     stopped: bool = False  # ``after_step`` asked to stop before the last epoch ended
+    # after each epoch, with model selection (``after_epoch``): the epoch, step, score and metrics on validation
+    validation: List[Dict] = field(default_factory=list)
+    converged: bool = False  # ``after_epoch`` stopped training before ``epochs`` (early stopping)
 
     def to_dict(self) -> Dict:
         return dataclasses.asdict(self)
@@ -212,6 +215,7 @@ def train(
     after_step: Optional[AfterStep] = None,
     schedule: Optional[LearningRateSchedule] = None,
     on_curve_point: Optional[Callable[[Dict], None]] = None,
+    after_epoch: Optional[Callable[[TrainSummary], bool]] = None,
 ) -> TrainSummary:
     """Run ``epochs`` passes over ``loader`` with ``pipeline`` (built over ``model``); every rank's loader must
     have the same length. With ``task_kinds`` and ``curve_every`` > 0, each task's metrics over the last
@@ -220,8 +224,10 @@ def train(
     entropy and expert usage per task over those batches (this rank's rows, ``GateMonitor``; after a resume, over
     the window's batches since the resume).
 
-    ``resume`` (a checkpoint's summary and curve window batches, ``restore_run``) continues a run where it stopped; ``after_step`` is called
-    after every step (to write checkpoints) and may stop the run early (``summary.stopped``).
+    ``resume`` (a checkpoint's summary and curve window batches, ``restore_run``) continues a run where it stopped;
+    ``after_step`` is called after every step (to write checkpoints) and may stop the run early (``summary.stopped``);
+    ``after_epoch`` after every finished epoch, when the pipeline is drained (to score the model on validation rows),
+    and may end training there (``summary.converged``).
 
     A non-finite loss on any rank stops every rank at that step with the same NonFiniteLoss (naming the lowest rank
     that saw one): the ranks agree after each step through one all-reduce of a few integers, which also carries
@@ -297,6 +303,13 @@ def train(
             break
         summary.losses.append(summary.epoch_loss / max(summary.batch, 1))
         summary.epoch, summary.batch, summary.epoch_loss = epoch + 1, 0, 0.0
+        if after_epoch is not None:
+            validating = time.perf_counter()
+            converged = after_epoch(summary)
+            start += time.perf_counter() - validating  # training time and samples/s leave the validation out
+            if converged:
+                summary.converged = True
+                break
     if monitor is not None:
         monitor.__exit__()
     summary.seconds = time.perf_counter() - start

@@ -1,0 +1,89 @@
+"""What sits between the embeddings and the tower: how the dense arch's output and the pooled embeddings become the
+tower's input.
+
+Each interaction maps ``(dense [B, D], embeddings [B, F, D])`` to ``[B, out_features]``; ``INTERACTIONS`` maps
+``model.interaction.kind`` to its class, built by ``from_config(config, num_embeddings, embedding_dim)``:
+
+- ``dot``: DLRM's pairwise dot products (torchrec's ``InteractionArch``) beside the raw inputs: ``D (F + 1) +
+  (F + 1) F / 2`` features (the default, as before this choice existed);
+- ``concat``: the raw inputs alone, ``D (F + 1)`` features (the peers' way, and the cheapest);
+- ``dcn``: DCN-V2's low-rank cross network (torchrec's ``LowRankCrossNet``, Wang et al., WWW 2021) over the
+  concatenated inputs, ``D (F + 1)`` features.
+
+Example::
+
+    >>> dot = DotInteraction(num_embeddings=3, embedding_dim=4)
+    >>> dot(torch.randn(2, 4), torch.randn(2, 3, 4)).shape, dot.out_features
+    (torch.Size([2, 22]), 22)
+    >>> CrossInteraction(3, 4, num_layers=2, low_rank=2)(torch.randn(2, 4), torch.randn(2, 3, 4)).shape
+    torch.Size([2, 16])
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Dict, Type
+
+import torch
+from torch import nn
+from torchrec.models.dlrm import InteractionArch, choose
+from torchrec.modules.crossnet import LowRankCrossNet
+
+if TYPE_CHECKING:
+    from torchrec_mtl.config import InteractionConfig
+
+
+class DotInteraction(nn.Module):
+    """DLRM's interaction: the dense output, every pairwise dot product of the F + 1 vectors, and the raw embeddings."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.arch = InteractionArch(num_embeddings)
+        self.out_features = embedding_dim * (1 + num_embeddings) + choose(num_embeddings + 1, 2)
+
+    @classmethod
+    def from_config(cls, config: "InteractionConfig", num_embeddings: int, embedding_dim: int) -> "DotInteraction":
+        return cls(num_embeddings, embedding_dim)
+
+    def forward(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        # InteractionArch returns [dense, pairwise dots]; the raw embeddings are added so the tower sees both
+        return torch.cat([self.arch(dense, embeddings), embeddings.flatten(1)], dim=1)
+
+
+class ConcatInteraction(nn.Module):
+    """No interaction layer: the dense output and the embeddings side by side."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.out_features = embedding_dim * (1 + num_embeddings)
+
+    @classmethod
+    def from_config(cls, config: "InteractionConfig", num_embeddings: int, embedding_dim: int) -> "ConcatInteraction":
+        return cls(num_embeddings, embedding_dim)
+
+    def forward(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        return torch.cat([dense, embeddings.flatten(1)], dim=1)
+
+
+class CrossInteraction(nn.Module):
+    """DCN-V2: ``num_layers`` low-rank cross layers (rank ``low_rank``) over the concatenated inputs, each layer
+    ``x_{l+1} = x_0 * (W_l x_l + b_l) + x_l`` with ``W_l = U_l V_l``."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, num_layers: int = 2, low_rank: int = 16) -> None:
+        super().__init__()
+        self.out_features = embedding_dim * (1 + num_embeddings)
+        self.cross = LowRankCrossNet(self.out_features, num_layers, low_rank)
+
+    @classmethod
+    def from_config(cls, config: "InteractionConfig", num_embeddings: int, embedding_dim: int) -> "CrossInteraction":
+        return cls(num_embeddings, embedding_dim, config.num_layers, config.low_rank)
+
+    def forward(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.cross(torch.cat([dense, embeddings.flatten(1)], dim=1))
+
+
+# The one registry of interactions: ``model.interaction.kind`` names a key.
+INTERACTIONS: Dict[str, Type[nn.Module]] = {
+    "dot": DotInteraction,
+    "concat": ConcatInteraction,
+    "dcn": CrossInteraction,
+}
