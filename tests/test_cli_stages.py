@@ -38,6 +38,17 @@ def test_evaluate_scores_a_checkpoint_as_training_did(run, capsys):
     assert "step-" in capsys.readouterr().out
 
 
+def test_evaluate_needs_no_config_beside_a_checkpoint_that_recorded_one(run):
+    out, _ = run
+    (out / "evaluation.json").unlink(missing_ok=True)
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoints"), "training.progress=false"]) == 0
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    trained = json.loads((out / "results.json").read_text())
+    for task, values in trained["tasks"].items():
+        metric = next(iter(values))
+        assert evaluation["tasks"][task][metric] == pytest.approx(values[metric], abs=1e-6), task
+
+
 def test_predict_scores_every_line_and_counts_the_rejected_ones(run, small_log, tmp_path, capsys):
     out, _ = run
     lines = (small_log / "test.tsv").read_text().splitlines(keepends=True)
@@ -119,6 +130,8 @@ def test_train_keeps_a_log_of_what_it_printed(run):
     out, _ = run
     log = (out / "train.log").read_text()
     assert "sharding plan for 1 process(es)" in log and "task    metric     value" in log
+    # the plan as one line; its whole table only when asked (training.print_plan); no progress-bar redraws in a log
+    assert "(training.print_plan=true shows it whole)" in log and "| fused" not in log and "\r" not in log
     # a line per curve point: the windowed metrics of the last 100 training batches
     assert "step 50/125 (epoch 1): loss " in log and "ctr auc " in log and "rating rmse " in log
 
@@ -161,3 +174,17 @@ def test_predict_reads_standard_input(run, small_log, tmp_path):
     saved = np.load(out / "predictions.npz")["ctr.prediction"][:200]
     np.testing.assert_allclose([float(r.split("\t")[1]) for r in rows], saved, rtol=1e-4, atol=1e-5)
     assert json.loads(result.stderr.decode().strip().splitlines()[-1])["scored"] == 200
+
+
+def test_a_redirected_run_log_holds_lines_not_progress_bar_redraws(small_log, tmp_path):
+    out = tmp_path / "run"
+    with open(tmp_path / "console.txt", "w") as console:  # stdout and stderr to a file, as a scheduler keeps them
+        subprocess.run(
+            [sys.executable, "-m", "torchrec_mtl.cli", "train", "--config", "configs/mmoe_synthetic.yaml",
+             f"data.dir={small_log}", "data.generate=null", "model.text=null", f"out_dir={out}",
+             "training.batch_size=512", "training.curve_every=20"],  # progress left on, as by default
+            stdout=console, stderr=subprocess.STDOUT, check=True, cwd=ROOT,
+        )  # fmt: skip
+    text = (tmp_path / "console.txt").read_text()
+    assert "\r" not in text, "a progress bar redrew itself into the log"
+    assert "step 20/" in text and "task    metric     value" in text

@@ -150,7 +150,6 @@ def test_a_header_csv_of_a_header_schema_scores_with_and_without_its_labels(tmp_
                  f"data.shards={tmp_path / 'shards'}", f"out_dir={out}", "training.batch_size=32",
                  "training.progress=false", "objective.tasks={ctr: {label: click, kind: binary}, "
                  "ctcvr: {label: purchase, kind: binary}}"]) == 0  # fmt: skip
-    trained = load_trained(out / "checkpoints")
     header, *rows = (sample / "torchrechub_ali_ccp_test_sample.csv").read_text().splitlines()
     names = header.split(",")
     order = [i for i in reversed(range(len(names))) if names[i] not in ("click", "purchase")]

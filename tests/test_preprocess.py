@@ -395,3 +395,22 @@ def test_read_chunks_gives_every_line_or_a_stand_in_whatever_the_chunk_size(tmp_
             first += len(chunk_lines)
         assert got == [line if len(line) <= limit else b"" for line in lines], (data, limit, chunk_bytes)
         assert long_lines == [(n, len(line)) for n, line in enumerate(lines, start=1) if len(line) > limit]
+
+
+def test_a_job_rejects_lines_over_its_limit_and_reuses_its_shards_until_the_limit_changes(small_log, tmp_path):
+    from torchrec_mtl.config import load_config
+    from torchrec_mtl.data.prepare import prepare_shards
+
+    lines = (small_log / "train.tsv").read_text().splitlines(keepends=True)[:500]
+    (tmp_path / "train.tsv").write_text("".join(lines[:100]) + "1\t" * 3000 + "\n" + "".join(lines[100:]))
+    (tmp_path / "test.tsv").write_text("".join(lines[:50]))
+    overrides = [f"data.dir={tmp_path}", "data.generate=null", "data.max_bad_fraction=0.1"]
+    log = prepare_shards(load_config("configs/mmoe_synthetic.yaml", overrides + ["data.max_line_bytes=4096"]).data,
+                         progress=False)  # fmt: skip
+    assert log.metadata["counts"]["rejected_by_reason"] == {"line too long": 1}
+    stamp = (tmp_path / "shards" / "metadata.json").stat().st_mtime_ns
+    prepare_shards(load_config("configs/mmoe_synthetic.yaml", overrides + ["data.max_line_bytes=4096"]).data,
+                   progress=False)  # fmt: skip
+    assert (tmp_path / "shards" / "metadata.json").stat().st_mtime_ns == stamp, "the same limit: reused"
+    log = prepare_shards(load_config("configs/mmoe_synthetic.yaml", overrides).data, progress=False)
+    assert log.metadata["counts"]["rejected_by_reason"] == {"too many fields": 1}, "the default limit: preprocessed"

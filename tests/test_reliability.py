@@ -4,7 +4,6 @@ test_preprocess.py; corrupt shards and text caches: test_preprocess.py, test_tex
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import resource

@@ -130,7 +130,20 @@ def _write_report(run_dir: str) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from torchrec_mtl.run import evaluate_checkpoint
 
-    evaluate_checkpoint(load_config(args.config, args.overrides), args.checkpoint)
+    if args.config is not None:
+        config = load_config(args.config, args.overrides)
+    else:  # the config the checkpoint was trained with, as it recorded it
+        if args.checkpoint is None:
+            raise InputError("evaluate: give --checkpoint (its recorded config is used) or --config (its run's newest)")
+        from torchrec_mtl.train.checkpoint import read_train_state, resolve_checkpoint, verify_checkpoint
+
+        path = resolve_checkpoint(args.checkpoint)
+        verify_checkpoint(path)
+        recorded = read_train_state(path).get("config")
+        if not isinstance(recorded, dict):
+            raise InputError(f"--checkpoint: {path} records no job config; give --config")
+        config = load_config(overrides=args.overrides, raw=recorded)
+    evaluate_checkpoint(config, args.checkpoint)
     return 0
 
 

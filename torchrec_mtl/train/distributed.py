@@ -13,10 +13,11 @@ Example::
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -92,6 +93,9 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
             )
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        # torn down before the interpreter's own teardown: gloo's worker threads destroyed there abort the process
+        # (SIGABRT, "terminate called without an active exception") after its work is done
+        atexit.register(_leave_process_group)
     if torch.cuda.is_available() and dist.get_backend() == "nccl":
         local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count()))
         torch.cuda.set_device(local_rank)
@@ -99,6 +103,11 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
     else:
         device = torch.device("cpu")
     return DistributedEnv(dist.get_rank(), dist.get_world_size(), device)
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def embedding_collections(module: nn.Module) -> List[EmbeddingBagCollection]:
@@ -177,14 +186,24 @@ def shard_model(
     except PlannerError as error:
         budget = f" within {memory_budget_bytes / 2**30:.2f} GiB per rank" if memory_budget_bytes else ""
         raise ValueError(f"no sharding plan{budget} meets the constraints: {str(error).splitlines()[0]}") from None
-    if print_plan and env.is_main:
-        print(f"sharding plan for {env.world_size} process(es):\n{plan}", flush=True)
+    if env.is_main:  # one line always; torchrec's whole table (about two lines a table) when asked
+        print(f"sharding plan for {env.world_size} process(es): {plan_summary(plan)}"
+              + (f"\n{plan}" if print_plan else " (training.print_plan=true shows it whole)"), flush=True)  # fmt: skip
     sharded = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=sharders)
     dense = dense_optimizer(
         dict(in_backward_optimizer_filter(sharded.named_parameters())), dense_optimizer_name, dense_lr, weight_decay,
         clip_norm,
     )  # fmt: skip
     return sharded, CombinedOptimizer([sharded.fused_optimizer, dense])
+
+
+def plan_summary(plan: Any) -> str:
+    """The tables of each sharding type in a plan, as one line: ``table_wise: t_C1, t_C2; data_parallel: t_C3``."""
+    by_type: Dict[str, List[str]] = {}
+    for module_plan in plan.plan.values():
+        for table, sharding in module_plan.items():
+            by_type.setdefault(sharding.sharding_type, []).append(table)
+    return "; ".join(f"{kind}: {', '.join(tables)}" for kind, tables in sorted(by_type.items()))
 
 
 def _copy_into(target: torch.Tensor, source: torch.Tensor) -> None:

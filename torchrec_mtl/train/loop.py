@@ -25,6 +25,7 @@ from torchrec_mtl.train.diagnostics import GateMonitor
 from torchrec_mtl.train.metrics import TaskMetrics, grouped_auc
 from torchrec_mtl.train.optimizers import LearningRateSchedule
 from torchrec_mtl.protocols import ReportsTerms, find
+from torchrec_mtl.progress import bar_disabled
 
 
 @dataclass
@@ -165,7 +166,7 @@ def _drain(pipeline: TrainPipelineSparseDist, batches: Iterable, bar: tqdm):
 
 
 def _bar(total: int, description: str, show_progress: bool) -> tqdm:
-    return tqdm(total=total, desc=description, disable=not show_progress, unit="batch", leave=False)
+    return tqdm(total=total, desc=description, disable=bar_disabled(show_progress), unit="batch", leave=False)
 
 
 def curve_line(point: Dict, total_steps: int) -> str:

@@ -85,6 +85,7 @@ from torchrec_mtl.data.preprocess.write import (
 )
 from torchrec_mtl.outputs import new_folder
 from torchrec_mtl.schema import DatasetSchema
+from torchrec_mtl.progress import bar_disabled
 
 __all__ = [
     "FLOAT32_MAX",
@@ -248,7 +249,7 @@ def _write_shards(
     rejects = open(work / "rejects.tsv", "w", encoding="utf-8", newline="\n")  # noqa: SIM115 (closed below)
     rejects.write("file\tline\treason\tcolumn\tvalue\traw_line\n")
     bar = tqdm(
-        total=sum(i["bytes"] for i in inputs), unit="B", unit_scale=True, desc="preprocess", disable=not progress
+        total=sum(i["bytes"] for i in inputs), unit="B", unit_scale=True, desc="preprocess", disable=bar_disabled(progress)
     )
 
     def parse(parser: ChunkParser, chunk: bytes, first_line: int, too_long: List, file_index: int, split: str):
@@ -335,7 +336,11 @@ def _write_shards(
     )
     metadata = {
         "format_version": FORMAT_VERSION,
-        "fingerprint": input_fingerprint(schema, files_by_split, test_fraction=test_fraction, split_seed=split_seed),
+        "fingerprint": input_fingerprint(
+            schema, files_by_split, test_fraction=test_fraction, split_seed=split_seed,
+            # the limit decides which lines are rejected; the default stays out, so earlier shards are still reused
+            **({"max_line_bytes": max_line_bytes} if max_line_bytes != MAX_LINE_BYTES else {}),
+        ),  # fmt: skip
         "schema": {"name": schema.name, "source": schema.source, "fingerprint": schema.fingerprint()},
         "dense_features": schema.dense,
         "categorical_features": schema.categorical,
