@@ -205,3 +205,27 @@ def test_grouped_auc_is_the_mean_of_per_user_aucs_over_users_with_both_labels():
     finally:
         metrics_module._GAUC_CELLS_PER_UPDATE = limit
     assert abs(chunked["ctr"] - result["ctr"]) < 1e-6 and abs(chunked["cvr"] - result["cvr"]) < 1e-6
+
+
+def test_metrics_of_one_process_gather_nothing_through_the_process_group(monkeypatch):
+    """A gather in a one-process group runs a tensor copy on gloo's own thread, after which the process's training
+    steps ran about 1.7x slower: one process computes its metrics without any collective, to the same values."""
+    import torch.distributed as dist
+
+    from torchrec_mtl.train.distributed import init_distributed
+
+    init_distributed()
+    assert dist.get_world_size() == 1
+    calls = []
+    for name in ("all_gather", "all_gather_object", "all_reduce", "all_gather_into_tensor"):
+        original = getattr(dist, name)
+        monkeypatch.setattr(dist, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    torch.manual_seed(0)
+    score = torch.rand(4000)
+    label = (torch.rand(4000) < score).float()
+    metrics = TaskMetrics({"ctr": "binary"}, batch_size=1000, window_size=4000)
+    for rows in torch.arange(4000).split(1000):
+        metrics.update({"ctr": score[rows]}, {"ctr": label[rows]})
+    auc = metrics.compute()["ctr"]["auc"]
+    assert calls == []
+    assert auc == pytest.approx(float(binary_auroc(score, label.long())), abs=1e-5)

@@ -72,7 +72,7 @@ class CurveWindow:
         self._metrics: Optional[TaskMetrics] = None
 
     def add(self, predictions: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor]) -> None:
-        detach = lambda values: {k: v.detach().cpu() for k, v in values.items()}  # noqa: E731
+        detach = lambda values: {k: v.detach().cpu().clone() for k, v in values.items()}  # noqa: E731
         self.batches.append((detach(predictions), detach(labels)))
 
     def compute(self) -> Dict[str, Dict[str, float]]:
