@@ -67,6 +67,7 @@ E2E_TESTS = {
     # model selection: trainings of several epochs with validation after each
     "test_selection.py::test_the_selected_epoch_is_the_scan_of_the_curve_and_its_model_is_the_one_tested",
     "test_selection.py::test_training_stops_after_patience_epochs_without_improvement",
+    "test_selection.py::test_validation_rows_can_come_from_files_of_their_own",
     # a trained retrieval run (module fixture `retrieval_run`), and a two-process run
     "test_retrieval.py::test_exported_vectors_give_the_scores_the_model_evaluated",
     "test_retrieval.py::test_cold_items_land_nearer_to_their_planted_category",

@@ -88,3 +88,22 @@ def test_training_stops_after_patience_epochs_without_improvement(small_log, tmp
     assert [point["epoch"] for point in training["validation"]] == [1, 2, 3]
     assert training["stopped_early"] and training["selected"]["epoch"] == 1
     assert training["steps"] == 3 * training["validation"][0]["step"]
+
+
+def test_validation_rows_can_come_from_files_of_their_own(small_log, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = (small_log / "train.tsv").read_text().splitlines(keepends=True)
+    (data / "train.tsv").write_text("".join(lines[:-4000]))
+    (data / "validation.tsv").write_text("".join(lines[-4000:]))
+    (data / "test.tsv").write_text((small_log / "test.tsv").read_text())
+    out = tmp_path / "run"
+    assert main(["train", "--config", CONFIG, f"data.dir={data}", "data.generate=null", "model.text=null",
+                 f"out_dir={out}", "training.batch_size=1024", "training.progress=false", "training.curve_every=0",
+                 "data.validation=[validation.tsv]", "training.epochs=2",
+                 "training.early_stopping={patience: 5}"]) == 0  # fmt: skip
+    training = json.loads((out / "results.json").read_text())["training"]
+    assert training["rows"] == {"train": len(lines) - 4000, "validation": 4000, "test": training["rows"]["test"]}
+    assert [point["epoch"] for point in training["validation"]] == [1, 2]
+    with pytest.raises(ConfigError, match="validation rows come from one of them"):
+        load_config(CONFIG, ["data.validation_fraction=0.1", "data.validation=[validation.tsv]"])

@@ -80,21 +80,26 @@ def _check_optimizers_and_placement(training: TrainingConfig) -> None:
 def _check_evaluation(config: JobConfig) -> None:
     """The threshold, and the validation rows that ``best_f1`` chooses it on."""
     threshold, fraction = config.evaluation.threshold, config.data.validation_fraction
+    if fraction > 0 and config.data.validation:
+        raise ConfigError(
+            "data.validation_fraction and data.validation: validation rows come from one of them; drop one"
+        )
+    has_validation = fraction > 0 or bool(config.data.validation)
     if threshold != "best_f1" and not (isinstance(threshold, float) and 0.0 < threshold < 1.0):
         raise ConfigError(f"evaluation.threshold: {threshold!r}; allowed: a number strictly between 0 and 1, best_f1")
     if not 0.0 <= fraction < 0.5:
         raise ConfigError(f"data.validation_fraction: {fraction!r}; allowed: 0 <= validation_fraction < 0.5")
-    if threshold == "best_f1" and fraction == 0.0:
+    if threshold == "best_f1" and not has_validation:
         raise ConfigError(
             "evaluation.threshold: best_f1 is chosen on validation rows, but data.validation_fraction is 0; set it "
-            "(e.g. data.validation_fraction=0.1) or give a number"
+            "(e.g. data.validation_fraction=0.1), give data.validation files, or give a number"
         )
     stopping = config.training.early_stopping
     if stopping is not None:
-        if fraction == 0.0:
+        if not has_validation:
             raise ConfigError(
                 "training.early_stopping: selects on validation rows, but data.validation_fraction is 0; set it "
-                "(e.g. data.validation_fraction=0.1)"
+                "(e.g. data.validation_fraction=0.1) or give data.validation files"
             )
         if stopping.patience < 1 or stopping.min_delta < 0:
             raise ConfigError(

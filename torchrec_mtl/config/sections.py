@@ -54,7 +54,9 @@ class DataConfig:
     # a longer line is rejected as "line too long" as it streams by, never read whole
     max_line_bytes: int = 1 << 20
     # a seeded (training.seed) random share of the training rows held out of training, for evaluation.threshold
+    # and training.early_stopping; or ``validation``: files (or globs) of their own for that
     validation_fraction: float = 0.0
+    validation: List[str] = field(default_factory=list)
     # When set, the synthetic log is generated into ``dir`` (again only if its config changed).
     generate: Optional[GenerateConfig] = None
 

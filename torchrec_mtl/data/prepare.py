@@ -26,7 +26,9 @@ class MissingInputError(FileNotFoundError):
 def resolve_files(config: DataConfig) -> Dict[str, List[str]]:
     """split -> sorted files matching the configured patterns (relative to ``config.dir`` unless absolute)."""
     files_by_split = {}
-    for split, patterns in (("train", config.train), ("test", [] if config.test_fraction > 0 else config.test)):
+    splits = (("train", config.train), ("validation", config.validation),
+              ("test", [] if config.test_fraction > 0 else config.test))  # fmt: skip
+    for split, patterns in splits:
         files: List[str] = []
         for pattern in patterns:
             full = pattern if Path(pattern).is_absolute() else str(Path(config.dir) / pattern)

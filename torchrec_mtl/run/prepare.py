@@ -117,8 +117,9 @@ class PreparedJob:
     def rows(self) -> Dict[str, int]:
         """Rows per split as trained and evaluated: ``train`` (less the validation rows), ``validation`` (only when
         rows are held out) and ``test``."""
-        held = sum(len(shard) for shard in self.validation_shards)
-        return {"train": self.log.rows("train") - held, **({"validation": held} if held else {}),
+        validation = sum(len(shard) for shard in self.validation_shards)
+        held = validation if self.config.data.validation_fraction > 0 else 0  # else: files of their own
+        return {"train": self.log.rows("train") - held, **({"validation": validation} if validation else {}),
                 "test": self.log.rows("test")}  # fmt: skip
 
     def model_inputs(self) -> Dict[str, Any]:
@@ -154,7 +155,9 @@ class PreparedJob:
                 seed=training.seed, id_dropout={item_column: training.item_id_dropout} if item_column else None,
             )  # fmt: skip
         if split == "validation" and not self.validation_shards:
-            raise ConfigError("data.validation_fraction: no training rows are held out for validation; set it > 0")
+            raise ConfigError(
+                "data.validation_fraction: no validation rows; set it > 0, or give data.validation files"
+            )
         if split not in ("validation", "test"):
             raise ValueError(f"split: {split!r}; allowed: train, validation, test")
         return BatchLoader(
@@ -175,6 +178,7 @@ def prepare_job(config: JobConfig, env: DistributedEnv) -> PreparedJob:
             f"({shards_dir(config.data)} has {list(log.label_kinds)})"
         )
     train_shards, test_shards = log.split("train"), log.split("test")
+    validation_files = log.split("validation") if "validation" in log.splits else []
     training = config.training
     if training.shuffle_labels:
         train_shards = shuffled_labels(train_shards, training.seed)
@@ -183,19 +187,21 @@ def prepare_job(config: JobConfig, env: DistributedEnv) -> PreparedJob:
     text_table = None
     if config.model.text is not None:
         text_table = load_item_text(config, env, log)
-        train_shards, test_shards = (
+        train_shards, test_shards, validation_files = (
             with_item_text_rows(shards, text_table, log.metadata["item_text_key"])
-            for shards in (train_shards, test_shards)
+            for shards in (train_shards, test_shards, validation_files)
         )
         features = [*features, ITEM_TEXT_FEATURE]
     train_shards, validation_shards = split_validation(train_shards, config.data.validation_fraction, training.seed)
+    validation_shards = validation_shards or validation_files
 
     seed_everything(training.seed)
     table_sizes = log.table_sizes
     if env.is_main:
-        held = sum(len(shard) for shard in validation_shards)
+        validation = sum(len(shard) for shard in validation_shards)
+        held = validation if config.data.validation_fraction > 0 else 0  # else: files of their own
         print(
-            f"{log.rows('train') - held:,} train" + (f", {held:,} validation" if held else "")
+            f"{log.rows('train') - held:,} train" + (f", {validation:,} validation" if validation else "")
             + f" and {log.rows('test'):,} test rows; embedding rows per feature: "
             + ", ".join(f"{f} {n:,}" for f, n in table_sizes.items()),
             flush=True,
