@@ -234,6 +234,9 @@ def test_header_files_are_matched_by_name_and_a_wrong_header_names_the_column(tm
     bad = _write(tmp_path / "b.tsv", ["c\ty\tcount", "ab\t1\t4"])
     with pytest.raises(LogFormatError, match=r"b.tsv:1: header column 3 is 'count'"):
         preprocess(schema, {"train": [bad]}, tmp_path / "o2", progress=False)
+    twice = _write(tmp_path / "t.tsv", ["c\ty\tn\tc", "ab\t1\t4\tcd"])  # which c is the feature?
+    with pytest.raises(LogFormatError, match=r"t.tsv:1: header names column\(s\) \['c'\] twice"):
+        preprocess(schema, {"train": [twice]}, tmp_path / "o3", progress=False)
 
 
 def test_a_damaged_shard_is_refused_with_its_name(tmp_path):

@@ -1,13 +1,15 @@
 """Where a command may write, and how: nothing a run did not write itself is ever deleted or overwritten.
 
 Every output (preprocessed shards, a training run's folder, an export, user and item vectors, predictions, a report,
-a generated log) is one of three shapes, each with one function:
+a generated log) is one of four shapes, each with one function:
 
 - ``new_folder``: a folder written whole (shards, export, vectors). It is written into a fresh temporary folder
   beside the target and renamed into place at the end, so a reader never sees half of it and two runs into one
   target never mix their files.
 - ``claim_folder``: a folder that grows over a run (a run's ``out_dir``: log, checkpoints, results).
 - ``new_file``: one file (predictions, a report), written beside the target and renamed into place.
+- ``new_files``: files moved one by one into a folder that holds others too (a generated or converted log beside
+  its shards and text cache), the file that marks the set complete last.
 
 An existing target is replaced (or written into) only when it is recognisably ours: it carries the marker file
 ``.torchrec-mtl.json`` that every folder of ours gets, or (folders written before the marker existed) it holds
@@ -45,8 +47,7 @@ KNOWN_NAMES = {
     "vectors": {"users.npz", "items.npz", "manifest.json"},
     "synthetic": {"train.tsv", "test.tsv", "items.tsv", "test_truth.tsv", "meta.json", "shards", "item_text.npz"},
     "converted": {"train.tsv", "test.tsv", "items.tsv", "meta.json", "shards", "item_text.npz"},
-    "report": {f"{name}.png" for name in (
-        "training_curves", "roc", "calibration", "regression", "gate_usage", "gate_entropy")},
+    # "report": its figures' PNGs, declared by torchrec_mtl.report.page beside the figure list it draws
 }
 
 
@@ -236,8 +237,7 @@ def new_files(target: str | os.PathLike, kind: str, last: str, option: str = "--
     work = Path(tempfile.mkdtemp(prefix=".new.", suffix=".partial", dir=folder))
     try:
         yield work
-        names = sorted(entry.name for entry in work.iterdir())
-        for name in [n for n in names if n != last] + [n for n in names if n == last]:
+        for name in sorted((entry.name for entry in work.iterdir()), key=lambda name: name == last):
             os.replace(work / name, folder / name)
     finally:
         shutil.rmtree(work, ignore_errors=True)

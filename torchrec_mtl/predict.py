@@ -44,6 +44,7 @@ from torchrec_mtl.data.preprocess import (
     LineTooLong,
     LogFormatError,
     drop_first_line,
+    header_columns,
     read_chunks,
     tokens_to_rows,
 )
@@ -110,7 +111,8 @@ class _Encoder:
             names = [column.strip().lstrip("\ufeff") for column in line.split(schema.separator)]
             if schema.header or set(names) <= self.known:
                 _, chunk, too_long = drop_first_line(chunk, too_long)
-                return self._header_columns(names, name), chunk, 2, too_long
+                features = [*schema.integer, *schema.numeric, *schema.categorical]  # labels may be absent
+                return header_columns(line, schema, name, required=features), chunk, 2, too_long
         # the lines read whole and not empty (the others are rejected whatever the layout)
         lines = [(i, line) for i, line in enumerate(chunk.rstrip(b"\n").split(b"\n")) if i not in skipped]
         lines = [(i, line.rstrip(b"\r")) for i, line in lines if line.rstrip(b"\r")]
@@ -140,25 +142,6 @@ class _Encoder:
             f"{schema.source}), {bare} (the same without the label columns {list(schema.labels)}) or a header row "
             f"of its column names{hint}"
         )
-
-    def _header_columns(self, names: List[str], name: str) -> List[str]:
-        """Preprocessing's header rules (torchrec_mtl.data.preprocess), but the labels may be absent."""
-        source = self.schema.source
-        for position, column in enumerate(names, start=1):
-            if column not in self.known:
-                raise LogFormatError(
-                    f"{name}:1: header column {position} is {column!r}, which schema {source} neither uses nor "
-                    f"ignores (add it under ignore, or fix the file)"
-                )
-        twice = sorted({c for c in names if names.count(c) > 1})
-        features = [*self.schema.integer, *self.schema.numeric, *self.schema.categorical]
-        missing = [c for c in features if c not in names]
-        if twice or missing:
-            raise LogFormatError(
-                f"{name}:1: header names column(s) {twice} twice" if twice
-                else f"{name}:1: header lacks feature column(s) {missing} that schema {source} needs"
-            )  # fmt: skip
-        return names
 
     def parser(self, columns: Sequence[str]) -> ChunkParser:
         key = tuple(columns)

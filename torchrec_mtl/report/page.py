@@ -10,11 +10,14 @@ import html
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
-from torchrec_mtl.outputs import check_folder, new_file, new_folder
+from torchrec_mtl.outputs import KNOWN_NAMES, check_folder, new_file, new_folder
 from torchrec_mtl.report.canvas import FigureSection
 from torchrec_mtl.report.data import dig, load_predictions, load_results, number, task_kinds
-from torchrec_mtl.report.figures import draw_figures
+from torchrec_mtl.report.figures import FIGURES, draw_figures
 from torchrec_mtl.report.tables import html_table, metrics_table, run_summary, segments_table
+
+# a figures folder holding only these (written before folders were marked) is an earlier report's, to replace
+KNOWN_NAMES["report"] = {f"{name}.png" for name in FIGURES}
 
 PathLike = Union[str, Path]
 

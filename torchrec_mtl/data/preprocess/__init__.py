@@ -88,17 +88,17 @@ from torchrec_mtl.schema import DatasetSchema
 from torchrec_mtl.progress import bar_disabled
 
 __all__ = [
+    "ChunkParser",
     "FLOAT32_MAX",
     "FORMAT_VERSION",
+    "LineTooLong",
+    "LogFormatError",
     "MAX_LINE_BYTES",
     "MISSING_TOKEN",
     "PARSE_THREADS",
-    "REASONS",
-    "ChunkParser",
-    "LineTooLong",
-    "LogFormatError",
     "ParsedChunk",
     "PreprocessSummary",
+    "REASONS",
     "Rejection",
     "ShardWriter",
     "SplitChunk",
@@ -106,6 +106,7 @@ __all__ = [
     "TooManyBadRows",
     "describe_files",
     "drop_first_line",
+    "header_columns",
     "input_fingerprint",
     "preprocess",
     "read_chunks",
@@ -169,9 +170,11 @@ class PreprocessSummary:
         return "\n".join(lines)
 
 
-def _header_columns(header: str, schema: DatasetSchema, path: Path) -> List[str]:
+def header_columns(
+    header: str, schema: DatasetSchema, path: str | os.PathLike, required: Optional[Sequence[str]] = None
+) -> List[str]:
     """The columns a header line names, in its order; LogFormatError for a name the schema neither uses nor ignores,
-    or for a column the schema needs that is missing."""
+    a name given twice, or a ``required`` column (default: every label and feature) that is missing."""
     names = [name.strip().lstrip("\ufeff") for name in header.split(schema.separator)]
     allowed = set(schema.features_and_labels) | set(schema.ignore)
     for position, name in enumerate(names, start=1):
@@ -180,7 +183,10 @@ def _header_columns(header: str, schema: DatasetSchema, path: Path) -> List[str]
                 f"{path}:1: header column {position} is {name!r}, which schema {schema.source} neither uses nor "
                 f"ignores (add it under ignore, or fix the file)"
             )
-    missing = [c for c in schema.features_and_labels if c not in names]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise LogFormatError(f"{path}:1: header names column(s) {twice} twice")
+    missing = [c for c in (schema.features_and_labels if required is None else required) if c not in names]
     if missing:
         raise LogFormatError(f"{path}:1: header lacks column(s) {missing} that schema {schema.source} needs")
     return names
@@ -304,7 +310,7 @@ def _write_shards(
                     if too_long and too_long[0].index == 0:
                         raise LogFormatError(f"{path}:1: the header is too long ({too_long[0].value()})")
                     header, chunk, too_long = drop_first_line(chunk, too_long)
-                    file_columns = _header_columns(header.decode("utf-8", "replace"), schema, path)
+                    file_columns = header_columns(header.decode("utf-8", "replace"), schema, path)
                     next_line = 2
                     if not chunk:
                         continue
