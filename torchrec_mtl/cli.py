@@ -30,12 +30,28 @@ class InputError(ValueError):
     """A command-line argument naming a file that is not there."""
 
 
-def _quiet_library_logs() -> None:
-    # torchrec's planner and sharders log at WARNING about choices we make on purpose (CPU topology, small tables
-    # going data-parallel); they would bury the results table.
-    for name in ("torchrec", "root", "torch.distributed", "torch.fx"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
+# Library loggers that report, at WARNING, choices made here on purpose (a CPU topology, small tables going
+# data-parallel, a deprecation inside torchrec's own calls): shown from -v on, so they do not bury the results.
+LIBRARY_LOGGERS = ("torchrec", "root", "torch.distributed", "torch.fx", "fbgemm_gpu")
+# Warnings raised inside the libraries about their own internals, which a user cannot act on: shown from -v on.
+LIBRARY_WARNINGS = r"(torch|torchrec|torchmetrics|fbgemm_gpu|tensordict|transformers)(\.|$)"
+
+
+def configure_output(verbose: int = 0, quiet: bool = False) -> None:
+    """Python warnings and library logs for a verbosity: ``quiet`` shows neither; the default shows each warning
+    once, except the libraries' warnings about their own internals, and library log messages at ERROR; ``verbose``
+    1 shows every warning once and library messages at WARNING; 2 shows debug messages too."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    level = logging.ERROR if verbose == 0 else logging.WARNING if verbose == 1 else logging.DEBUG
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL if quiet else level)
+    warnings.resetwarnings()
+    if quiet:
+        warnings.simplefilter("ignore")
+        return
+    warnings.simplefilter("once" if verbose < 2 else "always")
+    if verbose == 0:
+        warnings.filterwarnings("ignore", module=LIBRARY_WARNINGS)
 
 
 def _input_file(option: str, path: str) -> None:
@@ -109,11 +125,17 @@ def _train(args: argparse.Namespace) -> int:
 
     from torchrec_mtl.run import run_job
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, [*_verbosity_overrides(args), *args.overrides])
     run_job(config)
     if dist.get_rank() == 0:
         _write_report(config.out_dir)
     return 0
+
+
+def _verbosity_overrides(args: argparse.Namespace) -> List[str]:
+    """-q turns training's progress bars off, -v prints the whole sharding plan; the config's own keys say otherwise
+    when given as KEY=VALUE."""
+    return ["training.progress=false"] if args.quiet else ["training.print_plan=true"] if args.verbose else []
 
 
 def _write_report(run_dir: str) -> None:
@@ -131,7 +153,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from torchrec_mtl.run import evaluate_checkpoint
 
     if args.config is not None:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, [*_verbosity_overrides(args), *args.overrides])
     else:  # the config the checkpoint was trained with, as it recorded it
         if args.checkpoint is None:
             raise InputError("evaluate: give --checkpoint (its recorded config is used) or --config (its run's newest)")
@@ -141,7 +163,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         recorded = read_train_state(path).get("config")  # JSON; the whole folder is verified when it is loaded
         if not isinstance(recorded, dict):
             raise InputError(f"--checkpoint: {path} records no job config; give --config")
-        config = load_config(overrides=args.overrides, raw=recorded)
+        config = load_config(overrides=[*_verbosity_overrides(args), *args.overrides], raw=recorded)
     evaluate_checkpoint(config, args.checkpoint)
     return 0
 
@@ -213,7 +235,7 @@ COMMANDS = {
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_library_logs()
+    configure_output(args.verbose, args.quiet)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as error:

@@ -58,15 +58,29 @@ def share(upper_inclusive: bool):
     return parse
 
 
+def verbosity_options() -> argparse.ArgumentParser:
+    """-v/--verbose and -q/--quiet, which every command takes (torchrec_mtl.cli.configure_output acts on them)."""
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_mutually_exclusive_group()
+    group.add_argument(
+        "-v", "--verbose", action="count", default=0,
+        help="more: library warnings and log messages, and train's sharding plan; -vv: debug messages too",
+    )  # fmt: skip
+    group.add_argument("-q", "--quiet", action="store_true", help="only results and errors: no progress, no warnings")
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torchrec-mtl", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"torchrec-mtl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    verbosity = [verbosity_options()]  # every command's parents
 
     generate = commands.add_parser(
         "generate",
+        parents=verbosity,
         help="write the synthetic multi-task log with its planted truth",
         description="Write train.tsv, test.tsv, items.tsv, test_truth.tsv and meta.json.\n\n"
         "example: torchrec-mtl generate --out runs/data/synthetic --rows 3000000 --seed 0",
@@ -81,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep = commands.add_parser(
         "preprocess",
+        parents=verbosity,
         help="turn tab- or comma-separated logs into memory-mapped shards, counting every rejected row",
         description="Stream logs (plain or .gz) through a dataset schema into npy shards with metadata.json; "
         "rejected rows go to rejects.tsv with file, line and reason.\n\n"
@@ -108,11 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-line-bytes", type=at_least(1), default=MAX_LINE_BYTES,
         help=f"reject longer lines as 'line too long' without reading them whole (default {MAX_LINE_BYTES:,})",
     )  # fmt: skip
-    prep.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     prep.set_defaults(command="preprocess")
 
     encode = commands.add_parser(
         "encode-items",
+        parents=verbosity,
         help="encode item descriptions with a local BERT into the item-text cache (only new or changed items)",
         description="Read an items file (item_id, description) and bring the vector cache up to date.\n\n"
         "example: torchrec-mtl encode-items --items runs/data/synthetic/items.tsv "
@@ -126,11 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--batch-size", type=at_least(1), default=64)
     encode.add_argument("--threads", type=at_least(1), default=None, help="torch threads while encoding")
     encode.add_argument("--rebuild", action="store_true", help="re-encode everything (e.g. after changing model)")
-    encode.add_argument("--quiet", action="store_true", help="no progress bar")
     encode.set_defaults(command="encode-items")
 
     convert = commands.add_parser(
         "convert",
+        parents=verbosity,
         help="turn a public dataset (MovieLens latest-small, MIND) into a multi-task log in its schema's layout",
         description="Write train.tsv, test.tsv, items.tsv and meta.json of a dataset of torchrec_mtl.data.sources.\n\n"
         "example: torchrec-mtl convert movielens --source ../shared/data/movielens-latest-small "
@@ -146,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train",
+        parents=verbosity,
         help="train and evaluate a multi-task model; prints the per-task table and writes results.json",
         description="Train and evaluate as the config says; KEY=VALUE overrides any config key.\n\n"
         "example: torchrec-mtl train --config configs/mmoe_synthetic.yaml training.epochs=2 out_dir=runs/e2",
@@ -157,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate",
+        parents=verbosity,
         help="score the test split with a checkpoint (default: the run's newest) at any world size",
         description="Load a checkpoint into the configured model and evaluate it on the test split; prints the "
         "table and writes OUT_DIR/evaluation.json.\n\n"
@@ -173,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser(
         "predict",
+        parents=verbosity,
         help="score a log (or stdin) with a trained checkpoint: one prediction per task per line",
         description="Read a log in the training schema's layout (labels filled, empty or absent) or with a header "
         "row, encode it as training did and write a TSV: the line number, then one column per task "
@@ -189,11 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-line-bytes", type=at_least(1), default=MAX_LINE_BYTES,
         help=f"reject longer lines as 'line too long' without reading them whole (default {MAX_LINE_BYTES:,})",
     )  # fmt: skip
-    predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(command="predict")
 
     export_parser = commands.add_parser(
         "export",
+        parents=verbosity,
         help="export a trained model as TorchScript with named per-task outputs (optionally int8 tables)",
         description="torchrec's inference path: quantize_inference_model (with --quantize), FX trace, TorchScript. "
         "The artifact loads with torch and fbgemm_gpu alone: model(dense_features, sparse_ids) -> {task: [B]}.\n\n"
@@ -207,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     vectors = commands.add_parser(
         "vectors",
+        parents=verbosity,
         help="write the user and item vectors of a model trained with a retrieval task, keyed by the original IDs",
         description="Run the checkpoint's two towers over every training user and every item of the items file "
         "(items never seen in training through their text) and write users.npz, items.npz (ids, keys, vectors) and "
@@ -216,11 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vectors.add_argument("--checkpoint", required=True, help="a step-N folder, or a run's checkpoints folder")
     vectors.add_argument("--out", required=True, help="folder for users.npz, items.npz and manifest.json")
-    vectors.add_argument("--quiet", action="store_true", help="no progress bar")
     vectors.set_defaults(command="vectors")
 
     report = commands.add_parser(
         "report",
+        parents=verbosity,
         help="write a run's HTML report (curves, ROC, calibration, gates, tables) from its results",
         description="Read RUN_DIR/results.json and RUN_DIR/predictions.npz (written by train) and write one "
         "self-contained HTML file, with each figure also as a PNG in RUN_DIR/report/.\n\n"

@@ -50,26 +50,61 @@ def ceilings(data_dir: str) -> Optional[Dict[str, float]]:
 # a binary task's metrics at its threshold (torchrec_mtl.run.evaluate.task_threshold_metrics), shown in a table of
 # their own
 THRESHOLD_KEYS = ("threshold", "precision", "recall", "f1")
+# what a task's metrics were computed on (torchrec_mtl.train.metrics.TaskMetrics): shown in columns of their own
+COUNT_KEYS = ("rows", "positives")
+# an AUC over fewer positives (or negatives) than this is marked unreliable: one row moves it by over 1/30 of its range
+RELIABLE_AUC_MIN_CLASS = 30
+
+
+def unreliable(values: Dict[str, float]) -> Optional[str]:
+    """Why a task's AUC means little (fewer than RELIABLE_AUC_MIN_CLASS positive or negative rows), or None."""
+    if "auc" not in values or "positives" not in values:
+        return None
+    positives, negatives = int(values["positives"]), int(values["rows"] - values["positives"])
+    if min(positives, negatives) >= RELIABLE_AUC_MIN_CLASS:
+        return None
+    return f"unreliable AUC: {positives} positive and {negatives} negative rows"
 
 
 def format_table(tasks: Dict[str, Dict[str, float]]) -> str:
     """A per-task text table: headline metric beside its ceiling, then the other metrics; below it, for the tasks
     that have them, precision, recall and F1 at the task's threshold."""
     width = max([8, *(len(task) + 2 for task in tasks)])
-    lines = [f"{'task':<{width}}{'metric':<8}{'value':>8}{'ceiling':>9}{'gap':>8}   other"]
+    counted = any("rows" in values for values in tasks.values())
+    count_header = f"{'rows':>10}{'positives':>10}" if counted else ""
+    lines = [f"{'task':<{width}}{'metric':<8}{'value':>8}{'ceiling':>9}{'gap':>8}{count_header}   other"]
     for task, values in tasks.items():
         metric = headline(values)
         ceiling = values.get("ceiling")
         gap = "" if ceiling is None else f"{abs(ceiling - values[metric]):8.4f}"
         ceiling_text = "" if ceiling is None else f"{ceiling:9.4f}"
-        others = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k not in (metric, "ceiling", *THRESHOLD_KEYS))
-        lines.append(f"{task:<{width}}{metric:<8}{values[metric]:8.4f}{ceiling_text:>9}{gap:>8}   {others}")
+        counts = ""
+        if counted:
+            rows, positives = (values.get(key) for key in COUNT_KEYS)
+            counts = "".join(f"{'' if n is None else f'{int(n):,}':>10}" for n in (rows, positives))
+        skip = (metric, "ceiling", *THRESHOLD_KEYS, *COUNT_KEYS)
+        others = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k not in skip)
+        warning = unreliable(values)
+        others = f"{others}  ({warning})".lstrip() if warning else others
+        lines.append(f"{task:<{width}}{metric:<8}{values[metric]:8.4f}{ceiling_text:>9}{gap:>8}{counts}   {others}")
     thresholded = {task: values for task, values in tasks.items() if "f1" in values}
     if thresholded:
         lines.append(f"{'task':<{width}}{'threshold':>10}{'precision':>11}{'recall':>8}{'f1':>8}")
         for task, v in thresholded.items():
             lines.append(f"{task:<{width}}{v['threshold']:10.4f}{v['precision']:11.4f}{v['recall']:8.4f}{v['f1']:8.4f}")
     return "\n".join(lines)
+
+
+def format_segment(name: str, segment: SegmentResults) -> str:
+    """One line for a segment of the test rows (cold or warm items): each task's headline metric with the rows
+    and positives it was computed on, and the unreliable AUCs marked."""
+    parts = []
+    for task, values in segment["tasks"].items():
+        metric = headline(values)
+        counts = [f"{int(values[key]):,} {key}" for key in COUNT_KEYS if key in values]
+        warning = "; unreliable" if unreliable(values) else ""
+        parts.append(f"{task} {metric} {values[metric]:.4f}" + (f" ({', '.join(counts)}{warning})" if counts else ""))
+    return f"{name} items ({segment['rows']:,} test rows): {', '.join(parts)}"
 
 
 def headline_first(

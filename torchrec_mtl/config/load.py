@@ -107,8 +107,29 @@ def _merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
     return merged
 
 
+# The keys that hold a path of their own (data.train, data.test, data.validation and model.text's items and cache are
+# relative to data.dir instead). Set in a file, a relative one resolves against that file's folder, so a config runs
+# from any working directory; set on the command line, against the working directory.
+PATH_KEYS = ("data.dir", "data.schema", "data.shards", "model.text.encoder", "checkpoint.dir", "checkpoint.resume",
+             "finetune.checkpoint", "out_dir")  # fmt: skip
+_NOT_PATHS = {"checkpoint.resume": ("auto", "never")}
+
+
+def _resolve_paths(raw: Dict[str, Any], folder: Path) -> None:
+    """Make the relative paths ``raw`` sets (PATH_KEYS) absolute, against ``folder``."""
+    for dotted in PATH_KEYS:
+        *sections, key = dotted.split(".")
+        node: Any = raw
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        value = node.get(key) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and value not in _NOT_PATHS.get(dotted, ()):
+            node[key] = os.path.normpath(os.path.join(folder.absolute(), os.path.expanduser(value)))
+
+
 def _read_yaml(path: Path, chain: tuple = ()) -> Dict[str, Any]:
-    """A config file with its ``include`` list (files relative to it, merged in order, then the file over them)."""
+    """A config file with its ``include`` list (files relative to it, merged in order, then the file over them); its
+    paths (PATH_KEYS) resolved against its folder."""
     if path.resolve() in chain:
         raise ConfigError(f"{path}: includes itself (through {' -> '.join(str(p) for p in chain)})")
     try:
@@ -120,6 +141,7 @@ def _read_yaml(path: Path, chain: tuple = ()) -> Dict[str, Any]:
     includes = raw.pop("include", [])
     if not isinstance(includes, list) or not all(isinstance(item, str) for item in includes):
         raise ConfigError(f"{path}: include: expected a list of config files, got {includes!r}")
+    _resolve_paths(raw, path.parent)
     merged: Dict[str, Any] = {}
     for i, item in enumerate(includes):
         try:

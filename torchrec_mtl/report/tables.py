@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torchrec_mtl.headline import headline, task_kind
 from torchrec_mtl.report.data import dig, number
+from torchrec_mtl.results import unreliable
 
 
 def cell(value: Any) -> str:
@@ -35,6 +36,12 @@ def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _value(values: Dict[str, float], metric: str) -> Any:
+    """A task's headline value, marked when it is an AUC over too few positive or negative rows."""
+    value = values.get(metric)
+    return f"{cell(value)} (unreliable)" if unreliable(values) and value is not None else value
+
+
 def _kind(task: str, metrics: Dict[str, float], kinds: Optional[Mapping[str, Optional[str]]]) -> str:
     """The task's kind for a table: from ``kinds`` where it names one, else guessed from the metrics, else ``?``."""
     return (kinds or {}).get(task) or task_kind(metrics) or "?"
@@ -50,7 +57,7 @@ def metrics_table(tasks: Dict[str, Dict[str, float]], kinds: Optional[Mapping[st
     rows = []
     for task, values in tasks.items():
         metric = headline(values)
-        row = [task, _kind(task, values, kinds), metric, values.get(metric)]
+        row = [task, _kind(task, values, kinds), metric, _value(values, metric)]
         if with_ceiling:
             ceiling = values.get("ceiling")
             row += [ceiling, abs(number(ceiling) - number(values.get(metric))) if ceiling is not None else None]
@@ -70,7 +77,7 @@ def segments_table(segments: Dict[str, Any], kinds: Optional[Mapping[str, Option
     ]
     others = list(dict.fromkeys(m for *_, v in entries for m in v if m not in (headline(v), "ceiling")))
     rows = [
-        [name, count, task, _kind(task, values, kinds), headline(values), values.get(headline(values))]
+        [name, count, task, _kind(task, values, kinds), headline(values), _value(values, headline(values))]
         + [values.get(m) for m in others]
         for name, count, task, values in entries
     ]

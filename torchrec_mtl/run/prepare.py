@@ -273,6 +273,37 @@ def checkpoint_dir(config: JobConfig) -> Path:
     return Path(config.checkpoint.dir or Path(config.out_dir) / "checkpoints")
 
 
+def check_inputs(config: JobConfig) -> None:
+    """Every file the run will read is there, before any work: the schema (and that it parses), the logs (unless
+    they are to be generated), the items file and the text encoder's folder, a checkpoint to resume or fine-tune.
+    A missing one is a ConfigError naming its key, the path and the folder it was resolved against."""
+    data = config.data
+
+    def missing(key: str, path: str | Path, what: str) -> ConfigError:
+        return ConfigError(f"{key}: {path} does not exist ({what}; a relative path in a config file resolves "
+                           f"against that file's folder, on the command line against {Path.cwd()})")  # fmt: skip
+
+    if not Path(data.schema).is_file():
+        raise missing("data.schema", data.schema, "a dataset schema, e.g. one of configs/datasets/")
+    DatasetSchema.from_yaml(data.schema)  # a SchemaError names the file and the key
+    if data.generate is None:
+        if not Path(data.dir).is_dir():
+            raise missing("data.dir", data.dir, "the folder of the logs")
+        try:
+            resolve_files(data)
+        except MissingInputError as error:
+            raise ConfigError(str(error)) from None
+        text = config.model.text
+        if text is not None and not (Path(data.dir) / text.items).is_file():
+            raise missing("model.text.items", Path(data.dir) / text.items, "an items file: item_id, description")
+    if config.model.text is not None and config.model.text.encoder and not Path(config.model.text.encoder).is_dir():
+        raise missing("model.text.encoder", config.model.text.encoder, "a local BERT-family model folder")
+    if config.checkpoint.resume not in ("auto", "never") and not Path(config.checkpoint.resume).exists():
+        raise missing("checkpoint.resume", config.checkpoint.resume, "a checkpoint to continue from")
+    if config.finetune is not None and not Path(config.finetune.checkpoint).exists():
+        raise missing("finetune.checkpoint", config.finetune.checkpoint, "the joint checkpoint to fine-tune")
+
+
 def claim_run_folder(config: JobConfig) -> Path:
     """``out_dir``, created and marked, or OutputError when it holds files of others or the run's data."""
     try:

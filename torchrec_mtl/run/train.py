@@ -26,9 +26,9 @@ import torch
 
 from torchrec_mtl.config import ConfigError, JobConfig, config_from_dict, config_to_dict
 from torchrec_mtl.finetune import for_task
-from torchrec_mtl.results import Results, ceilings, format_table, headline, headline_first
+from torchrec_mtl.results import Results, ceilings, format_segment, format_table, headline_first
 from torchrec_mtl.run.evaluate import evaluate_item_segments, gathered, task_threshold_metrics
-from torchrec_mtl.run.prepare import PreparedJob, checkpoint_dir, claim_run_folder, prepare_job
+from torchrec_mtl.run.prepare import PreparedJob, check_inputs, checkpoint_dir, claim_run_folder, prepare_job
 from torchrec_mtl.run.selection import EpochValidator
 from torchrec_mtl.train.board import RunBoard
 from torchrec_mtl.train.checkpoint import (
@@ -134,6 +134,7 @@ class _Tee:
 def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Results:
     """Train and evaluate as configured; rank 0 prints the plan, the curve points and the table, writes
     ``out_dir/results.json``, and appends what it prints to ``out_dir/train.log``."""
+    check_inputs(config)  # every rank, before any work or collective: a missing file stops them all
     out = claim_run_folder(config)  # every rank: a refusal stops them all, before any collective
     env = env or init_distributed(timeout_s=config.training.collective_timeout_s)
     if not env.is_main:
@@ -201,6 +202,9 @@ def _run_job(config: JobConfig, env: DistributedEnv) -> Results:
             f"stopped by SIGTERM after step {summary.steps}; checkpoint {trigger.last_path}; run the same command "
             "again to continue from it"
         )
+    if env.is_main and not summary.curve and training.curve_every > 0:
+        print(f"no training curve: {summary.steps} steps, and a curve point is every {training.curve_every} "
+              "(training.curve_every)", flush=True)  # fmt: skip
     selected = validator.selected(summary) if validator is not None else None
     if selected is not None:  # the selected epoch's model is the one tested, saved last and exported
         load_model_state(validator.best_path(summary), sharded)
@@ -265,8 +269,7 @@ def _run_job(config: JobConfig, env: DistributedEnv) -> Results:
         np.savez(out / "predictions.npz", **predictions)
         print(format_table(per_task))
         for name, segment in results["segments"].items():
-            summary_line = ", ".join(f"{t} {headline(v)} {v[headline(v)]:.4f}" for t, v in segment["tasks"].items())
-            print(f"{name} items ({segment['rows']:,} test rows): {summary_line}")
+            print(format_segment(name, segment))
         for warning in warnings:
             print(f"warning: {warning}")
         print(

@@ -335,8 +335,9 @@ def evaluate(
     ``<task>.label`` (NaN outside the task's sample space); padding rows are left out.
     """
     metrics = TaskMetrics(
-        task_kinds, batch_size=loader.batch_size, window_size=len(loader) * loader.batch_size * loader.world_size
-    )
+        task_kinds, batch_size=loader.batch_size, window_size=len(loader) * loader.batch_size * loader.world_size,
+        count_rows=True,
+    )  # fmt: skip
     keep = list(task_kinds) if predictions_out is not None else [n for n, k in task_kinds.items() if k == "binary"]
     keep = keep if (groups is not None or predictions_out is not None) else []
     kept: Dict[str, List[torch.Tensor]] = {f"{n}.{part}": [] for n in keep for part in ("prediction", "label")}

@@ -45,6 +45,8 @@ class TaskMetrics:
         window_size: rows kept per window (global, over all ranks); make it at least the evaluation set's size for
             whole-set AUC.
         device: where the metric states live.
+        count_rows: also report each task's ``rows`` (labelled rows) and, for tasks with 0/1 labels, ``positives``,
+            summed over ranks: what a metric was computed on (an AUC on a handful of positives means little).
     """
 
     def __init__(
@@ -53,8 +55,11 @@ class TaskMetrics:
         batch_size: int,
         window_size: int,
         device: torch.device = torch.device("cpu"),
+        count_rows: bool = False,
     ) -> None:
         self.task_kinds = dict(task_kinds)
+        # per task: [labelled rows, positive rows], kept as tensors so counting costs no host sync per batch
+        self.counts = {name: torch.zeros(2, dtype=torch.int64, device=device) for name in task_kinds} if count_rows else None
         names = list(self.task_kinds)
         tasks = [
             RecTaskInfo(name=n, label_name=f"{n}-label", prediction_name=f"{n}-prediction", weight_name=f"{n}-weight")
@@ -98,6 +103,8 @@ class TaskMetrics:
             model_out[f"{name}-prediction"] = predictions[name].double()
             model_out[f"{name}-label"] = torch.nan_to_num(labels[name]).double()
             model_out[f"{name}-weight"] = present.double()
+            if self.counts is not None:
+                self.counts[name] += torch.stack([present.sum(), (labels[name] == 1).sum()]).to(self.counts[name])
         self.module.update(model_out)
 
     def compute(self) -> Dict[str, Dict[str, float]]:
@@ -110,10 +117,20 @@ class TaskMetrics:
             metric, _, task = metric_and_task.partition("-")
             if task in result and variant.startswith("window_"):
                 result[task][variant.removeprefix("window_")] = float(value)
+        if self.counts is not None:
+            counts = torch.stack([self.counts[name] for name in self.task_kinds])
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(counts)
+            for name, (rows, positives) in zip(self.task_kinds, counts.tolist()):
+                result[name]["rows"] = rows
+                if KINDS[self.task_kinds[name]].label_kind == "binary":
+                    result[name]["positives"] = positives
         return result
 
     def reset(self) -> None:
         self.module.reset()
+        for counts in (self.counts or {}).values():
+            counts.zero_()
 
 
 # Cells (groups x longest group) per GAUCMetric update: torchrec pads every group to the longest one in an update.
