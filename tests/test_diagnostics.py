@@ -69,6 +69,8 @@ def test_ple_gates_are_monitored_and_towers_without_gates_are_refused():
 def test_leak_warning_names_the_task():
     warnings = leak_warnings({"ctr": {"auc": 0.9996}, "cvr": {"auc": 0.71}, "rating": {"rmse": 0.6}})
     assert len(warnings) == 1 and warnings[0].startswith("task ctr: AUC 0.9996")
+    # an AUC of 1 on one positive and one negative row is marked unreliable, not taken for a leak
+    assert leak_warnings({"cvr": {"auc": 1.0, "rows": 2, "positives": 1}}) == []
 
 
 def test_gradient_cosine_sees_agreement_and_conflict_on_shared_parameters():
