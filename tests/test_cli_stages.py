@@ -129,9 +129,9 @@ def test_train_writes_the_report_and_the_report_command_rewrites_it(run, tmp_pat
 def test_train_keeps_a_log_of_what_it_printed(run):
     out, _ = run
     log = (out / "train.log").read_text()
-    assert "sharding plan for 1 process(es)" in log and "task    metric     value" in log
-    # the plan as one line; its whole table only when asked (training.print_plan); no progress-bar redraws in a log
-    assert "(training.print_plan=true shows it whole)" in log and "| fused" not in log and "\r" not in log
+    assert "sharded tables on 1 process(es): " in log and "task    metric     value" in log
+    # the plan as counts; the plan itself only when asked (training.print_plan); no progress-bar redraws in a log
+    assert "(-v or training.print_plan=true prints the plan)" in log and "| fused" not in log and "\r" not in log
     # a line per curve point: the windowed metrics of the last 100 training batches
     assert "step 50/125 (epoch 1): loss " in log and "ctr auc " in log and "rating rmse " in log
 

@@ -37,7 +37,7 @@ def test_tables_take_their_own_placement_and_optimizer_and_the_plan_is_printed(s
         "training.print_plan=true",
     )
     plan = capsys.readouterr().out
-    assert "sharding plan for 1 process(es): row_wise: t_C7; table_wise: t_C1, t_C2, t_C3" in plan
+    assert "sharded tables on 1 process(es): 1 row_wise, 7 table_wise\nrow_wise: t_C7; table_wise: t_C1, t_C2, t_C3" in plan
     rows = {line.split("|")[0].strip(): line.split("|")[1].strip() for line in plan.splitlines() if "| fused" in line}
     assert rows == {**{f"t_C{i}": "table_wise" for i in (1, 2, 3, 4, 5, 6, 8)}, "t_C7": "row_wise"}
     state = job.sharded.fused_optimizer.state_dict()["state"]

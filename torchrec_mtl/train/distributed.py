@@ -186,9 +186,10 @@ def shard_model(
     except PlannerError as error:
         budget = f" within {memory_budget_bytes / 2**30:.2f} GiB per rank" if memory_budget_bytes else ""
         raise ValueError(f"no sharding plan{budget} meets the constraints: {str(error).splitlines()[0]}") from None
-    if env.is_main:  # one line always; torchrec's whole table (about two lines a table) when asked
-        print(f"sharding plan for {env.world_size} process(es): {plan_summary(plan)}"
-              + (f"\n{plan}" if print_plan else " (training.print_plan=true shows it whole)"), flush=True)  # fmt: skip
+    if env.is_main:  # the counts always; the tables and torchrec's whole plan (two lines a table) when asked
+        print(f"sharded tables on {env.world_size} process(es): {plan_summary(plan)}"
+              + (f"\n{plan_summary(plan, tables=True)}\n{plan}" if print_plan
+                 else " (-v or training.print_plan=true prints the plan)"), flush=True)  # fmt: skip
     sharded = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=sharders)
     dense = dense_optimizer(
         dict(in_backward_optimizer_filter(sharded.named_parameters())), dense_optimizer_name, dense_lr, weight_decay,
@@ -197,13 +198,16 @@ def shard_model(
     return sharded, CombinedOptimizer([sharded.fused_optimizer, dense])
 
 
-def plan_summary(plan: Any) -> str:
-    """The tables of each sharding type in a plan, as one line: ``table_wise: t_C1, t_C2; data_parallel: t_C3``."""
+def plan_summary(plan: Any, tables: bool = False) -> str:
+    """How many tables each sharding type got, as one line: ``2 table_wise, 1 data_parallel``; with ``tables``,
+    which: ``table_wise: t_C1, t_C2; data_parallel: t_C3``."""
     by_type: Dict[str, List[str]] = {}
     for module_plan in plan.plan.values():
         for table, sharding in module_plan.items():
             by_type.setdefault(sharding.sharding_type, []).append(table)
-    return "; ".join(f"{kind}: {', '.join(tables)}" for kind, tables in sorted(by_type.items()))
+    if tables:
+        return "; ".join(f"{kind}: {', '.join(names)}" for kind, names in sorted(by_type.items()))
+    return ", ".join(f"{len(names)} {kind}" for kind, names in sorted(by_type.items()))
 
 
 def _copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
