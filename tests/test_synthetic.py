@@ -130,3 +130,24 @@ def test_text_ceiling_replays_the_generator_and_orders_its_ceilings(small_log, t
     failed = subprocess.run([sys.executable, "tools/text_ceiling.py", "--data", str(other), "--out", str(out)],
                             capture_output=True, text=True)  # fmt: skip
     assert failed.returncode == 2 and "does not give test_truth.tsv's p_click" in failed.stderr
+
+
+def test_the_affinity_profile_plants_most_of_the_click_signal_in_the_user_item_affinity(tmp_path):
+    config = SyntheticConfig(profile="affinity", num_rows=60_000, num_users=3_000, num_items=800, seed=3)
+    meta = generate(config, tmp_path / "a")
+    c = meta["ceilings"]
+    # the affinity carries more of the click than the item's own quality, and a user's segment tells part of it
+    assert c["ctr_auc"] - c["ctr_auc_without_affinity"] > 0.08
+    assert c["ctr_auc"] - c["ctr_auc_without_item_quality"] < c["ctr_auc"] - c["ctr_auc_without_affinity"]
+    assert c["ctr_auc_without_affinity"] < c["ctr_auc_segment_affinity_only"] < c["ctr_auc"]
+    assert c["cvr_auc_without_price_term"] < c["cvr_auc"] and c["cvr_auc_without_affinity"] < c["cvr_auc"]
+    assert abs(meta["rates"]["click"] - config.click_rate) < 0.01
+    # few impressions per user, heavy-tailed: the median user has far fewer rows than the mean
+    users = pl.read_csv(tmp_path / "a" / "train.tsv", separator="\t", has_header=False).get_column("column_17")
+    counts = users.value_counts().get_column("count").to_numpy()
+    assert np.median(counts) < 0.6 * counts.mean()
+    again = generate(config, tmp_path / "b")
+    assert (tmp_path / "a" / "train.tsv").read_bytes() == (tmp_path / "b" / "train.tsv").read_bytes()
+    assert again["ceilings"] == meta["ceilings"]
+    with pytest.raises(ValueError, match="profile: expected one of default, affinity"):
+        SyntheticConfig(profile="other")

@@ -34,6 +34,7 @@ class GenerateConfig:
     click_rate: float = 0.06
     conversion_rate: float = 0.2
     seed: int = 0
+    profile: str = "default"
 
 
 @dataclass

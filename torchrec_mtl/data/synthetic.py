@@ -47,6 +47,7 @@ import torch
 
 from torchrec.metrics.auc import compute_auc
 
+from torchrec_mtl.data.synthetic_affinity import decomposed_ceilings, draw_affinity_latents
 from torchrec_mtl.data.synthetic_text import CATEGORY_WORDS, item_descriptions
 from torchrec_mtl.outputs import new_files
 
@@ -79,6 +80,7 @@ INTEGER_MEANING: Dict[str, str] = {
 }
 
 _DEVICE_EFFECT = np.array([0.0, -0.3, 0.25, -0.5])
+PROFILES = ("default", "affinity")
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,13 @@ class SyntheticConfig:
     click_rate: float = 0.06
     conversion_rate: float = 0.2
     seed: int = 0
+    # "default": the planted structure above; "affinity": a user x item-attribute affinity drives most of the click,
+    # with few impressions per user (torchrec_mtl.data.synthetic_affinity)
+    profile: str = "default"
 
     def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile: expected one of {', '.join(PROFILES)}, got {self.profile!r}")
         for name in ("num_rows", "num_users", "num_items", "num_categories", "num_segments", "num_brands",
                      "num_sessions"):  # fmt: skip
             if getattr(self, name) < 1:
@@ -173,6 +180,8 @@ def draw_latents(config: SyntheticConfig, rng: np.random.Generator) -> Dict[str,
         >>> int(latents["is_test"].sum())
         200
     """
+    if config.profile == "affinity":
+        return draw_affinity_latents(config, rng)
     num_users, num_items, num_cat = config.num_users, config.num_items, config.num_categories
 
     # Items.
@@ -349,6 +358,8 @@ def _generate(config: SyntheticConfig, out: Path) -> Dict:
             rating[is_test],
         ),
     }
+    if config.profile == "affinity":
+        meta["ceilings"].update(decomposed_ceilings(latents, click, conversion))
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
 
