@@ -18,9 +18,9 @@ import torch
 import yaml
 
 from torchrec_mtl.config import DataConfig
+from torchrec_mtl.data.preprocess.fields import parse_decimal, parse_number, parse_token
 from torchrec_mtl.predict import _Encoder
 from torchrec_mtl.schema import DatasetSchema
-from torchrec_mtl.data.preprocess.fields import parse_decimal, parse_number, parse_token
 from torchrec_mtl.serving import RawRowEncoder
 from torchrec_mtl.text.table import ItemTextTable
 
@@ -92,7 +92,7 @@ def _encoders(raw: dict, folder: Path, vocabularies: dict, table: ItemTextTable)
 def _lines(schema: DatasetSchema, tokens: np.ndarray, labelled: bool, rng: np.random.Generator) -> List[str]:
     """1,500 lines of ``schema``'s layout: half well formed, the others with a hostile field or a bad field count."""
     layout = [c for c in schema.columns if labelled or c not in schema.labels]
-    as_text = (lambda t: format(int(t), "x")) if schema.categorical_format == "hex" else (lambda t: str(int(t)))
+    as_text = (lambda t: format(int(t), "08x")) if schema.categorical_format == "hex" else (lambda t: str(int(t)))
 
     def good(column: str) -> str:
         if rng.random() < 0.1:

@@ -109,6 +109,7 @@ def served(run, tmp_path_factory):
         "rest": {"lines": lines[8192:], "labelled": True},
         "rows": {"rows": rows[:8192]},
         "hostile": {"lines": hostile, "labelled": True},
+        "empty": {"lines": [], "labelled": False},
     }
     return manifest, _serve_in_a_bare_process(folder / "export" / "serve.pt", calls, folder), folder
 
@@ -124,6 +125,7 @@ def test_serve_pt_scores_10000_raw_lines_as_predict_does_bit_for_bit(run, served
         assert scores.dtype == np.float32 and np.array_equal(scores, expected[task]), task
         assert np.array_equal(results["rows/" + task], expected[task][:8192]), task  # feature rows alike
     assert set(manifest["serve"]["outputs"]) == {"valid", *TASKS} and manifest["serve"]["file"] == "serve.pt"
+    assert all(results[f"empty/{name}"].shape == (0,) for name in ["valid", *TASKS]), "an empty batch"
     assert manifest["serve"]["labelled_layout"][:LABELS] == ["click", "conversion", "rating"]
 
 

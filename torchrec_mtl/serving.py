@@ -17,9 +17,11 @@ order (labels and ignored columns left out; ``manifest.json`` lists them under `
 dropped, short rows padded where the schema says so. Both return ``valid`` [B] bool and each task's scores [B]
 float32; a row predict rejects is ``valid == False`` and its scores are NaN.
 
-Where TorchScript cannot follow polars exactly, the row is not valid rather than scored differently (they are
-listed in ``NOT_VALID_HERE``). Layouts predict decides per file are the caller's here: a header row, a byte order
-mark and a line with an inner ``\\n`` are not read.
+The encoding is predict's to the bit; so are the scores when the rows come in predict's batches (the model's float32
+kernels may round a last bit differently at another batch size). Where TorchScript cannot follow polars exactly, the
+row is not valid rather than scored differently (``NOT_VALID_HERE`` in torchrec_mtl.data.preprocess.fields, and the
+manifest, list them). What predict decides per file is the caller's here: a header row, a byte order mark and a
+line with an inner ``\\n`` are not read.
 """
 
 # No "from __future__ import annotations": TorchScript reads the class attributes' annotations as types.
