@@ -6,13 +6,17 @@ of every rank into whole tables) from what the checkpoint itself records: the jo
 and named per-task outputs: probabilities for binary tasks and products (ESMM's CTCVR), values for regression.
 
 ``export`` follows torchrec's inference path: ``quantize_inference_model`` (optional: int8 tables, the dense
-layers stay fp32), ``torchrec.fx.symbolic_trace``, ``torch.jit.script``. The artifact needs torch and fbgemm_gpu
-(whose operators the tables call) to load, not this package::
+layers stay fp32), ``torchrec.fx.symbolic_trace``, ``torch.jit.script``. It writes two artifacts, which need torch
+and fbgemm_gpu (whose operators the tables call) to load, not this package: ``model.pt`` takes encoded inputs,
+``serve.pt`` raw log rows, encoded inside as predict encodes them (torchrec_mtl.serving)::
 
     import torch, fbgemm_gpu  # noqa: F401  (registers the table operators)
     model = torch.jit.load("runs/main/export/model.pt")
     outputs = model(dense_features, sparse_ids)  # [B, num_dense] float32, [B, num_features] int64 table rows
     outputs["ctr"], outputs["ctcvr"], outputs["rating"]
+    serve = torch.jit.load("runs/main/export/serve.pt")
+    scores = serve.score_lines(lines, False)  # raw lines without the label columns; serve(rows): feature fields
+    scores["valid"], scores["ctr"]  # [B] bool (False: a row predict rejects), [B] float32 (NaN where not valid)
 
 Example::
 
@@ -26,7 +30,7 @@ Example::
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List
 
 import torch
 from torch import nn
@@ -47,6 +51,9 @@ from torchrec_mtl.train.checkpoint import (
     verify_checkpoint,
 )
 
+
+if TYPE_CHECKING:
+    from torchrec_mtl.serving import ServingArtifact
 
 class TaskOutputs(nn.Module):
     """Tower logits -> each evaluated name's prediction, as the objective (torchrec_mtl.tasks) defines it:
@@ -149,7 +156,10 @@ def load_trained(checkpoint: str | Path) -> TrainedModel:
 
 
 def export(trained: TrainedModel, out_dir: str | Path, quantize: bool = False) -> Path:
-    """Write ``out_dir/model.pt`` (TorchScript) and ``out_dir/manifest.json`` (inputs, outputs, how to load)."""
+    """Write ``out_dir/model.pt`` (TorchScript, encoded inputs), ``out_dir/serve.pt`` (TorchScript, raw log rows in:
+    torchrec_mtl.serving) and ``out_dir/manifest.json`` (inputs, outputs, how to load and call each). serve.pt holds
+    the run's vocabularies and item-text rows: the run's data folder must be where training left it (as for
+    predict); otherwise a ShardError naming it, before anything is written."""
     import torchrec.fx
 
     module: nn.Module = trained.inference.requires_grad_(False)  # an inference artifact: outputs carry no graph
@@ -158,13 +168,19 @@ def export(trained: TrainedModel, out_dir: str | Path, quantize: bool = False) -
 
         module = quantize_inference_model(module)
     scripted = torch.jit.script(torchrec.fx.symbolic_trace(module))
-    with new_folder(out_dir, "export", inputs=[trained.checkpoint]) as out:
-        _write_export(out, scripted, trained, quantize)
+    from torchrec_mtl.serving import serving_artifact  # imports predict, which imports this module
+
+    serving = serving_artifact(trained, scripted)  # reads the run's vocabularies and items file, or says they are gone
+    with new_folder(out_dir, "export", inputs=[trained.checkpoint, *serving.sources]) as out:
+        _write_export(out, scripted, serving, trained, quantize)
     return Path(out_dir) / "model.pt"
 
 
-def _write_export(out: Path, scripted: torch.jit.ScriptModule, trained: TrainedModel, quantize: bool) -> None:
+def _write_export(
+    out: Path, scripted: torch.jit.ScriptModule, serving: "ServingArtifact", trained: TrainedModel, quantize: bool
+) -> None:
     scripted.save(str(out / "model.pt"))
+    serving.module.save(str(out / "serve.pt"))
     manifest = {
         "inputs": {
             "dense_features": {"shape": ["B", trained.inputs["num_dense"]], "dtype": "float32",
@@ -176,5 +192,6 @@ def _write_export(out: Path, scripted: torch.jit.ScriptModule, trained: TrainedM
         "quantized": quantize,
         "checkpoint": str(trained.checkpoint),
         "load": "import torch, fbgemm_gpu; model = torch.jit.load('model.pt'); model(dense_features, sparse_ids)",
+        "serve": serving.manifest,  # serve.pt: raw rows in (torchrec_mtl.serving)
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))

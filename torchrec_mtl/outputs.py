@@ -43,7 +43,7 @@ KNOWN_NAMES = {
         "train.log", "results.json", "predictions.npz", "evaluation.json", "checkpoints", "report.html", "report",
         "tensorboard", "export", "vectors",
     },  # fmt: skip
-    "export": {"model.pt", "manifest.json"},
+    "export": {"model.pt", "serve.pt", "manifest.json"},
     "vectors": {"users.npz", "items.npz", "manifest.json"},
     "synthetic": {"train.tsv", "test.tsv", "items.tsv", "test_truth.tsv", "meta.json", "shards", "item_text.npz"},
     "converted": {"train.tsv", "test.tsv", "items.tsv", "meta.json", "shards", "item_text.npz"},

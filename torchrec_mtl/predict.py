@@ -85,7 +85,7 @@ class _Encoder:
             for f in self.schema.categorical
             if not self.schema.vocabulary_rule(f).is_hash
         ]
-        self.text_rows = None
+        self.text_rows, self.text_table = None, None
         if trained.inputs["item_text"] is not None:
             from torchrec_mtl.text.table import ItemTextTable
 
@@ -94,7 +94,7 @@ class _Encoder:
                 Path(config.data.dir) / text.items, Path(config.data.dir) / text.cache, self.schema.categorical_format
             )
             key = self.schema.key_columns.index(self.schema.item_text_key)
-            self.text_rows = lambda keys: table.rows(keys[:, key])
+            self.text_rows, self.text_table = (lambda keys: table.rows(keys[:, key])), table
 
     def layout(
         self, name: str, chunk: bytes, first_line: int, too_long: Sequence[LineTooLong]

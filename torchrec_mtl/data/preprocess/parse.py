@@ -2,6 +2,8 @@
 either keep each row (as dense, sparse, token, key and label arrays) or reject it with the first reason that fails.
 
 The reasons, in the order they are tried, are :data:`REASONS` (the table in torchrec_mtl.data.preprocess).
+The field rules are mirrored in TorchScript for the exported serve.pt (torchrec_mtl.data.preprocess.fields): a change
+here is a change there (tests/test_serving.py holds the two to the same readings).
 
 Example::
 

@@ -1,0 +1,318 @@
+"""``serve.pt``: the exported model behind the training run's own encoding of raw log rows, in one TorchScript file.
+
+``export`` (torchrec_mtl.inference) writes it beside ``model.pt``: a ``RawRowEncoder`` (the rules of
+torchrec_mtl.data.preprocess, the run's vocabularies as sorted tensors, the item-text rows of its items file)
+composed with the scripted model. It loads with only torch and fbgemm_gpu, and reads rows as predict reads them::
+
+    import torch, fbgemm_gpu  # noqa: F401  (registers the table operators)
+    serve = torch.jit.load("runs/main/export/serve.pt")
+    scores = serve([["3", "", "12", ..., "00ecd93f", "d7decfb3", ...]])  # the feature fields, manifest's order
+    scores = serve.score_lines(["0\\t0\\t\\t13\\t5\\t...", ...], True)  # whole lines; False: without the labels
+    scores["valid"], scores["ctr"], scores["ctcvr"], scores["rating"]  # [B] bool, [B] float32 (NaN: not valid)
+
+``forward(rows: List[List[str]])``: each row holds the raw fields of the schema's feature columns, in the file
+order (labels and ignored columns left out; ``manifest.json`` lists them under ``serve.columns``).
+``score_lines(lines: List[str], labelled: bool)``: each line split by the schema's separator in the training layout
+(``labelled``: with the label columns, checked when filled; else without them), one trailing ``\\n`` and ``\\r``
+dropped, short rows padded where the schema says so. Both return ``valid`` [B] bool and each task's scores [B]
+float32; a row predict rejects is ``valid == False`` and its scores are NaN.
+
+The encoding is predict's to the bit; so are the scores when the rows come in predict's batches (the model's float32
+kernels may round a last bit differently at another batch size). Where TorchScript cannot follow polars exactly, the
+row is not valid rather than scored differently (``NOT_VALID_HERE`` in torchrec_mtl.data.preprocess.fields, and the
+manifest, list them). What predict decides per file is the caller's here: a header row, a byte order mark and a
+line with an inner ``\\n`` are not read.
+"""
+
+# No "from __future__ import annotations": TorchScript reads the class attributes' annotations as types.
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, Final, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchrec_mtl.data.preprocess.fields import (
+    NOT_VALID_HERE,
+    finite_in_float32,
+    label_ok,
+    parse_decimal,
+    parse_number,
+    parse_token,
+)
+from torchrec_mtl.schema import DatasetSchema
+
+if TYPE_CHECKING:
+    from torchrec_mtl.inference import TrainedModel
+
+
+class RawRowEncoder(nn.Module):
+    """Raw string fields -> (valid [B] bool, dense [B, num_dense] float32, sparse [B, num_sparse] int64), the model
+    inputs predict's encoder (torchrec_mtl.predict) gives the same rows. Scriptable.
+
+    ``vocabularies``: the sorted tokens of each ``min_count`` feature; ``item_keys``/``item_rows``: the item-text
+    table's sorted raw keys and their rows (torchrec_mtl.text.table.ItemTextTable), when the model has item text.
+
+    >>> encoder = torch.jit.script(RawRowEncoder(schema, vocabularies))  # doctest: +SKIP
+    >>> valid, dense, sparse = encoder.encode_lines(["0\\t1\\t4.5\\t3\\t..."], True)  # doctest: +SKIP
+    """
+
+    # What a field is (``kinds``, ``layouts``); class constants: TorchScript reads no module-level ints.
+    INTEGER: Final[int] = 0
+    NUMERIC: Final[int] = 1
+    CATEGORICAL: Final[int] = 2
+    BINARY_LABEL: Final[int] = 3
+    REGRESSION_LABEL: Final[int] = 4
+    IGNORED: Final[int] = 5
+
+    columns: List[str]
+    kinds: List[int]
+    slots: List[int]
+    hash_sizes: List[int]
+    vocabulary_columns: List[int]
+    vocabulary_offsets: List[int]
+    layouts: List[List[int]]
+    last_required: List[int]
+
+    def __init__(
+        self,
+        schema: DatasetSchema,
+        vocabularies: Dict[str, np.ndarray],
+        item_keys: Optional[np.ndarray] = None,
+        item_rows: Optional[np.ndarray] = None,
+    ) -> None:
+        super().__init__()
+        kind_of = {**{c: self.INTEGER for c in schema.integer}, **{c: self.NUMERIC for c in schema.numeric},
+                   **{c: self.CATEGORICAL for c in schema.categorical}}  # fmt: skip
+        slot_of = {c: i for group in (schema.integer, schema.numeric, schema.categorical) for i, c in enumerate(group)}
+        self.columns = [c for c in schema.columns if c in kind_of]  # what forward reads, in the file's order
+        self.kinds = [kind_of[c] for c in self.columns]
+        # dense: the integer features then the numeric ones (schema.dense); sparse: schema.categorical's order
+        self.slots = [slot_of[c] + (len(schema.integer) if kind_of[c] == self.NUMERIC else 0) for c in self.columns]
+        self.num_dense, self.num_categorical = len(schema.dense), len(schema.categorical)
+        self.hexadecimal = schema.categorical_format == "hex"
+        self.separator, self.pad_short_rows = schema.separator, schema.pad_short_rows
+        self.carriage_return = "\r"  # an attribute: TorchScript writes a "\r" in code that it cannot load again
+        # 0: looked up in the vocabulary tensors below
+        self.hash_sizes = [schema.vocabulary_rule(c).hash_size or 0 for c in schema.categorical]
+        frequency = [c for c in schema.categorical if not schema.vocabulary_rule(c).is_hash]
+        self.vocabulary_columns = [schema.categorical.index(c) for c in frequency]
+        tokens = [np.asarray(vocabularies[c], dtype=np.int64) for c in frequency]
+        self.register_buffer("vocabulary_tokens", torch.from_numpy(np.concatenate([np.zeros(0, np.int64), *tokens])))
+        self.vocabulary_offsets = [int(n) for n in np.cumsum([0, *(len(t) for t in tokens)])]
+        self.has_item_text = item_keys is not None
+        keys = np.zeros(0, np.int64) if item_keys is None else np.asarray(item_keys, np.int64)
+        rows = np.zeros(0, np.int64) if item_rows is None else np.asarray(item_rows, np.int64)
+        self.register_buffer("item_keys", torch.from_numpy(keys))
+        self.register_buffer("item_rows", torch.from_numpy(rows))
+        self.item_key_column = schema.categorical.index(schema.item_text_key) if self.has_item_text else -1
+        # score_lines' layouts: [0] with the label columns, [1] without; per field its kind, or -1 - its feature index
+        self.layouts, self.last_required = [], []
+        for labelled in (True, False):
+            layout = [c for c in schema.columns if labelled or c not in schema.labels]
+            self.layouts.append([_field_kind(schema, self.columns, c) for c in layout])
+            # padding may only supply categorical fields (as ChunkParser): every label and dense field must be there
+            required = [i for i, c in enumerate(layout) if c in [*schema.labels, *schema.dense]]
+            self.last_required.append(max(required, default=-1))
+
+    def forward(self, rows: List[List[str]]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``rows``: the raw fields of ``columns`` per row; a row of another length is not valid."""
+        return self._encode(rows, [len(fields) == len(self.columns) for fields in rows])
+
+    @torch.jit.export
+    def encode_lines(self, lines: List[str], labelled: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Whole lines of the training layout, with (``labelled``) or without the label columns."""
+        layout = self.layouts[0 if labelled else 1]
+        rows: List[List[str]] = []
+        checked: List[bool] = []
+        for line in lines:
+            fields = self._split(line, layout, self.last_required[0 if labelled else 1])
+            features = [""] * len(self.columns)
+            ok = len(fields) == len(layout)
+            for i in range(len(fields) if ok else 0):
+                kind = layout[i]
+                if kind < 0:
+                    features[-1 - kind] = fields[i]
+                elif (kind == self.BINARY_LABEL or kind == self.REGRESSION_LABEL) and fields[i] != "":
+                    # a label that is there is checked (as predict does), an empty one is no problem
+                    ok = ok and label_ok(fields[i], kind == self.BINARY_LABEL)
+            rows.append(features)
+            checked.append(ok)
+        return self._encode(rows, checked)
+
+    def _split(self, line: str, layout: List[int], last_required: int) -> List[str]:
+        """The fields of a line as predict's reader splits them; [] for a line it rejects by its field count."""
+        if line.endswith("\n"):
+            line = line[:-1]
+        if line.endswith(self.carriage_return):  # one CR before the line end is part of it, as predict reads files
+            line = line[:-1]
+        if line == "" or "\n" in line:  # an empty line; an inner \n would be two lines to predict
+            return []
+        fields = line.split(self.separator)
+        if len(fields) < len(layout) and self.pad_short_rows and len(fields) > last_required:
+            fields = fields + [""] * (len(layout) - len(fields))
+        return fields if len(fields) == len(layout) else []
+
+    def _encode(self, rows: List[List[str]], checked: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode the feature fields of each row; a row whose ``checked`` is False (its line's shape or labels) is
+        not valid whatever its fields."""
+        valid: List[bool] = []
+        dense: List[float] = []
+        tokens: List[int] = []
+        for fields, ok in zip(rows, checked):
+            row_dense = [0.0] * self.num_dense
+            row_tokens = [-1] * self.num_categorical  # -1: empty (no valid token is negative), as preprocessing
+            ok = ok and self._read(fields, row_dense, row_tokens)
+            valid.append(ok)
+            # a row that is not valid is encoded as an all-empty one (scored, then masked by the caller)
+            dense.extend(row_dense if ok else [0.0] * self.num_dense)
+            tokens.extend(row_tokens if ok else [-1] * self.num_categorical)
+        count = len(rows)
+        # float64 -> float32 once for the batch: the rounding polars' cast to the shards' float32 does
+        dense_tensor = torch.tensor(dense, dtype=torch.float64).reshape(count, self.num_dense).to(torch.float32)
+        token_tensor = torch.tensor(tokens, dtype=torch.int64).reshape(count, self.num_categorical)
+        return torch.tensor(valid, dtype=torch.bool), dense_tensor, self._rows(token_tensor)
+
+    def _read(self, fields: List[str], dense: List[float], tokens: List[int]) -> bool:
+        """Fill one row's dense values (float64, cast to float32 with the batch) and tokens; False when a field is not
+        what its column reads."""
+        for column in range(len(fields)):
+            text, kind, slot = fields[column], self.kinds[column], self.slots[column]
+            if text == "":
+                continue  # empty: 0 for the dense features (log1p(0) = 0), row 0 for the categorical ones
+            if kind == self.INTEGER:
+                ok, value = parse_decimal(text)
+                if not ok:
+                    return False
+                # glibc's log1p per value, as polars computes it (torch.log1p's vectorised one differs by an ulp)
+                dense[slot] = math.log1p(float(max(value, 0)))
+            elif kind == self.NUMERIC:
+                status, number = parse_number(text)
+                if status == 0 or not finite_in_float32(number):
+                    return False
+                dense[slot] = number
+            else:
+                ok, value = parse_token(text, self.hexadecimal)
+                if not ok:
+                    return False
+                tokens[slot] = value
+        return True
+
+    def _rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Raw tokens [B, categorical] -> embedding rows (hashed or looked up), with the item-text row appended."""
+        by_column = tokens.t().contiguous()  # searchsorted wants contiguous keys
+        rows = torch.zeros_like(by_column)
+        for column, size in enumerate(self.hash_sizes):
+            if size > 0:  # 1 + token % (hash_size - 1), row 0 for an empty field
+                hashed = 1 + torch.remainder(by_column[column], size - 1)
+                rows[column] = torch.where(by_column[column] < 0, 0, hashed)
+        for i, column in enumerate(self.vocabulary_columns):
+            vocabulary = self.vocabulary_tokens[self.vocabulary_offsets[i] : self.vocabulary_offsets[i + 1]]
+            rows[column] = _lookup(vocabulary, torch.arange(1, vocabulary.numel() + 1), by_column[column])
+        if self.has_item_text:
+            text_rows = _lookup(self.item_keys, self.item_rows, by_column[self.item_key_column])
+            rows = torch.cat([rows, text_rows[None, :]], dim=0)
+        return rows.t().contiguous()
+
+
+def _field_kind(schema: DatasetSchema, features: List[str], column: str) -> int:
+    """A layout's field: a label's kind, IGNORED, or -1 - the feature's index in ``features``."""
+    if column in schema.labels:
+        return RawRowEncoder.BINARY_LABEL if schema.labels[column].kind == "binary" else RawRowEncoder.REGRESSION_LABEL
+    return -1 - features.index(column) if column in features else RawRowEncoder.IGNORED
+
+
+def _lookup(sorted_keys: torch.Tensor, values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``values`` at each key's position in ``sorted_keys``; 0 for a key not there (as vocab.tokens_to_rows and
+    ItemTextTable.rows)."""
+    if sorted_keys.numel() == 0:
+        return torch.zeros_like(keys)
+    position = torch.searchsorted(sorted_keys, keys).clamp(max=sorted_keys.numel() - 1)
+    return torch.where(sorted_keys[position] == keys, values[position].to(torch.int64), 0)
+
+
+class ServingModel(nn.Module):
+    """Raw rows -> {"valid": [B] bool, each task: [B] float32, NaN where not valid}: ``encoder`` then ``model`` (an
+    InferenceModel, scripted or not; rows not valid are scored as all-empty rows, then masked). Scriptable.
+
+    >>> serve = torch.jit.script(ServingModel(encoder, scripted_model, ["ctr", "ctcvr"]))  # doctest: +SKIP
+    >>> serve.score_lines(lines, False)["ctr"]  # doctest: +SKIP
+    """
+
+    tasks: List[str]
+
+    def __init__(self, encoder: RawRowEncoder, model: nn.Module, tasks: List[str]) -> None:
+        super().__init__()
+        self.encoder, self.model, self.tasks = encoder, model, list(tasks)
+
+    def forward(self, rows: List[List[str]]) -> Dict[str, torch.Tensor]:
+        """``rows``: per row the raw fields of ``encoder.columns`` (the manifest's ``serve.columns``)."""
+        valid, dense, sparse = self.encoder(rows)
+        return self._score(valid, dense, sparse)
+
+    @torch.jit.export
+    def score_lines(self, lines: List[str], labelled: bool) -> Dict[str, torch.Tensor]:
+        """Whole lines of the training layout, with (``labelled``) or without the label columns."""
+        valid, dense, sparse = self.encoder.encode_lines(lines, labelled)
+        return self._score(valid, dense, sparse)
+
+    def _score(self, valid: torch.Tensor, dense: torch.Tensor, sparse: torch.Tensor) -> Dict[str, torch.Tensor]:
+        scores: Dict[str, torch.Tensor] = {}
+        if valid.numel() == 0:  # nothing to run the tables on
+            for name in self.tasks:
+                scores[name] = torch.zeros(0)
+        else:
+            outputs = self.model(dense, sparse)
+            for name in self.tasks:
+                scores[name] = torch.where(valid, outputs[name], float("nan"))
+        scores["valid"] = valid
+        return scores
+
+
+@dataclass
+class ServingArtifact:
+    """The scripted ServingModel of a trained run, the manifest's ``serve`` section, and what it was built from (the
+    run's vocabularies and items file: no export may be written over them)."""
+
+    module: torch.jit.ScriptModule
+    manifest: Dict[str, object]
+    sources: List[Path]
+
+
+def serving_artifact(trained: "TrainedModel", model: nn.Module) -> ServingArtifact:
+    """serve.pt for ``trained`` around ``model`` (its scripted, possibly quantized, InferenceModel), with the encoding
+    predict uses: its vocabularies and item-text table, read through predict's own encoder.
+
+    >>> serving = serving_artifact(load_trained("runs/main/checkpoints"), scripted)  # doctest: +SKIP
+    >>> serving.module.score_lines(lines, False)["valid"]  # doctest: +SKIP
+    """
+    from torchrec_mtl.data.prepare import shards_dir
+    from torchrec_mtl.predict import _Encoder  # predict imports inference, which imports this module when exporting
+
+    tasks = list(trained.task_kinds)
+    if "valid" in tasks:
+        raise ValueError("a task named 'valid' would hide serve.pt's 'valid' output; rename the task")
+    encoding = _Encoder(trained)  # reads the run's vocabularies and items file, or says they are gone
+    schema, table, data = encoding.schema, encoding.text_table, trained.config.data
+    vocabularies = {schema.categorical[column]: tokens for column, tokens in encoding.vocabularies}
+    encoder = RawRowEncoder(schema, vocabularies, *((table.sorted_keys, table.sorted_rows) if table else ()))
+    manifest = {
+        "file": "serve.pt",
+        "load": "import torch, fbgemm_gpu; serve = torch.jit.load('serve.pt')",
+        "forward": "serve(rows: List[List[str]]) -> Dict[str, Tensor]: per row the raw fields of `columns`",
+        "columns": encoder.columns,
+        "score_lines": f"serve.score_lines(lines: List[str], labelled: bool) -> Dict[str, Tensor]: lines split by "
+        f"{schema.separator!r}, laid out as `labelled_layout` (labelled=True) or `unlabelled_layout` (False)",
+        "labelled_layout": schema.columns,
+        "unlabelled_layout": [c for c in schema.columns if c not in schema.labels],
+        "outputs": {"valid": "bool [B]: False for a row predict rejects", **{
+            name: "float32 [B], NaN where not valid" for name in tasks}},  # fmt: skip
+        "not_read": ["a header row (lay the fields out as the layouts say)", "a byte order mark",
+                     "a line holding a line feed", *NOT_VALID_HERE],  # fmt: skip
+    }
+    sources = [shards_dir(data) / "vocab"] if vocabularies else []
+    if table is not None:
+        sources.append(Path(data.dir) / trained.config.model.text.items)
+    return ServingArtifact(torch.jit.script(ServingModel(encoder, model, tasks)), manifest, sources)
