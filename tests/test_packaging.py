@@ -72,10 +72,16 @@ def test_copy_writes_the_tree_again_as_a_no_op_and_never_overwrites_a_file_it_di
     assert not [path for path in copied.rglob("*") if path.name.endswith(".partial")]
 
 
-def test_copy_into_a_file_is_refused(tmp_path):
+def test_copy_into_a_file_is_refused_before_anything_is_written(tmp_path):
     (tmp_path / "configs").write_text("not a folder\n")
-    with pytest.raises(ValueError, match="is a file; expected a folder"):
+    with pytest.raises(ValueError, match="configs is a file; expected a folder"):
         copy_configs(tmp_path)
+    (tmp_path / "configs").unlink()
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "parts").write_text("not a folder\n")
+    with pytest.raises(ValueError, match="parts is a file; expected a folder"):
+        copy_configs(tmp_path)
+    assert [path.name for path in (tmp_path / "configs").iterdir()] == ["parts"]
 
 
 def test_the_wheel_carries_every_module_config_and_the_entry_point_and_lists_its_own_configs(tmp_path):

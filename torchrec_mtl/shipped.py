@@ -105,7 +105,7 @@ def copy_configs(destination: str | os.PathLike, option: str = "--copy") -> Dict
     is then refused before anything is written, naming it. Other files there (a user's own configs) stay as they are.
     Returns the folder and the files written and left unchanged."""
     folder = Path(destination) / "configs"
-    for path in (Path(destination), folder):
+    for path in (Path(destination), folder, *(folder / section for section, _ in SECTIONS if section)):
         if path.exists() and not path.is_dir():
             raise OutputError(f"{option}: {path} is a file; expected a folder")
     files = shipped_files()
