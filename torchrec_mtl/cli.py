@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import warnings
@@ -217,6 +218,19 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configs(args: argparse.Namespace) -> int:
+    from torchrec_mtl.shipped import copy_configs, listing
+
+    if args.copy is None:
+        print(listing())
+        return 0
+    summary = copy_configs(args.copy)
+    kept = f" ({len(summary['unchanged'])} already there, unchanged)" if summary["unchanged"] else ""
+    print(f"wrote {len(summary['written'])} files into {summary['folder']}{kept}; run a job there with\n"
+          f"  cd {shlex.quote(args.copy)} && torchrec-mtl train --config configs/mmoe_synthetic.yaml")  # fmt: skip
+    return 0
+
+
 # Failures of the user's input, files or environment: one line on stderr, exit 2.
 USER_ERRORS = (
     SchemaError, LogFormatError, TooManyBadRows, ShardError, InputError, MissingInputError, OutputError,
@@ -230,6 +244,7 @@ COMMANDS = {
     "generate": _generate, "preprocess": _preprocess, "encode-items": _encode_items, "convert": _convert,
     "train": _train,
     "evaluate": _evaluate, "predict": _predict, "export": _export, "vectors": _vectors, "report": _report,
+    "configs": _configs,
 }  # fmt: skip
 
 

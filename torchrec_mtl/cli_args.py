@@ -249,4 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="a training run's out_dir")
     report.add_argument("--out", default=None, help="the HTML file (default RUN_DIR/report.html)")
     report.set_defaults(command="report")
+
+    configs = commands.add_parser(
+        "configs",
+        help="list the job configs and dataset schemas shipped with the package, or copy them into a folder",
+        description="List the shipped job configs, the sections they include (parts/) and the dataset schemas "
+        "(datasets/), each with its first comment line; with --copy, write them into DIR/configs/ (a file already "
+        "there is left as it is when it is the shipped one, and the copy is refused when it is not).\n\n"
+        "example: torchrec-mtl configs --copy my_project && cd my_project && "
+        "torchrec-mtl train --config configs/mmoe_synthetic.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    configs.add_argument("--copy", metavar="DIR", default=None, help="write them into DIR/configs/")
+    configs.set_defaults(command="configs")
     return parser
