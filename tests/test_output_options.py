@@ -16,6 +16,10 @@ from torchrec_mtl.train.metrics import TaskMetrics
 
 def test_every_command_takes_v_and_q_but_not_both() -> None:
     parser = build_parser()
+    commands = next(action for action in parser._actions if action.dest == "command").choices
+    for name, command in commands.items():
+        options = {option for action in command._actions for option in action.option_strings}
+        assert {"-v", "--verbose", "-q", "--quiet"} <= options, name
     for argv in (["train", "--config", "c.yaml"], ["report", "runs/main"], ["predict", "--checkpoint", "c", "--input", "x"]):
         assert parser.parse_args([*argv, "-vv"]).verbose == 2
         assert parser.parse_args([*argv, "-q"]).quiet

@@ -252,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     configs = commands.add_parser(
         "configs",
+        parents=verbosity,
         help="list the job configs and dataset schemas shipped with the package, or copy them into a folder",
         description="List the shipped job configs, the sections they include (parts/) and the dataset schemas "
         "(datasets/), each with its first comment line; with --copy, write them into DIR/configs/ (a file already "
