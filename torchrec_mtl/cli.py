@@ -14,7 +14,7 @@ import sys
 import warnings
 from typing import List, Optional
 
-from torchrec_mtl.config import ConfigError, load_config
+from torchrec_mtl.config import ConfigError
 from torchrec_mtl.data.prepare import MissingInputError
 from torchrec_mtl.cli_args import build_parser
 from torchrec_mtl.data.preprocess import LogFormatError, TooManyBadRows
@@ -22,9 +22,8 @@ from torchrec_mtl.data.shards import ShardError
 from torchrec_mtl.outputs import OutputError
 from torchrec_mtl.schema import SchemaError
 from torchrec_mtl.text.cache import TextCacheError
+from torchrec_mtl.errors import CheckpointError, NonFiniteLoss, TrainingStopped
 from torchrec_mtl.report import ReportError
-from torchrec_mtl.train.checkpoint import CheckpointError, TrainingStopped
-from torchrec_mtl.train.loop import NonFiniteLoss
 
 
 class InputError(ValueError):
@@ -124,6 +123,7 @@ def _convert(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
+    from torchrec_mtl.config import load_config
     from torchrec_mtl.run import run_job
 
     config = load_config(args.config, [*_verbosity_overrides(args), *args.overrides])
@@ -151,6 +151,7 @@ def _write_report(run_dir: str) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from torchrec_mtl.config import load_config
     from torchrec_mtl.run import evaluate_checkpoint
 
     if args.config is not None:
@@ -237,6 +238,14 @@ USER_ERRORS = (
     TextCacheError, CheckpointError, ReportError, NonFiniteLoss,
 )  # fmt: skip
 EXIT_USER_ERROR = 2
+# What to install when a part of the stack is missing (docs/install.md says why torchrec goes in with --no-deps).
+MISSING_STACK_HINTS = {
+    "torch": "install torch 2.13 first (pip install torch==2.13.0; docs/install.md)",
+    "torchrec": "on CPU install it without its dependencies, beside FBGEMM's CPU build: pip install "
+    "fbgemm-gpu-cpu==1.8.0 && pip install --no-deps torchrec==1.9.2 (docs/install.md)",
+    "fbgemm_gpu": "install FBGEMM for your device: pip install fbgemm-gpu-cpu==1.8.0 on CPU, fbgemm-gpu==1.8.0 on "
+    "CUDA (docs/install.md)",
+}
 EXIT_BUG = 70  # EX_SOFTWARE: an error no check foresaw
 
 
@@ -262,6 +271,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TrainingStopped as error:
         print(f"torchrec-mtl: {error}", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except BrokenPipeError:  # the reader went away (torchrec-mtl configs | head): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 128 + signal.SIGPIPE
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in MISSING_STACK_HINTS:
+            raise
+        print(f"torchrec-mtl: {error}; {MISSING_STACK_HINTS[error.name.split('.')[0]]}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except OSError as error:  # the file system's answer names the file: a full disk, a folder given as a file
         where = f"{error.filename}: " if error.filename else ""
         print(f"torchrec-mtl: {where}{error.strerror or error}", file=sys.stderr)

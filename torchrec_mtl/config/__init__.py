@@ -17,8 +17,9 @@ Example::
 
 from __future__ import annotations
 
-from torchrec_mtl.config.check import retrieval_features, synthetic_config, table_groups, task_set
-from torchrec_mtl.config.load import config_from_dict, config_to_dict, load_config
+from importlib import import_module
+from typing import Any
+
 from torchrec_mtl.config.sections import (
     CheckpointConfig,
     ConfigError,
@@ -40,6 +41,22 @@ from torchrec_mtl.config.sections import (
     TowerConfig,
     TrainingConfig,
 )
+
+# Loading and checking import the registries they check against (towers, optimizers: torch), so they are imported
+# on first use: the sections and ConfigError stay light, and the command line starts without torch.
+_LAZY = {
+    "retrieval_features": "check", "synthetic_config": "check", "table_groups": "check", "task_set": "check",
+    "config_from_dict": "load", "config_to_dict": "load", "load_config": "load",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'torchrec_mtl.config' has no attribute {name!r}")
+    value = getattr(import_module(f"torchrec_mtl.config.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CheckpointConfig",

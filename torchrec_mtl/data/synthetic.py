@@ -43,9 +43,6 @@ from typing import Dict, List
 
 import numpy as np
 import polars as pl
-import torch
-
-from torchrec.metrics.auc import compute_auc
 
 from torchrec_mtl.data.synthetic_affinity import decomposed_ceilings, draw_affinity_latents
 from torchrec_mtl.data.synthetic_text import CATEGORY_WORDS, item_descriptions
@@ -148,6 +145,8 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 def _half_star_rating(mean: np.ndarray, noise_std: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Observed half-star ratings and their exact conditional expectation E[rating | mean]."""
+    import torch  # here, not at the top: the config checks import this module, and the command line starts fast
+
     observed = np.clip(np.round((mean + rng.normal(0.0, noise_std, mean.shape)) * 2) / 2, 0.5, 5.0)
     # rating = v where the latent lies in [v - 0.25, v + 0.25), with the two ends absorbing the tails.
     stars = np.arange(0.5, 5.01, 0.5)
@@ -366,6 +365,9 @@ def _generate(config: SyntheticConfig, out: Path) -> Dict:
 
 def binary_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """AUC by torchrec's own implementation, the one the evaluation uses."""
+    import torch
+    from torchrec.metrics.auc import compute_auc
+
     as_tensor = lambda x: torch.as_tensor(np.asarray(x, dtype=np.float64)).view(1, -1)  # noqa: E731
     return float(
         compute_auc(1, [as_tensor(scores)], [as_tensor(labels)], [torch.ones(1, len(scores), dtype=torch.float64)])

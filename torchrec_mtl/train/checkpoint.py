@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from torchrec_mtl.errors import TrainingStopped  # noqa: F401 (raised here; importable from here, as before)
 from torchrec_mtl.train.integrity import (
     MANIFEST,
     TRAIN_STATE,
@@ -60,10 +61,6 @@ from torchrec_mtl.train.integrity import (
 )
 
 _COMPLETE = re.compile(r"^step-(\d+)$")
-
-
-class TrainingStopped(RuntimeError):
-    """SIGTERM stopped training after a checkpoint was written; running the same job again continues from it."""
 
 
 def _rank_and_world() -> Tuple[int, int]:

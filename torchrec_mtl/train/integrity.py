@@ -25,6 +25,8 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+from torchrec_mtl.errors import CheckpointError  # noqa: F401 (raised here; importable from here, as before)
+
 TRAIN_STATE = "train_state.json"
 
 
@@ -35,10 +37,6 @@ _MANIFEST_FORMAT = 1
 
 
 _HASH_CHUNK = 1 << 20  # bytes per read while hashing: checkpoints are far larger than memory allows reading whole
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or read; the message names it."""
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -20,6 +20,7 @@ from torchrec.distributed.train_pipeline import EvalPipelineSparseDist, TrainPip
 from tqdm import tqdm
 
 from torchrec_mtl.data.loader import BatchLoader
+from torchrec_mtl.errors import NonFiniteLoss  # noqa: F401 (raised here; importable from here, as before)
 from torchrec_mtl.headline import headline, task_kind
 from torchrec_mtl.train.diagnostics import GateMonitor
 from torchrec_mtl.train.metrics import TaskMetrics, grouped_auc
@@ -84,11 +85,6 @@ class CurveWindow:
             self._metrics.update(predictions, labels)
         self.batches = []
         return self._metrics.compute()
-
-
-class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN or infinite loss; the message names the step, the terms that were not finite and (in a
-    distributed run) the rank that saw it. Every rank raises it at the same step with the same message."""
 
 
 def _objective(model: nn.Module) -> Optional[nn.Module]:
