@@ -18,7 +18,7 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2> >(grep -v
 pip install -c constraints-cpu.txt torch
 # cpu: fbgemm-gpu-cpu; text: transformers and the local MiniLM (tests use a tiny BERT); report: matplotlib for the run
 # report; tensorboard: event files of the training curves
-pip install -c constraints-cpu.txt -e ".[cpu,test,text,report,tensorboard]"
+pip install -c constraints-cpu.txt -e ".[cpu,test,text,report,tensorboard,tune]"
 # torchrec's metadata asks for fbgemm-gpu (the CUDA build), which would overwrite fbgemm-gpu-cpu: no deps.
 pip install -c constraints-cpu.txt --no-deps torchrec
 .venv/bin/python -c "import torchrec, fbgemm_gpu, torchrec_mtl" 

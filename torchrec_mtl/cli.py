@@ -139,6 +139,26 @@ def _verbosity_overrides(args: argparse.Namespace) -> List[str]:
     return ["training.progress=false"] if args.quiet else ["training.print_plan=true"] if args.verbose else []
 
 
+def _tune(args: argparse.Namespace) -> int:
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise InputError("tune needs Optuna: pip install 'torchrec-mtl[tune]'") from None
+    from torchrec_mtl.tune import tune
+
+    for option, path in (("--config", args.config), ("--space", args.space)):
+        _input_file(option, path)
+    summary = tune(args.config, args.space, args.trials, args.out, [*_verbosity_overrides(args), *args.overrides],
+                   progress=not args.quiet)  # fmt: skip
+    best = summary["best"]
+    if best is None:
+        print(f"no trial finished with a score; the trials: {os.path.join(args.out, 'trials.tsv')}")
+    else:
+        print(f"best: trial {best['trial']}, validation {summary['metric']} {abs(best['score']):.4f}; its config: "
+              f"{os.path.join(args.out, 'best.yaml')}")  # fmt: skip
+    return 0
+
+
 def _write_report(run_dir: str) -> None:
     try:
         import matplotlib  # noqa: F401
@@ -251,7 +271,7 @@ EXIT_BUG = 70  # EX_SOFTWARE: an error no check foresaw
 
 COMMANDS = {
     "generate": _generate, "preprocess": _preprocess, "encode-items": _encode_items, "convert": _convert,
-    "train": _train,
+    "train": _train, "tune": _tune,
     "evaluate": _evaluate, "predict": _predict, "export": _export, "vectors": _vectors, "report": _report,
     "configs": _configs,
 }  # fmt: skip

@@ -250,6 +250,25 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None, help="the HTML file (default RUN_DIR/report.html)")
     report.set_defaults(command="report")
 
+    tune = commands.add_parser(
+        "tune",
+        parents=verbosity,
+        help="search config values with Optuna, each trial a run scored on validation; resumable",
+        description="Search the keys of a space file (dotted config keys -> {low, high[, log]} or {choices}): each "
+        "trial trains the config with its values into OUT/trial-NNN and is scored on validation (the config's "
+        "early-stopping metric, mean_auc by default); trial 0 is the config as it is. The study is OUT/study.db: "
+        "the same command continues it. Writes OUT/trials.tsv and OUT/best.yaml (a config train accepts).\n\n"
+        "example: torchrec-mtl tune --config configs/mmoe_movielens.yaml --space configs/tune/space.yaml "
+        "--trials 20 --out runs/tune_movielens",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tune.add_argument("--config", required=True, help="YAML job config with validation rows (data.validation_*)")
+    tune.add_argument("--space", required=True, help="YAML search space")
+    tune.add_argument("--trials", type=at_least(1), required=True, help="finished trials the study should hold")
+    tune.add_argument("--out", required=True, help="the study's folder")
+    tune.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every trial")
+    tune.set_defaults(command="tune")
+
     configs = commands.add_parser(
         "configs",
         parents=verbosity,

@@ -47,6 +47,7 @@ KNOWN_NAMES = {
     "vectors": {"users.npz", "items.npz", "manifest.json"},
     "synthetic": {"train.tsv", "test.tsv", "items.tsv", "test_truth.tsv", "meta.json", "shards", "item_text.npz"},
     "converted": {"train.tsv", "test.tsv", "items.tsv", "meta.json", "shards", "item_text.npz"},
+    "tune": {"study.db", "trials.tsv", "best.yaml"},  # and its trials' run folders, trial-NNN
     # "report": its figures' PNGs, declared by torchrec_mtl.report.page beside the figure list it draws
 }
 

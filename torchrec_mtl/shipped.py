@@ -26,6 +26,7 @@ SECTIONS = (
     ("", "job configs: torchrec-mtl train --config FILE"),
     ("parts", "sections that the job configs include"),
     ("datasets", "dataset schemas: data.schema in a job config, or preprocess --schema FILE"),
+    ("spaces", "search spaces: torchrec-mtl tune --space FILE"),
 )
 
 

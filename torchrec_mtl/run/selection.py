@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from torchrec_mtl.config import ConfigError, EarlyStoppingConfig
 from torchrec_mtl.task_kinds import KINDS
@@ -69,12 +69,21 @@ class EpochValidator:
         best: where the best epoch's model goes (a Checkpointer keeping 1).
         train_state: what a checkpoint records beside the tensors (the config and the model inputs), so that the
             best checkpoint serves predict and export like any other.
+        on_validation: called with each epoch and its score after it is recorded (torchrec_mtl.tune reports trials
+            with it); an exception from it ends the run.
     """
 
     def __init__(
-        self, job: Any, config: EarlyStoppingConfig, best: Checkpointer, train_state: Dict[str, Any], show: bool
+        self,
+        job: Any,
+        config: EarlyStoppingConfig,
+        best: Checkpointer,
+        train_state: Dict[str, Any],
+        show: bool,
+        on_validation: Optional[Callable[[int, float], None]] = None,
     ) -> None:
         self.job, self.config, self.best, self.train_state, self.show = job, config, best, train_state, show
+        self.on_validation = on_validation
 
     def __call__(self, summary: TrainSummary) -> bool:
         job = self.job
@@ -96,6 +105,8 @@ class EpochValidator:
                 f"{abs(score):.4f}" + (f"; no better for {waited} epoch(s)" if waited else "; the best so far"),
                 flush=True,
             )
+        if self.on_validation is not None:
+            self.on_validation(summary.epoch, score)
         return waited >= self.config.patience
 
     def selected(self, summary: TrainSummary) -> Optional[Dict[str, Any]]:

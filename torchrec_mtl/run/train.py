@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -131,20 +131,29 @@ class _Tee:
         return getattr(self.streams[0], name)
 
 
-def run_job(config: JobConfig, env: Optional[DistributedEnv] = None) -> Results:
+def run_job(
+    config: JobConfig,
+    env: Optional[DistributedEnv] = None,
+    on_validation: Optional[Callable[[int, float], None]] = None,
+) -> Results:
     """Train and evaluate as configured; rank 0 prints the plan, the curve points and the table, writes
-    ``out_dir/results.json``, and appends what it prints to ``out_dir/train.log``."""
+    ``out_dir/results.json``, and appends what it prints to ``out_dir/train.log``.
+
+    ``on_validation(epoch, score)`` is called after each epoch's validation (``training.early_stopping``); an
+    exception it raises (a tuning trial pruned, say) ends the run there."""
     check_inputs(config)  # every rank, before any work or collective: a missing file stops them all
     out = claim_run_folder(config)  # every rank: a refusal stops them all, before any collective
     env = env or init_distributed(timeout_s=config.training.collective_timeout_s)
     if not env.is_main:
-        return _run_job(config, env)
+        return _run_job(config, env, on_validation)
     with open(out / "train.log", "a") as log, contextlib.redirect_stdout(_Tee(sys.stdout, log)):
         print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}: training into {out} ({env.world_size} process(es))")
-        return _run_job(config, env)
+        return _run_job(config, env, on_validation)
 
 
-def _run_job(config: JobConfig, env: DistributedEnv) -> Results:
+def _run_job(
+    config: JobConfig, env: DistributedEnv, on_validation: Optional[Callable[[int, float], None]] = None
+) -> Results:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))))
     started = time.perf_counter()
     if config.finetune is not None:
@@ -173,7 +182,7 @@ def _run_job(config: JobConfig, env: DistributedEnv) -> Results:
     if training.early_stopping is not None:
         best = Checkpointer(checkpoint_dir(config) / "best", keep=1)
         state = {"config": config_to_dict(config), "model_inputs": inputs, "global_batch_rows": global_batch_rows}
-        validator = EpochValidator(job, training.early_stopping, best, state, show)
+        validator = EpochValidator(job, training.early_stopping, best, state, show, on_validation)
     board = RunBoard(Path(config.out_dir), training.epochs * len(train_loader)) if env.is_main else None
     try:
         summary = train(
