@@ -172,6 +172,13 @@ def load_config(
             problem = str(error).splitlines()[0]
             raise ConfigError(f"override {override!r}: the value is not valid YAML ({problem})") from None
         _set_dotted(raw, key.strip(), value)
+    if not isinstance(raw.get("data"), dict) or "schema" not in raw["data"]:
+        # set nowhere: the synthetic schema that ships with the package, wherever it is installed
+        from torchrec_mtl.shipped import configs_root
+
+        raw.setdefault("data", {})
+        if isinstance(raw["data"], dict):
+            raw["data"]["schema"] = str(configs_root().joinpath("datasets", "synthetic.yaml"))
     try:
         config = _build(JobConfig, raw, "")
         _check(config)

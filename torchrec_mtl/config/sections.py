@@ -45,7 +45,7 @@ class DataConfig:
     the split change."""
 
     dir: str = "runs/data/synthetic"
-    schema: str = "configs/datasets/synthetic.yaml"
+    schema: str = "configs/datasets/synthetic.yaml"  # set nowhere: the shipped one (config.load)
     train: List[str] = field(default_factory=lambda: ["train.tsv"])
     test: List[str] = field(default_factory=lambda: ["test.tsv"])
     test_fraction: float = 0.0
