@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -85,9 +87,6 @@ def test_an_auc_on_fewer_than_30_positives_or_negatives_is_marked_with_its_count
 
 
 def _run(code: str) -> "subprocess.CompletedProcess[str]":
-    import subprocess
-    import sys
-
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
@@ -95,16 +94,13 @@ def test_version_and_configs_start_without_torch_and_a_missing_torchrec_is_one_l
     listed = _run("import sys; from torchrec_mtl.cli import main; code = main(['configs']); "
                   "print('torch' in sys.modules, code)")  # fmt: skip
     assert listed.stdout.splitlines()[-1] == "False 0", listed.stderr
-    missing = _run(f"import sys; sys.modules['torchrec'] = None; from torchrec_mtl.cli import main; "
-                   f"sys.exit(main(['train', '--config', 'nowhere.yaml']))")  # fmt: skip
+    missing = _run("import sys; sys.modules['torchrec'] = None; from torchrec_mtl.cli import main; "
+                   "sys.exit(main(['train', '--config', 'nowhere.yaml']))")  # fmt: skip
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.count("\n") == 1 and "pip install --no-deps torchrec==1.9.2" in missing.stderr
 
 
 def test_a_reader_that_goes_away_ends_the_listing_quietly() -> None:
-    import subprocess
-    import sys
-
     # the reading end is closed before the command (a second of imports) writes: its first write meets a broken pipe
     child = subprocess.Popen([sys.executable, "-m", "torchrec_mtl.cli", "configs"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)  # fmt: skip

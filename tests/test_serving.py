@@ -166,7 +166,6 @@ def test_raw_lines_encode_to_predicts_inputs_and_the_lines_it_rejects_are_not_va
 
 
 def test_rows_of_another_length_an_empty_batch_and_the_documented_corner(tmp_path):
-    schema = DatasetSchema.from_dict(DECIMAL_SCHEMA)
     table = ItemTextTable(np.zeros((2, 4), np.float32), np.ones(2, bool), np.array([5]), np.array([1]), ["", ""])
     _, serve = _encoders(DECIMAL_SCHEMA, tmp_path, {"user": np.array([3, 9]), "item": np.array([5])}, table)
     assert serve.columns == ["i1", "user", "n1", "item", "i2", "n2", "genre", "city"]
