@@ -80,7 +80,7 @@ def load_item_text(config: JobConfig, env: DistributedEnv, log: ShardedLog) -> I
             raise ConfigError(f"model.text.items: {items} does not exist (an items file: item_id, description)")
         from torchrec_mtl.text.encoder import TextEncoder
 
-        encoder = TextEncoder(text.encoder, pooling=text.pooling)
+        encoder = TextEncoder(text.encoder, pooling=text.pooling, device=env.device)  # rank 0's GPU on a GPU run
         summary = encode_items_file(items, cache, encoder, progress=config.training.progress)
         print(
             f"item text: {summary['items']:,} items, {summary['encoded']:,} encoded, {summary['reused']:,} reused "
@@ -153,6 +153,7 @@ class PreparedJob:
             return BatchLoader(
                 self.train_shards, self.features, training.batch_size, env.rank, env.world_size, shuffle=True,
                 seed=training.seed, id_dropout={item_column: training.item_id_dropout} if item_column else None,
+                pin_memory=self.pin_memory,
             )  # fmt: skip
         if split == "validation" and not self.validation_shards:
             raise ConfigError(
@@ -163,7 +164,13 @@ class PreparedJob:
         return BatchLoader(
             self.validation_shards if split == "validation" else self.test_shards, self.features,
             training.eval_batch_size, env.rank, env.world_size, shuffle=False, pad_tail=True,
+            pin_memory=self.pin_memory,
         )  # fmt: skip
+
+    @property
+    def pin_memory(self) -> bool:
+        """Whether batches are page-locked: for a GPU run (BatchLoader)."""
+        return self.env.device.type == "cuda"
 
 
 def prepare_job(config: JobConfig, env: DistributedEnv) -> PreparedJob:

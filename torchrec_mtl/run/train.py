@@ -78,7 +78,8 @@ def _start_finetuning(job: PreparedJob) -> Dict[str, Dict[str, float]]:
     load_model_state(path, job.sharded)
     show = job.config.training.progress and job.env.is_main
     tasks = job.tasks.names
-    before = headline_first(evaluate(job.sharded, job.eval_pipeline, job.loader("test"), tasks, show), kinds=tasks)
+    test = evaluate(job.sharded, job.eval_pipeline, job.loader("test"), tasks, show, device=job.env.device)
+    before = headline_first(test, kinds=tasks)
     if job.env.is_main:
         print(f"fine-tuning {finetune.task} from {path}, frozen: {', '.join(finetune.freeze) or 'nothing'}; "
               f"before:\n{format_table(before)}", flush=True)  # fmt: skip
@@ -189,6 +190,7 @@ def _run_job(config: JobConfig, env: DistributedEnv) -> Results:
             schedule=job.schedule,
             on_curve_point=board.curve_point if board is not None else None,
             after_epoch=validator,
+            device=env.device,
         )
     except NonFiniteLoss as error:
         raise NonFiniteLoss(f"{error}; the last good checkpoint: {checkpointer.latest() or 'none yet'}") from None
@@ -216,7 +218,7 @@ def _run_job(config: JobConfig, env: DistributedEnv) -> Results:
     with GateMonitor(gated) if gated is not None else contextlib.nullcontext() as monitor:
         predictions: Dict[str, np.ndarray] = {}
         metrics = evaluate(
-            sharded, job.eval_pipeline, job.loader("test"), tasks.names, show, job.test_users(), predictions
+            sharded, job.eval_pipeline, job.loader("test"), tasks.names, show, job.test_users(), predictions, env.device
         )
     predictions = gathered(predictions, env)
     segments = evaluate_item_segments(job)
