@@ -42,6 +42,8 @@ E2E_TESTS = {
     "test_item_text.py::test_results_report_cold_and_warm_items_with_text",
     "test_item_text.py::test_fine_tuning_trains_the_top_bert_layer_end_to_end_and_nothing_below",
     "test_plug_in.py::test_mmoe_in_a_dlrm_built_model_trains_under_train_pipeline_sparse_dist",
+    # a small sharded model trained three times (fp32, fp16, an overflowing fp16) and a checkpoint
+    "test_precision.py::test_fp16_tables_train_with_true_gradients_and_an_overflowing_step_changes_nothing",
     # a trained run (module fixture `run`), and the train stage on Ali-CCP
     "test_predict_inputs.py::test_labelled_empty_label_label_less_and_header_logs_score_the_same_rows_the_same",
     "test_predict_inputs.py::test_the_layouts_encode_to_the_same_model_inputs",

@@ -31,6 +31,7 @@ from torchrec_mtl.data.splits import shuffled_labels, split_validation, with_ite
 from torchrec_mtl.finetune import freeze
 from torchrec_mtl.model import MultiTaskTrain
 from torchrec_mtl.outputs import claim_folder
+from torchrec_mtl.precision import Precision
 from torchrec_mtl.modules.item_text import ITEM_TEXT_FEATURE, ITEM_TEXT_TABLE, ItemTextArch
 from torchrec_mtl.schema import DatasetSchema
 from torchrec_mtl.tasks import MultiTaskObjective, TaskSet
@@ -110,6 +111,7 @@ class PreparedJob:
     pipeline: TrainPipelineSparseDist
     eval_pipeline: EvalPipelineSparseDist
     schedule: Optional[LearningRateSchedule]  # every learning rate, by step
+    precision: Precision  # training.precision on the run's device (fp16: its GradScaler)
     retrieval_features: Optional[Tuple[List[str], List[str]]] = None  # the two towers' features
     # training rows held out of train_shards (data.validation_fraction), for choosing thresholds
     validation_shards: List[EncodedLog] = dataclasses.field(default_factory=list)
@@ -229,6 +231,10 @@ def prepare_job(config: JobConfig, env: DistributedEnv) -> PreparedJob:
         retrieval_loss, item_feature = build_retrieval_loss(
             config, tasks.retrieval.label, train_shards, features, two_tower_features, table_sizes
         )
+    try:
+        precision = Precision(training.precision, env.device)
+    except ValueError as error:  # bf16 on a GPU without it
+        raise ConfigError(f"training.precision: {error}") from None
     objective = MultiTaskObjective(
         tasks,
         offsets,
@@ -240,7 +246,7 @@ def prepare_job(config: JobConfig, env: DistributedEnv) -> PreparedJob:
     )
     try:
         sharded, optimizer = shard_model(
-            MultiTaskTrain(model, objective),
+            MultiTaskTrain(model, objective, precision),
             env,
             training.embedding_optimizer,
             training.embedding_lr,
@@ -265,7 +271,8 @@ def prepare_job(config: JobConfig, env: DistributedEnv) -> PreparedJob:
             group["lr"] = 0.0
     job = PreparedJob(
         config, env, log, tasks, train_shards, test_shards, features, text_table, objective, sharded, optimizer,
-        make_pipeline(sharded, optimizer, env.device), make_eval_pipeline(sharded, env.device), None,
+        make_pipeline(sharded, optimizer, env.device, precision.scaler), make_eval_pipeline(sharded, env.device), None,
+        precision,
     )  # fmt: skip
     job.validation_shards = validation_shards
     job.retrieval_features = two_tower_features

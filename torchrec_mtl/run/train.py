@@ -102,7 +102,9 @@ def _resume(job: PreparedJob, checkpointer: Checkpointer, global_batch_rows: int
             f"checkpoint {path}: written by another config ({'; '.join(changes[:5])}); set checkpoint.resume=never "
             "to start over"
         )
-    summary, window_batches, train_state = restore_run(path, job.sharded, job.optimizer, global_batch_rows)
+    summary, window_batches, train_state = restore_run(
+        path, job.sharded, job.optimizer, global_batch_rows, job.precision.scaler
+    )
     if job.env.is_main:
         print(
             f"resuming from {path}: step {summary.steps}, epoch {summary.epoch + 1} batch {summary.batch}"
@@ -162,7 +164,7 @@ def _run_job(config: JobConfig, env: DistributedEnv) -> Results:
     inputs = job.model_inputs()
     save = lambda summary, window, finished=False: save_run(  # noqa: E731
         checkpointer, sharded, job.optimizer, summary, window, global_batch_rows, config_to_dict(config), finished,
-        inputs,
+        inputs, job.precision.scaler,
     )  # fmt: skip
     before = _start_finetuning(job) if config.finetune is not None else None
     resume = _resume(job, checkpointer, global_batch_rows)

@@ -24,6 +24,7 @@ from torchrec_mtl.device import collective_device
 from torchrec_mtl.headline import headline, task_kind
 from torchrec_mtl.train.diagnostics import GateMonitor
 from torchrec_mtl.train.metrics import TaskMetrics, grouped_auc
+from torchrec_mtl.precision import ScaledStep
 from torchrec_mtl.train.optimizers import LearningRateSchedule
 from torchrec_mtl.protocols import ReportsTerms, find
 from torchrec_mtl.progress import bar_disabled
@@ -144,8 +145,16 @@ def _agreed_non_finite(
     return NonFiniteLoss(message[0])
 
 
-def make_pipeline(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> TrainPipelineSparseDist:
-    return TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True)
+def make_pipeline(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    scaler: Optional[torch.amp.GradScaler] = None,
+) -> TrainPipelineSparseDist:
+    """The training pipeline on ``device``; with fp16's ``scaler`` (torchrec_mtl.precision) its optimizer step
+    unscales the dense gradients and skips a step whose gradients are not finite."""
+    stepped = ScaledStep(optimizer, scaler) if scaler is not None else optimizer
+    return TrainPipelineSparseDist(model, stepped, device, execute_all_batches=True)
 
 
 def pipeline_device(pipeline: TrainPipelineSparseDist) -> torch.device:
