@@ -22,6 +22,7 @@ E2E_FILES = {
     "test_bench_train.py",  # the benchmark through the CLI, with worker processes
     "test_checkpoint.py",  # runs killed and resumed, world sizes 1 and 2
     "test_cli_stages.py",  # train, evaluate, predict, export, report on one trained run
+    "test_device_runs.py",  # train, evaluate, predict, export on cpu:0, in bf16 and fp16, and on a GPU
     "test_distributed.py",  # two gloo processes per sharding type
     "test_job.py",  # whole training jobs
     "test_rank_faults.py",  # faults inside training, at world sizes 1 and 2
