@@ -38,6 +38,8 @@ E2E_TESTS = {
     "test_checkpoint_integrity.py::test_an_intact_checkpoint_predicts_and_resumes",
     "test_checkpoint_integrity.py::test_every_rank_refuses_what_one_rank_found",
     "test_finetune.py::test_finetuning_one_task_keeps_the_frozen_parts_and_reports_before_and_after",
+    "test_gpu_check.py::test_the_dry_run_runs_every_step_on_the_cpu_and_writes_its_json",  # tools/, 10 commands
+    "test_gpu_check.py::test_without_a_gpu_the_check_stops_after_its_first_step_saying_why",
     "test_hostile.py::test_hostile_invocations_end_cleanly_change_nothing_else_and_account_for_every_line",
     "test_item_text.py::test_cached_vectors_sit_in_a_planner_sharded_table_frozen_unless_trainable",
     "test_item_text.py::test_results_report_cold_and_warm_items_with_text",

@@ -20,7 +20,7 @@ from torchrec_mtl.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/mmoe_synthetic.yaml"
-NO_GPU = "needs a CUDA GPU: torch.cuda.is_available() is False on this machine (tools/gpu_check.sh runs this path on one)"
+NO_GPU = "needs a CUDA GPU: torch.cuda.is_available() is False here (tools/gpu_check.sh runs this path on one)"
 
 
 def _overrides(small_log: Path, out: Path) -> List[str]:
