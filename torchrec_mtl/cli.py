@@ -18,6 +18,7 @@ from torchrec_mtl.data.prepare import MissingInputError
 from torchrec_mtl.cli_args import build_parser
 from torchrec_mtl.data.preprocess import LogFormatError, TooManyBadRows
 from torchrec_mtl.data.shards import ShardError
+from torchrec_mtl.device import DeviceError
 from torchrec_mtl.outputs import OutputError
 from torchrec_mtl.schema import SchemaError
 from torchrec_mtl.text.cache import TextCacheError
@@ -213,7 +214,7 @@ def _report(args: argparse.Namespace) -> int:
 # Failures of the user's input, files or environment: one line on stderr, exit 2.
 USER_ERRORS = (
     SchemaError, LogFormatError, TooManyBadRows, ShardError, InputError, MissingInputError, OutputError,
-    TextCacheError, CheckpointError, ReportError, NonFiniteLoss,
+    TextCacheError, CheckpointError, ReportError, NonFiniteLoss, DeviceError,
 )  # fmt: skip
 EXIT_USER_ERROR = 2
 EXIT_BUG = 70  # EX_SOFTWARE: an error no check foresaw
