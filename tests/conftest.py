@@ -109,6 +109,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
 SMALL = SyntheticConfig(num_rows=40_000, num_users=300, num_items=200, num_brands=40, seed=3)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def host_process_group() -> None:
+    """On a machine with CUDA, the tests of this process share a gloo group on the host, opened first: the serving
+    commands' default --device is the host, and a process holds one group, so an NCCL group opened by whichever
+    test trains first would refuse them. Runs on the GPU go through fresh processes (tests/test_device_runs.py,
+    tools/gpu_check.sh). Without CUDA the first init_distributed opens gloo anyway: nothing to do."""
+    import torch
+
+    if torch.cuda.is_available():
+        from torchrec_mtl.train.distributed import init_distributed
+
+        init_distributed(device=torch.device("cpu"))
+
+
 @pytest.fixture(scope="session")
 def small_log(tmp_path_factory) -> Path:
     """A 40,000-row synthetic log (train, test, items, truth, meta) in a temporary folder."""

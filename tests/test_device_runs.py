@@ -4,7 +4,6 @@ host, and the same path on a CUDA GPU when there is one."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import subprocess
@@ -41,14 +40,15 @@ def _finite_training(results: Dict) -> None:
 
 @pytest.fixture(scope="module")
 def reference(small_log, tmp_path_factory):
-    """fp32, every tensor of the run on torch.device("cpu", 0) (the process group's device, given explicitly)."""
+    """fp32, the run's device torch.device("cpu", 0), given to the process group explicitly."""
     from torchrec_mtl.config import load_config
     from torchrec_mtl.run import run_job
     from torchrec_mtl.train.distributed import init_distributed
 
     out = tmp_path_factory.mktemp("cpu0")
     config = load_config(CONFIG, _overrides(small_log, out))
-    env = dataclasses.replace(init_distributed(), device=torch.device("cpu", 0))
+    env = init_distributed(device=torch.device("cpu", 0))
+    assert env.device == torch.device("cpu", 0)
     return out, config, run_job(config, env)
 
 
