@@ -22,6 +22,7 @@ E2E_FILES = {
     "test_bench_train.py",  # the benchmark through the CLI, with worker processes
     "test_checkpoint.py",  # runs killed and resumed, world sizes 1 and 2
     "test_cli_stages.py",  # train, evaluate, predict, export, report on one trained run
+    "test_device_runs.py",  # train, evaluate, predict, export on cpu:0, in bf16 and fp16, and on a GPU
     "test_distributed.py",  # two gloo processes per sharding type
     "test_job.py",  # whole training jobs
     "test_rank_faults.py",  # faults inside training, at world sizes 1 and 2
@@ -40,6 +41,8 @@ E2E_TESTS = {
     "test_checkpoint_integrity.py::test_an_intact_checkpoint_predicts_and_resumes",
     "test_checkpoint_integrity.py::test_every_rank_refuses_what_one_rank_found",
     "test_finetune.py::test_finetuning_one_task_keeps_the_frozen_parts_and_reports_before_and_after",
+    "test_gpu_check.py::test_the_dry_run_runs_every_step_on_the_cpu_and_writes_its_json",  # tools/, 10 commands
+    "test_gpu_check.py::test_without_a_gpu_the_check_stops_after_its_first_step_saying_why",
     "test_hostile.py::test_hostile_invocations_end_cleanly_change_nothing_else_and_account_for_every_line",
     "test_item_text.py::test_cached_vectors_sit_in_a_planner_sharded_table_frozen_unless_trainable",
     "test_item_text.py::test_results_report_cold_and_warm_items_with_text",
@@ -47,6 +50,8 @@ E2E_TESTS = {
     "test_plug_in.py::test_mmoe_in_a_dlrm_built_model_trains_under_train_pipeline_sparse_dist",
     # builds the wheel with pip and runs its entry point in a fresh process (about 10 s)
     "test_packaging.py::test_the_wheel_carries_every_module_config_and_the_entry_point_and_lists_its_own_configs",
+    # a small sharded model trained three times (fp32, fp16, an overflowing fp16) and a checkpoint
+    "test_precision.py::test_fp16_tables_train_with_true_gradients_and_an_overflowing_step_changes_nothing",
     # a trained run (module fixture `run`), and the train stage on Ali-CCP
     "test_predict_inputs.py::test_labelled_empty_label_label_less_and_header_logs_score_the_same_rows_the_same",
     "test_predict_inputs.py::test_the_layouts_encode_to_the_same_model_inputs",
@@ -107,6 +112,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
             + ", ".join(stale)
         )
 SMALL = SyntheticConfig(num_rows=40_000, num_users=300, num_items=200, num_brands=40, seed=3)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_process_group() -> None:
+    """On a machine with CUDA, the tests of this process share a gloo group on the host, opened first: the serving
+    commands' default --device is the host, and a process holds one group, so an NCCL group opened by whichever
+    test trains first would refuse them. Runs on the GPU go through fresh processes (tests/test_device_runs.py,
+    tools/gpu_check.sh). Without CUDA the first init_distributed opens gloo anyway: nothing to do."""
+    import torch
+
+    if torch.cuda.is_available():
+        from torchrec_mtl.train.distributed import init_distributed
+
+        init_distributed(device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="session")

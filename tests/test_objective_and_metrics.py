@@ -86,7 +86,7 @@ def test_metrics_count_only_rows_with_a_label():
     rating = torch.randn(n, generator=g) + 3
     error = torch.linspace(-1.0, 1.0, n) ** 3  # RMSE and MAE differ
     rating_label = torch.where(present, rating + error, torch.tensor(float("nan")))
-    metrics = TaskMetrics(EVALUATED_TASKS, batch_size=500, window_size=n)
+    metrics = TaskMetrics(EVALUATED_TASKS, batch_size=500, window_size=n, device=torch.device("cpu"))
     for rows in torch.arange(n).split(500):
         metrics.update(
             {task: (rating if task == "rating" else score)[rows] for task in EVALUATED_TASKS},
@@ -223,7 +223,7 @@ def test_metrics_of_one_process_gather_nothing_through_the_process_group(monkeyp
     torch.manual_seed(0)
     score = torch.rand(4000)
     label = (torch.rand(4000) < score).float()
-    metrics = TaskMetrics({"ctr": "binary"}, batch_size=1000, window_size=4000)
+    metrics = TaskMetrics({"ctr": "binary"}, batch_size=1000, window_size=4000, device=torch.device("cpu"))
     for rows in torch.arange(4000).split(1000):
         metrics.update({"ctr": score[rows]}, {"ctr": label[rows]})
     auc = metrics.compute()["ctr"]["auc"]

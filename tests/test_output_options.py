@@ -54,7 +54,10 @@ def test_warnings_are_shown_once_library_internals_from_v_on_and_none_with_q() -
 
 
 def test_task_metrics_count_each_tasks_labelled_rows_and_positives() -> None:
-    metrics = TaskMetrics({"ctr": "binary", "rating": "regression"}, batch_size=4, window_size=16, count_rows=True)
+    metrics = TaskMetrics(
+        {"ctr": "binary", "rating": "regression"}, batch_size=4, window_size=16, device=torch.device("cpu"),
+        count_rows=True,
+    )
     nan = float("nan")
     for _ in range(3):
         metrics.update(

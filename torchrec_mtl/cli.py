@@ -12,18 +12,22 @@ import shlex
 import signal
 import sys
 import warnings
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from torchrec_mtl.config import ConfigError
 from torchrec_mtl.data.prepare import MissingInputError
 from torchrec_mtl.cli_args import build_parser
 from torchrec_mtl.data.preprocess import LogFormatError, TooManyBadRows
 from torchrec_mtl.data.shards import ShardError
+from torchrec_mtl.device import DeviceError
 from torchrec_mtl.outputs import OutputError
 from torchrec_mtl.schema import SchemaError
 from torchrec_mtl.text.cache import TextCacheError
 from torchrec_mtl.errors import CheckpointError, NonFiniteLoss, TrainingStopped
 from torchrec_mtl.report import ReportError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class InputError(ValueError):
@@ -60,6 +64,16 @@ def _input_file(option: str, path: str) -> None:
         raise InputError(f"{option}: {path}: no such file")
     if os.path.isdir(path):
         raise InputError(f"{option}: {path} is a folder; expected a file")
+
+
+def _device(name: str) -> torch.device:
+    """``--device``: a torch.device this machine has, or InputError saying why not (in one line)."""
+    from torchrec_mtl.device import DeviceError, usable_device
+
+    try:
+        return usable_device(name)
+    except DeviceError as error:
+        raise InputError(f"--device {name}: {error}") from None
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -174,6 +188,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from torchrec_mtl.config import load_config
     from torchrec_mtl.run import evaluate_checkpoint
 
+    device = _device(args.device)
     if args.config is not None:
         config = load_config(args.config, [*_verbosity_overrides(args), *args.overrides])
     else:  # the config the checkpoint was trained with, as it recorded it
@@ -186,26 +201,26 @@ def _evaluate(args: argparse.Namespace) -> int:
         if not isinstance(recorded, dict):
             raise InputError(f"--checkpoint: {path} records no job config; give --config")
         config = load_config(overrides=[*_verbosity_overrides(args), *args.overrides], raw=recorded)
-    evaluate_checkpoint(config, args.checkpoint)
+    evaluate_checkpoint(config, args.checkpoint, device)
     return 0
 
 
-def _trained(checkpoint: str):
+def _trained(checkpoint: str, device: torch.device):
     from torchrec_mtl.inference import load_trained
 
     if not os.path.exists(checkpoint):
         raise InputError(f"--checkpoint: {checkpoint}: no such folder")
-    return load_trained(checkpoint)
+    return load_trained(checkpoint, device)
 
 
 def _predict(args: argparse.Namespace) -> int:
     from torchrec_mtl.predict import predict_file
 
+    device = _device(args.device)
     if args.input != "-":
         _input_file("--input", args.input)
-    summary = predict_file(
-        _trained(args.checkpoint), args.input, args.out, progress=not args.quiet, max_line_bytes=args.max_line_bytes
-    )
+    trained = _trained(args.checkpoint, device)
+    summary = predict_file(trained, args.input, args.out, progress=not args.quiet, max_line_bytes=args.max_line_bytes)
     print(json.dumps(summary), file=sys.stderr)
     return 0
 
@@ -213,7 +228,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from torchrec_mtl.inference import export
 
-    path = export(_trained(args.checkpoint), args.out, quantize=args.quantize)
+    path = export(_trained(args.checkpoint, _device(args.device)), args.out, quantize=args.quantize)
     print(f"exported {path} (manifest: {path.parent / 'manifest.json'})")
     return 0
 
@@ -221,9 +236,10 @@ def _export(args: argparse.Namespace) -> int:
 def _vectors(args: argparse.Namespace) -> int:
     from torchrec_mtl.representations import export_representations
 
+    device = _device(args.device)
     if not os.path.exists(args.checkpoint):
         raise InputError(f"--checkpoint: {args.checkpoint}: no such folder")
-    manifest = export_representations(args.checkpoint, args.out, progress=not args.quiet)
+    manifest = export_representations(args.checkpoint, args.out, progress=not args.quiet, device=device)
     print(
         f"wrote {manifest['users']['count']:,} user and {manifest['items']['count']:,} item vectors "
         f"({manifest['items']['count'] - manifest['items']['seen_in_training']:,} items unseen in training) of "
@@ -255,7 +271,7 @@ def _configs(args: argparse.Namespace) -> int:
 # Failures of the user's input, files or environment: one line on stderr, exit 2.
 USER_ERRORS = (
     SchemaError, LogFormatError, TooManyBadRows, ShardError, InputError, MissingInputError, OutputError,
-    TextCacheError, CheckpointError, ReportError, NonFiniteLoss,
+    TextCacheError, CheckpointError, ReportError, NonFiniteLoss, DeviceError,
 )  # fmt: skip
 EXIT_USER_ERROR = 2
 # What to install when a part of the stack is missing (docs/install.md says why torchrec goes in with --no-deps).

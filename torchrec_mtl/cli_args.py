@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import re
 
 from torchrec_mtl import __version__
 from torchrec_mtl.data.preprocess import MAX_LINE_BYTES
@@ -68,6 +69,21 @@ def verbosity_options() -> argparse.ArgumentParser:
     )  # fmt: skip
     group.add_argument("-q", "--quiet", action="store_true", help="only results and errors: no progress, no warnings")
     return options
+
+
+def device_name(text: str) -> str:
+    """An argparse type: ``cpu``, ``cuda`` or ``cuda:N`` (whether this machine has it is checked when the command
+    runs, torchrec_mtl.device.usable_device)."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def _add_device(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--device", type=device_name, default="cpu",
+        help=f"where {what} runs: cpu (default), cuda (under torchrun: each process's GPU) or cuda:N",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--checkpoint", default=None, help="a step-N folder (default: the newest of the run)")
     evaluate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. out_dir=runs/main")
+    _add_device(evaluate, "the model")
     evaluate.set_defaults(command="evaluate")
 
     predict = commands.add_parser(
@@ -207,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-line-bytes", type=at_least(1), default=MAX_LINE_BYTES,
         help=f"reject longer lines as 'line too long' without reading them whole (default {MAX_LINE_BYTES:,})",
     )  # fmt: skip
+    _add_device(predict, "the model")
     predict.set_defaults(command="predict")
 
     export_parser = commands.add_parser(
@@ -221,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser.add_argument("--checkpoint", required=True, help="a step-N folder, or a run's checkpoints folder")
     export_parser.add_argument("--out", required=True, help="folder for model.pt and manifest.json")
     export_parser.add_argument("--quantize", action="store_true", help="int8 embedding tables (dense layers fp32)")
+    _add_device(export_parser, "the model is traced (the artifact's weights live there)")
     export_parser.set_defaults(command="export")
 
     vectors = commands.add_parser(
@@ -235,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vectors.add_argument("--checkpoint", required=True, help="a step-N folder, or a run's checkpoints folder")
     vectors.add_argument("--out", required=True, help="folder for users.npz, items.npz and manifest.json")
+    _add_device(vectors, "the towers")
     vectors.set_defaults(command="vectors")
 
     report = commands.add_parser(

@@ -1,6 +1,6 @@
 """A trained model out of its checkpoint: unsharded for scoring here, or exported as a TorchScript artifact.
 
-``load_trained`` rebuilds the model a checkpoint holds on one CPU process (no process group: DCP reads the shards
+``load_trained`` rebuilds the model a checkpoint holds in one process (no process group: DCP reads the shards
 of every rank into whole tables) from what the checkpoint itself records: the job config and the model's inputs
 (feature names, table sizes, dense width, regression offsets). ``InferenceModel`` wraps it with plain tensor inputs
 and named per-task outputs: probabilities for binary tasks and products (ESMM's CTCVR), values for regression.
@@ -38,6 +38,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_mtl.build import build_cached_item_text, build_model
 from torchrec_mtl.config import JobConfig, config_from_dict, task_set
+from torchrec_mtl.device import DEFAULT_DEVICE
 from torchrec_mtl.model import MultiTaskModel
 from torchrec_mtl.outputs import new_folder
 from torchrec_mtl.modules.two_tower import ITEM_VECTOR, USER_VECTOR
@@ -114,17 +115,19 @@ class TrainedModel:
     config: JobConfig
     inputs: Dict[str, Any]  # features, table_sizes, num_dense, dense_features, offsets, item_text, retrieval
     checkpoint: Path
+    device: torch.device  # where the weights live; callers bring their inputs there
 
     @property
     def task_kinds(self) -> Dict[str, str]:
         return dict(task_set(self.config.objective).names)
 
 
-def load_trained(checkpoint: str | Path) -> TrainedModel:
+def load_trained(checkpoint: str | Path, device: str | torch.device = DEFAULT_DEVICE) -> TrainedModel:
     """The model of ``checkpoint`` (a ``step-N`` folder, or a run's ``checkpoints`` folder: its newest), unsharded,
-    in eval mode, on CPU. The checkpoint is verified against its manifest before any file of it is read, and its
-    weights must all be finite (torchrec_mtl.train.checkpoint); otherwise CheckpointError naming the file or the
-    parameter."""
+    in eval mode, on ``device`` (the host by default), in fp32 whatever ``training.precision`` was (the weights are
+    fp32; autocast only ever cast copies). The checkpoint is verified against its manifest before any file of it is
+    read, and its weights must all be finite (torchrec_mtl.train.checkpoint); otherwise CheckpointError naming the
+    file or the parameter."""
     path = resolve_checkpoint(checkpoint)
     verify_checkpoint(path)  # once: the train state below and DCP's files are then what the run wrote
     state = read_train_state(path)
@@ -135,24 +138,26 @@ def load_trained(checkpoint: str | Path) -> TrainedModel:
         raise CheckpointError(f"{path / TRAIN_STATE}: records no job config (the 'config' key); train again")
     config = config_from_dict(state["config"])
     tasks = task_set(config.objective)
+    device = torch.device(device)
     item_text = None
     if inputs["item_text"] is not None:
         if config.model.text.online or config.model.text.finetune_layers:
             raise CheckpointError(f"{path}: a model that runs BERT inside (model.text.online) is not exported here")
         text = inputs["item_text"]
         item_text = build_cached_item_text(
-            config.model.text, config.model.embedding_dim, text["num_items"], text["dim"], torch.device("cpu")
+            config.model.text, config.model.embedding_dim, text["num_items"], text["dim"], device
         )
+    # the tables are built on ``device``, the dense layers on the host and moved
     model = build_model(
-        config.model, inputs["num_dense"], inputs["table_sizes"], torch.device("cpu"), tasks.tower_tasks, item_text,
+        config.model, inputs["num_dense"], inputs["table_sizes"], device, tasks.tower_tasks, item_text,
         inputs.get("retrieval"),
-    )  # fmt: skip
+    ).to(device)  # fmt: skip
     # the checkpoint's keys are those of MultiTaskTrain (model.*); DCP fills whole tables from every rank's shards
     wanted = {f"model.{key}": value for key, value in model.state_dict().items()}
     load_tensors(path, {"model": wanted}, no_dist=True, verify=False)  # verified above; refuses non-finite weights
     model.load_state_dict({key.removeprefix("model."): value for key, value in wanted.items()})
     inference = InferenceModel(model, inputs["features"], TaskOutputs(tasks, inputs["offsets"])).eval()
-    return TrainedModel(inference, config, inputs, path)
+    return TrainedModel(inference, config, inputs, path, device)
 
 
 def export(trained: TrainedModel, out_dir: str | Path, quantize: bool = False) -> Path:
@@ -190,6 +195,7 @@ def _write_export(
         },  # fmt: skip
         "outputs": trained.task_kinds,
         "quantized": quantize,
+        "device": str(trained.device),  # the weights' device; torch.jit.load(..., map_location=...) moves them
         "checkpoint": str(trained.checkpoint),
         "load": "import torch, fbgemm_gpu; model = torch.jit.load('model.pt'); model(dense_features, sparse_ids)",
         "serve": serving.manifest,  # serve.pt: raw rows in (torchrec_mtl.serving)

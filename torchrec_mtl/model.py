@@ -13,7 +13,8 @@ Example::
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import contextlib
+from typing import ContextManager, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from torchrec_mtl.data.batch import MultiTaskBatch
 from torchrec_mtl.modules.interactions import DotInteraction
 from torchrec_mtl.modules.item_text import ItemTextArch
 from torchrec_mtl.modules.two_tower import ITEM_VECTOR, USER_VECTOR, TwoTowerArch
+from torchrec_mtl.precision import GradientUnscale, Precision
 from torchrec_mtl.tasks import MultiTaskObjective
 from torchrec_mtl.protocols import NeedsSharedParameters
 
@@ -37,6 +39,12 @@ def with_vectors(outputs: Dict[str, torch.Tensor], user: torch.Tensor, item: tor
     merged[USER_VECTOR] = user
     merged[ITEM_VECTOR] = item
     return merged
+
+
+@torch.fx.wrap
+def in_float32(outputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The outputs of an autocast region back in fp32, for the objective; one call in a traced graph (as above)."""
+    return {name: value.float() for name, value in outputs.items()}
 
 
 class MultiTaskModel(nn.Module):
@@ -80,6 +88,8 @@ class MultiTaskModel(nn.Module):
         self.interaction = interaction or DotInteraction(num_embeddings, dense_arch_layer_sizes[-1])
         self.tower = tower
         self.retrieval = retrieval
+        self.precision: Optional[Precision] = None  # None: fp32, no autocast (``use_precision``)
+        self.gradient_unscale: Optional[GradientUnscale] = None  # fp16: on the lookups' outputs
 
     @staticmethod
     def tower_in_features(num_sparse_features: int, embedding_dim: int) -> int:
@@ -87,16 +97,32 @@ class MultiTaskModel(nn.Module):
         products."""
         return embedding_dim * (1 + num_sparse_features) + choose(num_sparse_features + 1, 2)
 
+    def use_precision(self, precision: Precision) -> None:
+        """Run the dense part (dense arch, interaction, tower, retrieval towers) under ``precision``'s autocast, the
+        lookups outside it; under fp16 the gradients reaching the tables are unscaled (torchrec_mtl.precision)."""
+        self.precision = precision if precision.dtype is not None else None
+        if precision.scaler is not None:
+            self.gradient_unscale = GradientUnscale(precision.scaler)
+            if isinstance(self.item_text, ItemTextArch) and self.item_text.trainable:
+                self.item_text.gradient_unscale = GradientUnscale(precision.scaler)
+
+    def _autocast(self) -> ContextManager:
+        return self.precision.autocast() if self.precision is not None else contextlib.nullcontext()
+
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> Dict[str, torch.Tensor]:
-        embedded_dense = self.dense_arch(dense_features)
-        embedded_ids = self.sparse_arch(sparse_features)  # [B, F, D]
+        with self._autocast():
+            embedded_dense = self.dense_arch(dense_features)
+        embedded_ids = self.sparse_arch(sparse_features)  # [B, F, D], looked up in fp32 whatever the precision
+        if self.gradient_unscale is not None:
+            embedded_ids = self.gradient_unscale(embedded_ids)
         text = self.item_text(sparse_features) if self.item_text is not None else None
         embedded_sparse = embedded_ids if text is None else torch.cat([embedded_ids, text.unsqueeze(1)], dim=1)
-        outputs = self.tower(self.interaction(embedded_dense, embedded_sparse))
-        if self.retrieval is not None:
-            user, item = self.retrieval(embedded_ids, text)
-            outputs = with_vectors(outputs, user, item)
-        return outputs
+        with self._autocast():
+            outputs = self.tower(self.interaction(embedded_dense, embedded_sparse))
+            if self.retrieval is not None:
+                user, item = self.retrieval(embedded_ids, text)
+                outputs = with_vectors(outputs, user, item)
+        return outputs if self.precision is None else in_float32(outputs)
 
     def retrieval_vectors(self, sparse_features: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The two-tower arch's (user, item) vectors of each row, without the tower (for exporting them)."""
@@ -110,13 +136,20 @@ class MultiTaskTrain(nn.Module):
     """The model plus its objective, with torchrec's DLRMTrain contract.
 
     ``forward(batch)`` returns ``(loss, (loss.detach(), predictions, labels))``; ``predictions`` and ``labels`` map
-    each evaluated task to a [B] tensor, and a label is NaN on rows outside that task's sample space.
+    each evaluated task to a [B] tensor, and a label is NaN on rows outside that task's sample space. With a
+    ``precision`` (torchrec_mtl.precision) the model's dense part runs under its autocast, and under fp16 the first
+    ``loss`` (the one backpropagated) is scaled.
     """
 
-    def __init__(self, model: MultiTaskModel, objective: MultiTaskObjective) -> None:
+    def __init__(
+        self, model: MultiTaskModel, objective: MultiTaskObjective, precision: Optional[Precision] = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.objective = objective
+        if precision is not None:  # training.precision: the model's autocast, fp16's loss scaling
+            model.use_precision(precision)
+            objective.loss_scaler = precision.scaler
         # gradient-level weighting and diagnostics measure on the shared tower parameters
         for part in (objective.weighting, objective.gradient_cosine):
             if isinstance(part, NeedsSharedParameters):

@@ -187,10 +187,10 @@ def predict_lines(
             lines, dense, sparse, rejections = encoder.encode(chunk, first_line, columns, too_long)
             outputs: Dict[str, list] = {}
             for start in range(0, len(lines), batch_size):
-                part = model(torch.from_numpy(dense[start : start + batch_size]),
-                             torch.from_numpy(sparse[start : start + batch_size]))  # fmt: skip
-                for name, values in part.items():
-                    outputs.setdefault(name, []).append(values.numpy())
+                part = model(torch.from_numpy(dense[start : start + batch_size]).to(trained.device),
+                             torch.from_numpy(sparse[start : start + batch_size]).to(trained.device))  # fmt: skip
+                for name, values in part.items():  # to the host, where the scores are written
+                    outputs.setdefault(name, []).append(values.cpu().numpy())
             yield lines, {name: np.concatenate(values) for name, values in outputs.items()}, rejections
 
 

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from torchrec_mtl.data.prepare import shards_dir
 from torchrec_mtl.data.preprocess import tokens_to_rows
 from torchrec_mtl.data.shards import EncodedLog, ShardedLog
+from torchrec_mtl.device import DEFAULT_DEVICE
 from torchrec_mtl.inference import TrainedModel, load_trained, one_id_per_feature
 from torchrec_mtl.modules.item_text import ITEM_TEXT_FEATURE
 from torchrec_mtl.outputs import new_folder
@@ -167,14 +168,21 @@ def _vectors(trained: TrainedModel, sparse_ids: np.ndarray, side: int, progress:
     parts = []
     with torch.no_grad():
         for start in tqdm(range(0, len(sparse_ids), BATCH_ROWS), desc=what, disable=bar_disabled(progress)):
-            ids = torch.from_numpy(sparse_ids[start : start + BATCH_ROWS].astype(np.int64))
-            parts.append(model.retrieval_vectors(one_id_per_feature(features, ids))[side].numpy())
+            ids = torch.from_numpy(sparse_ids[start : start + BATCH_ROWS].astype(np.int64)).to(trained.device)
+            # to the host, where the vectors are written
+            parts.append(model.retrieval_vectors(one_id_per_feature(features, ids))[side].cpu().numpy())
     return np.concatenate(parts) if parts else np.zeros((0, trained.config.model.retrieval.dim), np.float32)
 
 
-def export_representations(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True) -> Dict:
-    """Write every user's and item's vector (see the module docstring); returns the manifest."""
-    trained = load_trained(checkpoint)
+def export_representations(
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    progress: bool = True,
+    device: str | torch.device = DEFAULT_DEVICE,
+) -> Dict:
+    """Write every user's and item's vector (see the module docstring), the model run on ``device``; returns the
+    manifest."""
+    trained = load_trained(checkpoint, device)
     config, inputs = trained.config, trained.inputs
     if inputs.get("retrieval") is None:
         raise CheckpointError(

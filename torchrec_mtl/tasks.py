@@ -214,6 +214,8 @@ class MultiTaskObjective(nn.Module):
         self.min_propensity = min_propensity
         self.weighting = make_weighting(weighting, task_set.weights)
         self.last_terms: Dict[str, torch.Tensor] = {}
+        # fp16 training (torchrec_mtl.precision): the loss backpropagated is scaled, the one reported is not
+        self.loss_scaler: Optional[torch.amp.GradScaler] = None
 
     def forward(
         self, logits: Dict[str, torch.Tensor], batch: MultiTaskBatch
@@ -278,7 +280,8 @@ class MultiTaskObjective(nn.Module):
         # kept so that a non-finite loss can be traced to its term (torchrec_mtl.train.loop.NonFiniteLoss)
         self.last_terms = {name: term.detach() for name, term in terms.items()}
         loss = self.weighting(terms)
-        return loss, (loss.detach(), predictions, eval_labels)
+        backward = self.loss_scaler.scale(loss) if self.loss_scaler is not None and self.training else loss
+        return backward, (loss.detach(), predictions, eval_labels)
 
     def _retrieval(
         self, outputs: Dict[str, torch.Tensor], batch: MultiTaskBatch, label: torch.Tensor

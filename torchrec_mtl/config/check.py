@@ -25,6 +25,7 @@ from torchrec_mtl.data.synthetic import SyntheticConfig
 from torchrec_mtl.modules.item_text import ITEM_TEXT_FEATURE
 from torchrec_mtl.modules.interactions import INTERACTIONS
 from torchrec_mtl.modules.towers import TOWERS
+from torchrec_mtl.precision import PRECISIONS
 from torchrec_mtl.schema import DatasetSchema, SchemaError
 from torchrec_mtl.tasks import OrderSpec, ProductSpec, TaskSet, TaskSpec
 from torchrec_mtl.train.distributed import COMPUTE_KERNELS, SHARDING_TYPES
@@ -57,6 +58,7 @@ def _check_optimizers_and_placement(training: TrainingConfig) -> None:
     _one_of("training.embedding_optimizer", training.embedding_optimizer, list(EMBEDDING_OPTIMIZERS))
     _one_of("training.dense_optimizer", training.dense_optimizer, list(DENSE_OPTIMIZERS))
     _one_of("training.lr_decay", training.lr_decay, LR_DECAYS)
+    _one_of("training.precision", training.precision, list(PRECISIONS))
     for name in ("weight_decay", "gradient_clip_norm", "warmup_steps"):
         if getattr(training, name) < 0:
             raise ConfigError(f"training.{name}: {getattr(training, name)!r}; allowed: >= 0")

@@ -205,6 +205,8 @@ class TrainingConfig:
     dense_lr: float = 0.002
     weight_decay: float = 0.0  # the dense optimizer's
     gradient_clip_norm: float = 0.0  # clip the dense gradients to this total L2 norm (0: off)
+    # the dense part's precision: fp32, or bf16 / fp16 autocast (fp16 with loss scaling); torchrec_mtl.precision
+    precision: str = "fp32"
     # every learning rate: a linear warmup over ``warmup_steps``, then constant or a linear/cosine decay to
     # ``min_lr_ratio`` x its base at the last step
     warmup_steps: int = 0

@@ -50,6 +50,7 @@ class BatchLoader:
         seed: int = 0,
         window_rows: int = 1 << 20,
         id_dropout: Optional[Dict[str, float]] = None,
+        pin_memory: bool = False,
     ) -> None:
         self.shards = [shards] if isinstance(shards, EncodedLog) else list(shards)
         for shard in self.shards:
@@ -65,6 +66,9 @@ class BatchLoader:
         self.num_rows = sum(len(shard) for shard in self.shards)
         self.epoch = 0
         self.start_batch = 0
+        # batches are built on the host, where the shards are mapped; the pipeline copies each to the run's device.
+        # For a GPU, page-locked batches let that copy (non_blocking, on TorchRec's own stream) overlap the step
+        self.pin_memory = pin_memory
         self._lengths = torch.ones(batch_size * len(feature_names), dtype=torch.int32)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -152,9 +156,10 @@ class BatchLoader:
             values=ids,
             lengths=self._lengths if ids.numel() == self._lengths.numel() else torch.ones_like(ids, dtype=torch.int32),
         )
-        return MultiTaskBatch(
+        batch = MultiTaskBatch(
             dense_features=torch.from_numpy(window.dense[rows]),
             sparse_features=sparse,
             labels={name: torch.from_numpy(values[rows]) for name, values in window.labels.items()},
             row_weight=torch.ones(len(rows)) if weight is None else torch.from_numpy(weight),
         )
+        return batch.pin_memory() if self.pin_memory else batch

@@ -18,7 +18,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -78,11 +78,15 @@ class ItemTextArch(nn.Module):
         self.embedding_bag_collection = embedding_bag_collection
         self.trainable = trainable
         self.projection = projection(tables[0].embedding_dim, hidden_layer_sizes, out_features)
+        # fp16 training of a trainable table: unscales the gradient reaching it (torchrec_mtl.precision)
+        self.gradient_unscale: Optional[nn.Module] = None
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         vectors = self.embedding_bag_collection(features)[ITEM_TEXT_FEATURE]
         if not self.trainable:
             vectors = vectors.detach()
+        elif self.gradient_unscale is not None:
+            vectors = self.gradient_unscale(vectors)
         return self.projection(vectors)
 
 

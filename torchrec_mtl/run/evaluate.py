@@ -12,6 +12,7 @@ import json
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
 from torchrec_mtl.config import JobConfig
@@ -47,8 +48,10 @@ def evaluate_item_segments(job: PreparedJob) -> Dict[str, Tuple[int, Dict[str, D
             job.env.world_size,
             shuffle=False,
             pad_tail=True,
+            pin_memory=job.pin_memory,
         )
-        segments[name] = (int(mask.sum()), evaluate(job.sharded, job.eval_pipeline, loader, job.tasks.names, False))
+        metrics = evaluate(job.sharded, job.eval_pipeline, loader, job.tasks.names, False, device=job.env.device)
+        segments[name] = (int(mask.sum()), metrics)
     return segments
 
 
@@ -75,7 +78,8 @@ def task_threshold_metrics(
     warnings = []
     if threshold == "best_f1":
         validation: Dict[str, np.ndarray] = {}
-        evaluate(job.sharded, job.eval_pipeline, job.loader("validation"), job.tasks.names, show, None, validation)
+        evaluate(job.sharded, job.eval_pipeline, job.loader("validation"), job.tasks.names, show, None, validation,
+                 job.env.device)  # fmt: skip
         validation = gathered(validation, job.env)
         thresholds = {}
         for name in binary:
@@ -91,11 +95,14 @@ def task_threshold_metrics(
     return metrics, warnings
 
 
-def evaluate_checkpoint(config: JobConfig, checkpoint: Optional[str] = None) -> Dict[str, Dict[str, float]]:
-    """The test metrics of a checkpoint (default: the newest in the config's checkpoint folder), at any world size;
-    rank 0 prints the table and writes ``out_dir/evaluation.json``."""
+def evaluate_checkpoint(
+    config: JobConfig, checkpoint: Optional[str] = None, device: Optional[torch.device] = None
+) -> Dict[str, Dict[str, float]]:
+    """The test metrics of a checkpoint (default: the newest in the config's checkpoint folder), at any world size,
+    on ``device`` (``cpu``, ``cuda`` or ``cuda:N``; default: a GPU when CUDA is present, as training); rank 0 prints
+    the table and writes ``out_dir/evaluation.json``."""
     claim_run_folder(config)
-    env = init_distributed(timeout_s=config.training.collective_timeout_s)
+    env = init_distributed(timeout_s=config.training.collective_timeout_s, device=device)
     job = prepare_job(config, env)
     path = resolve_checkpoint(checkpoint or checkpoint_dir(config))
     if not (path / TRAIN_STATE).exists():
@@ -104,8 +111,9 @@ def evaluate_checkpoint(config: JobConfig, checkpoint: Optional[str] = None) -> 
     show = config.training.progress and env.is_main
     predictions: Dict[str, np.ndarray] = {}
     metrics = evaluate(
-        job.sharded, job.eval_pipeline, job.loader("test"), job.tasks.names, show, job.test_users(), predictions
-    )
+        job.sharded, job.eval_pipeline, job.loader("test"), job.tasks.names, show, job.test_users(), predictions,
+        env.device,
+    )  # fmt: skip
     thresholded, warnings = task_threshold_metrics(job, gathered(predictions, env), show)  # as training's results
     per_task = headline_first(metrics, ceilings(config.data.dir) or {}, job.tasks.names)
     for task, values in thresholded.items():

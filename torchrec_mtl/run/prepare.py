@@ -31,6 +31,7 @@ from torchrec_mtl.data.splits import shuffled_labels, split_validation, with_ite
 from torchrec_mtl.finetune import freeze
 from torchrec_mtl.model import MultiTaskTrain
 from torchrec_mtl.outputs import claim_folder
+from torchrec_mtl.precision import Precision
 from torchrec_mtl.modules.item_text import ITEM_TEXT_FEATURE, ITEM_TEXT_TABLE, ItemTextArch
 from torchrec_mtl.schema import DatasetSchema
 from torchrec_mtl.tasks import MultiTaskObjective, TaskSet
@@ -80,7 +81,7 @@ def load_item_text(config: JobConfig, env: DistributedEnv, log: ShardedLog) -> I
             raise ConfigError(f"model.text.items: {items} does not exist (an items file: item_id, description)")
         from torchrec_mtl.text.encoder import TextEncoder
 
-        encoder = TextEncoder(text.encoder, pooling=text.pooling)
+        encoder = TextEncoder(text.encoder, pooling=text.pooling, device=env.device)  # rank 0's GPU on a GPU run
         summary = encode_items_file(items, cache, encoder, progress=config.training.progress)
         print(
             f"item text: {summary['items']:,} items, {summary['encoded']:,} encoded, {summary['reused']:,} reused "
@@ -110,6 +111,7 @@ class PreparedJob:
     pipeline: TrainPipelineSparseDist
     eval_pipeline: EvalPipelineSparseDist
     schedule: Optional[LearningRateSchedule]  # every learning rate, by step
+    precision: Precision  # training.precision on the run's device (fp16: its GradScaler)
     retrieval_features: Optional[Tuple[List[str], List[str]]] = None  # the two towers' features
     # training rows held out of train_shards (data.validation_fraction), for choosing thresholds
     validation_shards: List[EncodedLog] = dataclasses.field(default_factory=list)
@@ -153,6 +155,7 @@ class PreparedJob:
             return BatchLoader(
                 self.train_shards, self.features, training.batch_size, env.rank, env.world_size, shuffle=True,
                 seed=training.seed, id_dropout={item_column: training.item_id_dropout} if item_column else None,
+                pin_memory=self.pin_memory,
             )  # fmt: skip
         if split == "validation" and not self.validation_shards:
             raise ConfigError(
@@ -163,7 +166,13 @@ class PreparedJob:
         return BatchLoader(
             self.validation_shards if split == "validation" else self.test_shards, self.features,
             training.eval_batch_size, env.rank, env.world_size, shuffle=False, pad_tail=True,
+            pin_memory=self.pin_memory,
         )  # fmt: skip
+
+    @property
+    def pin_memory(self) -> bool:
+        """Whether batches are page-locked: for a GPU run (BatchLoader)."""
+        return self.env.device.type == "cuda"
 
 
 def prepare_job(config: JobConfig, env: DistributedEnv) -> PreparedJob:
@@ -222,6 +231,10 @@ def prepare_job(config: JobConfig, env: DistributedEnv) -> PreparedJob:
         retrieval_loss, item_feature = build_retrieval_loss(
             config, tasks.retrieval.label, train_shards, features, two_tower_features, table_sizes
         )
+    try:
+        precision = Precision(training.precision, env.device)
+    except ValueError as error:  # bf16 on a GPU without it
+        raise ConfigError(f"training.precision: {error}") from None
     objective = MultiTaskObjective(
         tasks,
         offsets,
@@ -233,7 +246,7 @@ def prepare_job(config: JobConfig, env: DistributedEnv) -> PreparedJob:
     )
     try:
         sharded, optimizer = shard_model(
-            MultiTaskTrain(model, objective),
+            MultiTaskTrain(model, objective, precision),
             env,
             training.embedding_optimizer,
             training.embedding_lr,
@@ -258,7 +271,8 @@ def prepare_job(config: JobConfig, env: DistributedEnv) -> PreparedJob:
             group["lr"] = 0.0
     job = PreparedJob(
         config, env, log, tasks, train_shards, test_shards, features, text_table, objective, sharded, optimizer,
-        make_pipeline(sharded, optimizer, env.device), make_eval_pipeline(sharded, env.device), None,
+        make_pipeline(sharded, optimizer, env.device, precision.scaler), make_eval_pipeline(sharded, env.device), None,
+        precision,
     )  # fmt: skip
     job.validation_shards = validation_shards
     job.retrieval_features = two_tower_features

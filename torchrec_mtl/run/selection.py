@@ -88,7 +88,8 @@ class EpochValidator:
     def __call__(self, summary: TrainSummary) -> bool:
         job = self.job
         kinds = job.tasks.names
-        metrics = evaluate(job.sharded, job.eval_pipeline, job.loader("validation"), kinds, self.show)
+        loader = job.loader("validation")
+        metrics = evaluate(job.sharded, job.eval_pipeline, loader, kinds, self.show, device=job.env.device)
         score = selection_score(metrics, kinds, self.config.metric)
         if not summary.validation and job.env.is_main:
             # a run starting over (not resumed): a best model of an earlier run in this folder is not this run's

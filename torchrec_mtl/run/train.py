@@ -78,7 +78,8 @@ def _start_finetuning(job: PreparedJob) -> Dict[str, Dict[str, float]]:
     load_model_state(path, job.sharded)
     show = job.config.training.progress and job.env.is_main
     tasks = job.tasks.names
-    before = headline_first(evaluate(job.sharded, job.eval_pipeline, job.loader("test"), tasks, show), kinds=tasks)
+    test = evaluate(job.sharded, job.eval_pipeline, job.loader("test"), tasks, show, device=job.env.device)
+    before = headline_first(test, kinds=tasks)
     if job.env.is_main:
         print(f"fine-tuning {finetune.task} from {path}, frozen: {', '.join(finetune.freeze) or 'nothing'}; "
               f"before:\n{format_table(before)}", flush=True)  # fmt: skip
@@ -101,7 +102,9 @@ def _resume(job: PreparedJob, checkpointer: Checkpointer, global_batch_rows: int
             f"checkpoint {path}: written by another config ({'; '.join(changes[:5])}); set checkpoint.resume=never "
             "to start over"
         )
-    summary, window_batches, train_state = restore_run(path, job.sharded, job.optimizer, global_batch_rows)
+    summary, window_batches, train_state = restore_run(
+        path, job.sharded, job.optimizer, global_batch_rows, job.precision.scaler
+    )
     if job.env.is_main:
         print(
             f"resuming from {path}: step {summary.steps}, epoch {summary.epoch + 1} batch {summary.batch}"
@@ -171,7 +174,7 @@ def _run_job(
     inputs = job.model_inputs()
     save = lambda summary, window, finished=False: save_run(  # noqa: E731
         checkpointer, sharded, job.optimizer, summary, window, global_batch_rows, config_to_dict(config), finished,
-        inputs,
+        inputs, job.precision.scaler,
     )  # fmt: skip
     before = _start_finetuning(job) if config.finetune is not None else None
     resume = _resume(job, checkpointer, global_batch_rows)
@@ -199,6 +202,7 @@ def _run_job(
             schedule=job.schedule,
             on_curve_point=board.curve_point if board is not None else None,
             after_epoch=validator,
+            device=env.device,
         )
     except NonFiniteLoss as error:
         raise NonFiniteLoss(f"{error}; the last good checkpoint: {checkpointer.latest() or 'none yet'}") from None
@@ -229,7 +233,7 @@ def _run_job(
     with GateMonitor(gated) if gated is not None else contextlib.nullcontext() as monitor:
         predictions: Dict[str, np.ndarray] = {}
         metrics = evaluate(
-            sharded, job.eval_pipeline, job.loader("test"), tasks.names, show, job.test_users(), predictions
+            sharded, job.eval_pipeline, job.loader("test"), tasks.names, show, job.test_users(), predictions, env.device
         )
     predictions = gathered(predictions, env)
     segments = evaluate_item_segments(job)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from torchrec_mtl.device import DEFAULT_DEVICE
 from torchrec_mtl.progress import bar_disabled
 
 POOLINGS = ("mean", "cls")
@@ -83,7 +84,7 @@ class TextEncoder:
         batch_size: int = 64,
         max_length: int = 128,
         threads: int | None = None,
-        device: str = "cpu",
+        device: str | torch.device = DEFAULT_DEVICE,  # a run passes its own (torchrec_mtl.run.prepare)
     ) -> None:
         from transformers import AutoModel, AutoTokenizer  # heavy import, only when an encoder is built
         from transformers.utils import logging as hf_logging

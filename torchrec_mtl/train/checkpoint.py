@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from torchrec_mtl.device import collective_device
 from torchrec_mtl.errors import TrainingStopped  # noqa: F401 (raised here; importable from here, as before)
 from torchrec_mtl.train.integrity import (
     MANIFEST,
@@ -67,18 +68,11 @@ def _rank_and_world() -> Tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _collective_device() -> torch.device:
-    """Where a collective's tensor must live: NCCL reduces only CUDA tensors, gloo CPU ones."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _all_ok(ok: bool) -> bool:
     """Whether every rank's ``ok`` holds (a collective: every rank must call it)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return ok
-    flag = torch.tensor([0 if ok else 1], device=_collective_device())
+    flag = torch.tensor([0 if ok else 1], device=collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() == 0
 
@@ -96,9 +90,10 @@ def _raise_agreed(error: Optional[str], no_dist: bool = False) -> None:
 
 
 def rng_state() -> Dict[str, Any]:
-    """Every random stream a training step may draw from (torch, numpy's global, Python's), as tensors and plain
-    Python values only, so that ``torch.load(weights_only=True)`` reads it back: numpy's key array becomes an int64
-    tensor (torch's uint32 has too few operations to rely on), Python's state is already tuples of ints."""
+    """Every random stream a training step may draw from (torch's on the host and, once CUDA is in use, on this
+    process's GPU; numpy's global; Python's), as tensors and plain Python values only, so that
+    ``torch.load(weights_only=True)`` reads it back: numpy's key array becomes an int64 tensor (torch's uint32 has
+    too few operations to rely on), Python's state is already tuples of ints."""
     import random
 
     import numpy as np
@@ -111,7 +106,10 @@ def rng_state() -> Dict[str, Any]:
         "has_gauss": int(has_gauss),
         "cached_gaussian": float(cached_gaussian),
     }
-    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # a host byte tensor, whatever the device
+    return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
@@ -121,6 +119,8 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     import numpy as np
 
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():  # written on a GPU; a resume on the host has no such stream
+        torch.cuda.set_rng_state(state["cuda"])
     numpy_state = state["numpy"]
     np.random.set_state(
         (

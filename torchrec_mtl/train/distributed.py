@@ -32,6 +32,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from torchrec_mtl.device import DeviceError
 from torchrec_mtl.train.optimizers import EMBEDDING_OPTIMIZERS, apply_embedding_optimizers, dense_optimizer
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel")
@@ -75,13 +76,21 @@ class DistributedEnv:
         return self.rank == 0
 
 
-def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) -> DistributedEnv:
+def init_distributed(
+    backend: Optional[str] = None, timeout_s: float = 600.0, device: Optional[torch.device] = None
+) -> DistributedEnv:
     """Join (or create, at world size 1) the default process group: gloo on CPU, NCCL on GPUs.
 
     Under torchrun the environment names the group; alone, a one-process group on an in-memory store opens no port.
     A collective that waits ``timeout_s`` seconds for a peer (one that hangs) raises instead of waiting for ever; a
     peer that dies breaks the connection and the next collective raises at once.
+
+    ``device`` (default: a GPU when CUDA is present, else the host) decides the backend: NCCL for ``cuda`` (each
+    process on the GPU of its LOCAL_RANK; ``cuda:N`` names the GPU of a one-process run), gloo for ``cpu``; a group
+    already open with the other backend is a DeviceError.
     """
+    if device is not None:
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if "WORLD_SIZE" in os.environ:
@@ -96,12 +105,18 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
         # torn down before the interpreter's own teardown: gloo's worker threads destroyed there abort the process
         # (SIGABRT, "terminate called without an active exception") after its work is done
         atexit.register(_leave_process_group)
+    elif backend is not None and dist.get_backend() != backend:
+        raise DeviceError(f"device {device}: this process's group already runs {dist.get_backend()}, not {backend}")
     if torch.cuda.is_available() and dist.get_backend() == "nccl":
         local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count()))
+        if device is not None and device.index is not None and device.index != local_rank:
+            if dist.get_world_size() > 1:  # NCCL refuses two processes on one GPU
+                raise DeviceError(f"device {device}: under several processes give cuda (each takes its LOCAL_RANK's)")
+            local_rank = device.index
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
-        device = torch.device("cpu")
+        device = device if device is not None else torch.device("cpu")  # gloo: the host (an index kept as given)
     return DistributedEnv(dist.get_rank(), dist.get_world_size(), device)
 
 

@@ -20,10 +20,12 @@ from torchrec.distributed.train_pipeline import EvalPipelineSparseDist, TrainPip
 from tqdm import tqdm
 
 from torchrec_mtl.data.loader import BatchLoader
+from torchrec_mtl.device import collective_device
 from torchrec_mtl.errors import NonFiniteLoss  # noqa: F401 (raised here; importable from here, as before)
 from torchrec_mtl.headline import headline, task_kind
 from torchrec_mtl.train.diagnostics import GateMonitor
 from torchrec_mtl.train.metrics import TaskMetrics, grouped_auc
+from torchrec_mtl.precision import ScaledStep
 from torchrec_mtl.train.optimizers import LearningRateSchedule
 from torchrec_mtl.protocols import ReportsTerms, find
 from torchrec_mtl.progress import bar_disabled
@@ -64,10 +66,14 @@ class TrainSummary:
 
 class CurveWindow:
     """The batches behind the next curve point: their predictions and labels, kept (not yet reduced) so that a
-    checkpoint can carry them and the point computed after a resume is the one an uninterrupted run computes."""
+    checkpoint can carry them and the point computed after a resume is the one an uninterrupted run computes. They
+    are kept on the host (a checkpoint's rank state must load anywhere, and 100 batches need not hold GPU memory);
+    the metrics run on ``device``, the run's."""
 
-    def __init__(self, task_kinds: Dict[str, str], batch_size: int, window_batches: int, world_size: int) -> None:
-        self.task_kinds, self.batch_size = task_kinds, batch_size
+    def __init__(
+        self, task_kinds: Dict[str, str], batch_size: int, window_batches: int, world_size: int, device: torch.device
+    ) -> None:
+        self.task_kinds, self.batch_size, self.device = task_kinds, batch_size, device
         self.window_size = window_batches * batch_size * world_size
         self.batches: List[Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]] = []
         self._metrics: Optional[TaskMetrics] = None
@@ -79,7 +85,7 @@ class CurveWindow:
     def compute(self) -> Dict[str, Dict[str, float]]:
         """Each task's metrics over the kept batches of every rank (a collective); then the window is emptied."""
         if self._metrics is None:  # built once: a RecMetricModule takes about a second to build
-            self._metrics = TaskMetrics(self.task_kinds, batch_size=self.batch_size, window_size=self.window_size)
+            self._metrics = TaskMetrics(self.task_kinds, self.batch_size, self.window_size, self.device)
         self._metrics.reset()
         for predictions, labels in self.batches:
             self._metrics.update(predictions, labels)
@@ -101,8 +107,7 @@ def agree_max(values: Sequence[int]) -> List[int]:
     many values); in one process, the values themselves and no collective."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [int(value) for value in values]
-    on_gpu = dist.get_backend() == "nccl"  # NCCL reduces only GPU tensors (init_distributed set the device)
-    flags = torch.tensor([int(value) for value in values], dtype=torch.int64, device="cuda" if on_gpu else "cpu")
+    flags = torch.tensor([int(value) for value in values], dtype=torch.int64, device=collective_device())
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return flags.tolist()
 
@@ -136,8 +141,21 @@ def _agreed_non_finite(
     return NonFiniteLoss(message[0])
 
 
-def make_pipeline(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> TrainPipelineSparseDist:
-    return TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True)
+def make_pipeline(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    scaler: Optional[torch.amp.GradScaler] = None,
+) -> TrainPipelineSparseDist:
+    """The training pipeline on ``device``; with fp16's ``scaler`` (torchrec_mtl.precision) its optimizer step
+    unscales the dense gradients and skips a step whose gradients are not finite."""
+    stepped = ScaledStep(optimizer, scaler) if scaler is not None else optimizer
+    return TrainPipelineSparseDist(model, stepped, device, execute_all_batches=True)
+
+
+def pipeline_device(pipeline: TrainPipelineSparseDist) -> torch.device:
+    """The device ``pipeline`` moves every batch to and runs the model on (the one it was made with)."""
+    return pipeline._device
 
 
 def make_eval_pipeline(model: nn.Module, device: torch.device) -> EvalPipelineSparseDist:
@@ -213,6 +231,7 @@ def train(
     schedule: Optional[LearningRateSchedule] = None,
     on_curve_point: Optional[Callable[[Dict], None]] = None,
     after_epoch: Optional[Callable[[TrainSummary], bool]] = None,
+    device: Optional[torch.device] = None,
 ) -> TrainSummary:
     """Run ``epochs`` passes over ``loader`` with ``pipeline`` (built over ``model``); every rank's loader must
     have the same length. With ``task_kinds`` and ``curve_every`` > 0, each task's metrics over the last
@@ -229,11 +248,14 @@ def train(
     A non-finite loss on any rank stops every rank at that step with the same NonFiniteLoss (naming the lowest rank
     that saw one): the ranks agree after each step through one all-reduce of a few integers, which also carries
     ``after_step``'s flags when it has ``local_flags`` (AfterStep); in one process there is no collective.
+
+    The curve's metrics run on ``device`` (default: the pipeline's, where the predictions arrive).
     """
     summary, window_batches_kept = resume if resume is not None else (TrainSummary(), None)
     window = None
     if task_kinds and curve_every > 0:
-        window = CurveWindow(task_kinds, loader.batch_size, window_batches, loader.world_size)
+        device = device if device is not None else pipeline_device(pipeline)
+        window = CurveWindow(task_kinds, loader.batch_size, window_batches, loader.world_size, device)
         window.batches = list(window_batches_kept or [])
     monitor: Optional[GateMonitor] = None
     objective = _objective(model)
@@ -322,18 +344,20 @@ def evaluate(
     show_progress: bool = True,
     groups: Optional[np.ndarray] = None,
     predictions_out: Optional[Dict[str, np.ndarray]] = None,
+    device: Optional[torch.device] = None,
 ) -> Dict[str, Dict[str, float]]:
     """Whole-set metrics per task over every row of ``loader`` (which should pad its tail), reduced over ranks.
 
     With ``groups`` (one integer per row of the loader's shards, e.g. the user; negative = unknown), binary tasks
     also get ``gauc``: the AUC within each group, averaged over groups (``grouped_auc``). A ``predictions_out`` dict
     receives this rank's rows: ``row`` (the index in the shards' order), and per task ``<task>.prediction`` and
-    ``<task>.label`` (NaN outside the task's sample space); padding rows are left out.
+    ``<task>.label`` (NaN outside the task's sample space); padding rows are left out. The metrics run on ``device``
+    (default: the pipeline's, where the predictions arrive); the kept rows go to the host, where they are written.
     """
+    device = device if device is not None else pipeline_device(pipeline)
     metrics = TaskMetrics(
-        task_kinds, batch_size=loader.batch_size, window_size=len(loader) * loader.batch_size * loader.world_size,
-        count_rows=True,
-    )  # fmt: skip
+        task_kinds, loader.batch_size, len(loader) * loader.batch_size * loader.world_size, device, count_rows=True
+    )
     keep = list(task_kinds) if predictions_out is not None else [n for n, k in task_kinds.items() if k == "binary"]
     keep = keep if (groups is not None or predictions_out is not None) else []
     kept: Dict[str, List[torch.Tensor]] = {f"{n}.{part}": [] for n in keep for part in ("prediction", "label")}
@@ -352,8 +376,9 @@ def evaluate(
     if groups is not None and binary:
         row_groups = torch.from_numpy(np.where(rows >= 0, groups[np.maximum(rows, 0)], -1))
         gauc = grouped_auc(
-            {n: columns[f"{n}.prediction"] for n in binary}, {n: columns[f"{n}.label"] for n in binary}, row_groups
-        )
+            {n: columns[f"{n}.prediction"] for n in binary}, {n: columns[f"{n}.label"] for n in binary}, row_groups,
+            device,
+        )  # fmt: skip
         for name, value in gauc.items():
             result[name]["gauc"] = value
     if predictions_out is not None:

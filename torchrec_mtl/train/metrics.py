@@ -7,14 +7,15 @@ Values are reduced across ranks by RecMetricModule itself.
 
 Example::
 
-    >>> metrics = TaskMetrics({"ctr": "binary", "rating": "regression"}, batch_size=512, window_size=10**6)
+    >>> kinds = {"ctr": "binary", "rating": "regression"}
+    >>> metrics = TaskMetrics(kinds, batch_size=512, window_size=10**6, device=env.device)  # doctest: +SKIP
     >>> metrics.update({"ctr": p, "rating": r}, {"ctr": y, "rating": s})  # doctest: +SKIP
     >>> metrics.compute()["ctr"]["auc"]  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,8 @@ class TaskMetrics:
         batch_size: per-rank batch size.
         window_size: rows kept per window (global, over all ranks); make it at least the evaluation set's size for
             whole-set AUC.
-        device: where the metric states live.
+        device: where the metric states live: the run's device, where the predictions arrive (a reduction over ranks
+            gathers them there: NCCL only gathers GPU tensors). ``update`` takes predictions on any device.
         count_rows: also report each task's ``rows`` (labelled rows) and, for tasks with 0/1 labels, ``positives``,
             summed over ranks: what a metric was computed on (an AUC on a handful of positives means little).
     """
@@ -54,12 +56,14 @@ class TaskMetrics:
         task_kinds: Dict[str, str],
         batch_size: int,
         window_size: int,
-        device: torch.device = torch.device("cpu"),
+        device: torch.device,
         count_rows: bool = False,
     ) -> None:
         self.task_kinds = dict(task_kinds)
         # per task: [labelled rows, positive rows], kept as tensors so counting costs no host sync per batch
-        self.counts = {name: torch.zeros(2, dtype=torch.int64, device=device) for name in task_kinds} if count_rows else None
+        self.counts = (
+            {name: torch.zeros(2, dtype=torch.int64, device=device) for name in task_kinds} if count_rows else None
+        )
         names = list(self.task_kinds)
         tasks = [
             RecTaskInfo(name=n, label_name=f"{n}-label", prediction_name=f"{n}-prediction", weight_name=f"{n}-weight")
@@ -88,6 +92,7 @@ class TaskMetrics:
             state_metrics_mapping={},
             device=device,
         )
+        self.device = device
         if world_size == 1:
             # one process has nothing to gather, and a gather would run on gloo's own thread: a tensor copy there
             # starts a second OpenMP team, after which every training step of the process ran about 1.7x slower
@@ -99,12 +104,13 @@ class TaskMetrics:
     def update(self, predictions: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor]) -> None:
         model_out = {}
         for name in self.task_kinds:
-            present = ~torch.isnan(labels[name])
-            model_out[f"{name}-prediction"] = predictions[name].double()
-            model_out[f"{name}-label"] = torch.nan_to_num(labels[name]).double()
+            label = labels[name].to(self.device)
+            present = ~torch.isnan(label)
+            model_out[f"{name}-prediction"] = predictions[name].to(self.device).double()
+            model_out[f"{name}-label"] = torch.nan_to_num(label).double()
             model_out[f"{name}-weight"] = present.double()
             if self.counts is not None:
-                self.counts[name] += torch.stack([present.sum(), (labels[name] == 1).sum()]).to(self.counts[name])
+                self.counts[name] += torch.stack([present.sum(), (label == 1).sum()])
         self.module.update(model_out)
 
     def compute(self) -> Dict[str, Dict[str, float]]:
@@ -138,14 +144,19 @@ _GAUC_CELLS_PER_UPDATE = 1 << 22
 
 
 def grouped_auc(
-    predictions: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor], groups: torch.Tensor
+    predictions: Dict[str, torch.Tensor],
+    labels: Dict[str, torch.Tensor],
+    groups: torch.Tensor,
+    device: Optional[torch.device] = None,
 ) -> Dict[str, float]:
     """GAUC per task: the AUC within each group (e.g. each user), averaged over the groups that have both labels and
     not all-equal predictions, computed by torchrec's GAUCMetric. Rows with a NaN label (outside the task's space,
     padding) and rows with a negative group (unknown user) are left out.
 
     Every rank passes its own rows; rows are exchanged so that each rank scores whole groups, and the metric's states
-    are summed over ranks, so every rank returns the same values.
+    are summed over ranks, so every rank returns the same values. The rows are grouped on the host (they are
+    exchanged as pickled objects and ordered by group); the metric runs on ``device`` (default: the predictions'),
+    the run's, where NCCL can sum its states.
 
     Example::
 
@@ -156,6 +167,7 @@ def grouped_auc(
     from torchrec.metrics.gauc import GAUCMetric
 
     names = list(predictions)
+    device = device if device is not None else predictions[names[0]].device
     stacked = torch.stack([predictions[n].float() for n in names]).cpu()
     stacked_labels = torch.stack([labels[n].float() for n in names]).cpu()
     groups = groups.cpu().long()
@@ -182,7 +194,8 @@ def grouped_auc(
         window_size=world_size,
         compute_mode=RecComputeMode.FUSED_TASKS_COMPUTATION,
         compute_on_all_ranks=True,
-    )
+    ).to(device)
+    stacked, stacked_labels, weights = stacked.to(device), stacked_labels.to(device), weights.to(device)
     _, counts = torch.unique_consecutive(groups, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
     # groups of similar length share an update (little padding), each update under _GAUC_CELLS_PER_UPDATE cells
@@ -197,12 +210,12 @@ def grouped_auc(
             chunks.append([group])
             longest = size
     for chunk in chunks:
-        rows = torch.cat([torch.arange(int(starts[g]), int(starts[g] + counts[g])) for g in chunk])
+        rows = torch.cat([torch.arange(int(starts[g]), int(starts[g] + counts[g])) for g in chunk]).to(device)
         metric.update(
             predictions=stacked[:, rows],
             labels=stacked_labels[:, rows],
             weights=weights[:, rows],
-            num_candidates=counts[chunk],
+            num_candidates=counts[chunk].to(device),
         )
     values = metric.compute()
     return {n: float(values[f"gauc-{n}|lifetime_gauc"]) for n in names}

@@ -63,10 +63,11 @@ def apply_embedding_optimizers(
     tables: Mapping[str, nn.Parameter],
     specs: Mapping[str, Tuple[str, float]],
     default: Tuple[str, float],
-    device_type: str = "cpu",
+    device_type: str,
 ) -> None:
     """Attach each table's optimizer to run inside backward (before sharding, so the sharder fuses it); tables
-    without a spec (e.g. the item-text table) get ``default``."""
+    without a spec (e.g. the item-text table) get ``default``. ``device_type`` (the run's) decides which FBGEMM
+    kernels there are."""
     from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
 
     allowed = FUSED_ON_CPU if device_type == "cpu" else tuple(EMBEDDING_OPTIMIZERS)

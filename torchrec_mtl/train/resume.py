@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
@@ -44,15 +45,18 @@ def save_run(
     config: Dict[str, Any],
     finished: bool = False,
     model_inputs: Optional[Dict[str, Any]] = None,
+    grad_scaler: Optional[torch.amp.GradScaler] = None,
 ) -> Path:
     """Write the run's state at ``summary.steps`` (every rank calls it); ``config`` is the job config as a dict,
-    ``model_inputs`` what rebuilding the model needs beside it (torchrec_mtl.run.prepare.PreparedJob.model_inputs)."""
+    ``model_inputs`` what rebuilding the model needs beside it (torchrec_mtl.run.prepare.PreparedJob.model_inputs),
+    ``grad_scaler`` fp16's loss scale (the same on every rank: the gradients it checks are all-reduced)."""
     train_state = {
         "finished": finished,
         "global_batch_rows": global_batch_rows,
         "summary": summary.to_dict(),
         "config": config,
         "model_inputs": model_inputs,
+        "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
     }
     rank_state = {"rng": rng_state(), "window": window.batches if window is not None else None}
     _initialise_lazy_state(optimizer)  # only before the first step: every checkpoint then has the same keys
@@ -78,13 +82,17 @@ def restore_run(
     sharded: nn.Module,
     optimizer: KeyedOptimizer,
     global_batch_rows: int,
+    grad_scaler: Optional[torch.amp.GradScaler] = None,
 ) -> Tuple[TrainSummary, Optional[List], Dict[str, Any]]:
-    """Load checkpoint ``path`` into ``sharded`` and ``optimizer``; return the summary to continue from, the curve
-    window's batches (None when the checkpoint came from another world size) and the train state."""
+    """Load checkpoint ``path`` into ``sharded``, ``optimizer`` and fp16's ``grad_scaler``; return the summary to
+    continue from, the curve window's batches (None when the checkpoint came from another world size) and the train
+    state."""
     _initialise_lazy_state(optimizer)
     state = _run_state(sharded, optimizer)
     train_state, rank_state = Checkpointer(Path(path).parent).load(path, state)
     optimizer.load_state_dict(state["optimizer"])
+    if grad_scaler is not None and train_state.get("grad_scaler"):
+        grad_scaler.load_state_dict(train_state["grad_scaler"])
     summary = TrainSummary.from_dict(train_state["summary"])
     if rank_state is None:
         # another world size: the same share of the epoch, in this world size's global batches
