@@ -51,6 +51,12 @@ ALLOWED = {
     ("data/synthetic.py", "binary_auc", "torch.ones"): "the generator's ceilings: host arrays",
     ("train/checkpoint.py", "rng_state", "torch.from_numpy"): "numpy's RNG state, a host tensor in the rank file",
     ("train/checkpoint.py", "set_rng_state", ".numpy()"): "numpy's RNG state read back from the rank file",
+    ("serving.py", "RawRowEncoder.__init__", "torch.from_numpy"): "serve.pt's vocabularies: raw strings are parsed by "
+    "the TorchScript interpreter on the host, and the lookups run there",
+    ("serving.py", "RawRowEncoder._encode", "torch.tensor"): "serve.pt's parsed rows, on the host (as above)",
+    ("serving.py", "RawRowEncoder._rows", "torch.arange"): "serve.pt's vocabulary rows, on the host (as above)",
+    ("serving.py", "ServingModel._score", "torch.zeros"): "serve.pt's scores of an empty batch, returned to the host",
+    ("serving.py", "ServingModel._score", ".cpu()"): "serve.pt returns host tensors, wherever its model runs",
     ("run/prepare.py", "prepare_job", "torch.from_numpy"): "the text vectors, copied into the sharded table's shards "
     "(copy_ moves them to each shard's device)",
     # module state: built with the model on the host, moved with it (DistributedModelParallel's .to(device))

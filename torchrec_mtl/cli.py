@@ -19,11 +19,10 @@ from torchrec_mtl.data.prepare import MissingInputError
 from torchrec_mtl.cli_args import build_parser
 from torchrec_mtl.data.preprocess import LogFormatError, TooManyBadRows
 from torchrec_mtl.data.shards import ShardError
-from torchrec_mtl.device import DeviceError
 from torchrec_mtl.outputs import OutputError
 from torchrec_mtl.schema import SchemaError
 from torchrec_mtl.text.cache import TextCacheError
-from torchrec_mtl.errors import CheckpointError, NonFiniteLoss, TrainingStopped
+from torchrec_mtl.errors import CheckpointError, DeviceError, NonFiniteLoss, TrainingStopped
 from torchrec_mtl.report import ReportError
 
 if TYPE_CHECKING:

@@ -17,12 +17,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from torchrec_mtl.errors import DeviceError  # noqa: F401 (raised here; importable from here)
+
 # the serving commands' device when none is named: every machine has a host, not every one a GPU
 DEFAULT_DEVICE = "cpu"
-
-
-class DeviceError(ValueError):
-    """A device this machine does not have (CUDA without a GPU, a GPU index past the last)."""
 
 
 def usable_device(name: str | torch.device) -> torch.device:

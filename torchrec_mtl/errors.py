@@ -16,3 +16,7 @@ class TrainingStopped(RuntimeError):
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss; the message names the step, the terms that were not finite and (in a
     distributed run) the rank that saw it. Every rank raises it at the same step with the same message."""
+
+
+class DeviceError(ValueError):
+    """A device this machine does not have (CUDA without a GPU, a GPU index past the last)."""

@@ -237,15 +237,17 @@ class ServingModel(nn.Module):
     """Raw rows -> {"valid": [B] bool, each task: [B] float32, NaN where not valid}: ``encoder`` then ``model`` (an
     InferenceModel, scripted or not; rows not valid are scored as all-empty rows, then masked). Scriptable.
 
-    >>> serve = torch.jit.script(ServingModel(encoder, scripted_model, ["ctr", "ctcvr"]))  # doctest: +SKIP
+    >>> serve = torch.jit.script(ServingModel(encoder, scripted, ["ctr", "ctcvr"], trained.device))  # doctest: +SKIP
     >>> serve.score_lines(lines, False)["ctr"]  # doctest: +SKIP
     """
 
     tasks: List[str]
 
-    def __init__(self, encoder: RawRowEncoder, model: nn.Module, tasks: List[str]) -> None:
+    def __init__(self, encoder: RawRowEncoder, model: nn.Module, tasks: List[str], device: torch.device) -> None:
         super().__init__()
         self.encoder, self.model, self.tasks = encoder, model, list(tasks)
+        # raw strings are parsed on the host; the encoded rows go where the model is (its export device)
+        self.register_buffer("model_device", torch.zeros(0, device=device), persistent=False)
 
     def forward(self, rows: List[List[str]]) -> Dict[str, torch.Tensor]:
         """``rows``: per row the raw fields of ``encoder.columns`` (the manifest's ``serve.columns``)."""
@@ -264,9 +266,10 @@ class ServingModel(nn.Module):
             for name in self.tasks:
                 scores[name] = torch.zeros(0)
         else:
-            outputs = self.model(dense, sparse)
+            device = self.model_device.device
+            outputs = self.model(dense.to(device), sparse.to(device))
             for name in self.tasks:
-                scores[name] = torch.where(valid, outputs[name], float("nan"))
+                scores[name] = torch.where(valid.to(device), outputs[name], float("nan")).cpu()
         scores["valid"] = valid
         return scores
 
@@ -315,4 +318,4 @@ def serving_artifact(trained: "TrainedModel", model: nn.Module) -> ServingArtifa
     sources = [shards_dir(data) / "vocab"] if vocabularies else []
     if table is not None:
         sources.append(Path(data.dir) / trained.config.model.text.items)
-    return ServingArtifact(torch.jit.script(ServingModel(encoder, model, tasks)), manifest, sources)
+    return ServingArtifact(torch.jit.script(ServingModel(encoder, model, tasks, trained.device)), manifest, sources)
