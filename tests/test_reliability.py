@@ -82,7 +82,7 @@ def test_when_a_rank_dies_the_others_exit_with_an_error_within_seconds(small_log
         ranks.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))  # fmt: skip
     printed = ""
-    while "sharding plan" not in printed:  # rank 0 prints the plan just before training starts
+    while "sharded tables on" not in printed:  # rank 0 prints the plan's line just before training starts
         line = ranks[0].stdout.readline()
         assert line or ranks[0].poll() is None, f"rank 0 ended before training:\n{printed}"
         printed += line

@@ -101,9 +101,11 @@ class EpochValidator:
             self.best.save(summary.steps, state, {**self.train_state, "summary": summary.to_dict(), "finished": True})
         waited = epochs_without_improvement(summary.validation, self.config.min_delta)
         if job.env.is_main:
+            rows = max((int(values.get("rows", 0)) for values in metrics.values()), default=0)
             print(
                 f"validation after epoch {summary.epoch} (step {summary.steps}): {self.config.metric} "
-                f"{abs(score):.4f}" + (f"; no better for {waited} epoch(s)" if waited else "; the best so far"),
+                f"{abs(score):.4f} on {rows:,} rows"
+                + (f"; no better for {waited} epoch(s)" if waited else "; the best so far"),
                 flush=True,
             )
         if self.on_validation is not None:
