@@ -27,6 +27,7 @@ E2E_FILES = {
     "test_rank_faults.py",  # faults inside training, at world sizes 1 and 2
     "test_shipped_configs.py",  # the Ali-CCP and AliExpress configs, trained through the CLI
     "test_serving_export.py",  # serve.pt of a trained run against predict, loaded in a bare process
+    "test_pruning_export.py",  # pruned exports of a trained run against the unpruned model, in a bare process
 }
 E2E_TESTS = {
     # a trained checkpoint (module fixture `run`), and a check across two processes
