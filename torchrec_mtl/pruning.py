@@ -1,9 +1,10 @@
 """Pruning at export: embedding rows training barely touched go, and the tower's dense weights of least magnitude are
 zeroed, in the exported copy of a trained model (the checkpoint is not changed).
 
-Rows: in each ID table, ``rows`` (a share of its rows) with the lowest score are removed from the table; the score is
-how often the training split looks the row up (``count``, from the preprocessed shards: no training change) or its
-L2 norm (``norm``). Row 0, the row every missing, rare and unseen ID already shares, is never pruned, and a pruned
+Rows: the ``rows`` share of the ID tables' rows with the lowest score is removed, ranked across all tables
+(``scope="all"``: a small table whose rows are all used often keeps them) or within each table (``"table"``); the
+score is how often the training split looks the row up (``count``, from the preprocessed shards: no training change)
+or its L2 norm (``norm``). Row 0, the row every missing, rare and unseen ID already shares, is never pruned, and a pruned
 row's IDs go to it: a ``RowRemap`` inside the artifact (the kept rows' original numbers, sorted) maps each input
 row to its place in the smaller table, or to row 0, so ``model.pt`` still takes the encoded table rows and
 ``serve.pt`` raw log rows. The item-text table (cached text vectors, frozen) is not pruned: it is what cold items
@@ -16,9 +17,9 @@ them, no masks). Zeros are stored like any float, so they shrink the artifact on
 Example::
 
     >>> trained = load_trained("runs/main/checkpoints")  # doctest: +SKIP
-    >>> module, report = prune_for_export(trained, Pruning(rows=0.5, by="count", dense=0.5))  # doctest: +SKIP
+    >>> module, report = prune_for_export(trained, Pruning(rows=0.9, by="count", dense=0.5))  # doctest: +SKIP
     >>> report["rows"]["tables"]["C1"]  # doctest: +SKIP
-    {'rows': 4001, 'kept': 2001, 'pruned': 2000, 'accesses_pruned': 0.013}
+    {'rows': 4001, 'kept': 577, 'pruned': 3424, 'accesses_pruned': 0.59708}
     >>> choose_rows({"C1": np.array([9, 1, 5, 0, 7])}, 0.4)["C1"].tolist()  # the two lowest scores go, row 0 stays
     [0, 2, 4]
 """
