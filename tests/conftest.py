@@ -30,6 +30,7 @@ E2E_FILES = {
     "test_tune.py",  # studies of whole training runs
     "test_learnable_ceiling.py",  # the tool fits six small models
     "test_serving_export.py",  # serve.pt of a trained run against predict, loaded in a bare process
+    "test_pruning_export.py",  # pruned exports of a trained run against the unpruned model, in a bare process
 }
 E2E_TESTS = {
     # a trained checkpoint (module fixture `run`), and a check across two processes

@@ -226,8 +226,10 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from torchrec_mtl.inference import export
+    from torchrec_mtl.pruning import Pruning
 
-    path = export(_trained(args.checkpoint, _device(args.device)), args.out, quantize=args.quantize)
+    pruning = Pruning(rows=args.prune_rows, by=args.prune_by, dense=args.prune_dense, scope=args.prune_scope)
+    path = export(_trained(args.checkpoint, _device(args.device)), args.out, quantize=args.quantize, pruning=pruning)
     print(f"exported {path} (manifest: {path.parent / 'manifest.json'})")
     return 0
 

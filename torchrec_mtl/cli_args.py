@@ -233,13 +233,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="export a trained model as TorchScript with named per-task outputs (optionally int8 tables)",
         description="torchrec's inference path: quantize_inference_model (with --quantize), FX trace, TorchScript. "
         "The artifact loads with torch and fbgemm_gpu alone: model(dense_features, sparse_ids) -> {task: [B]}.\n\n"
-        "example: torchrec-mtl export --checkpoint runs/main/checkpoints --out runs/main/export",
+        "example: torchrec-mtl export --checkpoint runs/main/checkpoints --out runs/main/export\n"
+        "example: torchrec-mtl export --checkpoint runs/main/checkpoints --out runs/main/export_pruned "
+        "--prune-rows 0.5 --prune-by count --prune-dense 0.5 --quantize",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     export_parser.add_argument("--checkpoint", required=True, help="a step-N folder, or a run's checkpoints folder")
     export_parser.add_argument("--out", required=True, help="folder for model.pt and manifest.json")
     export_parser.add_argument("--quantize", action="store_true", help="int8 embedding tables (dense layers fp32)")
     _add_device(export_parser, "the model is traced (the artifact's weights live there)")
+    export_parser.add_argument(
+        "--prune-rows", type=share(False), default=0.0, metavar="SHARE",
+        help="remove this share of the ID tables' rows (never a row 0); their IDs score as row 0, the shared "
+        "rare/unseen row (default 0: none)",
+    )  # fmt: skip
+    export_parser.add_argument(
+        "--prune-scope", choices=["all", "table"], default="all",
+        help="rank the rows of all ID tables together (all, default: small, busy tables keep their rows) or prune "
+        "each table by the same share (table)",
+    )  # fmt: skip
+    export_parser.add_argument(
+        "--prune-by", choices=["count", "norm"], default="count",
+        help="which rows --prune-rows removes: the fewest training lookups (count, default) or the smallest L2 norm",
+    )  # fmt: skip
+    export_parser.add_argument(
+        "--prune-dense", type=share(False), default=0.0, metavar="SHARE",
+        help="zero this share of each tower linear layer's weights, smallest magnitude first (default 0: none)",
+    )  # fmt: skip
     export_parser.set_defaults(command="export")
 
     vectors = commands.add_parser(

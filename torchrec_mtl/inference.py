@@ -8,7 +8,9 @@ and named per-task outputs: probabilities for binary tasks and products (ESMM's 
 ``export`` follows torchrec's inference path: ``quantize_inference_model`` (optional: int8 tables, the dense
 layers stay fp32), ``torchrec.fx.symbolic_trace``, ``torch.jit.script``. It writes two artifacts, which need torch
 and fbgemm_gpu (whose operators the tables call) to load, not this package: ``model.pt`` takes encoded inputs,
-``serve.pt`` raw log rows, encoded inside as predict encodes them (torchrec_mtl.serving)::
+``serve.pt`` raw log rows, encoded inside as predict encodes them (torchrec_mtl.serving). ``pruning`` (off by
+default) drops rarely used embedding rows and zeroes small tower weights in the exported copy first
+(torchrec_mtl.pruning); both files keep their inputs::
 
     import torch, fbgemm_gpu  # noqa: F401  (registers the table operators)
     model = torch.jit.load("runs/main/export/model.pt")
@@ -22,6 +24,7 @@ Example::
 
     >>> trained = load_trained("runs/main/checkpoints/step-000002343")  # doctest: +SKIP
     >>> export(trained, "runs/main/export", quantize=False)  # doctest: +SKIP
+    >>> export(trained, "runs/main/export_pruned", pruning=Pruning(rows=0.5, by="count"))  # doctest: +SKIP
 """
 
 
@@ -30,7 +33,7 @@ Example::
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -41,6 +44,7 @@ from torchrec_mtl.config import JobConfig, config_from_dict, task_set
 from torchrec_mtl.device import DEFAULT_DEVICE
 from torchrec_mtl.model import MultiTaskModel
 from torchrec_mtl.outputs import new_folder
+from torchrec_mtl.pruning import Pruning, prune_for_export
 from torchrec_mtl.modules.two_tower import ITEM_VECTOR, USER_VECTOR
 from torchrec_mtl.tasks import TaskSet
 from torchrec_mtl.train.checkpoint import (
@@ -160,14 +164,18 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = DEFAULT_DE
     return TrainedModel(inference, config, inputs, path, device)
 
 
-def export(trained: TrainedModel, out_dir: str | Path, quantize: bool = False) -> Path:
+def export(
+    trained: TrainedModel, out_dir: str | Path, quantize: bool = False, pruning: Optional[Pruning] = None
+) -> Path:
     """Write ``out_dir/model.pt`` (TorchScript, encoded inputs), ``out_dir/serve.pt`` (TorchScript, raw log rows in:
-    torchrec_mtl.serving) and ``out_dir/manifest.json`` (inputs, outputs, how to load and call each). serve.pt holds
-    the run's vocabularies and item-text rows: the run's data folder must be where training left it (as for
-    predict); otherwise a ShardError naming it, before anything is written."""
+    torchrec_mtl.serving) and ``out_dir/manifest.json`` (inputs, outputs, how to load and call each, what was
+    pruned). serve.pt holds the run's vocabularies and item-text rows: the run's data folder must be where training
+    left it (as for predict); otherwise a ShardError naming it, before anything is written. ``pruning`` prunes a
+    copy of the model before it is quantized (torchrec_mtl.pruning); ``trained`` is left as loaded."""
     import torchrec.fx
 
-    module: nn.Module = trained.inference.requires_grad_(False)  # an inference artifact: outputs carry no graph
+    trained.inference.requires_grad_(False)  # an inference artifact: outputs carry no graph
+    module, pruned = prune_for_export(trained, pruning or Pruning())
     if quantize:
         from torchrec.inference.modules import quantize_inference_model
 
@@ -177,12 +185,17 @@ def export(trained: TrainedModel, out_dir: str | Path, quantize: bool = False) -
 
     serving = serving_artifact(trained, scripted)  # reads the run's vocabularies and items file, or says they are gone
     with new_folder(out_dir, "export", inputs=[trained.checkpoint, *serving.sources]) as out:
-        _write_export(out, scripted, serving, trained, quantize)
+        _write_export(out, scripted, serving, trained, quantize, pruned)
     return Path(out_dir) / "model.pt"
 
 
 def _write_export(
-    out: Path, scripted: torch.jit.ScriptModule, serving: "ServingArtifact", trained: TrainedModel, quantize: bool
+    out: Path,
+    scripted: torch.jit.ScriptModule,
+    serving: "ServingArtifact",
+    trained: TrainedModel,
+    quantize: bool,
+    pruned: Optional[Dict[str, Any]],
 ) -> None:
     scripted.save(str(out / "model.pt"))
     serving.module.save(str(out / "serve.pt"))
@@ -196,6 +209,7 @@ def _write_export(
         "outputs": trained.task_kinds,
         "quantized": quantize,
         "device": str(trained.device),  # the weights' device; torch.jit.load(..., map_location=...) moves them
+        "pruned": pruned,  # None, or per table the rows kept and pruned and the criterion, and the dense sparsity
         "checkpoint": str(trained.checkpoint),
         "load": "import torch, fbgemm_gpu; model = torch.jit.load('model.pt'); model(dense_features, sparse_ids)",
         "serve": serving.manifest,  # serve.pt: raw rows in (torchrec_mtl.serving)
