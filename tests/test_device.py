@@ -57,6 +57,8 @@ ALLOWED = {
     ("serving.py", "RawRowEncoder._rows", "torch.arange"): "serve.pt's vocabulary rows, on the host (as above)",
     ("serving.py", "ServingModel._score", "torch.zeros"): "serve.pt's scores of an empty batch, returned to the host",
     ("serving.py", "ServingModel._score", ".cpu()"): "serve.pt returns host tensors, wherever its model runs",
+    ("pruning.py", "row_norms", ".cpu()"): "each row's norm, to numpy to rank the rows of every table together",
+    ("pruning.py", "row_norms", ".numpy()"): "as above",
     ("run/prepare.py", "prepare_job", "torch.from_numpy"): "the text vectors, copied into the sharded table's shards "
     "(copy_ moves them to each shard's device)",
     # module state: built with the model on the host, moved with it (DistributedModelParallel's .to(device))
