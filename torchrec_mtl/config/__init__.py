@@ -20,6 +20,8 @@ from __future__ import annotations
 from torchrec_mtl.config.check import retrieval_features, synthetic_config, table_groups, task_set
 from torchrec_mtl.config.load import config_from_dict, config_to_dict, load_config
 from torchrec_mtl.config.sections import (
+    AdversarialConfig,
+    AugmentationConfig,
     CheckpointConfig,
     ConfigError,
     DataConfig,
@@ -42,6 +44,8 @@ from torchrec_mtl.config.sections import (
 )
 
 __all__ = [
+    "AdversarialConfig",
+    "AugmentationConfig",
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
