@@ -49,6 +49,8 @@ E2E_TESTS = {
     "test_item_text.py::test_cached_vectors_sit_in_a_planner_sharded_table_frozen_unless_trainable",
     "test_item_text.py::test_results_report_cold_and_warm_items_with_text",
     "test_item_text.py::test_fine_tuning_trains_the_top_bert_layer_end_to_end_and_nothing_below",
+    "test_levers.py::test_fgm_with_epsilon_0_is_the_plain_step_through_the_pipeline",
+    "test_levers.py::test_the_levers_train_at_world_size_2_reproducibly",
     "test_plug_in.py::test_mmoe_in_a_dlrm_built_model_trains_under_train_pipeline_sparse_dist",
     # builds the wheel with pip and runs its entry point in a fresh process (about 10 s)
     "test_packaging.py::test_the_wheel_carries_every_module_config_and_the_entry_point_and_lists_its_own_configs",

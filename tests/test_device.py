@@ -45,6 +45,8 @@ ALLOWED = {
     "shards; the pipeline copies each to the run's device (page-locked for a GPU)",
     ("data/loader.py", "BatchLoader._batch", "torch.ones"): "as above: a host batch",
     ("data/loader.py", "BatchLoader._batch", "torch.from_numpy"): "as above: a host batch",
+    ("data/augment.py", "Augmentation.apply", "torch.from_numpy"): "the loader's augmentation draws, part of a host "
+    "batch (as above)",
     ("data/synthetic.py", "_half_star_rating", "torch.from_numpy"): "data generation: host arrays written to files",
     ("data/synthetic.py", "_half_star_rating", ".numpy()"): "data generation: host arrays written to files",
     ("data/synthetic.py", "binary_auc", "torch.as_tensor"): "the generator's ceilings: host arrays",

@@ -22,7 +22,8 @@ from torchrec.models.dlrm import DenseArch, SparseArch, choose
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_mtl.data.batch import MultiTaskBatch
+from torchrec_mtl.data.batch import TEXT_MIX_PARTNER, TEXT_MIX_WEIGHT, MultiTaskBatch
+from torchrec_mtl.modules import adversarial
 from torchrec_mtl.modules.interactions import DotInteraction
 from torchrec_mtl.modules.item_text import ItemTextArch
 from torchrec_mtl.modules.two_tower import ITEM_VECTOR, USER_VECTOR, TwoTowerArch
@@ -110,12 +111,33 @@ class MultiTaskModel(nn.Module):
         return self.precision.autocast() if self.precision is not None else contextlib.nullcontext()
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> Dict[str, torch.Tensor]:
+        embedded_dense, embedded_ids, text = self.embed(dense_features, sparse_features)
+        return self.head(embedded_dense, embedded_ids, text)
+
+    def embed(
+        self,
+        dense_features: torch.Tensor,
+        sparse_features: KeyedJaggedTensor,
+        text_mix: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The lookups and the dense arch: ``(dense output [B, D], pooled ID embeddings [B, F, D], projected text
+        [B, D] or None)``. ``text_mix`` (``(partner rows, weights)``, training only) mixes each row's text vector
+        with its partner's before the projection (torchrec_mtl.data.augment)."""
         with self._autocast():
             embedded_dense = self.dense_arch(dense_features)
         embedded_ids = self.sparse_arch(sparse_features)  # [B, F, D], looked up in fp32 whatever the precision
         if self.gradient_unscale is not None:
             embedded_ids = self.gradient_unscale(embedded_ids)
-        text = self.item_text(sparse_features) if self.item_text is not None else None
+        text = None
+        if self.item_text is not None:
+            text = self.item_text(sparse_features) if text_mix is None else self.item_text(sparse_features, text_mix)
+        return embedded_dense, embedded_ids, text
+
+    def head(
+        self, embedded_dense: torch.Tensor, embedded_ids: torch.Tensor, text: Optional[torch.Tensor]
+    ) -> Dict[str, torch.Tensor]:
+        """Everything after the lookups: the interaction, the tower and the two-tower arch. Apart from ``embed`` so
+        that adversarial training (torchrec_mtl.modules.adversarial) runs it again on perturbed embeddings."""
         embedded_sparse = embedded_ids if text is None else torch.cat([embedded_ids, text.unsqueeze(1)], dim=1)
         with self._autocast():
             outputs = self.tower(self.interaction(embedded_dense, embedded_sparse))
@@ -139,17 +161,32 @@ class MultiTaskTrain(nn.Module):
     each evaluated task to a [B] tensor, and a label is NaN on rows outside that task's sample space. With a
     ``precision`` (torchrec_mtl.precision) the model's dense part runs under its autocast, and under fp16 the first
     ``loss`` (the one backpropagated) is scaled.
+
+    Training options (``training.adversarial``, ``training.augmentation``; both act in training steps only):
+    ``adversarial_epsilon`` > 0 adds FGM's adversarial loss on the embeddings (torchrec_mtl.modules.adversarial; the
+    loss returned is then clean + adversarial); ``text_mix`` mixes each row's item-text vector with the partner the
+    loader drew (the batch's ``augmentation``, torchrec_mtl.data.augment). At their defaults the forward is the
+    plain one, bit for bit.
     """
 
     def __init__(
-        self, model: MultiTaskModel, objective: MultiTaskObjective, precision: Optional[Precision] = None
+        self,
+        model: MultiTaskModel,
+        objective: MultiTaskObjective,
+        precision: Optional[Precision] = None,
+        adversarial_epsilon: float = 0.0,
+        text_mix: bool = False,
     ) -> None:
         super().__init__()
+        if adversarial_epsilon < 0:
+            raise ValueError(f"adversarial_epsilon: {adversarial_epsilon}; allowed: >= 0")
         self.model = model
         self.objective = objective
         if precision is not None:  # training.precision: the model's autocast, fp16's loss scaling
             model.use_precision(precision)
             objective.loss_scaler = precision.scaler
+        self.adversarial_epsilon = float(adversarial_epsilon)
+        self.text_mix = text_mix and model.item_text is not None
         # gradient-level weighting and diagnostics measure on the shared tower parameters
         for part in (objective.weighting, objective.gradient_cosine):
             if isinstance(part, NeedsSharedParameters):
@@ -158,5 +195,14 @@ class MultiTaskTrain(nn.Module):
     def forward(
         self, batch: MultiTaskBatch
     ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]:
-        # No unpacking here: the pipeline FX-traces this forward, and the objective (a leaf) returns a proxy.
-        return self.objective(self.model(batch.dense_features, batch.sparse_features), batch)
+        # No unpacking here: the pipeline FX-traces this forward, and the objective (a leaf) returns a proxy. The
+        # branches read module attributes only (a traced batch is a proxy).
+        adversarial_step = self.adversarial_epsilon > 0 and self.training
+        text_mix = self.text_mix and self.training
+        if not (adversarial_step or text_mix):
+            return self.objective(self.model(batch.dense_features, batch.sparse_features), batch)
+        mix = (batch.augmentation[TEXT_MIX_PARTNER], batch.augmentation[TEXT_MIX_WEIGHT]) if text_mix else None
+        embedded = self.model.embed(batch.dense_features, batch.sparse_features, mix)
+        if not adversarial_step:
+            return self.objective(self.model.head(*embedded), batch)
+        return adversarial.adversarial_loss(self.model, self.objective, embedded, batch, self.adversarial_epsilon)

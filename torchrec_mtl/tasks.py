@@ -220,6 +220,31 @@ class MultiTaskObjective(nn.Module):
     def forward(
         self, logits: Dict[str, torch.Tensor], batch: MultiTaskBatch
     ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]:
+        terms, predictions, eval_labels = self._terms(logits, batch)
+        if self.gradient_cosine is not None and self.training:
+            self.gradient_cosine.observe(terms)
+        # kept so that a non-finite loss can be traced to its term (torchrec_mtl.train.loop.NonFiniteLoss)
+        self.last_terms = {name: term.detach() for name, term in terms.items()}
+        loss = self.weighting(terms)
+        backward = self.loss_scaler.scale(loss) if self.loss_scaler is not None and self.training else loss
+        return backward, (loss.detach(), predictions, eval_labels)
+
+    def loss(self, logits: Dict[str, torch.Tensor], batch: MultiTaskBatch) -> torch.Tensor:
+        """The weighted loss alone, with no side effect: no gradient-cosine sample, ``last_terms`` kept, and the
+        weighting's current multipliers used as they are (GradNorm moves them once a step, in ``forward``). For a
+        second pass in the same step (adversarial training, torchrec_mtl.modules.adversarial)."""
+        terms, _, _ = self._terms(logits, batch)
+        was_training = self.weighting.training
+        self.weighting.train(False)  # GradNorm updates only in training mode
+        try:
+            return self.weighting(terms)
+        finally:
+            self.weighting.train(was_training)
+
+    def _terms(
+        self, logits: Dict[str, torch.Tensor], batch: MultiTaskBatch
+    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """Each weighted term's loss, and the predictions and evaluation labels of every evaluated name."""
         nan = torch.full_like(batch.row_weight, float("nan"))
         weights = self.task_set.weights
         log_p: Dict[str, torch.Tensor] = {}
@@ -275,13 +300,7 @@ class MultiTaskObjective(nn.Module):
                 gap = torch.relu(log_p[order.lower].exp() - log_p[order.upper].exp())
                 terms[order.name] = masked_mean(gap, real)
 
-        if self.gradient_cosine is not None and self.training:
-            self.gradient_cosine.observe(terms)
-        # kept so that a non-finite loss can be traced to its term (torchrec_mtl.train.loop.NonFiniteLoss)
-        self.last_terms = {name: term.detach() for name, term in terms.items()}
-        loss = self.weighting(terms)
-        backward = self.loss_scaler.scale(loss) if self.loss_scaler is not None and self.training else loss
-        return backward, (loss.detach(), predictions, eval_labels)
+        return terms, predictions, eval_labels
 
     def _retrieval(
         self, outputs: Dict[str, torch.Tensor], batch: MultiTaskBatch, label: torch.Tensor

@@ -21,6 +21,8 @@ from importlib import import_module
 from typing import Any
 
 from torchrec_mtl.config.sections import (
+    AdversarialConfig,
+    AugmentationConfig,
     CheckpointConfig,
     ConfigError,
     DataConfig,
@@ -59,6 +61,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AdversarialConfig",
+    "AugmentationConfig",
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",

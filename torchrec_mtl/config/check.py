@@ -79,6 +79,48 @@ def _check_optimizers_and_placement(training: TrainingConfig) -> None:
             raise ConfigError(f"training.tables.{key}.lr: {table.lr!r}; allowed: > 0")
 
 
+def _check_levers(config: JobConfig) -> None:
+    """Adversarial training, augmentation and label noise: their ranges (``_check_lever_names``: the names)."""
+    training = config.training
+    if training.adversarial.epsilon < 0:
+        raise ConfigError(f"training.adversarial.epsilon: {training.adversarial.epsilon!r}; allowed: >= 0 (0: off)")
+    if training.adversarial.epsilon > 0 and training.precision == "fp16":
+        # the adversarial pass's loss is not scaled as the clean one is; bf16 needs no scaling
+        raise ConfigError("training.adversarial.epsilon: adversarial training runs in fp32 or bf16, not under "
+                          "training.precision=fp16")  # fmt: skip
+    augmentation = training.augmentation
+    shares = augmentation.feature_dropout
+    for key, p in (shares.items() if isinstance(shares, dict) else [("", shares)]):
+        if not 0.0 <= p < 1.0:
+            path = "training.augmentation.feature_dropout" + (f".{key}" if key else "")
+            raise ConfigError(f"{path}: {p!r}; allowed: 0 <= p < 1")
+    if not 0.0 <= augmentation.text_mix <= 1.0:
+        raise ConfigError(f"training.augmentation.text_mix: {augmentation.text_mix!r}; allowed: 0 to 1 (0: off)")
+    if augmentation.text_mix > 0 and config.model.text is None:
+        raise ConfigError("training.augmentation.text_mix: mixes item-text vectors, but model.text is null")
+    for label, share in training.label_noise.items():
+        if not 0.0 <= share <= 0.5:
+            raise ConfigError(f"training.label_noise.{label}: {share!r}; allowed: 0 to 0.5 (a share of rows flipped)")
+
+
+def _check_lever_names(config: JobConfig, schema: DatasetSchema, features: List[str]) -> None:
+    """The features ``training.augmentation.feature_dropout`` names and the labels ``training.label_noise`` flips."""
+    shares = config.training.augmentation.feature_dropout
+    for key in shares if isinstance(shares, dict) else []:
+        if key not in features:
+            raise ConfigError(
+                f"training.augmentation.feature_dropout.{key}: not a feature of {config.data.schema}; allowed: "
+                f"{', '.join(features)}"
+            )
+    binary = [name for name, spec in schema.labels.items() if spec.kind == "binary"]
+    for label in config.training.label_noise:
+        if label not in binary:
+            raise ConfigError(
+                f"training.label_noise.{label}: not a binary label of {config.data.schema}; allowed: "
+                f"{', '.join(binary)}"
+            )
+
+
 def _check_evaluation(config: JobConfig) -> None:
     """The threshold, and the validation rows that ``best_f1`` chooses it on."""
     threshold, fraction = config.evaluation.threshold, config.data.validation_fraction
@@ -173,6 +215,7 @@ def _check(config: JobConfig) -> None:
         raise ConfigError(f"model.text.finetune_layers: {model.text.finetune_layers}; allowed: >= 0")
     if not 0.0 <= training.item_id_dropout < 1.0:
         raise ConfigError(f"training.item_id_dropout: {training.item_id_dropout!r}; allowed: 0 <= p < 1")
+    _check_levers(config)
     if not 0.0 <= config.data.test_fraction < 1.0:
         raise ConfigError(f"data.test_fraction: {config.data.test_fraction!r}; allowed: 0 <= test_fraction < 1")
     if not config.data.train:
@@ -237,6 +280,7 @@ def _check(config: JobConfig) -> None:
                         f"training.tables.{key}: {feature.strip()!r} is not a categorical feature of "
                         f"{config.data.schema}; allowed: {', '.join(features)}"
                     )
+        _check_lever_names(config, schema, features)
         if model.text is not None and schema.item_text_key is None:
             raise ConfigError(
                 f"model.text: the schema {config.data.schema} declares no item_text_key (the column whose items the "

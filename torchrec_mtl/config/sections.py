@@ -195,6 +195,28 @@ class TableConfig:
 
 
 @dataclass
+class AdversarialConfig:
+    """``training.adversarial``: FGM on the looked-up embeddings (torchrec_mtl.modules.adversarial). Each training
+    step also trains on the loss with every example's pooled ID embeddings and projected text vector moved
+    ``epsilon`` (L2, per example) along the loss gradient; 0: off (the plain step, bit for bit)."""
+
+    epsilon: float = 0.0
+
+
+@dataclass
+class AugmentationConfig:
+    """``training.augmentation`` (torchrec_mtl.data.augment), on training batches only: ``feature_dropout``, one
+    share for every categorical feature or a share per feature (``{C3: 0.1}``; ``item_text`` too), replaces a row's ID
+    by row 0 (the rare/unseen row) with that probability; ``text_mix`` mixes each row's item-text vector with that of
+    another row of the batch, the partner's share drawn from U(0, text_mix). ``seed``: the draws' stream (None:
+    ``training.seed``). All 0: off."""
+
+    feature_dropout: float | Dict[str, float] = 0.0
+    text_mix: float = 0.0
+    seed: Optional[int] = None
+
+
+@dataclass
 class TrainingConfig:
     batch_size: int = 1024
     eval_batch_size: int = 8192
@@ -223,6 +245,11 @@ class TrainingConfig:
     # schema's item_id)
     item_id_dropout: float = 0.0
     shuffle_labels: bool = False  # a leak check: the model should then learn nothing (AUC near 0.5)
+    # binary label -> share of the training (and validation) rows whose label is flipped, seeded by ``seed``: noisy
+    # labels on purpose, to measure what copes with them (the test rows keep theirs)
+    label_noise: Dict[str, float] = field(default_factory=dict)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     # every N steps, record the loss and each task's metrics over the last 100 batches (0: off)
     curve_every: int = 200
     progress: bool = True

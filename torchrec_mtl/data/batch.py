@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
+
+# the keys of ``augmentation`` for text mixing (torchrec_mtl.data.augment): each row's partner row in the batch and
+# the partner's share of the mixed text vector (0: the row's own vector)
+TEXT_MIX_PARTNER = "text_mix_partner"
+TEXT_MIX_WEIGHT = "text_mix_weight"
 
 
 @dataclass
@@ -22,12 +27,14 @@ class MultiTaskBatch(Pipelineable):
         sparse_features: KeyedJaggedTensor with one key per categorical feature.
         labels: label column name -> [B] float32.
         row_weight: [B] float32; 0 marks padding rows that the loader added to even out ranks (they count nowhere).
+        augmentation: what a training loader drew for the model to apply (``TEXT_MIX_*``); empty otherwise.
     """
 
     dense_features: torch.Tensor
     sparse_features: KeyedJaggedTensor
     labels: Dict[str, torch.Tensor]
     row_weight: torch.Tensor
+    augmentation: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def label_mask(self, name: str) -> torch.Tensor:
         return ~torch.isnan(self.labels[name]) & (self.row_weight > 0)
@@ -38,6 +45,7 @@ class MultiTaskBatch(Pipelineable):
             sparse_features=self.sparse_features.to(device=device, non_blocking=non_blocking),
             labels={k: v.to(device=device, non_blocking=non_blocking) for k, v in self.labels.items()},
             row_weight=self.row_weight.to(device=device, non_blocking=non_blocking),
+            augmentation={k: v.to(device=device, non_blocking=non_blocking) for k, v in self.augmentation.items()},
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -46,6 +54,8 @@ class MultiTaskBatch(Pipelineable):
         for tensor in self.labels.values():
             tensor.record_stream(stream)
         self.row_weight.record_stream(stream)
+        for tensor in self.augmentation.values():
+            tensor.record_stream(stream)
 
     def pin_memory(self) -> "MultiTaskBatch":
         return MultiTaskBatch(
@@ -53,4 +63,5 @@ class MultiTaskBatch(Pipelineable):
             sparse_features=self.sparse_features.pin_memory(),
             labels={k: v.pin_memory() for k, v in self.labels.items()},
             row_weight=self.row_weight.pin_memory(),
+            augmentation={k: v.pin_memory() for k, v in self.augmentation.items()},
         )

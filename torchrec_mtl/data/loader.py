@@ -12,6 +12,7 @@ batch size B and world size W, a global batch is W * B rows and rank r takes the
 rare IDs share, with probability p: the model then learns what to predict for an item it has never seen (from its
 other features and its text) instead of meeting an untrained row 0 on cold items (DropoutNet, Volkovs et al.,
 NeurIPS 2017). Only shuffled (training) batches are touched, with draws from the same seeded stream.
+``augmentation`` (torchrec_mtl.data.augment: feature dropout, text mixing) draws from a stream of its own seed.
 
 Shuffling is deterministic per (seed, epoch) and bounded in memory: the shard order is permuted, then shards are read
 into windows of about ``window_rows`` rows whose rows are permuted; rows left over from a window's last global batch
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_mtl.data.augment import Augmentation
 from torchrec_mtl.data.batch import MultiTaskBatch
 from torchrec_mtl.data.shards import EncodedLog
 
@@ -51,6 +53,7 @@ class BatchLoader:
         window_rows: int = 1 << 20,
         id_dropout: Optional[Dict[str, float]] = None,
         pin_memory: bool = False,
+        augmentation: Optional[Augmentation] = None,
     ) -> None:
         self.shards = [shards] if isinstance(shards, EncodedLog) else list(shards)
         for shard in self.shards:
@@ -61,6 +64,7 @@ class BatchLoader:
         for feature, p in (id_dropout or {}).items():
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"id_dropout[{feature!r}]: {p}; allowed: 0 <= p < 1")
+        self.augmentation = augmentation
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.shuffle, self.pad_tail, self.seed, self.window_rows = shuffle, pad_tail, seed, window_rows
         self.num_rows = sum(len(shard) for shard in self.shards)
@@ -96,6 +100,7 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[MultiTaskBatch]:
         rng = np.random.default_rng([self.seed, self.epoch])
+        augment_rng = self.augmentation.generator(self.epoch) if self.augmentation and self.shuffle else None
         shard_order = rng.permutation(len(self.shards)) if self.shuffle else range(len(self.shards))
         global_batch = self.batch_size * self.world_size
         remaining = len(self)
@@ -114,11 +119,12 @@ class BatchLoader:
             for batch in range(full):
                 if yielded < self.start_batch:
                     yielded += 1
-                    self._skip(rng if self.shuffle else None)
+                    self._skip(rng if self.shuffle else None, augment_rng)
                     continue
                 yielded += 1
                 start = batch * global_batch + self.rank * self.batch_size
-                yield self._batch(window, order[start : start + self.batch_size], rng=rng if self.shuffle else None)
+                rows = order[start : start + self.batch_size]
+                yield self._batch(window, rows, rng=rng if self.shuffle else None, augment_rng=augment_rng)
             remaining -= full
             leftover = order[full * global_batch :]
             carried, carried_rows = ([window.take(leftover)], len(leftover)) if len(leftover) else ([], 0)
@@ -131,11 +137,13 @@ class BatchLoader:
             mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
             yield self._batch(tail, rows[mine], weight[mine])
 
-    def _skip(self, rng: np.random.Generator | None) -> None:
+    def _skip(self, rng: np.random.Generator | None, augment_rng: np.random.Generator | None = None) -> None:
         """Make a skipped batch's random draws (those ``_batch`` would make)."""
         if self.id_dropout and rng is not None:
             for _ in self.id_dropout:
                 rng.random(self.batch_size * self.world_size)
+        if augment_rng is not None:
+            self.augmentation.skip(augment_rng, self.batch_size * self.world_size)
 
     def _batch(
         self,
@@ -143,6 +151,7 @@ class BatchLoader:
         rows: np.ndarray,
         weight: np.ndarray | None = None,
         rng: np.random.Generator | None = None,
+        augment_rng: np.random.Generator | None = None,
     ) -> MultiTaskBatch:
         columns = np.ascontiguousarray(window.sparse[rows].T)  # [features, B]
         if self.id_dropout and rng is not None:
@@ -150,6 +159,7 @@ class BatchLoader:
             for column, p in self.id_dropout.items():
                 dropped = rng.random(self.batch_size * self.world_size) < p
                 columns[column, dropped[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]] = 0
+        drawn = self.augmentation.apply(columns, augment_rng, self.rank, self.world_size) if augment_rng else {}
         ids = torch.from_numpy(columns.reshape(-1)).long()
         sparse = KeyedJaggedTensor.from_lengths_sync(
             keys=self.feature_names,
@@ -161,5 +171,6 @@ class BatchLoader:
             sparse_features=sparse,
             labels={name: torch.from_numpy(values[rows]) for name, values in window.labels.items()},
             row_weight=torch.ones(len(rows)) if weight is None else torch.from_numpy(weight),
+            augmentation=drawn,
         )
         return batch.pin_memory() if self.pin_memory else batch

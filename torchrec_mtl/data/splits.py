@@ -1,5 +1,5 @@
 """Row operations on a split's shards before training: the item-text row column, cold-item masks, a shuffled-label
-control, and the seeded validation hold-out.
+control, seeded label noise, and the seeded validation hold-out.
 
 Example::
 
@@ -8,7 +8,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -35,6 +35,31 @@ def shuffled_labels(shards: List[EncodedLog], seed: int) -> List[EncodedLog]:
     log = EncodedLog.concat(shards)
     order = np.random.default_rng(seed).permutation(len(log))
     return [EncodedLog(log.dense, log.sparse, {name: values[order] for name, values in log.labels.items()}, log.keys)]
+
+
+def flipped_labels(shards: List[EncodedLog], shares: Dict[str, float], seed: int) -> List[EncodedLog]:
+    """The same rows with a seeded ``share`` of each named binary label's present values flipped (0 <-> 1; a missing
+    label stays missing): label noise on purpose (``training.label_noise``). The draws come from a stream of their own
+    (``SeedSequence([seed], spawn_key=(2,))``), one row at a time over the shards in order.
+
+    Example::
+
+        >>> log = EncodedLog(np.zeros((1000, 1), np.float32), np.zeros((1000, 1), np.int64), {"click": np.zeros(1000)})
+        >>> float(flipped_labels([log], {"click": 0.1}, seed=0)[0].labels["click"].mean())
+        0.089
+    """
+    if not any(shares.values()):
+        return shards
+    rng = np.random.default_rng(np.random.SeedSequence([seed], spawn_key=(2,)))
+    noisy = []
+    for shard in shards:
+        labels = dict(shard.labels)
+        for name, share in shares.items():
+            values = labels[name]
+            flip = (rng.random(len(values)) < share) & ~np.isnan(values)
+            labels[name] = np.where(flip, 1 - values, values).astype(values.dtype)
+        noisy.append(EncodedLog(shard.dense, shard.sparse, labels, shard.keys))
+    return noisy
 
 
 def split_validation(

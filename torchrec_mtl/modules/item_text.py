@@ -18,7 +18,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -42,6 +42,15 @@ def item_text_collection(
         pooling=PoolingType.SUM,  # one row per example: the sum is the row
     )
     return EmbeddingBagCollection(tables=[table], device=device)
+
+
+def mix_rows(vectors: torch.Tensor, mix: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Each row's vector moved towards its partner's: ``v + w (v[partner] - v)`` for ``mix = (partner [B] rows of
+    this batch, w [B])`` (text mixing, torchrec_mtl.data.augment); a row with w = 0 keeps its vector exactly."""
+    if mix is None:
+        return vectors
+    partner, weight = mix
+    return vectors + weight.to(vectors.dtype).unsqueeze(1) * (vectors[partner] - vectors)
 
 
 def projection(in_features: int, hidden_layer_sizes: Sequence[int], out_features: int) -> nn.Sequential:
@@ -81,13 +90,16 @@ class ItemTextArch(nn.Module):
         # fp16 training of a trainable table: unscales the gradient reaching it (torchrec_mtl.precision)
         self.gradient_unscale: Optional[nn.Module] = None
 
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+    def forward(
+        self, features: KeyedJaggedTensor, mix: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    ) -> torch.Tensor:
+        """[B, out_features]; ``mix`` (training only): mix each row's looked-up vector with a partner's first."""
         vectors = self.embedding_bag_collection(features)[ITEM_TEXT_FEATURE]
         if not self.trainable:
             vectors = vectors.detach()
         elif self.gradient_unscale is not None:
             vectors = self.gradient_unscale(vectors)
-        return self.projection(vectors)
+        return self.projection(mix_rows(vectors, mix))
 
 
 class EncodedItemTextArch(nn.Module):
@@ -145,14 +157,16 @@ class EncodedItemTextArch(nn.Module):
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+    def forward(
+        self, features: KeyedJaggedTensor, mix: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    ) -> torch.Tensor:
         rows = features[ITEM_TEXT_FEATURE].values()
         if self.unique:
             distinct, inverse = torch.unique(rows, return_inverse=True)
             vectors = self.encode_rows(distinct)[inverse]
         else:
             vectors = self.encode_rows(rows)
-        return self.projection(vectors)
+        return self.projection(mix_rows(vectors, mix))
 
 
 def tokenize_descriptions(tokenizer, descriptions: Sequence[str], max_length: int = 64) -> tuple:

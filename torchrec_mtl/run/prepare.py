@@ -24,10 +24,11 @@ from torchrec.optim.keyed import KeyedOptimizer
 from torchrec_mtl.build import build_item_text, build_model, build_retrieval_loss, seed_everything
 from torchrec_mtl.config import ConfigError, JobConfig, retrieval_features, synthetic_config, table_groups, task_set
 from torchrec_mtl.data import synthetic
+from torchrec_mtl.data.augment import Augmentation
 from torchrec_mtl.data.loader import BatchLoader
 from torchrec_mtl.data.prepare import MissingInputError, prepare_shards, resolve_files, shards_dir
 from torchrec_mtl.data.shards import EncodedLog, ShardedLog
-from torchrec_mtl.data.splits import shuffled_labels, split_validation, with_item_text_rows
+from torchrec_mtl.data.splits import flipped_labels, shuffled_labels, split_validation, with_item_text_rows
 from torchrec_mtl.finetune import freeze
 from torchrec_mtl.model import MultiTaskTrain
 from torchrec_mtl.outputs import claim_folder
@@ -144,6 +145,15 @@ class PreparedJob:
             return None
         return np.concatenate([shard.keys[user_column] for shard in self.test_shards])
 
+    def augmentation(self) -> Optional[Augmentation]:
+        """``training.augmentation`` over this job's features (None when off)."""
+        augment = self.config.training.augmentation
+        return Augmentation.from_config(
+            self.features, augment.feature_dropout, augment.text_mix,
+            self.config.training.seed if augment.seed is None else augment.seed, self.log.categorical_features,
+            ITEM_TEXT_FEATURE,
+        )  # fmt: skip
+
     def loader(self, split: str) -> BatchLoader:
         """This rank's batches: shuffled full batches of the training split (``train``), or every row of ``validation``
         or ``test`` once."""
@@ -156,6 +166,7 @@ class PreparedJob:
                 self.train_shards, self.features, training.batch_size, env.rank, env.world_size, shuffle=True,
                 seed=training.seed, id_dropout={item_column: training.item_id_dropout} if item_column else None,
                 pin_memory=self.pin_memory,
+                augmentation=self.augmentation(),
             )  # fmt: skip
         if split == "validation" and not self.validation_shards:
             raise ConfigError(
@@ -191,6 +202,7 @@ def prepare_job(config: JobConfig, env: DistributedEnv) -> PreparedJob:
     training = config.training
     if training.shuffle_labels:
         train_shards = shuffled_labels(train_shards, training.seed)
+    train_shards = flipped_labels(train_shards, training.label_noise, training.seed)
 
     features = log.categorical_features
     text_table = None
@@ -246,7 +258,9 @@ def prepare_job(config: JobConfig, env: DistributedEnv) -> PreparedJob:
     )
     try:
         sharded, optimizer = shard_model(
-            MultiTaskTrain(model, objective, precision),
+            MultiTaskTrain(
+                model, objective, precision, training.adversarial.epsilon, training.augmentation.text_mix > 0
+            ),
             env,
             training.embedding_optimizer,
             training.embedding_lr,
