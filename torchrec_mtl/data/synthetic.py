@@ -39,7 +39,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import polars as pl
@@ -164,6 +164,28 @@ def generate(config: SyntheticConfig, out_dir: str | os.PathLike) -> Dict:
         return _generate(config, out)
 
 
+def draw_impressions(
+    config: SyntheticConfig, rng: np.random.Generator, activity: np.ndarray, popularity: np.ndarray, cold: np.ndarray
+) -> Tuple[np.ndarray, ...]:
+    """The impressions of every profile: ``(is_test, user, item, device, position, hour)``, one per row. Users are
+    drawn by ``activity``; train rows never show a ``cold`` item, test rows draw from every item by ``popularity``."""
+    num_test = int(round(config.num_rows * config.test_fraction))
+    num_train = config.num_rows - num_test
+    is_test = np.concatenate([np.zeros(num_train, dtype=bool), np.ones(num_test, dtype=bool)])
+    user = rng.choice(config.num_users, config.num_rows, p=activity / activity.sum())
+    warm_popularity = np.where(cold, 0.0, popularity)
+    item = np.concatenate(
+        [
+            rng.choice(config.num_items, num_train, p=warm_popularity / warm_popularity.sum()),
+            rng.choice(config.num_items, num_test, p=popularity / popularity.sum()),
+        ]
+    )
+    device = rng.choice(4, config.num_rows, p=[0.5, 0.3, 0.15, 0.05])
+    position = rng.integers(1, 21, config.num_rows)
+    hour = rng.integers(0, 24, config.num_rows)
+    return is_test, user, item, device, position, hour
+
+
 def draw_latents(config: SyntheticConfig, rng: np.random.Generator) -> Dict[str, np.ndarray]:
     """The generator's draws up to the click labels: item and user latents, the impressions and their true
     probabilities, by name (``item_category``, ``click_appeal``, ``cold``, ``is_test``, ``user``, ``item``,
@@ -207,21 +229,7 @@ def draw_latents(config: SyntheticConfig, rng: np.random.Generator) -> Dict[str,
     purchase_propensity = rng.normal(0.0, 0.2, num_users)
     activity = np.exp(rng.normal(0.0, 0.8, num_users))
 
-    # Impressions: train rows never show a cold item; test rows draw from every item.
-    num_test = int(round(config.num_rows * config.test_fraction))
-    num_train = config.num_rows - num_test
-    is_test = np.concatenate([np.zeros(num_train, dtype=bool), np.ones(num_test, dtype=bool)])
-    user = rng.choice(num_users, config.num_rows, p=activity / activity.sum())
-    warm_popularity = np.where(cold, 0.0, popularity)
-    item = np.concatenate(
-        [
-            rng.choice(num_items, num_train, p=warm_popularity / warm_popularity.sum()),
-            rng.choice(num_items, num_test, p=popularity / popularity.sum()),
-        ]
-    )
-    device = rng.choice(4, config.num_rows, p=[0.5, 0.3, 0.15, 0.05])
-    position = rng.integers(1, 21, config.num_rows)
-    hour = rng.integers(0, 24, config.num_rows)
+    is_test, user, item, device, position, hour = draw_impressions(config, rng, activity, popularity, cold)
 
     taste = user_taste[user, item_category[item]]
     click_logit = (

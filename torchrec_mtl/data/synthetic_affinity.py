@@ -56,7 +56,7 @@ def price_bands(price: np.ndarray) -> np.ndarray:
 def draw_affinity_latents(config: "SyntheticConfig", rng: np.random.Generator) -> Dict[str, np.ndarray]:
     """The affinity profile's draws up to the click labels, under the names ``synthetic.draw_latents`` returns
     (``taste`` is the affinity), plus ``affinity``, ``item_quality`` and the conversion's own ``price_term``."""
-    from torchrec_mtl.data.synthetic import _calibrated_bias, _sigmoid
+    from torchrec_mtl.data.synthetic import _calibrated_bias, _sigmoid, draw_impressions
 
     num_users, num_items, num_cat = config.num_users, config.num_items, config.num_categories
 
@@ -89,20 +89,7 @@ def draw_affinity_latents(config: "SyntheticConfig", rng: np.random.Generator) -
     price_sensitivity = rng.normal(0.8, 0.5, num_users)
     activity = np.exp(rng.normal(0.0, ACTIVITY_SIGMA, num_users))
 
-    num_test = int(round(config.num_rows * config.test_fraction))
-    num_train = config.num_rows - num_test
-    is_test = np.concatenate([np.zeros(num_train, dtype=bool), np.ones(num_test, dtype=bool)])
-    user = rng.choice(num_users, config.num_rows, p=activity / activity.sum())
-    warm_popularity = np.where(cold, 0.0, popularity)
-    item = np.concatenate(
-        [
-            rng.choice(num_items, num_train, p=warm_popularity / warm_popularity.sum()),
-            rng.choice(num_items, num_test, p=popularity / popularity.sum()),
-        ]
-    )
-    device = rng.choice(4, config.num_rows, p=[0.5, 0.3, 0.15, 0.05])
-    position = rng.integers(1, 21, config.num_rows)
-    hour = rng.integers(0, 24, config.num_rows)
+    is_test, user, item, device, position, hour = draw_impressions(config, rng, activity, popularity, cold)
 
     raw_affinity = np.einsum("nk,nk->n", user_vector[user], item_vector[item])
     scale = AFFINITY_STD / raw_affinity[~is_test].std()
