@@ -81,6 +81,8 @@ E2E_TESTS = {
     # model selection: trainings of several epochs with validation after each
     "test_selection.py::test_the_selected_epoch_is_the_scan_of_the_curve_and_its_model_is_the_one_tested",
     "test_selection.py::test_training_stops_after_patience_epochs_without_improvement",
+    "test_selection.py::test_validating_every_n_steps_trains_the_same_batches_and_adds_points_inside_epochs",
+    "test_selection.py::test_patience_counts_points_inside_epochs",
     "test_selection.py::test_validation_rows_can_come_from_files_of_their_own",
     # a trained retrieval run (module fixture `retrieval_run`), and a two-process run
     "test_retrieval.py::test_exported_vectors_give_the_scores_the_model_evaluated",
@@ -115,6 +117,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
             "tests/conftest.py: E2E_TESTS names tests that are not there (renamed or removed? update the table): "
             + ", ".join(stale)
         )
+# The shipped configs hold out a tenth of the training rows and train up to 10 epochs, stopping early on them
+# (configs/parts/training.yaml). A test about something else trains one pass on every training row instead: quicker,
+# and its row counts stay those of the log.
+ONE_PASS = ("training.epochs=1", "training.early_stopping=null", "data.validation_fraction=0")
 SMALL = SyntheticConfig(num_rows=40_000, num_users=300, num_items=200, num_brands=40, seed=3)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
-from conftest import free_port
+from conftest import ONE_PASS, free_port
 from torchrec_mtl.config import load_config
 from torchrec_mtl.run import run_job
 from torchrec_mtl.train.checkpoint import TRAIN_STATE, Checkpointer, CheckpointError, read_train_state
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _overrides(log: Path, out: Path, *extra: str) -> list:
     return [
         f"data.dir={log}",
-        "data.generate=null",
+        "data.generate=null", *ONE_PASS,
         f"out_dir={out}",
         "model.text=null",
         "training.batch_size=256",

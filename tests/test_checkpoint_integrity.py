@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ONE_PASS
 from torchrec_mtl.cli import main
 from torchrec_mtl.data.synthetic import SyntheticConfig, generate
 from torchrec_mtl.train.checkpoint import (
@@ -38,7 +39,7 @@ TABLE = "model.sparse_arch.embedding_bag_collection.embedding_bags.t_C2.weight"
 
 
 def _overrides(log: Path, out: Path, *extra: str) -> List[str]:
-    return [f"data.dir={log}", "data.generate=null", f"out_dir={out}", "model.text=null", "training.batch_size=256",
+    return [f"data.dir={log}", "data.generate=null", *ONE_PASS, f"out_dir={out}", "model.text=null", "training.batch_size=256",
             "training.eval_batch_size=2048", "training.curve_every=5", "training.progress=false",
             "training.print_plan=false", *extra]  # fmt: skip
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import ONE_PASS
 from torchrec_mtl.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run(small_log, tiny_bert_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("stages")
-    common = [f"data.dir={small_log}", "data.generate=null", f"out_dir={out}", f"model.text.encoder={tiny_bert_dir}",
+    common = [f"data.dir={small_log}", "data.generate=null", *ONE_PASS, f"out_dir={out}", f"model.text.encoder={tiny_bert_dir}",
               "model.text.cache=item_text_tiny.npz", "training.batch_size=256", "training.curve_every=50",
               "training.progress=false"]  # fmt: skip
     assert main(["train", "--config", "configs/mmoe_synthetic.yaml", *common]) == 0
@@ -181,7 +182,7 @@ def test_a_redirected_run_log_holds_lines_not_progress_bar_redraws(small_log, tm
     with open(tmp_path / "console.txt", "w") as console:  # stdout and stderr to a file, as a scheduler keeps them
         subprocess.run(
             [sys.executable, "-m", "torchrec_mtl.cli", "train", "--config", "configs/mmoe_synthetic.yaml",
-             f"data.dir={small_log}", "data.generate=null", "model.text=null", f"out_dir={out}",
+             f"data.dir={small_log}", "data.generate=null", *ONE_PASS, "model.text=null", f"out_dir={out}",
              "training.batch_size=512", "training.curve_every=20"],  # progress left on, as by default
             stdout=console, stderr=subprocess.STDOUT, check=True, cwd=ROOT,
         )  # fmt: skip

@@ -34,12 +34,17 @@ from torchrec_mtl.config import ConfigError, load_config
         ("evaluation.threshold=1.5", "evaluation.threshold", "strictly between 0 and 1, best_f1"),
         ("evaluation.threshold=best", "evaluation.threshold", "strictly between 0 and 1, best_f1"),
         ("evaluation.threshold=[0.5]", "evaluation.threshold", "expected float or str"),
-        ("evaluation.threshold=best_f1", "evaluation.threshold", "data.validation_fraction is 0"),
+        (("data.validation_fraction=0", "training.early_stopping=null", "evaluation.threshold=best_f1"),
+         "evaluation.threshold", "data.validation_fraction is 0"),  # fmt: skip
+        (("data.validation_fraction=0", "training.early_stopping={}"), "training.early_stopping",
+         "data.validation_fraction is 0"),  # fmt: skip
+        ("training.early_stopping.every_steps=-1", "training.early_stopping", "every_steps >= 0"),
         ("data.validation_fraction=0.5", "data.validation_fraction", "0 <= validation_fraction < 0.5"),
     ],
 )
 def test_invalid_config_names_the_key(override, key, allowed, capsys):
-    code = main(["train", "--config", "configs/mmoe_synthetic.yaml", override])
+    overrides = override if isinstance(override, tuple) else (override,)
+    code = main(["train", "--config", "configs/mmoe_synthetic.yaml", *overrides])
     err = capsys.readouterr().err
     assert code == 2
     assert key in err and allowed in err, err

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from torchrec_mtl.cli import main
+from conftest import ONE_PASS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/mmoe_synthetic.yaml"
@@ -23,7 +24,7 @@ NO_GPU = "needs a CUDA GPU: torch.cuda.is_available() is False here (tools/gpu_c
 
 
 def _overrides(small_log: Path, out: Path) -> List[str]:
-    return [f"data.dir={small_log}", "data.generate=null", f"out_dir={out}", "model.text=null",
+    return [f"data.dir={small_log}", "data.generate=null", *ONE_PASS, f"out_dir={out}", "model.text=null",
             "training.batch_size=512", "training.eval_batch_size=4096", "training.curve_every=20",
             "training.progress=false"]  # fmt: skip
 

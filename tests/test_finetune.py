@@ -10,11 +10,12 @@ from torchrec_mtl.config import ConfigError, load_config
 from torchrec_mtl.finetune import part_of
 from torchrec_mtl.inference import load_trained
 from torchrec_mtl.run import run_job
+from conftest import ONE_PASS
 
 
 def _run(log, out, *extra):
     return run_job(load_config("configs/mmoe_synthetic.yaml", [
-        f"data.dir={log}", "data.generate=null", f"out_dir={out}", "model.text=null", "training.batch_size=256",
+        f"data.dir={log}", "data.generate=null", *ONE_PASS, f"out_dir={out}", "model.text=null", "training.batch_size=256",
         "training.progress=false", "checkpoint.resume=never", *extra]))  # fmt: skip
 
 

@@ -26,6 +26,7 @@ from hostile_cases import CASES, CONFIG, HOSTILE_GZ, HOSTILE_LOGS, ROOT
 from torchrec_mtl.cli import EXIT_BUG, main
 from torchrec_mtl.data.synthetic import SyntheticConfig, generate
 from torchrec_mtl.train.checkpoint import MANIFEST, TRAIN_STATE, write_manifest
+from conftest import ONE_PASS
 
 TINY = SyntheticConfig(num_rows=6_000, num_users=120, num_items=80, num_brands=20, num_sessions=300, seed=5)
 ADVERSARIAL = ["", "0", "1", "2", "yes", "-1", "nan", "inf", "-inf", "1e39", "1e400", "99999999999999999999", "0x1f",
@@ -116,7 +117,7 @@ def world(tmp_path_factory, tiny_bert_dir):
     (foreign / "thesis.tex").write_text("years of work\n")
 
     run = root / "run"
-    common = [f"data.dir={inputs}", "data.generate=null", "model.text=null", f"out_dir={run}",
+    common = [f"data.dir={inputs}", "data.generate=null", *ONE_PASS, "model.text=null", f"out_dir={run}",
               "training.batch_size=256", "training.progress=false", "training.curve_every=0"]  # fmt: skip
     assert invoke(["train", "--config", CONFIG, *common]).code == 0
     checkpoint = sorted((run / "checkpoints").glob("step-*"))[-1]

@@ -17,6 +17,7 @@ from torchrec_mtl.text.encoder import TextEncoder
 from torchrec_mtl.text.table import ItemTextTable
 from torchrec_mtl.train.distributed import init_distributed
 from torchrec_mtl.train.loop import train
+from conftest import ONE_PASS
 
 
 def _config(small_log, bert, out, *overrides):
@@ -24,7 +25,7 @@ def _config(small_log, bert, out, *overrides):
         "configs/mmoe_synthetic.yaml",
         [
             f"data.dir={small_log}",
-            "data.generate=null",
+            "data.generate=null", *ONE_PASS,
             f"out_dir={out}",
             f"model.text={{encoder: {bert}, cache: {out}/item_text.npz}}",
             "training.batch_size=256",

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from torchrec_mtl.cli import main
+from conftest import ONE_PASS
 
 
 def _train(small_log, out, *overrides):
@@ -16,7 +17,7 @@ def _train(small_log, out, *overrides):
             "--config",
             "configs/mmoe_synthetic.yaml",
             f"data.dir={small_log}",
-            "data.generate=null",
+            "data.generate=null", *ONE_PASS,
             f"out_dir={out}",
             "training.batch_size=256",
             "training.eval_batch_size=2048",
@@ -100,7 +101,7 @@ def test_a_click_only_criteo_log_trains_with_declared_tasks_and_wrong_labels_are
     from torchrec_mtl.data.criteo_format import write_criteo_log
 
     write_criteo_log(tmp_path / "day_0.tsv", 3000, progress=False)
-    common = ["train", "--config", "configs/mmoe_synthetic.yaml", f"data.dir={tmp_path}", "data.generate=null",
+    common = ["train", "--config", "configs/mmoe_synthetic.yaml", f"data.dir={tmp_path}", "data.generate=null", *ONE_PASS,
               "data.schema=configs/datasets/criteo_kaggle.yaml", "data.train=[day_0.tsv]", "data.test_fraction=0.2",
               f"out_dir={tmp_path / 'out'}", "training.progress=false", "training.batch_size=128"]  # fmt: skip
     assert main([*common, "objective.tasks={ctr: {label: click}}", "objective.products={}"]) == 2

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ONE_PASS
 from torchrec_mtl.build import build_cached_item_text, build_model
 from torchrec_mtl.config import ConfigError, ModelConfig, TextConfig, config_from_dict, load_config
 from torchrec_mtl.data.augment import Augmentation
@@ -246,7 +247,7 @@ def test_the_levers_are_off_by_default_and_their_keys_are_checked():
 
 
 def _overrides(log, bert, out, *extra) -> list:
-    return [f"data.dir={log}", "data.generate=null", f"out_dir={out}",
+    return [f"data.dir={log}", "data.generate=null", *ONE_PASS, f"out_dir={out}",
             f"model.text={{encoder: {bert}, cache: {out}/../item_text.npz}}", "training.batch_size=512",
             "training.eval_batch_size=4096", "training.progress=false", "checkpoint.every_seconds=0",
             "checkpoint.at_end=false", "training.curve_every=0", *extra]  # fmt: skip

@@ -13,6 +13,7 @@ from test_preprocess import SCHEMA, _all_rows, _good, _row
 from torchrec_mtl.data.preprocess import LogFormatError, preprocess
 from torchrec_mtl.data.shards import ShardedLog
 from torchrec_mtl.schema import DatasetSchema
+from conftest import ONE_PASS
 
 
 def test_a_line_too_long_is_rejected_as_it_streams_by_and_the_next_line_numbers_stay_exact(tmp_path):
@@ -99,7 +100,7 @@ def test_a_job_rejects_lines_over_its_limit_and_reuses_its_shards_until_the_limi
     lines = (small_log / "train.tsv").read_text().splitlines(keepends=True)[:500]
     (tmp_path / "train.tsv").write_text("".join(lines[:100]) + "1\t" * 3000 + "\n" + "".join(lines[100:]))
     (tmp_path / "test.tsv").write_text("".join(lines[:50]))
-    overrides = [f"data.dir={tmp_path}", "data.generate=null", "data.max_bad_fraction=0.1"]
+    overrides = [f"data.dir={tmp_path}", "data.generate=null", *ONE_PASS, "data.max_bad_fraction=0.1"]
     log = prepare_shards(load_config("configs/mmoe_synthetic.yaml", overrides + ["data.max_line_bytes=4096"]).data,
                          progress=False)  # fmt: skip
     assert log.metadata["counts"]["rejected_by_reason"] == {"line too long": 1}

@@ -15,6 +15,7 @@ from torchrec_mtl.data.preprocess import preprocess
 from torchrec_mtl.outputs import MARKER, OutputError, claim_folder, new_file, new_folder
 from torchrec_mtl.schema import DatasetSchema
 from torchrec_mtl.text.cache import ItemTextCache, TextCacheError
+from conftest import ONE_PASS
 
 SCHEMA = DatasetSchema.from_yaml("configs/datasets/synthetic.yaml")
 
@@ -46,7 +47,7 @@ def test_preprocess_into_the_folder_of_its_own_logs_is_refused_and_deletes_nothi
 
 def test_a_job_whose_shards_folder_is_its_data_folder_is_refused_and_deletes_nothing(logs, tmp_path, capsys):
     before = _tree(logs)
-    code = main(["train", "--config", "configs/mmoe_synthetic.yaml", f"data.dir={logs}", "data.generate=null",
+    code = main(["train", "--config", "configs/mmoe_synthetic.yaml", f"data.dir={logs}", "data.generate=null", *ONE_PASS,
                  f"data.shards={logs}", f"out_dir={tmp_path / 'run'}", "model.text=null"])  # fmt: skip
     assert code == 2
     err = capsys.readouterr().err

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REAL_DATA
+from conftest import ONE_PASS, REAL_DATA
 from torchrec_mtl.cli import main
 from torchrec_mtl.data.preprocess import LogFormatError
 from torchrec_mtl.data.synthetic import SyntheticConfig, generate
@@ -30,7 +30,7 @@ def run(tiny_bert_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("predict_log")
     generate(SyntheticConfig(num_rows=3000, num_users=100, num_items=60, num_brands=20, num_sessions=200, seed=5), data)
     out = tmp_path_factory.mktemp("predict_run")
-    assert main(["train", "--config", "configs/mmoe_synthetic.yaml", f"data.dir={data}", "data.generate=null",
+    assert main(["train", "--config", "configs/mmoe_synthetic.yaml", f"data.dir={data}", "data.generate=null", *ONE_PASS,
                  f"out_dir={out}", f"model.text.encoder={tiny_bert_dir}", "model.text.cache=item_text_tiny.npz",
                  "training.batch_size=256", "training.progress=false"]) == 0  # fmt: skip
     return load_trained(out / "checkpoints"), data, out

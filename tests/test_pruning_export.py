@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ONE_PASS
 from torchrec_mtl.cli import main
 from torchrec_mtl.data.prepare import shards_dir
 from torchrec_mtl.data.shards import ShardedLog
@@ -30,7 +31,7 @@ LINES = 3000  # test lines scored: enough for rows with and without a pruned ID 
 def run(small_log, tiny_bert_dir, tmp_path_factory):
     """A small MMoE with item text trained on the 40,000-row log, and its first test lines encoded for model.pt."""
     out = tmp_path_factory.mktemp("pruning_run")
-    assert main(["train", "--config", "configs/mmoe_synthetic.yaml", f"data.dir={small_log}", "data.generate=null",
+    assert main(["train", "--config", "configs/mmoe_synthetic.yaml", f"data.dir={small_log}", "data.generate=null", *ONE_PASS,
                  f"out_dir={out}", f"model.text.encoder={tiny_bert_dir}", "model.text.cache=item_text_tiny.npz",
                  "training.batch_size=256", "training.progress=false"]) == 0  # fmt: skip
     trained = load_trained(out / "checkpoints")

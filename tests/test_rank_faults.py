@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
-from conftest import free_port
+from conftest import ONE_PASS, free_port
 from dist_workers import checkpoint_blocked_at, non_finite_loss_on_one_rank
 from torchrec_mtl.config import load_config
 from torchrec_mtl.run import prepare_job
@@ -24,7 +24,7 @@ CONFIG = str(ROOT / "configs" / "mmoe_synthetic.yaml")
 
 
 def _overrides(log: Path, out: Path, *extra: str) -> list:
-    return [f"data.dir={log}", "data.generate=null", f"out_dir={out}", "model.text=null", "training.progress=false",
+    return [f"data.dir={log}", "data.generate=null", *ONE_PASS, f"out_dir={out}", "model.text=null", "training.progress=false",
             "checkpoint.resume=never", *extra]  # fmt: skip
 
 

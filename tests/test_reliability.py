@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import ONE_PASS, free_port
 from torchrec_mtl.cli import main
 from torchrec_mtl.config import load_config
 from torchrec_mtl.run import prepare_job
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _overrides(log: Path, out: Path, *extra: str) -> list:
-    return [f"data.dir={log}", "data.generate=null", f"out_dir={out}", "model.text=null", "training.batch_size=256",
+    return [f"data.dir={log}", "data.generate=null", *ONE_PASS, f"out_dir={out}", "model.text=null", "training.batch_size=256",
             "training.progress=false", "checkpoint.resume=never", *extra]  # fmt: skip
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from torchrec_mtl.cli import main
 from torchrec_mtl.data.synthetic import SyntheticConfig, generate
+from conftest import ONE_PASS
 
 SMALL = SyntheticConfig(num_rows=5000, num_users=100, num_items=60, num_brands=10, num_sessions=200, seed=7)
 # computed with numpy 2.4 and polars 2.1 (numpy may change a distribution's algorithm between releases)
@@ -39,7 +40,7 @@ def test_a_seed_fixes_training_on_one_machine(tmp_path):
     for run in ("first", "second"):
         out = tmp_path / run
         code = main(["train", "--config", "configs/mmoe_synthetic.yaml", f"data.dir={tmp_path / 'data'}",
-                     "data.generate=null", "model.text=null", f"out_dir={out}", "training.batch_size=128",
+                     "data.generate=null", *ONE_PASS, "model.text=null", f"out_dir={out}", "training.batch_size=128",
                      "training.progress=false", "training.curve_every=0"])  # fmt: skip
         assert code == 0
         predictions.append(dict(np.load(out / "predictions.npz")))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ONE_PASS
 from torchrec_mtl.cli import main
 from torchrec_mtl.config import ConfigError, load_config
 from torchrec_mtl.data.prepare import shards_dir
@@ -103,7 +104,7 @@ def retrieval_run(tiny_bert_dir, tmp_path_factory):
     log, out = tmp_path_factory.mktemp("retrieval_log"), tmp_path_factory.mktemp("retrieval")
     generate(RETRIEVAL_LOG, log)
     text = [] if HAVE_MINILM else [f"model.text.encoder={tiny_bert_dir}"]
-    common = [f"data.dir={log}", "data.generate=null", f"out_dir={out}", *text, "training.batch_size=512",
+    common = [f"data.dir={log}", "data.generate=null", *ONE_PASS, f"out_dir={out}", *text, "training.batch_size=512",
               "training.progress=false", "checkpoint.every_seconds=0", RETRIEVAL]  # fmt: skip
     assert main(["train", "--config", "configs/mmoe_synthetic.yaml", *common]) == 0
     assert main(["vectors", "--checkpoint", str(out / "checkpoints"), "--out", str(out / "vectors"), "--quiet"]) == 0
@@ -173,7 +174,7 @@ def _retrieval_at_world_size_2(rank: int, world_size: int, port: int, log: str, 
     from torchrec_mtl.run import run_job
 
     _join(rank, world_size, port)
-    overrides = [f"data.dir={log}", "data.generate=null", f"out_dir={out}", "model.text=null",
+    overrides = [f"data.dir={log}", "data.generate=null", *ONE_PASS, f"out_dir={out}", "model.text=null",
                  "training.batch_size=256", "training.progress=false", "checkpoint.every_seconds=0",
                  "training.sharding_types=[row_wise]", RETRIEVAL]  # fmt: skip
     run_job(load_config("configs/mmoe_synthetic.yaml", overrides))
@@ -191,7 +192,7 @@ def test_a_two_process_row_wise_run_exports_the_vectors_it_scored_with(small_log
         main(["vectors", "--checkpoint", str(tmp_path / "checkpoints"), "--out", str(tmp_path / "v"), "--quiet"]) == 0
     )
     vectors = Representations.load(tmp_path / "v")
-    config = load_config("configs/mmoe_synthetic.yaml", [f"data.dir={small_log}", "data.generate=null"])
+    config = load_config("configs/mmoe_synthetic.yaml", [f"data.dir={small_log}", "data.generate=null", *ONE_PASS])
     test = EncodedLog.concat(ShardedLog.open(shards_dir(config.data)).split("test"))
     user_at = {int(k): i for i, k in enumerate(vectors.users.keys)}
     item_at = {int(k): i for i, k in enumerate(vectors.items.keys)}

@@ -45,7 +45,7 @@ def test_the_score_is_higher_is_better_for_every_metric():
 
 def test_early_stopping_needs_validation_rows_and_a_known_metric():
     with pytest.raises(ConfigError, match="data.validation_fraction is 0"):
-        load_config(CONFIG, ["training.early_stopping={}"])
+        load_config(CONFIG, ["data.validation_fraction=0", "training.early_stopping={}"])
     with pytest.raises(ConfigError, match="training.early_stopping.metric: 'clicks.auc'"):
         load_config(CONFIG, ["data.validation_fraction=0.1", "training.early_stopping={metric: clicks.auc}"])
     with pytest.raises(ConfigError, match="patience 0"):
@@ -90,6 +90,31 @@ def test_training_stops_after_patience_epochs_without_improvement(small_log, tmp
     assert training["steps"] == 3 * training["validation"][0]["step"]
 
 
+def test_validating_every_n_steps_trains_the_same_batches_and_adds_points_inside_epochs(small_log, tmp_path):
+    by_epoch = _train(small_log, tmp_path / "by_epoch", "training.epochs=2", "training.early_stopping={patience: 99}")
+    per_epoch = by_epoch["training"]["validation"][0]["step"]
+    every = 3 if per_epoch % 3 else 4
+    by_steps = _train(small_log, tmp_path / "by_steps", "training.epochs=2",
+                      f"training.early_stopping={{patience: 99, every_steps: {every}}}")  # fmt: skip
+    curve = by_steps["training"]["validation"]
+    expected = sorted(set(range(every, 2 * per_epoch + 1, every)) | {per_epoch, 2 * per_epoch})
+    assert [point["step"] for point in curve] == expected
+    assert [point["epoch"] for point in curve] == [1 + (step - 1) // per_epoch for step in expected]
+    # a segment's end drains the pipeline without skipping or replaying a batch: at each epoch's end the model is
+    # the one trained without points inside the epoch, to the last bit
+    at_epoch_ends = [point["score"] for point in curve if point["step"] % per_epoch == 0]
+    assert at_epoch_ends == [point["score"] for point in by_epoch["training"]["validation"]]
+    assert by_steps["training"]["steps"] == by_epoch["training"]["steps"]
+
+
+def test_patience_counts_points_inside_epochs(small_log, tmp_path):
+    results = _train(small_log, tmp_path / "run", "training.epochs=5",
+                     "training.early_stopping={patience: 2, min_delta: 1.0, every_steps: 2}")  # fmt: skip
+    training = results["training"]
+    assert [point["step"] for point in training["validation"]] == [2, 4, 6]
+    assert training["stopped_early"] and training["selected"]["step"] == 2 and training["steps"] == 6
+
+
 def test_validation_rows_can_come_from_files_of_their_own(small_log, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -100,7 +125,7 @@ def test_validation_rows_can_come_from_files_of_their_own(small_log, tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--config", CONFIG, f"data.dir={data}", "data.generate=null", "model.text=null",
                  f"out_dir={out}", "training.batch_size=1024", "training.progress=false", "training.curve_every=0",
-                 "data.validation=[validation.tsv]", "training.epochs=2",
+                 "data.validation=[validation.tsv]", "data.validation_fraction=0", "training.epochs=2",
                  "training.early_stopping={patience: 5}"]) == 0  # fmt: skip
     training = json.loads((out / "results.json").read_text())["training"]
     assert training["rows"] == {"train": len(lines) - 4000, "validation": 4000, "test": training["rows"]["test"]}

@@ -13,6 +13,7 @@ from typing import Dict, List
 import numpy as np
 import pytest
 
+from conftest import ONE_PASS
 from torchrec_mtl.cli import main
 from torchrec_mtl.data.synthetic import SyntheticConfig, generate
 from torchrec_mtl.inference import load_trained
@@ -30,7 +31,7 @@ def run(tiny_bert_dir, tmp_path_factory):
     generate(SyntheticConfig(num_rows=12_000, num_users=150, num_items=80, num_brands=20, num_sessions=300, seed=7),
              data)  # fmt: skip
     out = tmp_path_factory.mktemp("serving_run")
-    assert main(["train", "--config", "configs/mmoe_synthetic.yaml", f"data.dir={data}", "data.generate=null",
+    assert main(["train", "--config", "configs/mmoe_synthetic.yaml", f"data.dir={data}", "data.generate=null", *ONE_PASS,
                  f"out_dir={out}", f"model.text.encoder={tiny_bert_dir}", "model.text.cache=item_text_tiny.npz",
                  "training.batch_size=512", "training.progress=false"]) == 0  # fmt: skip
     lines = [*(data / "test.tsv").open().readlines(), *(data / "train.tsv").open().readlines()][:10_000]

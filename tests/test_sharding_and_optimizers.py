@@ -14,12 +14,13 @@ from torchrec_mtl.run import prepare_job
 from torchrec_mtl.train.distributed import init_distributed
 from torchrec_mtl.train.loop import train
 from torchrec_mtl.train.optimizers import LearningRateSchedule, dense_optimizer
+from conftest import ONE_PASS
 
 
 def _prepare(small_log, *overrides):
     config = load_config(
         "configs/mmoe_synthetic.yaml",
-        [f"data.dir={small_log}", "data.generate=null", "model.text=null", "training.progress=false",
+        [f"data.dir={small_log}", "data.generate=null", *ONE_PASS, "model.text=null", "training.progress=false",
          "training.batch_size=256", *overrides],
     )  # fmt: skip
     return prepare_job(config, init_distributed())

@@ -9,7 +9,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from conftest import SMALL
+from conftest import ONE_PASS, SMALL
 from torchrec_mtl.config import load_config
 from torchrec_mtl.data.shards import EncodedLog
 from torchrec_mtl.data.synthetic import generate
@@ -146,7 +146,7 @@ def tiny_log(tmp_path_factory):
 def _train(log, out, *overrides):
     """A quick run of the main job (no item text, report, checkpoint or curve); its results and predictions."""
     config = load_config("configs/mmoe_synthetic.yaml", [
-        f"data.dir={log}", "data.generate=null", f"out_dir={out}", "model.text=null", "training.batch_size=512",
+        f"data.dir={log}", "data.generate=null", *ONE_PASS, f"out_dir={out}", "model.text=null", "training.batch_size=512",
         "training.eval_batch_size=4096", "training.progress=false", "training.print_plan=false",
         "training.curve_every=0", "objective.gradient_cosine_every=0", "checkpoint.at_end=false",
         "checkpoint.every_seconds=0", "checkpoint.resume=never", *overrides])  # fmt: skip

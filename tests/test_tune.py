@@ -78,7 +78,7 @@ def test_a_space_is_checked_against_the_config_before_any_trial(small_log: Path,
     assert main(["tune", "--config", CONFIG, "--space", str(space), "--trials", "2", "--out", str(out),
                  *_overrides(small_log)]) == 2  # fmt: skip
     assert "training.no_such_key: unknown key" in capsys.readouterr().err and not out.exists()
-    no_validation = [o for o in _overrides(small_log) if not o.startswith("data.validation_fraction")]
+    no_validation = [*_overrides(small_log), "data.validation_fraction=0", "training.early_stopping=null"]
     space.write_text(SPACE)
     assert main(["tune", "--config", CONFIG, "--space", str(space), "--trials", "2", "--out", str(out),
                  *no_validation]) == 2  # fmt: skip

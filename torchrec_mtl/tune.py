@@ -185,8 +185,8 @@ def tune(
                                f"out_dir={out / f'trial-{trial.number:03d}'}", "training.progress=false"]  # fmt: skip
             started = time.perf_counter()
 
-            def report(epoch: int, score: float, trial: Any = trial) -> None:
-                trial.report(score, epoch)
+            def report(point: int, score: float, trial: Any = trial) -> None:
+                trial.report(score, point)
                 if trial.should_prune():
                     raise optuna.TrialPruned()
 

@@ -145,13 +145,13 @@ def _check_evaluation(config: JobConfig) -> None:
                 "training.early_stopping: selects on validation rows, but data.validation_fraction is 0; set it "
                 "(e.g. data.validation_fraction=0.1) or give data.validation files"
             )
-        if stopping.patience < 1 or stopping.min_delta < 0:
+        if stopping.patience < 1 or stopping.min_delta < 0 or stopping.every_steps < 0:
             raise ConfigError(
-                f"training.early_stopping: patience {stopping.patience}, min_delta {stopping.min_delta}; allowed: "
-                "patience >= 1, min_delta >= 0"
+                f"training.early_stopping: patience {stopping.patience}, min_delta {stopping.min_delta}, every_steps "
+                f"{stopping.every_steps}; allowed: patience >= 1, min_delta >= 0, every_steps >= 0"
             )
         task, dot, metric = stopping.metric.partition(".")
-        names = task_set(config.objective).names
+        names = [*config.objective.tasks, *config.objective.products]
         if stopping.metric != "mean_auc" and not (dot and metric and task in names):
             raise ConfigError(
                 f"training.early_stopping.metric: {stopping.metric!r}; allowed: mean_auc, or <task>.<metric> with a "

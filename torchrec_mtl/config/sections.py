@@ -258,15 +258,17 @@ class TrainingConfig:
 
 @dataclass
 class EarlyStoppingConfig:
-    """Model selection on the validation rows (``data.validation_fraction`` > 0): after every epoch the model is
-    scored on them by ``metric`` (``<task>.<metric>``, e.g. ``ctr.auc`` or ``rating.rmse``, the sign taken care of;
-    or ``mean_auc``: the mean AUC of the binary tasks and products); the best epoch's weights are kept
-    (``<checkpoint dir>/best``) and are what the run tests, saves last and exports; training stops once ``patience``
-    epochs in a row fail to beat the best by more than ``min_delta``, so ``training.epochs`` is a maximum."""
+    """Model selection on the validation rows (``data.validation_fraction`` > 0 or ``data.validation`` files): after
+    every epoch, and every ``every_steps`` steps inside one (0: once an epoch), the model is scored on them by
+    ``metric`` (``<task>.<metric>``, e.g. ``ctr.auc`` or ``rating.rmse``, the sign taken care of; or ``mean_auc``: the
+    mean AUC of the binary tasks and products); the best point's weights are kept (``<checkpoint dir>/best``) and
+    are what the run tests, saves last and exports; training stops once ``patience`` points in a row fail to beat
+    the best by more than ``min_delta``, so ``training.epochs`` is a maximum."""
 
     metric: str = "mean_auc"
     patience: int = 2
     min_delta: float = 0.0
+    every_steps: int = 0
 
 
 @dataclass

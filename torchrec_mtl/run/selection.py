@@ -1,9 +1,11 @@
-"""Model selection on the validation rows: after each epoch, score the model on them, keep the best epoch's weights
-and stop once the score has not improved for ``patience`` epochs (``training.early_stopping``).
+"""Model selection on the validation rows: after each epoch (and every ``every_steps`` steps), score the model on
+them, keep the best point's weights and stop once the score has not improved for ``patience`` points in a row
+(``training.early_stopping``).
 
 The score is one number, higher is better: a task's metric (``ctr.auc``; a metric where lower is better, such as
 ``rating.rmse``, is negated) or ``mean_auc`` over the binary tasks and products. The best epoch is the first whose
-score beats every earlier one by more than ``min_delta`` (``best_epoch``), as a scan of the validation curve finds it.
+score beats every earlier one by more than ``min_delta`` (``best_epoch``: the best point; the name predates points
+inside an epoch), as a scan of the validation curve finds it.
 
 Example::
 
@@ -59,7 +61,7 @@ def epochs_without_improvement(curve: List[Dict[str, Any]], min_delta: float) ->
 
 
 class EpochValidator:
-    """``after_epoch`` hook of torchrec_mtl.train.loop.train: scores the model on the validation rows (every rank
+    """``validate`` hook of torchrec_mtl.train.loop.train: scores the model on the validation rows (every rank
     calls it: the evaluation is collective), records the point in ``summary.validation``, writes the model to the
     ``best`` checkpointer when it is the new best, and asks to stop after ``patience`` epochs without improvement.
 
@@ -69,8 +71,8 @@ class EpochValidator:
         best: where the best epoch's model goes (a Checkpointer keeping 1).
         train_state: what a checkpoint records beside the tensors (the config and the model inputs), so that the
             best checkpoint serves predict and export like any other.
-        on_validation: called with each epoch and its score after it is recorded (torchrec_mtl.tune reports trials
-            with it); an exception from it ends the run.
+        on_validation: called with each point's number (1, 2, ...: the epoch, when validating once an epoch) and
+            score after it is recorded (torchrec_mtl.tune reports trials with it); an exception from it ends the run.
     """
 
     def __init__(
@@ -95,21 +97,23 @@ class EpochValidator:
             # a run starting over (not resumed): a best model of an earlier run in this folder is not this run's
             for stale in self.best.complete():
                 shutil.rmtree(stale)
-        summary.validation.append({"epoch": summary.epoch, "step": summary.steps, "score": score, "tasks": metrics})
+        # the epoch the point lies in, counted from 1: the one just finished, or the one in progress
+        epoch = summary.epoch + (1 if summary.batch else 0)
+        summary.validation.append({"epoch": epoch, "step": summary.steps, "score": score, "tasks": metrics})
         if best_epoch(summary.validation, self.config.min_delta) == len(summary.validation) - 1:
             state = {"model": job.sharded.state_dict()}
             self.best.save(summary.steps, state, {**self.train_state, "summary": summary.to_dict(), "finished": True})
         waited = epochs_without_improvement(summary.validation, self.config.min_delta)
         if job.env.is_main:
             rows = max((int(values.get("rows", 0)) for values in metrics.values()), default=0)
+            where = f"at step {summary.steps} (epoch {epoch})" if summary.batch else f"after epoch {epoch} (step {summary.steps})"
             print(
-                f"validation after epoch {summary.epoch} (step {summary.steps}): {self.config.metric} "
-                f"{abs(score):.4f} on {rows:,} rows"
-                + (f"; no better for {waited} epoch(s)" if waited else "; the best so far"),
+                f"validation {where}: {self.config.metric} {abs(score):.4f} on {rows:,} rows"
+                + (f"; no better for {waited} point(s)" if waited else "; the best so far"),
                 flush=True,
             )
         if self.on_validation is not None:
-            self.on_validation(summary.epoch, score)
+            self.on_validation(len(summary.validation), score)
         return waited >= self.config.patience
 
     def selected(self, summary: TrainSummary) -> Optional[Dict[str, Any]]:

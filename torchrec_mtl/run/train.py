@@ -142,7 +142,7 @@ def run_job(
     """Train and evaluate as configured; rank 0 prints the plan, the curve points and the table, writes
     ``out_dir/results.json``, and appends what it prints to ``out_dir/train.log``.
 
-    ``on_validation(epoch, score)`` is called after each epoch's validation (``training.early_stopping``); an
+    ``on_validation(point, score)`` is called after each validation point (numbered from 1) (``training.early_stopping``); an
     exception it raises (a tuning trial pruned, say) ends the run there."""
     check_inputs(config)  # every rank, before any work or collective: a missing file stops them all
     out = claim_run_folder(config)  # every rank: a refusal stops them all, before any collective
@@ -201,7 +201,8 @@ def _run_job(
             after_step=trigger,
             schedule=job.schedule,
             on_curve_point=board.curve_point if board is not None else None,
-            after_epoch=validator,
+            validate=validator,
+            validate_every=training.early_stopping.every_steps if training.early_stopping else 0,
             device=env.device,
         )
     except NonFiniteLoss as error:

@@ -7,10 +7,11 @@ runs torchrec's EvalPipelineSparseDist (forward only) over the same sharded mode
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -49,9 +50,9 @@ class TrainSummary:
     since_loss: float = 0.0  # the sum of the losses since the last curve point
     since_steps: int = 0
     stopped: bool = False  # ``after_step`` asked to stop before the last epoch ended
-    # after each epoch, with model selection (``after_epoch``): the epoch, step, score and metrics on validation
+    # at each validation point, with model selection (``validate``): the epoch, step, score and metrics on validation
     validation: List[Dict] = field(default_factory=list)
-    converged: bool = False  # ``after_epoch`` stopped training before ``epochs`` (early stopping)
+    converged: bool = False  # ``validate`` stopped training before ``epochs`` (early stopping)
 
     def to_dict(self) -> Dict:
         return dataclasses.asdict(self)
@@ -166,6 +167,16 @@ def make_eval_pipeline(model: nn.Module, device: torch.device) -> EvalPipelineSp
     return EvalPipelineSparseDist(model, optimizer=None, device=device)
 
 
+def _segments(batches: Iterator, count: int, steps_done: int, every: int) -> Iterator[Iterable]:
+    """``count`` of ``batches`` as consecutive segments, each ending where the step count (``steps_done`` before the
+    first) reaches a multiple of ``every`` or the batches end (every: 0 for one segment). One iterator is shared, so a
+    segment's end drains the pipeline without skipping or replaying a batch."""
+    while count > 0:
+        size = min(count, every - steps_done % every) if every else count
+        yield itertools.islice(batches, size)
+        count, steps_done = count - size, steps_done + size
+
+
 def _drain(pipeline: TrainPipelineSparseDist, batches: Iterable, bar: tqdm):
     """Yield ``(loss, predictions, labels)`` for each of ``batches``, advancing ``bar``; the pipeline is reset for
     the next pass when they run out or the caller stops early."""
@@ -240,7 +251,8 @@ def train(
     after_step: Optional[AfterStep] = None,
     schedule: Optional[LearningRateSchedule] = None,
     on_curve_point: Optional[Callable[[Dict], None]] = None,
-    after_epoch: Optional[Callable[[TrainSummary], bool]] = None,
+    validate: Optional[Callable[[TrainSummary], bool]] = None,
+    validate_every: int = 0,
     device: Optional[torch.device] = None,
 ) -> TrainSummary:
     """Run ``epochs`` passes over ``loader`` with ``pipeline`` (built over ``model``); every rank's loader must
@@ -252,8 +264,9 @@ def train(
 
     ``resume`` (a checkpoint's summary and curve window batches, ``restore_run``) continues a run where it stopped;
     ``after_step`` is called after every step (to write checkpoints) and may stop the run early (``summary.stopped``);
-    ``after_epoch`` after every finished epoch, when the pipeline is drained (to score the model on validation rows),
-    and may end training there (``summary.converged``).
+    ``validate`` after every finished epoch and, with ``validate_every`` > 0, after every ``validate_every``-th step
+    inside an epoch; the pipeline is drained first (to score the model on validation rows, a point's batches all
+    trained), and it may end training there (``summary.converged``).
 
     A non-finite loss on any rank stops every rank at that step with the same NonFiniteLoss (naming the lowest rank
     that saw one): the ranks agree after each step through one all-reduce of a few integers, which also carries
@@ -282,62 +295,69 @@ def train(
         loader.set_epoch(epoch, start_batch=summary.batch)
         batches_left = len(loader) - summary.batch
         bar = _bar(batches_left, f"train epoch {epoch + 1}/{epochs}", show_progress)
-        for loss, predictions, labels in _drain(pipeline, loader, bar):
-            loss = float(loss.detach())
-            # every rank learns of a non-finite loss on any rank (world_size - rank: the lowest such rank wins)
-            agreed = agree_max([0 if math.isfinite(loss) else world_size - rank, *(hook_flags() if hook_flags else ())])
-            if agreed[0]:
-                raise _agreed_non_finite(objective, loss, summary.steps + 1, epoch, world_size - agreed[0])
-            summary.epoch_loss += loss
-            summary.since_loss += loss
-            summary.since_steps += 1
-            summary.steps += 1
-            summary.batch += 1
-            summary.samples += loader.batch_size * loader.world_size
-            lr_scale = schedule.set_step(summary.steps) if schedule is not None else 1.0
-            # only the batches that the next point's window holds are kept (the metrics cost ~10% a step)
-            if window is not None and -summary.steps % curve_every < window_batches:
-                window.add(predictions, labels)
-                if summary.steps % curve_every == 0:
-                    point = {
-                        "step": summary.steps,
-                        "epoch": epoch + 1,
-                        "loss": summary.since_loss / summary.since_steps,
-                        "lr_scale": lr_scale,
-                    }
-                    if monitor is not None:
-                        point["gates"] = monitor.summary()
-                        monitor.__exit__()
-                        monitor = None
-                    summary.curve.append({**point, **window.compute()})
-                    if on_curve_point is not None:
-                        on_curve_point(summary.curve[-1])
-                    summary.since_loss, summary.since_steps = 0.0, 0
-            # watch the gates over the batches the next point's window holds
-            if window is not None and gated_tower is not None and monitor is None:
-                if -(summary.steps + 1) % curve_every < window_batches:
-                    monitor = GateMonitor(gated_tower).__enter__()
-            summary.seconds = time.perf_counter() - start
-            if show_progress:  # samples/s and each term's running loss beside the bar
-                running.update()
-                if summary.steps % 10 == 0:
-                    bar.set_postfix(running.postfix(summary), refresh=False)
-            if after_step is not None:
-                stop = after_step(summary, window, agreed[1:]) if hook_flags else after_step(summary, window)
-                if stop:
-                    summary.stopped = True
-                    break
+        for batches in _segments(iter(loader), batches_left, summary.steps, validate_every if validate else 0):
+            for loss, predictions, labels in _drain(pipeline, batches, bar):
+                loss = float(loss.detach())
+                # every rank learns of a non-finite loss on any rank (world_size - rank: the lowest such rank wins)
+                agreed = agree_max([0 if math.isfinite(loss) else world_size - rank, *(hook_flags() if hook_flags else ())])
+                if agreed[0]:
+                    raise _agreed_non_finite(objective, loss, summary.steps + 1, epoch, world_size - agreed[0])
+                summary.epoch_loss += loss
+                summary.since_loss += loss
+                summary.since_steps += 1
+                summary.steps += 1
+                summary.batch += 1
+                summary.samples += loader.batch_size * loader.world_size
+                lr_scale = schedule.set_step(summary.steps) if schedule is not None else 1.0
+                # only the batches that the next point's window holds are kept (the metrics cost ~10% a step)
+                if window is not None and -summary.steps % curve_every < window_batches:
+                    window.add(predictions, labels)
+                    if summary.steps % curve_every == 0:
+                        point = {
+                            "step": summary.steps,
+                            "epoch": epoch + 1,
+                            "loss": summary.since_loss / summary.since_steps,
+                            "lr_scale": lr_scale,
+                        }
+                        if monitor is not None:
+                            point["gates"] = monitor.summary()
+                            monitor.__exit__()
+                            monitor = None
+                        summary.curve.append({**point, **window.compute()})
+                        if on_curve_point is not None:
+                            on_curve_point(summary.curve[-1])
+                        summary.since_loss, summary.since_steps = 0.0, 0
+                # watch the gates over the batches the next point's window holds
+                if window is not None and gated_tower is not None and monitor is None:
+                    if -(summary.steps + 1) % curve_every < window_batches:
+                        monitor = GateMonitor(gated_tower).__enter__()
+                summary.seconds = time.perf_counter() - start
+                if show_progress:  # samples/s and each term's running loss beside the bar
+                    running.update()
+                    if summary.steps % 10 == 0:
+                        bar.set_postfix(running.postfix(summary), refresh=False)
+                if after_step is not None:
+                    stop = after_step(summary, window, agreed[1:]) if hook_flags else after_step(summary, window)
+                    if stop:
+                        summary.stopped = True
+                        break
+            if summary.stopped or summary.batch == len(loader):
+                break  # a stop ends the run; the epoch's end is validated below
+            validating = time.perf_counter()
+            summary.converged = validate(summary)
+            start += time.perf_counter() - validating  # training time and samples/s leave the validation out
+            if summary.converged:
+                break
         bar.close()
-        if summary.stopped:
+        if summary.stopped or summary.converged:
             break
         summary.losses.append(summary.epoch_loss / max(summary.batch, 1))
         summary.epoch, summary.batch, summary.epoch_loss = epoch + 1, 0, 0.0
-        if after_epoch is not None:
+        if validate is not None:
             validating = time.perf_counter()
-            converged = after_epoch(summary)
-            start += time.perf_counter() - validating  # training time and samples/s leave the validation out
-            if converged:
-                summary.converged = True
+            summary.converged = validate(summary)
+            start += time.perf_counter() - validating
+            if summary.converged:
                 break
     if monitor is not None:
         monitor.__exit__()
