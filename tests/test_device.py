@@ -29,8 +29,8 @@ ALLOWED = {
     "any machine (weights-only, no map_location) and 100 batches need not hold GPU memory",
     ("train/loop.py", "evaluate", ".cpu()"): "kept predictions are written (predictions.npz) and grouped by numpy",
     ("train/loop.py", "evaluate", ".numpy()"): "the kept host predictions, to numpy for writing",
-    ("train/loop.py", "evaluate", "torch.from_numpy"): "each kept row's group, from numpy, for grouped_auc's host "
-    "grouping",
+    ("train/loop.py", "_add_grouped_auc", "torch.from_numpy"): "each kept row's group, from numpy, for grouped_auc's "
+    "host grouping",
     ("train/metrics.py", "grouped_auc", ".cpu()"): "rows are exchanged as pickled objects and grouped on the host; "
     "the metric itself runs on the run's device",
     ("train/metrics.py", "grouped_auc", "torch.arange"): "row indices of the host grouping, then moved to the device",

@@ -9,7 +9,9 @@ Example::
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -65,22 +67,27 @@ def gathered(predictions: Dict[str, np.ndarray], env: DistributedEnv) -> Dict[st
     return {key: values[order] for key, values in predictions.items() if key != "row"}
 
 
-def task_threshold_metrics(
-    job: PreparedJob, test: Dict[str, np.ndarray], show: bool
+def validation_predictions(job: PreparedJob, show: bool) -> Dict[str, np.ndarray]:
+    """The job's model's predictions of the validation rows (``gathered``): collectives, so call it on every rank."""
+    validation: Dict[str, np.ndarray] = {}
+    evaluate(job.sharded, job.eval_pipeline, job.loader("validation"), job.tasks.names, show, None, validation,
+             job.env.device)  # fmt: skip
+    return gathered(validation, job.env)
+
+
+def thresholded_metrics(
+    task_kinds: Dict[str, str],
+    threshold: float | str,
+    test: Dict[str, np.ndarray],
+    validation: Optional[Dict[str, np.ndarray]] = None,
 ) -> Tuple[Dict[str, Dict[str, float]], List[str]]:
-    """Each binary task's ``threshold_metrics`` on the gathered ``test`` predictions (``gathered``), at
-    ``evaluation.threshold`` or (``best_f1``) at the task's best-F1 threshold on the validation rows, with a warning
-    for a task that has no labelled validation row (it gets no threshold metrics). With ``best_f1`` every rank
-    evaluates the validation rows (collectives), so call it on every rank."""
-    threshold = job.config.evaluation.threshold
-    binary = [name for name, kind in job.tasks.names.items() if kind == "binary"]
+    """Each binary task's ``threshold_metrics`` on the ``test`` predictions at ``threshold`` or (``best_f1``) at the
+    task's best-F1 threshold on the ``validation`` predictions, with a warning for a task that has no labelled
+    validation row (it gets no threshold metrics)."""
+    binary = [name for name, kind in task_kinds.items() if kind == "binary"]
     thresholds: Dict[str, float] = {name: threshold for name in binary}
     warnings = []
     if threshold == "best_f1":
-        validation: Dict[str, np.ndarray] = {}
-        evaluate(job.sharded, job.eval_pipeline, job.loader("validation"), job.tasks.names, show, None, validation,
-                 job.env.device)  # fmt: skip
-        validation = gathered(validation, job.env)
         thresholds = {}
         for name in binary:
             labels = validation[f"{name}.label"]
@@ -95,6 +102,57 @@ def task_threshold_metrics(
     return metrics, warnings
 
 
+def task_threshold_metrics(
+    job: PreparedJob, test: Dict[str, np.ndarray], show: bool
+) -> Tuple[Dict[str, Dict[str, float]], List[str]]:
+    """Each binary task's ``threshold_metrics`` on the gathered ``test`` predictions (``gathered``), at
+    ``evaluation.threshold`` or (``best_f1``) at the task's best-F1 threshold on the validation rows
+    (``thresholded_metrics``). With ``best_f1`` every rank evaluates the validation rows (collectives), so call it on
+    every rank."""
+    threshold = job.config.evaluation.threshold
+    validation = validation_predictions(job, show) if threshold == "best_f1" else None
+    return thresholded_metrics(job.tasks.names, threshold, test, validation)
+
+
+@dataclass
+class ScoredCheckpoint:
+    """A checkpoint's test scores and metrics, as ``evaluate_checkpoint`` reports them, and what an ensemble of it
+    needs: its predictions, gathered and as this rank's metrics saw them, and those of the validation rows."""
+
+    path: Path
+    step: int
+    tasks: Dict[str, Dict[str, float]]  # headline first, with the threshold metrics
+    warnings: List[str]
+    test: Dict[str, np.ndarray]  # ``gathered``: every test row, in the test set's order
+    rank_rows: Dict[str, Any]  # ``evaluate``'s ``rank_rows_out``
+    validation: Optional[Dict[str, np.ndarray]]  # with evaluation.threshold best_f1 only
+
+
+def score_checkpoint(job: PreparedJob, checkpoint: str | Path) -> ScoredCheckpoint:
+    """Load ``checkpoint``'s weights into the job's model and score the test rows (and the validation rows, for a
+    best-F1 threshold). Collectives: call it on every rank."""
+    path = resolve_checkpoint(checkpoint)
+    if not (path / TRAIN_STATE).exists():
+        raise CheckpointError(f"{path}: no checkpoint to evaluate (train first, or pass one)")
+    step = load_model_state(path, job.sharded)["step"]  # the weights alone: evaluation needs no optimizer state
+    config, env = job.config, job.env
+    show = config.training.progress and env.is_main
+    predictions: Dict[str, np.ndarray] = {}
+    rank_rows: Dict[str, Any] = {}
+    metrics = evaluate(
+        job.sharded, job.eval_pipeline, job.loader("test"), job.tasks.names, show, job.test_users(), predictions,
+        env.device, rank_rows,
+    )  # fmt: skip
+    test = gathered(predictions, env)
+    threshold = config.evaluation.threshold
+    validation = validation_predictions(job, show) if threshold == "best_f1" else None
+    thresholded, warnings = thresholded_metrics(job.tasks.names, threshold, test, validation)  # as training's results
+    tasks = headline_first(metrics, ceilings(config.data.dir) or {}, job.tasks.names)
+    for task, values in thresholded.items():
+        tasks[task].update(values)
+    return ScoredCheckpoint(path, step, tasks, warnings, test, rank_rows, validation)
+
+
 def evaluate_checkpoint(
     config: JobConfig, checkpoint: Optional[str] = None, device: Optional[torch.device] = None
 ) -> Dict[str, Dict[str, float]]:
@@ -104,25 +162,13 @@ def evaluate_checkpoint(
     claim_run_folder(config)
     env = init_distributed(timeout_s=config.training.collective_timeout_s, device=device)
     job = prepare_job(config, env)
-    path = resolve_checkpoint(checkpoint or checkpoint_dir(config))
-    if not (path / TRAIN_STATE).exists():
-        raise CheckpointError(f"{path}: no checkpoint to evaluate (train first, or pass one)")
-    step = load_model_state(path, job.sharded)["step"]  # the weights alone: evaluation needs no optimizer state
-    show = config.training.progress and env.is_main
-    predictions: Dict[str, np.ndarray] = {}
-    metrics = evaluate(
-        job.sharded, job.eval_pipeline, job.loader("test"), job.tasks.names, show, job.test_users(), predictions,
-        env.device,
-    )  # fmt: skip
-    thresholded, warnings = task_threshold_metrics(job, gathered(predictions, env), show)  # as training's results
-    per_task = headline_first(metrics, ceilings(config.data.dir) or {}, job.tasks.names)
-    for task, values in thresholded.items():
-        per_task[task].update(values)
+    scored = score_checkpoint(job, checkpoint or checkpoint_dir(config))
     if env.is_main:
         out = claim_run_folder(config)
-        document = {"checkpoint": str(path), "step": step, "tasks": per_task, "task_kinds": job.tasks.names}
+        document = {"checkpoint": str(scored.path), "step": scored.step, "tasks": scored.tasks,
+                    "task_kinds": job.tasks.names}  # fmt: skip
         (out / "evaluation.json").write_text(json.dumps(document, indent=2))
-        print(f"{path} (step {step}):\n{format_table(per_task)}")
-        for warning in warnings:
+        print(f"{scored.path} (step {scored.step}):\n{format_table(scored.tasks)}")
+        for warning in scored.warnings:
             print(f"warning: {warning}")
-    return per_task
+    return scored.tasks
