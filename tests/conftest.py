@@ -42,6 +42,10 @@ E2E_TESTS = {
     "test_checkpoint_integrity.py::test_a_non_finite_weight_with_a_matching_manifest_is_refused",
     "test_checkpoint_integrity.py::test_an_intact_checkpoint_predicts_and_resumes",
     "test_checkpoint_integrity.py::test_every_rank_refuses_what_one_rank_found",
+    # a tiny run with three checkpoints and one of other tasks (module fixture `runs`), evaluated and predicted
+    "test_ensemble.py::test_an_ensemble_of_one_checkpoint_is_that_checkpoint_exactly",
+    "test_ensemble.py::test_an_ensemble_of_two_checkpoints_scores_the_mean_of_their_predictions",
+    "test_ensemble.py::test_a_member_of_other_tasks_is_refused_naming_it_before_anything_is_scored",
     "test_finetune.py::test_finetuning_one_task_keeps_the_frozen_parts_and_reports_before_and_after",
     "test_gpu_check.py::test_the_dry_run_runs_every_step_on_the_cpu_and_writes_its_json",  # tools/, 10 commands
     "test_gpu_check.py::test_without_a_gpu_the_check_stops_after_its_first_step_saying_why",

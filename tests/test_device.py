@@ -29,13 +29,17 @@ ALLOWED = {
     "any machine (weights-only, no map_location) and 100 batches need not hold GPU memory",
     ("train/loop.py", "evaluate", ".cpu()"): "kept predictions are written (predictions.npz) and grouped by numpy",
     ("train/loop.py", "evaluate", ".numpy()"): "the kept host predictions, to numpy for writing",
-    ("train/loop.py", "evaluate", "torch.from_numpy"): "each kept row's group, from numpy, for grouped_auc's host "
-    "grouping",
+    ("train/loop.py", "_add_grouped_auc", "torch.from_numpy"): "each kept row's group, from numpy, for grouped_auc's "
+    "host grouping",
+    ("run/evaluate.py", "evaluate_ensemble", ".numpy()"): "the members' kept host predictions, averaged in numpy "
+    "(torchrec_mtl.ensemble.mean_predictions)",
+    ("run/evaluate.py", "evaluate_ensemble", "torch.from_numpy"): "the averaged host predictions, back as tensors for "
+    "TaskMetrics, which moves them to the run's device",
     ("train/metrics.py", "grouped_auc", ".cpu()"): "rows are exchanged as pickled objects and grouped on the host; "
     "the metric itself runs on the run's device",
     ("train/metrics.py", "grouped_auc", "torch.arange"): "row indices of the host grouping, then moved to the device",
-    ("predict.py", "predict_lines", ".cpu()"): "scores are written to a TSV",
-    ("predict.py", "predict_lines", ".numpy()"): "scores are written to a TSV",
+    ("predict.py", "_score", ".cpu()"): "scores are written to a TSV",
+    ("predict.py", "_score", ".numpy()"): "scores are written to a TSV",
     ("representations.py", "_vectors", ".cpu()"): "vectors are written to npz files",
     ("representations.py", "_vectors", ".numpy()"): "vectors are written to npz files",
     ("text/encoder.py", "TextEncoder.encode", ".cpu()"): "text vectors are written to the cache file",

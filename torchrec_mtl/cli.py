@@ -12,7 +12,8 @@ import shlex
 import signal
 import sys
 import warnings
-from typing import TYPE_CHECKING, List, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from torchrec_mtl.config import ConfigError
 from torchrec_mtl.data.prepare import MissingInputError
@@ -22,11 +23,13 @@ from torchrec_mtl.data.shards import ShardError
 from torchrec_mtl.outputs import OutputError
 from torchrec_mtl.schema import SchemaError
 from torchrec_mtl.text.cache import TextCacheError
-from torchrec_mtl.errors import CheckpointError, DeviceError, NonFiniteLoss, TrainingStopped
+from torchrec_mtl.errors import CheckpointError, DeviceError, EnsembleError, NonFiniteLoss, TrainingStopped
 from torchrec_mtl.report import ReportError
 
 if TYPE_CHECKING:
     import torch
+
+    from torchrec_mtl.config import JobConfig
 
 
 class InputError(ValueError):
@@ -183,24 +186,53 @@ def _write_report(run_dir: str) -> None:
     print(f"report: {write_report(run_dir)}")
 
 
+def _member_configs(checkpoints: List[str], overrides: Optional[List[str]]) -> List[Tuple[Path, JobConfig]]:
+    """An ensemble's members: each checkpoint (a run's checkpoints folder: its newest) with the job config it was
+    trained with, as it recorded it: with ``overrides`` as evaluate reads it, or (None) as load_trained does. Only
+    the train state is read, so members are compared (torchrec_mtl.ensemble.check_members) before any weight."""
+    from torchrec_mtl.config import config_from_dict, load_config
+    from torchrec_mtl.train.checkpoint import TRAIN_STATE, read_train_state, resolve_checkpoint
+
+    members = []
+    for checkpoint in checkpoints:
+        if not os.path.exists(checkpoint):
+            raise InputError(f"--checkpoint: {checkpoint}: no such folder")
+        path = resolve_checkpoint(checkpoint)
+        recorded = read_train_state(path).get("config")  # JSON; the whole folder is verified when it is loaded
+        if not isinstance(recorded, dict):
+            raise CheckpointError(f"{path / TRAIN_STATE}: records no job config (the 'config' key); train again")
+        config = config_from_dict(recorded) if overrides is None else load_config(overrides=overrides, raw=recorded)
+        members.append((path, config))
+    return members
+
+
 def _evaluate(args: argparse.Namespace) -> int:
+    checkpoints = args.checkpoint or []
+    if len(checkpoints) > 1 and args.config is not None:
+        raise InputError("evaluate: --config takes one --checkpoint; an ensemble's members are evaluated with the "
+                         "configs they recorded (KEY=VALUE overrides apply to each)")  # fmt: skip
     from torchrec_mtl.config import load_config
-    from torchrec_mtl.run import evaluate_checkpoint
+    from torchrec_mtl.run import evaluate_checkpoint, evaluate_ensemble
 
     device = _device(args.device)
+    if len(checkpoints) > 1:  # an ensemble: every member with the config it recorded
+        members = _member_configs(checkpoints, [*_verbosity_overrides(args), *args.overrides])
+        evaluate_ensemble([config for _, config in members], [str(path) for path, _ in members], device)
+        return 0
+    checkpoint = checkpoints[0] if checkpoints else None
     if args.config is not None:
         config = load_config(args.config, [*_verbosity_overrides(args), *args.overrides])
     else:  # the config the checkpoint was trained with, as it recorded it
-        if args.checkpoint is None:
+        if checkpoint is None:
             raise InputError("evaluate: give --checkpoint (its recorded config is used) or --config (its run's newest)")
         from torchrec_mtl.train.checkpoint import read_train_state, resolve_checkpoint
 
-        path = resolve_checkpoint(args.checkpoint)
+        path = resolve_checkpoint(checkpoint)
         recorded = read_train_state(path).get("config")  # JSON; the whole folder is verified when it is loaded
         if not isinstance(recorded, dict):
             raise InputError(f"--checkpoint: {path} records no job config; give --config")
         config = load_config(overrides=[*_verbosity_overrides(args), *args.overrides], raw=recorded)
-    evaluate_checkpoint(config, args.checkpoint, device)
+    evaluate_checkpoint(config, checkpoint, device)
     return 0
 
 
@@ -218,8 +250,13 @@ def _predict(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if args.input != "-":
         _input_file("--input", args.input)
-    trained = _trained(args.checkpoint, device)
-    summary = predict_file(trained, args.input, args.out, progress=not args.quiet, max_line_bytes=args.max_line_bytes)
+    if len(args.checkpoint) > 1:  # an ensemble: its members agree before any is loaded
+        from torchrec_mtl.ensemble import check_members
+
+        check_members(_member_configs(args.checkpoint, None), evaluation=False)
+    trained = [_trained(checkpoint, device) for checkpoint in args.checkpoint]
+    summary = predict_file(trained if len(trained) > 1 else trained[0], args.input, args.out, progress=not args.quiet,
+                           max_line_bytes=args.max_line_bytes)  # fmt: skip
     print(json.dumps(summary), file=sys.stderr)
     return 0
 
@@ -272,7 +309,7 @@ def _configs(args: argparse.Namespace) -> int:
 # Failures of the user's input, files or environment: one line on stderr, exit 2.
 USER_ERRORS = (
     SchemaError, LogFormatError, TooManyBadRows, ShardError, InputError, MissingInputError, OutputError,
-    TextCacheError, CheckpointError, ReportError, NonFiniteLoss, DeviceError,
+    TextCacheError, CheckpointError, ReportError, NonFiniteLoss, DeviceError, EnsembleError,
 )  # fmt: skip
 EXIT_USER_ERROR = 2
 # What to install when a part of the stack is missing (docs/install.md says why torchrec goes in with --no-deps).

@@ -192,15 +192,23 @@ def build_parser() -> argparse.ArgumentParser:
         parents=verbosity,
         help="score the test split with a checkpoint (default: the run's newest) at any world size",
         description="Load a checkpoint into the configured model and evaluate it on the test split; prints the "
-        "table and writes OUT_DIR/evaluation.json.\n\n"
+        "table and writes OUT_DIR/evaluation.json. With --checkpoint given more than once, an ensemble: each task's "
+        "predictions averaged over the checkpoints (probabilities for binary tasks), each member's metrics beside "
+        "the ensemble's.\n\n"
         "example: torchrec-mtl evaluate --checkpoint runs/main/checkpoints   (the config the checkpoint recorded)\n"
-        "example: torchrec-mtl evaluate --config configs/mmoe_synthetic.yaml   (its run's newest checkpoint)",
+        "example: torchrec-mtl evaluate --config configs/mmoe_synthetic.yaml   (its run's newest checkpoint)\n"
+        "example: torchrec-mtl evaluate --checkpoint runs/seed0/checkpoints --checkpoint runs/seed1/checkpoints "
+        "out_dir=runs/ensemble",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     evaluate.add_argument(
         "--config", default=None, help="a YAML job config (default: the one the checkpoint recorded)"
     )
-    evaluate.add_argument("--checkpoint", default=None, help="a step-N folder (default: the newest of the run)")
+    evaluate.add_argument(
+        "--checkpoint", action="append", default=None,
+        help="a step-N folder (default: the newest of the run); again for an ensemble of the same schema, tasks and "
+        "data, each member with the config it recorded",
+    )  # fmt: skip
     evaluate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. out_dir=runs/main")
     _add_device(evaluate, "the model")
     evaluate.set_defaults(command="evaluate")
@@ -212,12 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read a log in the training schema's layout (labels filled, empty or absent) or with a header "
         "row, encode it as training did and write a TSV: the line number, then one column per task "
         "(probabilities; values for regression tasks). Rejected lines are "
-        "counted by reason.\n\n"
+        "counted by reason. With --checkpoint given more than once, each column is the checkpoints' mean.\n\n"
         "example: torchrec-mtl predict --checkpoint runs/main/checkpoints --input new.tsv --out scores.tsv\n"
+        "example: torchrec-mtl predict --checkpoint runs/seed0/checkpoints --checkpoint runs/seed1/checkpoints "
+        "--input new.tsv --out scores.tsv\n"
         "example: zcat day_3.gz | torchrec-mtl predict --checkpoint runs/criteo/checkpoints --input - > scores.tsv",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    predict.add_argument("--checkpoint", required=True, help="a step-N folder, or a run's checkpoints folder")
+    predict.add_argument(
+        "--checkpoint", action="append", required=True,
+        help="a step-N folder, or a run's checkpoints folder; again for an ensemble (the mean of their predictions)",
+    )  # fmt: skip
     predict.add_argument("--input", required=True, help="the log to score (plain or .gz); - for stdin")
     predict.add_argument("--out", default="-", help="the TSV to write (default: stdout)")
     predict.add_argument(

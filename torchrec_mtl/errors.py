@@ -20,3 +20,8 @@ class NonFiniteLoss(RuntimeError):
 
 class DeviceError(ValueError):
     """A device this machine does not have (CUDA without a GPU, a GPU index past the last)."""
+
+
+class EnsembleError(ValueError):
+    """Checkpoints that cannot be averaged: another schema, other tasks or other data than the first member's. The
+    message names the member and what differs (torchrec_mtl.ensemble)."""

@@ -50,6 +50,7 @@ from torchrec_mtl.data.preprocess import (
 )
 from torchrec_mtl.data.prepare import shards_dir
 from torchrec_mtl.data.shards import ShardError
+from torchrec_mtl.ensemble import mean_predictions
 from torchrec_mtl.inference import TrainedModel
 from torchrec_mtl.outputs import new_file
 from torchrec_mtl.schema import DatasetSchema, LabelSpec
@@ -168,30 +169,46 @@ class _Encoder:
 
 
 def predict_lines(
-    trained: TrainedModel, path: str | Path, batch_size: int = 8192, max_line_bytes: int = MAX_LINE_BYTES
+    trained: TrainedModel | Sequence[TrainedModel],
+    path: str | Path,
+    batch_size: int = 8192,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> Iterator[Tuple[np.ndarray, Dict[str, np.ndarray], list]]:
     """For each chunk of ``path`` ("-": stdin): its scored lines' numbers, each task's predictions, its rejections.
 
     The layout is the file's (see the module's docstring); a line of more than ``max_line_bytes`` bytes is
-    rejected as "line too long" without being held whole."""
-    encoder = _Encoder(trained)
-    model = trained.inference
+    rejected as "line too long" without being held whole. Several models (an ensemble of one schema, tasks and data:
+    torchrec_mtl.ensemble.check_members) read the file once, each encodes the lines as its own training run did, and
+    each task's predictions are their mean (float64)."""
+    members = [trained] if isinstance(trained, TrainedModel) else list(trained)
+    encoders = [_Encoder(member) for member in members]
     where, source = ("stdin", Path("/dev/stdin")) if str(path) == "-" else (str(path), Path(path))
     columns: Optional[List[str]] = None
     with torch.no_grad():
         for chunk, first_line, too_long in _chunks(source, max_line_bytes):
-            if columns is None:
-                columns, chunk, first_line, too_long = encoder.layout(where, chunk, first_line, too_long)
+            if columns is None:  # one schema: the first member's encoder decides for all
+                columns, chunk, first_line, too_long = encoders[0].layout(where, chunk, first_line, too_long)
                 if not chunk:
                     continue
-            lines, dense, sparse, rejections = encoder.encode(chunk, first_line, columns, too_long)
-            outputs: Dict[str, list] = {}
-            for start in range(0, len(lines), batch_size):
-                part = model(torch.from_numpy(dense[start : start + batch_size]).to(trained.device),
-                             torch.from_numpy(sparse[start : start + batch_size]).to(trained.device))  # fmt: skip
-                for name, values in part.items():  # to the host, where the scores are written
-                    outputs.setdefault(name, []).append(values.cpu().numpy())
-            yield lines, {name: np.concatenate(values) for name, values in outputs.items()}, rejections
+            scores = []
+            for member, encoder in zip(members, encoders):
+                lines, dense, sparse, rejections = encoder.encode(chunk, first_line, columns, too_long)
+                scores.append(_score(member, dense, sparse, batch_size))
+            if len(members) == 1:
+                yield lines, scores[0], rejections
+            else:
+                yield lines, mean_predictions(scores), rejections
+
+
+def _score(trained: TrainedModel, dense: np.ndarray, sparse: np.ndarray, batch_size: int) -> Dict[str, np.ndarray]:
+    """Each task's predictions of encoded rows, on the host."""
+    outputs: Dict[str, list] = {}
+    for start in range(0, len(dense), batch_size):
+        part = trained.inference(torch.from_numpy(dense[start : start + batch_size]).to(trained.device),
+                                 torch.from_numpy(sparse[start : start + batch_size]).to(trained.device))  # fmt: skip
+        for name, values in part.items():  # to the host, where the scores are written
+            outputs.setdefault(name, []).append(values.cpu().numpy())
+    return {name: np.concatenate(values) for name, values in outputs.items()}
 
 
 def _chunks(path: Path, max_line_bytes: int) -> Iterator[Tuple[bytes, int, List[LineTooLong]]]:
@@ -206,7 +223,7 @@ def _chunks(path: Path, max_line_bytes: int) -> Iterator[Tuple[bytes, int, List[
 
 
 def predict_file(
-    trained: TrainedModel,
+    trained: TrainedModel | Sequence[TrainedModel],
     path: str | Path,
     out: Optional[str | Path] = None,
     progress: bool = True,
@@ -214,16 +231,18 @@ def predict_file(
 ) -> Dict[str, object]:
     """Score every line of ``path`` into ``out`` (TSV; None or "-": stdout); returns the counts and the rejection
     reasons (lines read = scored + rejected; a header row is neither). A log whose layout is not the schema's stops
-    with a LogFormatError before ``out`` is written."""
-    scored = predict_lines(trained, path, max_line_bytes=max_line_bytes)
+    with a LogFormatError before ``out`` is written. Several models: their ensemble, each task's column the mean of
+    theirs (``predict_lines``), in the same layout."""
+    members = [trained] if isinstance(trained, TrainedModel) else list(trained)
+    scored = predict_lines(members, path, max_line_bytes=max_line_bytes)
     counts = {"lines": 0, "scored": 0, "rejected": 0}
     reasons: Counter = Counter()
-    names = list(trained.task_kinds)
+    names = list(members[0].task_kinds)
     # a new file beside ``out``, renamed at the end: an earlier scores file of ours is replaced, nothing else is
     output = (
         contextlib.nullcontext(sys.stdout)
         if out in (None, "-")
-        else new_file(out, inputs=[path, trained.checkpoint], ours_if_starts_with=HEADER_START)
+        else new_file(out, inputs=[path, *(m.checkpoint for m in members)], ours_if_starts_with=HEADER_START)
     )
     with output as handle:
         first = next(scored, None)  # the first chunk decides the layout: an unreadable log stops here

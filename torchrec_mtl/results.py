@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, TypedDict
+from typing import Any, Dict, List, Optional, Sequence, TypedDict
 
 from torchrec_mtl.headline import headline
 
@@ -93,6 +93,22 @@ def format_table(tasks: Dict[str, Dict[str, float]]) -> str:
         for task, v in thresholded.items():
             lines.append(f"{task:<{width}}{v['threshold']:10.4f}{v['precision']:11.4f}{v['recall']:8.4f}{v['f1']:8.4f}")
     return "\n".join(lines)
+
+
+def format_ensemble_table(
+    members: Sequence[str], member_tasks: Sequence[Dict[str, Dict[str, float]]], ensemble: Dict[str, Dict[str, float]]
+) -> str:
+    """The headline metric of each task for each member of an ensemble (``members``: their names, e.g. checkpoint
+    paths, listed above the table as ``member N``) beside the ensemble's (torchrec_mtl.run.evaluate_ensemble)."""
+    width = max([8, *(len(task) + 2 for task in ensemble)])
+    legend = [f"member {i}: {name}" for i, name in enumerate(members, start=1)]
+    columns = [f"member {i}" for i in range(1, len(members) + 1)] + ["ensemble"]
+    lines = [f"{'task':<{width}}{'metric':<8}" + "".join(f"{column:>10}" for column in columns)]
+    for task, values in ensemble.items():
+        metric = headline(values)
+        row = [tasks[task].get(metric) for tasks in member_tasks] + [values[metric]]
+        lines.append(f"{task:<{width}}{metric:<8}" + "".join(f"{'' if v is None else f'{v:.4f}':>10}" for v in row))
+    return "\n".join([*legend, *lines])
 
 
 def format_segment(name: str, segment: SegmentResults) -> str:

@@ -11,7 +11,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -375,6 +375,7 @@ def evaluate(
     groups: Optional[np.ndarray] = None,
     predictions_out: Optional[Dict[str, np.ndarray]] = None,
     device: Optional[torch.device] = None,
+    rank_rows_out: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Dict[str, float]]:
     """Whole-set metrics per task over every row of ``loader`` (which should pad its tail), reduced over ranks.
 
@@ -383,13 +384,17 @@ def evaluate(
     receives this rank's rows: ``row`` (the index in the shards' order), and per task ``<task>.prediction`` and
     ``<task>.label`` (NaN outside the task's sample space); padding rows are left out. The metrics run on ``device``
     (default: the pipeline's, where the predictions arrive); the kept rows go to the host, where they are written.
+    A ``rank_rows_out`` dict receives this rank's rows as the metrics saw them, padding included, in the loader's
+    order: ``row`` (``loader.row_order()``) and every task's columns, from which ``metrics_of_rank_rows`` computes
+    the same metrics (of other predictions of the same rows: an ensemble's, torchrec_mtl.ensemble).
     """
     device = device if device is not None else pipeline_device(pipeline)
     metrics = TaskMetrics(
         task_kinds, loader.batch_size, len(loader) * loader.batch_size * loader.world_size, device, count_rows=True
     )
-    keep = list(task_kinds) if predictions_out is not None else [n for n, k in task_kinds.items() if k == "binary"]
-    keep = keep if (groups is not None or predictions_out is not None) else []
+    every_task = predictions_out is not None or rank_rows_out is not None
+    keep = list(task_kinds) if every_task else [n for n, k in task_kinds.items() if k == "binary"]
+    keep = keep if (groups is not None or every_task) else []
     kept: Dict[str, List[torch.Tensor]] = {f"{n}.{part}": [] for n in keep for part in ("prediction", "label")}
     model.eval()
     with _bar(len(loader), "evaluate", show_progress) as bar:
@@ -402,17 +407,58 @@ def evaluate(
     result = metrics.compute()
     columns = {key: torch.cat(values) for key, values in kept.items()}
     rows = loader.row_order() if keep else None
-    binary = [name for name, kind in task_kinds.items() if kind == "binary"]
-    if groups is not None and binary:
-        row_groups = torch.from_numpy(np.where(rows >= 0, groups[np.maximum(rows, 0)], -1))
-        gauc = grouped_auc(
-            {n: columns[f"{n}.prediction"] for n in binary}, {n: columns[f"{n}.label"] for n in binary}, row_groups,
-            device,
-        )  # fmt: skip
-        for name, value in gauc.items():
-            result[name]["gauc"] = value
+    _add_grouped_auc(result, columns, rows, groups, task_kinds, device)
     if predictions_out is not None:
         real = rows >= 0
         predictions_out["row"] = rows[real]
         predictions_out.update({key: values.numpy()[real] for key, values in columns.items()})
+    if rank_rows_out is not None:
+        rank_rows_out["row"] = rows
+        rank_rows_out.update(columns)
+    return result
+
+
+def _add_grouped_auc(
+    result: Dict[str, Dict[str, float]],
+    columns: Dict[str, torch.Tensor],
+    rows: Optional[np.ndarray],
+    groups: Optional[np.ndarray],
+    task_kinds: Dict[str, str],
+    device: torch.device,
+) -> None:
+    """``gauc`` into each binary task's ``result`` when there are ``groups`` (one per row of the shards)."""
+    binary = [name for name, kind in task_kinds.items() if kind == "binary"]
+    if groups is None or not binary:
+        return
+    row_groups = torch.from_numpy(np.where(rows >= 0, groups[np.maximum(rows, 0)], -1))
+    gauc = grouped_auc(
+        {n: columns[f"{n}.prediction"] for n in binary}, {n: columns[f"{n}.label"] for n in binary}, row_groups,
+        device,
+    )  # fmt: skip
+    for name, value in gauc.items():
+        result[name]["gauc"] = value
+
+
+def metrics_of_rank_rows(
+    rank_rows: Dict[str, Any],
+    task_kinds: Dict[str, str],
+    batch_size: int,
+    world_size: int,
+    device: torch.device,
+    groups: Optional[np.ndarray] = None,
+) -> Dict[str, Dict[str, float]]:
+    """``evaluate``'s metrics of this rank's rows as its ``rank_rows_out`` holds them (predictions replaced, say,
+    by an ensemble's mean), reduced over ranks: the same updates in the same batches of ``batch_size`` (the
+    loader's), so the same predictions give the same numbers to the last bit. The metrics run on ``device`` (the
+    run's: a reduction over ranks gathers their states there). Call it on every rank."""
+    rows = rank_rows["row"]
+    metrics = TaskMetrics(task_kinds, batch_size, len(rows) * world_size, device, count_rows=True)
+    for start in range(0, len(rows), batch_size):
+        batch = slice(start, start + batch_size)
+        metrics.update(
+            {name: rank_rows[f"{name}.prediction"][batch] for name in task_kinds},
+            {name: rank_rows[f"{name}.label"][batch] for name in task_kinds},
+        )
+    result = metrics.compute()
+    _add_grouped_auc(result, rank_rows, rows, groups, task_kinds, device)
     return result
