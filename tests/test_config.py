@@ -24,6 +24,8 @@ from torchrec_mtl.config import ConfigError, load_config
         ("objective.tasks.extra={kind: binary}", "objective.tasks.extra.label", "missing"),
         ("data.generate.test_fraction=1.5", "data.generate", "test_fraction"),
         ("model.tower.num_levels=0", "model.tower.num_levels", "must be positive"),
+        ("model.tower.gate_temperature=0", "model.tower.gate_temperature", "must be positive"),
+        ("model.tower.expert_dropout=1", "model.tower.expert_dropout", "0 <= expert_dropout < 1"),
         ("model.tower.expert_layer_sizes=[]", "model.tower.expert_layer_sizes", "one or more"),
         ("data.test_fraction=1", "data.test_fraction", "0 <= test_fraction < 1"),
         ("objective.weighting=gradnorm2", "objective.weighting", "uncertainty"),

@@ -44,6 +44,7 @@ def test_an_expert_no_gate_uses_is_reported_as_collapsed():
         tower(torch.randn(64, 6))
     warnings = monitor.warnings()
     assert len(warnings) == 1 and warnings[0].startswith("expert 2 collapsed")
+    assert "model.tower.expert_dropout=0.1" in warnings[0] and "model.tower.gate_temperature=2" in warnings[0]
     assert sum(monitor.summary()["ctr"]["usage"]) == pytest.approx(1.0)
 
 

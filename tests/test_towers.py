@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from torchrec_mtl.modules import towers
+from torchrec_mtl.modules.tower_parts import Gate
 from torchrec_mtl.modules.towers import CGC, PLE, TOWERS, MMoE, SharedBottom, SingleTask
 
 TASKS = ["ctr", "cvr", "rating"]
@@ -213,7 +214,8 @@ def test_gate_weights_are_softmax_rows_of_the_last_level(num_levels):
     # at one level they are exactly the task gates' softmax, the weights forward mixes the experts with
     if num_levels == 1:
         for name, w in ple.gate_weights(x).items():
-            torch.testing.assert_close(w, torch.softmax(ple.levels[0].task_gates[name](x), dim=-1))
+            gate = ple.levels[0].task_gates[name]
+            torch.testing.assert_close(w, torch.softmax(nn.functional.linear(x, gate.weight, gate.bias), dim=-1))
 
 
 def test_two_level_ple_has_more_parameters_and_trains():
@@ -269,3 +271,41 @@ def test_a_single_string_is_not_a_task_list():
 def test_module_docstring_example_runs():
     result = doctest.testmod(towers)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_a_gate_at_temperature_1_without_expert_dropout_is_the_softmax_of_a_linear_with_its_names():
+    torch.manual_seed(0)
+    gate, x = Gate(6, 4), torch.randn(32, 6)
+    plain = nn.Linear(6, 4)
+    plain.load_state_dict(gate.state_dict())
+    assert torch.equal(gate(x, drop_experts=True), torch.softmax(plain(x), dim=-1))
+    tower = MMoE(6, ["ctr", "cvr"], num_experts=3, expert_layer_sizes=[5], gate_temperature=2.0, expert_dropout=0.2)
+    assert {"gates.ctr.weight", "gates.ctr.bias"} <= set(tower.state_dict())  # the names a plain Linear gate had
+    flat = Gate(6, 4, temperature=4.0)
+    flat.load_state_dict(gate.state_dict())
+    assert torch.allclose(flat(x), torch.softmax(plain(x) / 4.0, dim=-1))
+    entropy = lambda w: -(w * w.log()).sum(dim=-1).mean()  # noqa: E731
+    assert entropy(flat(x)) > entropy(gate(x))
+
+
+def test_expert_dropout_leaves_experts_out_of_rows_in_training_only_and_never_all_of_them():
+    torch.manual_seed(0)
+    gate, x = Gate(6, 4, expert_dropout=0.6), torch.randn(20_000, 6)
+    weights = gate(x, drop_experts=True)
+    assert torch.allclose(weights.sum(dim=-1), torch.ones(len(x)))
+    assert bool((weights > 0).any(dim=-1).all())  # a row that drew all four out keeps them all
+    left_out = (weights == 0).float().mean().item()
+    # each expert out with p = 0.6, except the rows that would lose all four (0.6^4 of them) keep all
+    assert left_out == pytest.approx(0.6 - 0.6**4, abs=0.01)
+    assert torch.equal(gate(x), gate(x, drop_experts=False)) and bool((gate(x) > 0).all())
+    tower = MMoE(6, ["ctr"], num_experts=4, expert_layer_sizes=[5], expert_dropout=0.6)
+    tower.eval()
+    assert torch.equal(tower(x[:64])["ctr"], tower(x[:64])["ctr"])  # no dropout in evaluation
+    ple = PLE(6, ["ctr", "cvr"], num_levels=2, num_shared_experts=1, num_task_experts=2, expert_layer_sizes=[5],
+              expert_dropout=0.6)  # fmt: skip
+    ple.train()
+    state = torch.get_rng_state()
+    ple.gate_weights(x[:64])  # the diagnostics' view: no dropout, and no random draw
+    assert torch.equal(torch.get_rng_state(), state)
+    first, second = ple(x[:64])["ctr"], ple(x[:64])["ctr"]
+    assert not torch.equal(first, second)  # in training every level's gates drop experts at random

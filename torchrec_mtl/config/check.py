@@ -184,8 +184,10 @@ def _check(config: JobConfig) -> None:
     positive("training.collective_timeout_s", training.collective_timeout_s)
     positive("training.dense_lr", training.dense_lr)
     positive("model.embedding_dim", model.embedding_dim)
-    for name in ("num_experts", "num_levels", "num_shared_experts", "num_task_experts"):
+    for name in ("num_experts", "num_levels", "num_shared_experts", "num_task_experts", "gate_temperature"):
         positive(f"model.tower.{name}", getattr(model.tower, name))
+    if not 0 <= model.tower.expert_dropout < 1:
+        raise ConfigError(f"model.tower.expert_dropout: {model.tower.expert_dropout}; allowed: 0 <= expert_dropout < 1")
     if not model.tower.expert_layer_sizes or min(model.tower.expert_layer_sizes) < 1:
         raise ConfigError(
             f"model.tower.expert_layer_sizes: {model.tower.expert_layer_sizes}; allowed: one or more sizes >= 1"

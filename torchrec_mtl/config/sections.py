@@ -74,6 +74,10 @@ class TowerConfig:
     num_task_experts: int = 2  # ple
     expert_layer_sizes: List[int] = field(default_factory=lambda: [128, 64])
     tower_layer_sizes: List[int] = field(default_factory=lambda: [32])
+    # mmoe, ple: each gate's softmax temperature (above 1: flatter), and in training the probability of leaving an
+    # expert out of a row's mix (never all); remedies for a collapsed expert (torchrec_mtl.modules.tower_parts.Gate)
+    gate_temperature: float = 1.0
+    expert_dropout: float = 0.0
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from torchrec_mtl.modules.tower_parts import (
+    Gate,
     TaskHeads,
     TowerInput,
     as_tensor,
@@ -45,6 +46,7 @@ class ExtractionLevel(nn.Module):
         num_task_experts: number of experts of each task.
         expert_layer_sizes: hidden sizes of each expert; the last is the level's output width.
         shared_gate: whether to build the gate over all experts that feeds the next level's shared experts.
+        gate_temperature, expert_dropout: every gate's (``Gate``).
     """
 
     def __init__(
@@ -55,6 +57,8 @@ class ExtractionLevel(nn.Module):
         num_task_experts: int,
         expert_layer_sizes: Sequence[int],
         shared_gate: bool,
+        gate_temperature: float = 1.0,
+        expert_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.task_names = list(task_names)
@@ -63,30 +67,31 @@ class ExtractionLevel(nn.Module):
             {name: make_experts(num_task_experts, in_features, expert_layer_sizes) for name in self.task_names}
         )
         self.shared_experts = make_experts(num_shared_experts, in_features, expert_layer_sizes)
-        self.task_gates = nn.ModuleDict(
-            {name: nn.Linear(in_features, num_task_experts + num_shared_experts) for name in self.task_names}
-        )
+        gate = lambda count: Gate(in_features, count, gate_temperature, expert_dropout)  # noqa: E731
+        self.task_gates = nn.ModuleDict({name: gate(num_task_experts + num_shared_experts) for name in self.task_names})
         num_all = len(self.task_names) * num_task_experts + num_shared_experts
-        self.shared_gate: Optional[nn.Linear] = nn.Linear(in_features, num_all) if shared_gate else None
+        self.shared_gate: Optional[Gate] = gate(num_all) if shared_gate else None
 
-    def gate_weights(self, task_inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Per-task softmax weights over [own experts, shared experts], [B, num_task + num_shared] each."""
-        return {name: torch.softmax(gate(task_inputs[name]), dim=-1) for name, gate in self.task_gates.items()}
+    def gate_weights(self, task_inputs: Dict[str, torch.Tensor], drop_experts: bool = False) -> Dict[str, torch.Tensor]:
+        """Per-task softmax weights over [own experts, shared experts], [B, num_task + num_shared] each
+        (``drop_experts``: with the gates' expert dropout)."""
+        return {name: gate(task_inputs[name], drop_experts) for name, gate in self.task_gates.items()}
 
     def forward(
-        self, task_inputs: Dict[str, torch.Tensor], shared_input: torch.Tensor
+        self, task_inputs: Dict[str, torch.Tensor], shared_input: torch.Tensor, drop_experts: bool = False
     ) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
-        """Per-task gated outputs [B, D] and, with a shared gate, the shared gated output [B, D] (else None)."""
+        """Per-task gated outputs [B, D] and, with a shared gate, the shared gated output [B, D] (else None);
+        ``drop_experts``: with the gates' expert dropout."""
         shared = [expert(shared_input) for expert in self.shared_experts]
         own = {name: [expert(task_inputs[name]) for expert in experts] for name, experts in self.task_experts.items()}
         task_outputs = {
             name: mix(weights, torch.stack(own[name] + shared, dim=1))
-            for name, weights in self.gate_weights(task_inputs).items()
+            for name, weights in self.gate_weights(task_inputs, drop_experts).items()
         }
         if self.shared_gate is None:
             return task_outputs, None
         everything = torch.stack([out for name in self.task_names for out in own[name]] + shared, dim=1)
-        return task_outputs, mix(torch.softmax(self.shared_gate(shared_input), dim=-1), everything)
+        return task_outputs, mix(self.shared_gate(shared_input, drop_experts), everything)
 
 
 class PLE(nn.Module):
@@ -107,6 +112,7 @@ class PLE(nn.Module):
         num_task_experts: number of experts of each task in each level.
         expert_layer_sizes: hidden sizes of each expert; the last is the expert output width.
         tower_layer_sizes: hidden sizes of each task's head before its output unit.
+        gate_temperature, expert_dropout: every gate's (``Gate``).
     """
 
     @classmethod
@@ -115,7 +121,8 @@ class PLE(nn.Module):
         return cls(
             in_features, task_names, num_levels=config.num_levels, num_shared_experts=config.num_shared_experts,
             num_task_experts=config.num_task_experts, expert_layer_sizes=config.expert_layer_sizes,
-            tower_layer_sizes=config.tower_layer_sizes,
+            tower_layer_sizes=config.tower_layer_sizes, gate_temperature=config.gate_temperature,
+            expert_dropout=config.expert_dropout,
         )  # fmt: skip
 
     def __init__(
@@ -127,6 +134,8 @@ class PLE(nn.Module):
         num_task_experts: int = 2,
         expert_layer_sizes: Sequence[int] = (128, 64),
         tower_layer_sizes: Sequence[int] = (32,),
+        gate_temperature: float = 1.0,
+        expert_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.task_names = task_list(task_names)
@@ -145,6 +154,8 @@ class PLE(nn.Module):
                     num_task_experts,
                     expert_layer_sizes,
                     shared_gate=level < num_levels - 1,
+                    gate_temperature=gate_temperature,
+                    expert_dropout=expert_dropout,
                 )
                 for level in range(num_levels)
             ]
@@ -155,12 +166,14 @@ class PLE(nn.Module):
         """Parameters every task's output depends on: the shared experts of every level."""
         return [p for level in self.levels for p in level.shared_experts.parameters()]
 
-    def _last_level_inputs(self, features: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    def _last_level_inputs(
+        self, features: torch.Tensor, drop_experts: bool = False
+    ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
         """The per-task and shared inputs of the last level: the tower input, passed through the levels before it."""
         task_inputs = {name: features for name in self.task_names}
         shared_input = features
         for level in self.levels[:-1]:
-            task_inputs, shared_input = level(task_inputs, shared_input)
+            task_inputs, shared_input = level(task_inputs, shared_input, drop_experts)
         return task_inputs, shared_input
 
     def gate_weights(self, features: TowerInput) -> Dict[str, torch.Tensor]:
@@ -174,8 +187,8 @@ class PLE(nn.Module):
 
     def forward(self, features: TowerInput) -> Dict[str, torch.Tensor]:
         features = as_tensor(features)
-        task_inputs, shared_input = self._last_level_inputs(features)
-        task_outputs, _ = self.levels[-1](task_inputs, shared_input)
+        task_inputs, shared_input = self._last_level_inputs(features, drop_experts=self.training)
+        task_outputs, _ = self.levels[-1](task_inputs, shared_input, self.training)
         return self.heads(task_outputs)
 
 

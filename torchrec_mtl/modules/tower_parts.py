@@ -47,6 +47,41 @@ def layer_sizes_of(argument: str, sizes: Sequence[int], allow_empty: bool = Fals
     return sizes
 
 
+class Gate(nn.Linear):
+    """A softmax gate over experts: ``softmax(linear(x) / temperature)``, one row of weights per input row, each
+    summing to 1. A Linear itself, so its parameters keep the names a plain Linear gate had (``gates.<task>.weight``).
+
+    Two remedies against a gate that settles on one expert and leaves others unused (collapse): a ``temperature``
+    above 1 flattens the weights; ``expert_dropout`` (in training, when the caller asks) leaves each expert out of a
+    row's mix with that probability, never all of them, so a task cannot rest on one expert alone. At 1 and 0 the
+    gate is the plain softmax of a Linear, bit for bit.
+
+    Example::
+
+        >>> gate = Gate(8, 4, temperature=2.0, expert_dropout=0.25)
+        >>> gate(torch.randn(5, 8), drop_experts=True).sum(dim=-1)
+        tensor([1.0000, 1.0000, 1.0000, 1.0000, 1.0000], grad_fn=<SumBackward1>)
+    """
+
+    def __init__(self, in_features: int, num_experts: int, temperature: float = 1.0, expert_dropout: float = 0.0):
+        super().__init__(in_features, num_experts)
+        if not temperature > 0:
+            raise ValueError(f"temperature: must be positive, got {temperature}")
+        if not 0 <= expert_dropout < 1:
+            raise ValueError(f"expert_dropout: allowed 0 <= expert_dropout < 1, got {expert_dropout}")
+        self.temperature, self.expert_dropout = float(temperature), float(expert_dropout)
+
+    def forward(self, features: torch.Tensor, drop_experts: bool = False) -> torch.Tensor:
+        logits = super().forward(features)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        if drop_experts and self.expert_dropout > 0:
+            dropped = torch.rand_like(logits) < self.expert_dropout
+            dropped = dropped & ~dropped.all(dim=-1, keepdim=True)  # a row that would lose every expert keeps them all
+            logits = logits.masked_fill(dropped, float("-inf"))
+        return torch.softmax(logits, dim=-1)
+
+
 def make_experts(count: int, in_features: int, layer_sizes: Sequence[int]) -> nn.ModuleList:
     """``count`` separate MLPs, each with its own random initialisation, so they start different."""
     return nn.ModuleList([MLP(in_features, list(layer_sizes)) for _ in range(count)])

@@ -27,6 +27,7 @@ from torchrec.modules.mlp import MLP
 
 from torchrec_mtl.modules.ple import CGC, PLE  # noqa: F401 (CGC: importable from here, as before)
 from torchrec_mtl.modules.tower_parts import (
+    Gate,
     TaskHeads,
     TowerInput,
     as_tensor,
@@ -94,12 +95,17 @@ class MMoE(nn.Module):
         num_experts: number of shared experts.
         expert_layer_sizes: hidden sizes of each expert; the last is the expert output width.
         tower_layer_sizes: hidden sizes of each task's head before its output unit.
+        gate_temperature: divides the gates' logits (above 1: flatter weights).
+        expert_dropout: in training, the probability of leaving an expert out of a row's mix (``Gate``).
     """
 
     @classmethod
     def from_config(cls, config: "TowerConfig", in_features: int, task_names: Sequence[str]) -> "MMoE":
         """The tower a config's ``model.tower`` section describes (``build_tower`` calls it through ``TOWERS``)."""
-        return cls(in_features, task_names, config.num_experts, config.expert_layer_sizes, config.tower_layer_sizes)
+        return cls(
+            in_features, task_names, config.num_experts, config.expert_layer_sizes, config.tower_layer_sizes,
+            gate_temperature=config.gate_temperature, expert_dropout=config.expert_dropout,
+        )  # fmt: skip
 
     def __init__(
         self,
@@ -108,6 +114,8 @@ class MMoE(nn.Module):
         num_experts: int = 4,
         expert_layer_sizes: Sequence[int] = (128, 64),
         tower_layer_sizes: Sequence[int] = (32,),
+        gate_temperature: float = 1.0,
+        expert_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.task_names = task_list(task_names)
@@ -116,22 +124,26 @@ class MMoE(nn.Module):
         expert_layer_sizes = layer_sizes_of("expert_layer_sizes", expert_layer_sizes)
         tower_layer_sizes = layer_sizes_of("tower_layer_sizes", tower_layer_sizes, allow_empty=True)
         self.experts = make_experts(num_experts, in_features, expert_layer_sizes)
-        self.gates = nn.ModuleDict({name: nn.Linear(in_features, num_experts) for name in self.task_names})
+        self.gates = nn.ModuleDict(
+            {name: Gate(in_features, num_experts, gate_temperature, expert_dropout) for name in self.task_names}
+        )
         self.heads = TaskHeads(expert_layer_sizes[-1], self.task_names, tower_layer_sizes)
 
     def shared_parameters(self) -> List[nn.Parameter]:
         """Parameters every task's output depends on: the experts."""
         return list(self.experts.parameters())
 
-    def gate_weights(self, features: TowerInput) -> Dict[str, torch.Tensor]:
-        """Per-task softmax weights over the experts, [B, num_experts] each; every row sums to 1."""
+    def gate_weights(self, features: TowerInput, drop_experts: bool = False) -> Dict[str, torch.Tensor]:
+        """Per-task softmax weights over the experts, [B, num_experts] each; every row sums to 1. ``drop_experts``:
+        with the gates' expert dropout (training's forward asks for it; the diagnostics see the weights without)."""
         features = as_tensor(features)
-        return {name: torch.softmax(gate(features), dim=-1) for name, gate in self.gates.items()}
+        return {name: gate(features, drop_experts) for name, gate in self.gates.items()}
 
     def forward(self, features: TowerInput) -> Dict[str, torch.Tensor]:
         features = as_tensor(features)
         expert_outputs = torch.stack([expert(features) for expert in self.experts], dim=1)  # [B, E, D]
-        mixed = {name: mix(weights, expert_outputs) for name, weights in self.gate_weights(features).items()}
+        weights = self.gate_weights(features, drop_experts=self.training)
+        mixed = {name: mix(task_weights, expert_outputs) for name, task_weights in weights.items()}
         return self.heads(mixed)
 
 

@@ -32,6 +32,13 @@ from torchrec_mtl.protocols import Gated
 LEAK_AUC = 0.999
 
 
+# what a collapse warning suggests, mildest first (docs/tasks.md, "Experts and gates")
+REMEDIES = (
+    "try model.tower.expert_dropout=0.1 (experts left out of a row's mix at random in training), "
+    "model.tower.gate_temperature=2 (flatter gates), fewer experts, or a lower training.dense_lr"
+)
+
+
 class GateMonitor:
     """Accumulates gate entropy and expert usage per task over the rows the tower sees while the monitor is open.
 
@@ -89,12 +96,13 @@ class GateMonitor:
             if all(value < self.collapsed_below for value in usage.values()):
                 shown = ", ".join(f"{task} {value:.4f}" for task, value in usage.items())
                 messages.append(
-                    f"expert {expert} collapsed: mean gate weight below {self.collapsed_below} for every task ({shown})"
+                    f"expert {expert} collapsed: mean gate weight below {self.collapsed_below} for every task ({shown}); "
+                    f"{REMEDIES}"
                 )
         for task, values in summary.items():
             if values["entropy"] < 0.05 * math.log(max(len(values["usage"]), 2)):
                 messages.append(
-                    f"task {task}: its gate almost always picks one expert (entropy {values['entropy']:.3f})"
+                    f"task {task}: its gate almost always picks one expert (entropy {values['entropy']:.3f}); {REMEDIES}"
                 )
         return messages
 
