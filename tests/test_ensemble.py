@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ONE_PASS
 from torchrec_mtl.cli import main
 from torchrec_mtl.cli_args import build_parser
 from torchrec_mtl.config import load_config
@@ -102,7 +103,7 @@ def runs(tmp_path_factory):
     without the CTCVR product (other tasks)."""
     data = tmp_path_factory.mktemp("ensemble_log")
     generate(SyntheticConfig(num_rows=3000, num_users=100, num_items=60, num_brands=20, num_sessions=200, seed=5), data)
-    common = ["--config", CONFIG, f"data.dir={data}", "data.generate=null", "model.text=null",
+    common = ["--config", CONFIG, f"data.dir={data}", "data.generate=null", *ONE_PASS, "model.text=null",
               "training.batch_size=256", "training.progress=false"]  # fmt: skip
     out, other = tmp_path_factory.mktemp("ensemble_run"), tmp_path_factory.mktemp("ensemble_other_tasks")
     assert main(["train", *common, f"out_dir={out}", "checkpoint.every_steps=4", "checkpoint.keep=3"]) == 0
