@@ -136,7 +136,7 @@ def export_rows(config: JobConfig, folder: Path, max_epochs: int, patience: int)
     seed = config.training.seed
     npz, meta_path = folder / f"seed{seed}.npz", folder / f"seed{seed}.json"
     identity = {"data": data_identity(config), "validation_fraction": config.data.validation_fraction,
-                "validation": list(config.data.validation), "seed": seed, "labels": task_labels(config)}  # fmt: skip
+                "validation": list(config.data.validation), "seed": seed, "labels": list(task_labels(config))}  # fmt: skip
     if npz.exists() and meta_path.exists() and json.loads(meta_path.read_text()).get("identity") == identity:
         return npz, meta_path
     log = prepare_shards(config.data, progress=False)
