@@ -297,7 +297,8 @@ def main(argv: List[str] | None = None) -> int:
     runs_dir = Path(args.runs)
     python = ensure_peer_venv(runs_dir / "venv", args.torch_index) if set(args.models) & set(PEERS) else None
     runs: List[Dict[str, Any]] = []
-    plan = [(dataset, model, seed) for dataset in args.datasets for model in args.models for seed in args.seeds]
+    # seed by seed within a dataset: every contender's first seed comes early, and a time limit cuts later seeds
+    plan = [(dataset, model, seed) for dataset in args.datasets for seed in args.seeds for model in args.models]
     spent: Dict[Tuple[str, str], float] = {}
     for dataset, model, seed in tqdm(plan, desc="runs", unit="run", file=sys.stdout):
         left = args.time_limit - spent.get((dataset, model), 0.0)
@@ -315,8 +316,8 @@ def main(argv: List[str] | None = None) -> int:
             record = {"test": test, "seconds": results["training"]["total_seconds"],
                       "best_epoch": results["training"].get("selected", {}).get("epoch")}  # fmt: skip
         else:
-            if (Path(config.out_dir) / "results.json").exists() is False and "ours" not in args.models:
-                run_or_reuse(config, f"ours {dataset} seed {seed} (its data and shards)")  # e.g. a generated log
+            if config.data.generate is not None and "ours" not in args.models:  # a generated log: our run makes it
+                run_or_reuse(config, f"ours {dataset} seed {seed} (it generates the log)")
             npz, meta = export_rows(config, runs_dir / dataset / "rows", args.max_epochs, args.patience)
             result = run_peer(python, model, npz, meta, runs_dir / dataset / model / f"seed{seed}.json", seed, left)
             if result is None:
