@@ -290,12 +290,14 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=3600.0,
                         help="seconds per contender and dataset, all seeds together")  # fmt: skip
     parser.add_argument("--runs", default="runs/peers", help="folder for the venv, the rows and every run")
+    parser.add_argument("--venv", default=None, help="the peers' venv (default: <runs>/venv)")
     parser.add_argument("--torch-index", default=None, help="an extra pip index for the CPU torch wheel")
     parser.add_argument("--out", required=True, help="JSON file for the summary rows")
     args = parser.parse_args(argv)
     quiet()
     runs_dir = Path(args.runs)
-    python = ensure_peer_venv(runs_dir / "venv", args.torch_index) if set(args.models) & set(PEERS) else None
+    venv = Path(args.venv) if args.venv else runs_dir / "venv"
+    python = ensure_peer_venv(venv, args.torch_index) if set(args.models) & set(PEERS) else None
     runs: List[Dict[str, Any]] = []
     # seed by seed within a dataset: every contender's first seed comes early, and a time limit cuts later seeds
     plan = [(dataset, model, seed) for dataset in args.datasets for seed in args.seeds for model in args.models]
