@@ -21,6 +21,7 @@ REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 E2E_FILES = {
     "test_bench_train.py",  # the benchmark through the CLI, with worker processes
     "test_checkpoint.py",  # runs killed and resumed, world sizes 1 and 2
+    "test_compare_peers.py",  # tools/compare_peers.py's exported rows against a trained run's
     "test_cli_stages.py",  # train, evaluate, predict, export, report on one trained run
     "test_device_runs.py",  # train, evaluate, predict, export on cpu:0, in bf16 and fp16, and on a GPU
     "test_distributed.py",  # two gloo processes per sharding type
