@@ -56,7 +56,7 @@ NOISY = [("baseline", "off"), ("fgm", "0.01"), ("fgm", "0.1")]
 SEGMENTS = ("all", "cold", "warm")
 # what every run shares: validation rows scored after the epoch, nothing shown or saved that the tables do not need
 COMMON = ["data.validation_fraction=0.1", "training.early_stopping={metric: mean_auc, patience: 1}",
-          "training.progress=false", "training.curve_every=0", "checkpoint.every_seconds=0",
+          "training.epochs=1", "training.progress=false", "training.curve_every=0", "checkpoint.every_seconds=0",
           "checkpoint.at_end=false"]  # fmt: skip
 
 

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from common import ensure_movielens, mean_and_spread, quiet, run_or_reuse, summary_row
+from common import ONE_PASS, ensure_movielens, mean_and_spread, quiet, run_or_reuse, summary_row
 from torchrec_mtl.config import load_config
 from torchrec_mtl.data.prepare import shards_dir
 from torchrec_mtl.data.shards import EncodedLog, ShardedLog
@@ -268,7 +268,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     quiet()
     measured = []
     for dataset in args.datasets:
-        overrides = ["training.progress=false"]
+        overrides = [*ONE_PASS, "training.progress=false"]
         if dataset == "synthetic":
             overrides.append(f"data.generate.num_rows={args.synthetic_rows}")
         for seed in args.seeds:

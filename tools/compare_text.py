@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-from common import ensure_movielens, quiet, rows_by, run_or_reuse, summary_row
+from common import ONE_PASS, ensure_movielens, quiet, rows_by, run_or_reuse, summary_row
 from torchrec_mtl.config import load_config
 from torchrec_mtl.results import headline
 
@@ -92,7 +92,7 @@ def main(argv: List[str] | None = None) -> int:
         for model in args.models:
             for seed in args.seeds:
                 out_dir = f"{args.runs}/{dataset}/{model}/seed{seed}"
-                overrides = [*MODELS[model], f"training.seed={seed}", f"out_dir={out_dir}", "training.progress=false"]
+                overrides = [*ONE_PASS, *MODELS[model], f"training.seed={seed}", f"out_dir={out_dir}", "training.progress=false"]
                 config = load_config(CONFIGS[dataset], overrides)
                 if dataset == "movielens":
                     ensure_movielens(config.data.dir)

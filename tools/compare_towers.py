@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-from common import ensure_movielens, quiet, run_or_reuse, summary_row
+from common import ONE_PASS, ensure_movielens, quiet, run_or_reuse, summary_row
 from torchrec_mtl.config import load_config
 from torchrec_mtl.results import headline
 
@@ -107,6 +107,7 @@ def _run(runs_dir: str, dataset: str, tower: str, seed: int, kind: str, override
     out_dir = f"{runs_dir}/{dataset}/{tower}{suffix}/seed{seed}"
     # without item text: the towers differ and nothing else (tools/compare_text.py measures the text)
     overrides = [
+        *ONE_PASS,
         *overrides,
         "model.text=null",
         f"model.tower.kind={kind}",

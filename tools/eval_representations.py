@@ -45,7 +45,7 @@ TOOLS = str(Path(__file__).resolve().parent)
 if TOOLS not in sys.path:  # loaded from its file (tests/test_retrieval.py), not run as a script
     sys.path.insert(0, TOOLS)
 
-from common import ensure_movielens, quiet, run_or_reuse  # noqa: E402
+from common import ONE_PASS, ensure_movielens, quiet, run_or_reuse  # noqa: E402
 from torchrec_mtl.config import JobConfig, load_config  # noqa: E402
 from torchrec_mtl.data.prepare import shards_dir  # noqa: E402
 from torchrec_mtl.data.shards import EncodedLog, ShardedLog  # noqa: E402
@@ -192,7 +192,7 @@ def main(argv: List[str] | None = None) -> int:
     rows: List[Dict] = []
     for dataset in args.datasets:
         out_dir = f"{args.runs}/{dataset}"
-        overrides = [f"training.seed={args.seed}", f"out_dir={out_dir}", "training.progress=false", *args.set]
+        overrides = [*ONE_PASS, f"training.seed={args.seed}", f"out_dir={out_dir}", "training.progress=false", *args.set]
         config = load_config(CONFIGS[dataset], overrides)
         if dataset == "movielens":
             ensure_movielens(config.data.dir)
