@@ -92,7 +92,8 @@ def main(argv: List[str] | None = None) -> int:
         for model in args.models:
             for seed in args.seeds:
                 out_dir = f"{args.runs}/{dataset}/{model}/seed{seed}"
-                overrides = [*ONE_PASS, *MODELS[model], f"training.seed={seed}", f"out_dir={out_dir}", "training.progress=false"]
+                overrides = [*ONE_PASS, *MODELS[model], f"training.seed={seed}", f"out_dir={out_dir}",
+                             "training.progress=false"]  # fmt: skip
                 config = load_config(CONFIGS[dataset], overrides)
                 if dataset == "movielens":
                     ensure_movielens(config.data.dir)

@@ -192,7 +192,8 @@ def main(argv: List[str] | None = None) -> int:
     rows: List[Dict] = []
     for dataset in args.datasets:
         out_dir = f"{args.runs}/{dataset}"
-        overrides = [*ONE_PASS, f"training.seed={args.seed}", f"out_dir={out_dir}", "training.progress=false", *args.set]
+        overrides = [*ONE_PASS, f"training.seed={args.seed}", f"out_dir={out_dir}", "training.progress=false",
+                     *args.set]  # fmt: skip
         config = load_config(CONFIGS[dataset], overrides)
         if dataset == "movielens":
             ensure_movielens(config.data.dir)
