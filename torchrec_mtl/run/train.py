@@ -224,7 +224,7 @@ def _run_job(
         load_model_state(validator.best_path(summary), sharded)
         if env.is_main:
             print(
-                f"selected epoch {selected['epoch']} (step {selected['step']}) of {summary.epoch} by validation "
+                f"selected step {selected['step']} (epoch {selected['epoch']}) of {summary.steps} by validation "
                 f"{training.early_stopping.metric} {abs(selected['score']):.4f}"
                 + (" (stopped early)" if summary.converged else ""),
                 flush=True,
