@@ -31,12 +31,10 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Dict, List, Tuple
 
-from common import ensure_movielens, quiet, rows_by, run_or_reuse, summary_row
+from common import ensure_movielens, quiet, rows_by, run_or_reuse, save_rows, summary_row
 from torchrec_mtl.config import load_config
 from torchrec_mtl.results import headline
 
@@ -182,10 +180,7 @@ def main(argv: List[str] | None = None) -> int:
                 runs.append({"dataset": dataset, "noise": noise, "lever": lever, "setting": setting, "seed": seed,
                              "results": results})  # fmt: skip
     rows = summarise(runs)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=2))
-    print(format_tables(rows))
-    print(f"-> {args.out}")
+    save_rows(rows, args.out, format_tables(rows))
     return 0
 
 

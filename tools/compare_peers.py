@@ -51,7 +51,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from common import data_identity, ensure_movielens, quiet, rows_by, run_or_reuse, summary_row
+from common import data_identity, ensure_movielens, quiet, rows_by, run_or_reuse, save_rows, summary_row
 from torchrec_mtl.config import ConfigError, JobConfig, load_config, synthetic_config, task_set
 from torchrec_mtl.data import synthetic
 from torchrec_mtl.data.prepare import prepare_shards
@@ -344,10 +344,7 @@ def main(argv: List[str] | None = None) -> int:
         spent[(dataset, model)] = spent.get((dataset, model), 0.0) + time.time() - start
         runs.append({"dataset": dataset, "model": model, "seed": seed, **record})
     rows = summarise(runs)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=2))
-    print(format_tables(rows))
-    print(f"-> {args.out}")
+    save_rows(rows, args.out, format_tables(rows))
     return 0
 
 

@@ -23,12 +23,10 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Dict, List
 
-from common import ONE_PASS, ensure_movielens, quiet, run_or_reuse, summary_row
+from common import ONE_PASS, ensure_movielens, quiet, run_or_reuse, save_rows, summary_row
 from torchrec_mtl.config import load_config
 from torchrec_mtl.results import headline
 
@@ -95,10 +93,7 @@ def main(argv: List[str] | None = None) -> int:
                     tasks = _run(args.runs, dataset, tower, seed, kind, [])["tasks"]
                 runs.append({"dataset": dataset, "tower": tower, "seed": seed, "tasks": tasks})
     rows = summarise(runs)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=2))
-    print(format_table(rows))
-    print(f"-> {args.out}")
+    save_rows(rows, args.out, format_table(rows))
     return 0
 
 

@@ -34,7 +34,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -45,7 +44,7 @@ TOOLS = str(Path(__file__).resolve().parent)
 if TOOLS not in sys.path:  # loaded from its file (tests/test_retrieval.py), not run as a script
     sys.path.insert(0, TOOLS)
 
-from common import ONE_PASS, ensure_movielens, quiet, run_or_reuse  # noqa: E402
+from common import ONE_PASS, ensure_movielens, quiet, run_or_reuse, save_rows  # noqa: E402
 from torchrec_mtl.config import JobConfig, load_config  # noqa: E402
 from torchrec_mtl.data.prepare import shards_dir  # noqa: E402
 from torchrec_mtl.data.shards import EncodedLog, ShardedLog  # noqa: E402
@@ -203,10 +202,7 @@ def main(argv: List[str] | None = None) -> int:
         rows += retrieval_rows(dataset, config, vectors, args.k, CATEGORY_COLUMNS[dataset] if args.baselines else None)
         if dataset == "synthetic":
             rows += category_rows(dataset, config, vectors, category_column="C3")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=2))
-    print(format_table(rows))
-    print(f"-> {args.out}")
+    save_rows(rows, args.out, format_table(rows))
     return 0
 
 

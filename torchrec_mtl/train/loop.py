@@ -167,6 +167,14 @@ def make_eval_pipeline(model: nn.Module, device: torch.device) -> EvalPipelineSp
     return EvalPipelineSparseDist(model, optimizer=None, device=device)
 
 
+def _validated(validate: Callable[[TrainSummary], bool], summary: TrainSummary) -> float:
+    """Run ``validate`` at a point (it sets ``summary.converged``) and return the seconds it took: training time and
+    samples/s leave the validation out."""
+    began = time.perf_counter()
+    summary.converged = validate(summary)
+    return time.perf_counter() - began
+
+
 def _segments(batches: Iterator, count: int, steps_done: int, every: int) -> Iterator[Iterable]:
     """``count`` of ``batches`` as consecutive segments, each ending where the step count (``steps_done`` before the
     first) reaches a multiple of ``every`` or the batches end (every: 0 for one segment). One iterator is shared, so a
@@ -343,9 +351,7 @@ def train(
                         break
             if summary.stopped or summary.batch == len(loader):
                 break  # a stop ends the run; the epoch's end is validated below
-            validating = time.perf_counter()
-            summary.converged = validate(summary)
-            start += time.perf_counter() - validating  # training time and samples/s leave the validation out
+            start += _validated(validate, summary)
             if summary.converged:
                 break
         bar.close()
@@ -354,9 +360,7 @@ def train(
         summary.losses.append(summary.epoch_loss / max(summary.batch, 1))
         summary.epoch, summary.batch, summary.epoch_loss = epoch + 1, 0, 0.0
         if validate is not None:
-            validating = time.perf_counter()
-            summary.converged = validate(summary)
-            start += time.perf_counter() - validating
+            start += _validated(validate, summary)
             if summary.converged:
                 break
     if monitor is not None:
