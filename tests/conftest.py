@@ -29,6 +29,7 @@ E2E_FILES = {
     "test_rank_faults.py",  # faults inside training, at world sizes 1 and 2
     "test_shipped_configs.py",  # the Ali-CCP and AliExpress configs, trained through the CLI
     "test_tune.py",  # studies of whole training runs
+    "test_gate_dynamics.py",  # two training runs on the Ali-CCP sample
     "test_learnable_ceiling.py",  # the tool fits six small models
     "test_serving_export.py",  # serve.pt of a trained run against predict, loaded in a bare process
     "test_pruning_export.py",  # pruned exports of a trained run against the unpruned model, in a bare process
