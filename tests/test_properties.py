@@ -92,7 +92,8 @@ SCHEMA_VALUE = st.recursive(
 )
 SCHEMA_KEYS = st.sampled_from(
     ["name", "labels", "integer", "numeric", "categorical", "vocabulary", "feature_vocabulary", "categorical_format",
-     "separator", "header", "pad_short_rows", "columns", "ignore", "user_id", "item_id", "item_text_key", "other"]
+     "separator", "header", "pad_short_rows", "columns", "ignore", "user_id", "item_id", "item_text_key", "lists",
+     "other"]
 )  # fmt: skip
 
 
