@@ -70,6 +70,7 @@ E2E_TESTS = {
     "test_predict_inputs.py::test_a_header_csv_of_a_header_schema_scores_with_and_without_its_labels",
     # property tests: unit tests by nature, here for their time (10-20 s each, 1,000+ examples per parser)
     "test_properties.py::test_every_line_of_a_chunk_is_used_or_rejected_with_a_known_reason",
+    "test_properties.py::test_every_list_is_kept_cut_to_its_max_length_or_rejected_with_a_list_reason",
     "test_properties.py::test_whole_files_of_random_bytes_are_counted_line_by_line",
     "test_properties.py::test_a_schema_is_accepted_or_refused_naming_its_key",
     "test_properties.py::test_config_overrides_are_accepted_or_refused_naming_the_key",

@@ -49,6 +49,7 @@ ALLOWED = {
     "shards; the pipeline copies each to the run's device (page-locked for a GPU)",
     ("data/loader.py", "BatchLoader._batch", "torch.ones"): "as above: a host batch",
     ("data/loader.py", "BatchLoader._batch", "torch.from_numpy"): "as above: a host batch",
+    ("data/loader.py", "BatchLoader._jagged", "torch.from_numpy"): "as above: a host batch (its list features)",
     ("data/augment.py", "Augmentation.apply", "torch.from_numpy"): "the loader's augmentation draws, part of a host "
     "batch (as above)",
     ("data/synthetic.py", "_half_star_rating", "torch.from_numpy"): "data generation: host arrays written to files",

@@ -1,11 +1,21 @@
-"""List columns (multi-valued categoricals): the schema's rules."""
+"""List columns (multi-valued categoricals): the schema's rules, preprocessing of hostile lists, the shards and the
+loader's KeyedJaggedTensor."""
 
 from __future__ import annotations
 
+import doctest
 import json
 
+import numpy as np
+import polars as pl
 import pytest
+import torch
 
+from torchrec_mtl.data import shards as shards_module
+from torchrec_mtl.data.loader import BatchLoader
+from torchrec_mtl.data.preprocess import REASONS, preprocess
+from torchrec_mtl.data.preprocess import parse as parse_module
+from torchrec_mtl.data.shards import ShardedLog, ShardError
 from torchrec_mtl.schema import DatasetSchema, ListSpec, SchemaError
 
 # A small log of one label, one integer, a user, an item, a history of items sharing the item's vocabulary and
@@ -98,3 +108,189 @@ def test_list_keys_default_and_order_and_the_fingerprint_follows_them():
     # a schema without lists keeps the fingerprint it had before lists existed (its shards need no new reason)
     plain = DatasetSchema.from_yaml("configs/datasets/synthetic.yaml")
     assert "lists" not in json.dumps(plain.fingerprint()) and plain.fingerprint() == "817a642a72d5e62e"
+
+
+# --- preprocessing ------------------------------------------------------------------------------------------------
+
+def _line(item: str, history: str, tags: str, user: str = "1", count: str = "3") -> str:
+    """A row of the BASE layout: click, I1, user, item, history, tags."""
+    return "\t".join(["1", count, user, item, history, tags])
+
+
+GOOD = [  # I1 tells the rows apart (dense column 0 = log1p(I1))
+    _line("100", "5|6|100", "1,2", count="0"),  # history of three, two tags
+    _line("101", "", "", user="", count="1"),  # empty history and tags: empty lists, kept
+    _line("102", "1|2|3|4|5", "3,4,5", count="2"),  # five items, the last three kept; three tags, the first two kept
+    _line("100", "7", "9", user="2", count="3"),
+]
+HOSTILE = {
+    "list element empty": [_line("100", "1||2", "3"), _line("100", "|1", "3"), _line("100", "1|", "3"),
+                           _line("100", "1", "3,")],  # fmt: skip
+    "list element not id": [
+        _line("100", "1,2", "3"),  # a wrong separator makes one unparsable element
+        _line("100", "1|x", "3"),
+        _line("100", "1|+2", "3"),  # a sign
+        _line("100", "1|-2", "3"),
+        _line("100", "1| 2", "3"),
+        _line("100", "1", "3|4"),  # tags are comma-separated
+    ],
+}
+
+
+def _preprocess(tmp_path, schema: DatasetSchema, lines, **options):
+    path = tmp_path / "log.tsv"
+    path.write_text("".join(line + "\n" for line in lines))
+    summary = preprocess(schema, {"train": [path]}, tmp_path / "out", max_bad_fraction=1.0, progress=False, **options)
+    return summary, ShardedLog.open(tmp_path / "out")
+
+
+def _lists(log: ShardedLog, name: str):
+    (shard,) = log.split("train")
+    column = shard.lists[name]
+    return [column.values[i, : column.lengths[i]].tolist() for i in range(len(column))]
+
+
+def test_hostile_lists_are_counted_by_reason_and_long_ones_truncated_and_counted(tmp_path):
+    lines = [*GOOD[:2], *[line for bad in HOSTILE.values() for line in bad], *GOOD[2:]]
+    summary, log = _preprocess(tmp_path, _schema(), lines)
+
+    assert summary.rows_read == len(lines) == summary.total_written + summary.rows_rejected
+    assert summary.rows_written == {"train": len(GOOD)}
+    assert dict(summary.rejected) == {reason: len(bad) for reason, bad in HOSTILE.items()}
+    assert set(summary.rejected) <= set(REASONS)
+    rejects = pl.read_csv(tmp_path / "out" / "rejects.tsv", separator="\t", quote_char=None, infer_schema=False)
+    assert rejects["reason"].to_list() == [reason for reason, bad in HOSTILE.items() for _ in bad]
+    assert rejects["column"].to_list() == [*["history"] * 3, "tags", *["history"] * 5, "tags"]
+    assert rejects["line"].cast(int).to_list() == list(range(3, 3 + 10))
+
+    assert summary.truncated == {"history": 1, "tags": 1} and "truncated lists: history 1, tags 1" in summary.text()
+    metadata = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert metadata["counts"]["truncated_lists"] == {"history": 1, "tags": 1}
+    assert metadata["lists"]["history"] == {"separator": "|", "max_length": 3, "keep": "last", "pooling": "mean",
+                                            "shares": "item"}  # fmt: skip
+    assert metadata["counts"]["rejected_by_reason"] == {reason: len(bad) for reason, bad in HOSTILE.items()}
+
+    # the shared vocabulary counts the items and the histories' kept elements (1 and 2 were cut off)
+    vocabulary = np.load(tmp_path / "out" / "vocab" / "item.npy").tolist()
+    assert vocabulary == [3, 4, 5, 6, 7, 100, 101, 102] and not (tmp_path / "out" / "vocab" / "history.npy").exists()
+    row = {token: i + 1 for i, token in enumerate(vocabulary)}
+    assert _lists(log, "history") == [[row[5], row[6], row[100]], [], [row[3], row[4], row[5]], [row[7]]]
+    assert _lists(log, "tags") == [[2, 3], [], [4, 5], [1 + 9 % 9]]  # hashed: 1 + token % (10 - 1)
+    (shard,) = log.split("train")
+    assert shard.sparse[:, 1].tolist() == [row[100], row[101], row[102], row[100]], "item: the same rows"
+    assert log.table_sizes == {"user": 3, "item": 9, "history": 9, "tags": 10}
+    assert log.single_id_features == ["user", "item"] and list(log.lists) == ["history", "tags"]
+
+
+def test_hex_lists_reject_what_a_hex_categorical_rejects(tmp_path):
+    schema = _schema(categorical_format="hex")
+    lines = [_line("a0", "ff|a0|1b", "c"), _line("a0", "ff|zz", "c"), _line("a0", "ff|1ffffffffffffffffff", "c"),
+             _line("a0", "ff||1", "c")]  # fmt: skip
+    summary, log = _preprocess(tmp_path, schema, lines)
+    assert dict(summary.rejected) == {"list element not hex": 2, "list element empty": 1}
+    row = {t: i + 1 for i, t in enumerate(np.load(tmp_path / "out" / "vocab" / "item.npy").tolist())}
+    assert _lists(log, "history") == [[row[0xFF], row[0xA0], row[0x1B]]]
+
+
+@pytest.mark.parametrize("keep, expected", [("first", [1, 2, 3]), ("last", [3, 4, 5])])
+def test_keep_first_or_last(tmp_path, keep, expected):
+    hashed = {"item": {"hash_size": 1000}, "history": {"hash_size": 1000}, "tags": {"hash_size": 10}}
+    schema = _schema(lists=_with_list("history", keep=keep), feature_vocabulary=hashed)
+    summary, log = _preprocess(tmp_path, schema, [_line("7", "1|2|3|4|5", "1"), _line("7", "1|2", "1")])
+    assert _lists(log, "history") == [[1 + t for t in expected], [2, 3]]  # hashed: 1 + token % 999
+    assert summary.truncated["history"] == 1
+
+
+def test_a_list_of_its_own_vocabulary_counts_its_own_training_tokens(tmp_path):
+    schema = _schema(lists=_with_list("history", shares=None), vocabulary={"min_count": 2})
+    lines = [_line("100", "5|6|6", "1"), _line("100", "5|100", "1"), _line("100", "9", "1")]
+    test_lines = [_line("100", "9|9|9", "1")]  # test tokens count toward no vocabulary
+    (tmp_path / "test.tsv").write_text("".join(line + "\n" for line in test_lines))
+    (tmp_path / "log.tsv").write_text("".join(line + "\n" for line in lines))
+    preprocess(schema, {"train": [tmp_path / "log.tsv"], "test": [tmp_path / "test.tsv"]}, tmp_path / "out",
+               progress=False)  # fmt: skip
+    log = ShardedLog.open(tmp_path / "out")
+    assert np.load(tmp_path / "out" / "vocab" / "history.npy").tolist() == [5, 6]
+    assert np.load(tmp_path / "out" / "vocab" / "item.npy").tolist() == [100]
+    assert _lists(log, "history") == [[1, 2, 2], [1, 0], [0]]  # rare and unseen tokens: row 0, kept in the list
+    assert log.table_sizes["history"] == 3 and log.table_sizes["item"] == 2
+
+
+def test_chunk_and_shard_sizes_do_not_change_the_lists(tmp_path):
+    """Many small chunks and shards give the arrays one chunk and one shard give."""
+    rng = np.random.default_rng(0)
+    lines = [
+        _line(str(100 + i % 11), "|".join(map(str, rng.integers(0, 50, rng.integers(0, 6)))), str(i % 5), str(i % 7))
+        for i in range(3000)
+    ]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _, whole = _preprocess(tmp_path / "a", _schema(), lines)
+    _, chunked = _preprocess(tmp_path / "b", _schema(), lines, chunk_bytes=1 << 10, shard_rows=257)
+    assert len(chunked.split("train")) == 12
+    for name in ("history", "tags"):
+        assert [x for shard in chunked.split("train") for x in _shard_lists(shard, name)] == _lists(whole, name)
+
+
+def _shard_lists(shard, name):
+    column = shard.lists[name]
+    return [column.values[i, : column.lengths[i]].tolist() for i in range(len(column))]
+
+
+def test_the_examples_of_the_list_arrays_run():
+    for module in (shards_module, parse_module):
+        assert doctest.testmod(module).failed == 0
+
+
+def test_shards_of_an_older_format_are_refused_with_advice(tmp_path):
+    _preprocess(tmp_path, _schema(), GOOD)
+    metadata = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    metadata["format_version"] = 2
+    (tmp_path / "out" / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(ShardError, match="format version 2, this code reads 3; preprocess again"):
+        ShardedLog.open(tmp_path / "out")
+
+
+# --- the loader ---------------------------------------------------------------------------------------------------
+
+
+def test_the_batch_carries_each_list_with_its_lengths_in_feature_order(tmp_path):
+    _, log = _preprocess(tmp_path, _schema(), GOOD)
+    shards = log.split("train")
+    features = log.categorical_features
+    (batch,) = BatchLoader(shards, features, 4, shuffle=False)
+    kjt = batch.sparse_features
+    assert kjt.keys() == features
+    lengths = kjt.length_per_key()
+    assert lengths == [4, 4, 3 + 0 + 3 + 1, 2 + 0 + 2 + 1]
+    jagged = kjt.to_dict()
+    assert jagged["user"].lengths().tolist() == [1, 1, 1, 1]
+    assert jagged["history"].lengths().tolist() == [3, 0, 3, 1]
+    assert jagged["history"].values().tolist() == [v for row in _lists(log, "history") for v in row]
+    assert jagged["tags"].values().tolist() == [v for row in _lists(log, "tags") for v in row]
+    assert jagged["item"].values().tolist() == shards[0].sparse[:, 1].tolist()
+
+    # another order of the keys, a padded tail and shuffled batches keep each row's list with its row
+    (padded,) = BatchLoader(shards, ["tags", "user", "history", "item"], 3, shuffle=False, pad_tail=True, world_size=2)
+    assert padded.sparse_features.keys() == ["tags", "user", "history", "item"]
+    assert padded.sparse_features["history"].lengths().tolist() == [3, 0, 3]
+    for batch in BatchLoader(shards, features, 2, shuffle=True, seed=3):
+        history = batch.sparse_features["history"]
+        for row, start in zip(batch.dense_features[:, 0].tolist(), history.offsets()[:-1].tolist()):
+            original = [i for i in range(4) if shards[0].dense[i, 0] == row][0]
+            length = int(shards[0].lists["history"].lengths[original])
+            assert history.values()[start : start + length].tolist() == _lists(log, "history")[original]
+
+
+def test_id_dropout_leaves_lists_alone_and_refuses_a_list(tmp_path):
+    _, log = _preprocess(tmp_path, _schema(), GOOD * 50)
+    shards = log.split("train")
+    loader = BatchLoader(shards, log.categorical_features, 100, shuffle=True, seed=0, id_dropout={"item": 0.5})
+    plain = BatchLoader(shards, log.categorical_features, 100, shuffle=True, seed=0)
+    for dropped, kept in zip(loader, plain):
+        assert (dropped.sparse_features["item"].values() == 0).sum() > 20
+        assert torch.equal(dropped.sparse_features["history"].values(), kept.sparse_features["history"].values())
+    with pytest.raises(ValueError, match="a list feature; only single-ID features are dropped"):
+        BatchLoader(shards, log.categorical_features, 100, id_dropout={"history": 0.1})
+    with pytest.raises(ValueError, match="lack the shards' list feature"):
+        BatchLoader(shards, ["user", "item", "history"], 100)

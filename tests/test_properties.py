@@ -19,6 +19,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from list_logs import list_schema
 from torchrec_mtl.cli import main
 from torchrec_mtl.config import ConfigError, load_config
 from torchrec_mtl.data.preprocess import REASONS, ChunkParser, LogFormatError, preprocess
@@ -64,6 +65,34 @@ def test_every_line_of_a_chunk_is_used_or_rejected_with_a_known_reason(lines, en
     lines_seen = sorted([*parsed.line_numbers.tolist(), *(line for line, *_ in parsed.rejections)])
     assert lines_seen == list(range(1, len(lines) + 1))
     assert not (parsed.dense != parsed.dense).any() and all(map(math.isfinite, parsed.dense.ravel()))
+
+
+LIST_SCHEMA = DatasetSchema.from_dict(list_schema(max_length=3), source="lists.yaml")
+ELEMENT = st.one_of(
+    st.sampled_from(["a1", "ff", "0", "", "zz", "+1", "-1", " 1", "1,2", "1ffffffffffffffffff", "\r", "é"]),
+    st.text(alphabet="0123456789abcdef", min_size=1, max_size=17),
+)
+LIST_FIELD = st.lists(ELEMENT, max_size=6).map("|".join)
+LIST_LINE = st.tuples(LIST_FIELD, st.lists(ELEMENT, max_size=5).map(",".join)).map(
+    lambda lists: "\t".join(["1", "0", "4.5", *["3"] * 13, *["a1"] * 8, *lists])
+)
+
+
+@FAST
+@given(lines=st.lists(LIST_LINE, min_size=1, max_size=30))
+def test_every_list_is_kept_cut_to_its_max_length_or_rejected_with_a_list_reason(lines):
+    parsed = ChunkParser(LIST_SCHEMA, LIST_SCHEMA.columns).parse(("\n".join(lines) + "\n").encode(), first_line=1)
+    assert len(parsed.line_numbers) + len(parsed.rejections) == parsed.lines == len(lines)
+    assert {reason for _, reason, *_ in parsed.rejections} <= set(REASONS)
+    kept = [lines[n - 1].removesuffix("\r") for n in parsed.line_numbers]  # a CR before the line end ends it
+    for name, width in (("history", 3), ("tags", 3)):
+        fields = [line.split("\t")[-2 if name == "history" else -1] for line in kept]
+        elements = [0 if field == "" else field.count("|" if name == "history" else ",") + 1 for field in fields]
+        assert parsed.lists[name].lengths.tolist() == [min(n, width) for n in elements]
+        assert parsed.truncated[name] == sum(n > width for n in elements)
+        assert (parsed.lists[name].values >= 0).all() and len(parsed.lists[name].values) == sum(
+            parsed.lists[name].lengths
+        )
 
 
 @settings(

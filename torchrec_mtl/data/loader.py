@@ -14,6 +14,12 @@ other features and its text) instead of meeting an untrained row 0 on cold items
 NeurIPS 2017). Only shuffled (training) batches are touched, with draws from the same seeded stream.
 ``augmentation`` (torchrec_mtl.data.augment: feature dropout, text mixing) draws from a stream of its own seed.
 
+List features (the shards' ``lists``) ride in the same KeyedJaggedTensor, each row with its own length (0 for an
+empty list); single-ID features have length 1. The KeyedJaggedTensor's keys are ``feature_names`` in their order;
+the sparse columns are the names that are not lists, in that order. ID dropout and feature dropout act on single-ID
+features only: a list is left as it was read (dropping a whole history, or some of its elements, is a choice of its
+own, not made here).
+
 Shuffling is deterministic per (seed, epoch) and bounded in memory: the shard order is permuted, then shards are read
 into windows of about ``window_rows`` rows whose rows are permuted; rows left over from a window's last global batch
 move on to the next window. Every rank walks the same order and builds only its own batches.
@@ -56,14 +62,26 @@ class BatchLoader:
         augmentation: Optional[Augmentation] = None,
     ) -> None:
         self.shards = [shards] if isinstance(shards, EncodedLog) else list(shards)
+        list_features = set(self.shards[0].lists) if self.shards else set()
+        # the sparse columns: the features that are not lists, in feature_names order
+        self.single_features = [f for f in feature_names if f not in list_features]
         for shard in self.shards:
-            if len(feature_names) != shard.sparse.shape[1]:
-                raise ValueError(f"{len(feature_names)} feature names for {shard.sparse.shape[1]} sparse columns")
+            if set(shard.lists) != list_features:
+                raise ValueError(f"shards with different list features: {sorted(shard.lists)}, {sorted(list_features)}")
+            if len(self.single_features) != shard.sparse.shape[1]:
+                raise ValueError(
+                    f"{len(self.single_features)} single-ID feature names for {shard.sparse.shape[1]} sparse columns"
+                )
+        absent = sorted(list_features - set(feature_names))
+        if absent:
+            raise ValueError(f"feature_names {feature_names} lack the shards' list feature(s) {absent}")
         self.feature_names = feature_names
-        self.id_dropout = {feature_names.index(f): p for f, p in (id_dropout or {}).items() if p > 0}
         for feature, p in (id_dropout or {}).items():
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"id_dropout[{feature!r}]: {p}; allowed: 0 <= p < 1")
+            if feature in list_features and p > 0:
+                raise ValueError(f"id_dropout[{feature!r}]: a list feature; only single-ID features are dropped")
+        self.id_dropout = {self.single_features.index(f): p for f, p in (id_dropout or {}).items() if p > 0}
         self.augmentation = augmentation
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.shuffle, self.pad_tail, self.seed, self.window_rows = shuffle, pad_tail, seed, window_rows
@@ -73,7 +91,7 @@ class BatchLoader:
         # batches are built on the host, where the shards are mapped; the pipeline copies each to the run's device.
         # For a GPU, page-locked batches let that copy (non_blocking, on TorchRec's own stream) overlap the step
         self.pin_memory = pin_memory
-        self._lengths = torch.ones(batch_size * len(feature_names), dtype=torch.int32)
+        self._lengths = torch.ones(batch_size * len(feature_names), dtype=torch.int32)  # when there are no lists
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Walk epoch ``epoch``'s order from its ``start_batch``-th batch on (resuming mid-epoch): the batches before
@@ -153,19 +171,19 @@ class BatchLoader:
         rng: np.random.Generator | None = None,
         augment_rng: np.random.Generator | None = None,
     ) -> MultiTaskBatch:
-        columns = np.ascontiguousarray(window.sparse[rows].T)  # [features, B]
+        columns = np.ascontiguousarray(window.sparse[rows].T)  # [single-ID features, B]
         if self.id_dropout and rng is not None:
             # every rank draws the whole global batch's masks, so the stream does not depend on the world size
             for column, p in self.id_dropout.items():
                 dropped = rng.random(self.batch_size * self.world_size) < p
                 columns[column, dropped[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]] = 0
         drawn = self.augmentation.apply(columns, augment_rng, self.rank, self.world_size) if augment_rng else {}
-        ids = torch.from_numpy(columns.reshape(-1)).long()
-        sparse = KeyedJaggedTensor.from_lengths_sync(
-            keys=self.feature_names,
-            values=ids,
-            lengths=self._lengths if ids.numel() == self._lengths.numel() else torch.ones_like(ids, dtype=torch.int32),
-        )
+        if window.lists:
+            sparse = self._jagged(columns, window, rows)
+        else:
+            ids = torch.from_numpy(columns.reshape(-1)).long()
+            lengths = self._lengths if ids.numel() == self._lengths.numel() else torch.ones_like(ids, dtype=torch.int32)
+            sparse = KeyedJaggedTensor.from_lengths_sync(keys=self.feature_names, values=ids, lengths=lengths)
         batch = MultiTaskBatch(
             dense_features=torch.from_numpy(window.dense[rows]),
             sparse_features=sparse,
@@ -174,3 +192,21 @@ class BatchLoader:
             augmentation=drawn,
         )
         return batch.pin_memory() if self.pin_memory else batch
+
+    def _jagged(self, columns: np.ndarray, window: EncodedLog, rows: np.ndarray) -> KeyedJaggedTensor:
+        """The batch's features in ``feature_names`` order: a single-ID feature's column with lengths 1, a list
+        feature's values of these rows with their lengths."""
+        values, lengths = [], []
+        single = iter(columns)
+        for feature in self.feature_names:
+            if feature in window.lists:
+                feature_values, feature_lengths = window.lists[feature].flat(rows)
+            else:
+                feature_values, feature_lengths = next(single), np.ones(len(rows), dtype=np.int32)
+            values.append(feature_values)
+            lengths.append(feature_lengths)
+        return KeyedJaggedTensor.from_lengths_sync(
+            keys=self.feature_names,
+            values=torch.from_numpy(np.concatenate(values).astype(np.int64)),
+            lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)),
+        )

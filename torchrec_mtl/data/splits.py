@@ -34,7 +34,7 @@ def shuffled_labels(shards: List[EncodedLog], seed: int) -> List[EncodedLog]:
     """The same rows with the label rows permuted together: features keep nothing to learn from."""
     log = EncodedLog.concat(shards)
     order = np.random.default_rng(seed).permutation(len(log))
-    return [EncodedLog(log.dense, log.sparse, {name: values[order] for name, values in log.labels.items()}, log.keys)]
+    return [log.with_labels({name: values[order] for name, values in log.labels.items()})]
 
 
 def flipped_labels(shards: List[EncodedLog], shares: Dict[str, float], seed: int) -> List[EncodedLog]:
@@ -58,7 +58,7 @@ def flipped_labels(shards: List[EncodedLog], shares: Dict[str, float], seed: int
             values = labels[name]
             flip = (rng.random(len(values)) < share) & ~np.isnan(values)
             labels[name] = np.where(flip, 1 - values, values).astype(values.dtype)
-        noisy.append(EncodedLog(shard.dense, shard.sparse, labels, shard.keys))
+        noisy.append(shard.with_labels(labels))
     return noisy
 
 

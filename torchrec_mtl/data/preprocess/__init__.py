@@ -23,7 +23,16 @@ reason                    what failed
 ``numeric not valid``     a numeric feature that is not a number finite in float32
 ``categorical not hex``   a ``hex`` categorical with other characters, a sign, or over 64 bits
 ``categorical not id``    a ``decimal`` categorical that is not a non-negative integer
+``list element empty``    a list column (the schema's ``lists``) with an empty element: ``a||b``, a leading or
+                          trailing separator (an empty field is an empty list, and kept)
+``list element not hex``  an element of a ``hex`` list that is not a token as a ``hex`` categorical must be (a wrong
+                          separator, ``a,b`` where ``|`` separates, makes one such element)
+``list element not id``   the same for a ``decimal`` list
 ========================  ==========================================================================================
+
+Columns are checked in file order: a row is rejected for its first bad column (the row-level reasons above come
+first). A list longer than its ``max_length`` is no rejection: it is cut to its first or last ``max_length``
+elements (its ``keep``) and counted per column (``truncated``, beside ``padded``).
 
 Rejected rows go to ``rejects.tsv`` (file, line, reason, column, value, the raw line; in the last two backslash,
 tab, CR and LF are written as ``\\\\``, ``\\t``, ``\\r``, ``\\n``), the first few are printed with
@@ -35,6 +44,9 @@ half-written folder is never read and only earlier shards are ever replaced:
 
 - ``<split>/part-NNNNN.{dense,sparse,labels}.npy``: float32 [n, dense], int32 [n, categorical] embedding rows,
   float32 [n, labels] with NaN for a missing optional label; ``np.load(..., mmap_mode="r")`` maps them.
+- ``<split>/part-NNNNN.{lists,list_lengths}.npy``, with list columns: int32 [n, sum of their max_length] table
+  rows (each list's ``max_length`` columns side by side, in ``categorical`` order, 0 after the row's length) and
+  int32 [n, lists] lengths; ``sparse`` then holds the single-ID columns only.
 - ``<split>/part-NNNNN.keys.npy``: int64 [n, key columns] raw tokens of the schema's user ID, item ID and item-text
   key columns (-1 when empty), when it declares any: embedding rows lose identity (rare and unseen tokens share row
   0), these keep it.
@@ -49,6 +61,7 @@ Example::
     True
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -69,6 +82,7 @@ from torchrec_mtl.data.preprocess.parse import (
     MISSING_TOKEN,
     REASONS,
     ChunkParser,
+    ListValues,
     ParsedChunk,
     SplitChunk,
     split_chunk,
@@ -92,6 +106,7 @@ __all__ = [
     "FLOAT32_MAX",
     "FORMAT_VERSION",
     "LineTooLong",
+    "ListValues",
     "LogFormatError",
     "MAX_LINE_BYTES",
     "MISSING_TOKEN",
@@ -142,6 +157,7 @@ class PreprocessSummary:
     rows_written: Dict[str, int] = field(default_factory=dict)
     rejected: Counter = field(default_factory=Counter)
     padded: int = 0
+    truncated: Counter = field(default_factory=Counter)  # list column -> rows whose list was cut to max_length
     examples: List[Rejection] = field(default_factory=list)
     seconds: float = 0.0
     out_dir: str = ""
@@ -159,7 +175,9 @@ class PreprocessSummary:
         kept = f"written {self.total_written:,} ({per_split})" if self.seconds else f"accepted {self.rows_accepted:,}"
         lines = [
             f"rows read {self.rows_read:,} = {kept} + rejected {self.rows_rejected:,}"
-            + (f"; padded short rows {self.padded:,}" if self.padded else ""),
+            + (f"; padded short rows {self.padded:,}" if self.padded else "")
+            + (f"; truncated lists: {', '.join(f'{c} {n:,}' for c, n in self.truncated.items() if n)}"
+               if sum(self.truncated.values()) else ""),
         ]
         for reason, count in self.rejected.most_common():
             lines.append(f"  rejected: {reason}: {count:,}")
@@ -265,7 +283,7 @@ def _write_shards(
         if test_fraction > 0 and split == "train":
             destination[split_draw(split_seed, file_index, parsed.line_numbers) < test_fraction] = splits.index("test")
         train = destination == splits.index("train") if "train" in splits else np.zeros(len(destination), bool)
-        counts = writer.counter.count(parsed.tokens[train]) if writer.frequency_features else []
+        counts = writer.counter.count(writer.training_tokens(parsed, train)) if writer.vocabularies else []
         return parsed, destination, counts
 
     def _write(described: Dict, parsed: ParsedChunk, destination: np.ndarray, counts: List[pl.DataFrame]) -> None:
@@ -275,6 +293,7 @@ def _write_shards(
         summary.rows_read += parsed.lines
         summary.rows_accepted += len(parsed.line_numbers)
         summary.padded += parsed.padded
+        summary.truncated.update(parsed.truncated)
         for line, reason, column, value, raw in parsed.rejections:
             summary.rejected[reason] += 1
             if len(summary.examples) < show_examples:
@@ -350,6 +369,7 @@ def _write_shards(
         "schema": {"name": schema.name, "source": schema.source, "fingerprint": schema.fingerprint()},
         "dense_features": schema.dense,
         "categorical_features": schema.categorical,
+        "lists": {f: dataclasses.asdict(schema.lists[f]) for f in schema.list_columns},
         "labels": {name: spec.kind for name, spec in schema.labels.items()},
         "user_id": schema.user_id,
         "item_id": schema.item_id,
@@ -373,6 +393,7 @@ def _write_shards(
             "rows_rejected": summary.rows_rejected,
             "rejected_by_reason": dict(summary.rejected.most_common()),
             "padded_short_rows": summary.padded,
+            "truncated_lists": {f: summary.truncated[f] for f in schema.list_columns},
         },
         "inputs": inputs,
         "split_options": {"test_fraction": test_fraction, "split_seed": split_seed},

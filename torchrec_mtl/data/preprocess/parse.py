@@ -16,8 +16,8 @@ Example::
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import polars as pl
@@ -38,6 +38,9 @@ REASONS = (
     "numeric not valid",
     "categorical not hex",
     "categorical not id",
+    "list element empty",
+    "list element not hex",
+    "list element not id",
 )
 MISSING_TOKEN = -1  # an empty categorical field: no valid token is negative
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -130,6 +133,8 @@ def _column_rules(
     if name in schema.numeric:
         parse = text.cast(pl.Float64, strict=False)
         return parse, ~empty & ~_finite_in_float32(value), pl.lit("numeric not valid")
+    if name in schema.lists:
+        return _list_rules(schema, name, text, value)
     if name in schema.categorical:
         base, reason = (16, "categorical not hex") if schema.categorical_format == "hex" else (10, "categorical not id")
         # to_integer accepts a sign; tokens have none (a negative value is caught by value < 0)
@@ -138,19 +143,72 @@ def _column_rules(
     return None, None, None
 
 
+def _list_rules(schema: DatasetSchema, name: str, text: pl.Expr, value: pl.Expr) -> Tuple[pl.Expr, pl.Expr, pl.Expr]:
+    """A list column's (parse, is-bad, reason): the field split at the list's separator, each element a token as a
+    single categorical's (``value``: the list of tokens, null elements where one is not). An empty field is an
+    empty list; an empty element (``a||b``, a leading or trailing separator) is ``list element empty``. Not mirrored
+    in fields.py: serve.pt does not take list features yet (an export of a model with lists is refused)."""
+    separator = schema.lists[name].separator
+    base, reason = (16, "list element not hex") if schema.categorical_format == "hex" else (10, "list element not id")
+    empty = text.is_null() | (text == "")
+    parse = text.str.split(separator).list.eval(pl.element().str.to_integer(base=base, strict=False))
+    empty_element = ~empty & (
+        text.str.starts_with(separator)
+        | text.str.ends_with(separator)
+        | text.str.contains(separator + separator, literal=True)
+    )
+    # to_integer accepts a sign; tokens have none (a negative element is caught by its minimum)
+    signed = text.str.starts_with("+") | text.str.contains(separator + "+", literal=True)
+    not_token = (value.list.drop_nulls().list.len() < value.list.len()) | (value.list.min() < 0) | signed
+    bad = empty_element | (~empty & not_token.fill_null(False))
+    return parse, bad, pl.when(empty_element).then(pl.lit("list element empty")).otherwise(pl.lit(reason))
+
+
+@dataclass
+class ListValues:
+    """A list column's accepted rows, flat: the ``lengths`` [n] int32 of each row's list (after truncation) and its
+    ``values`` [sum(lengths)] int64, row after row: table rows for a hashed column, raw tokens for one still to be
+    mapped through a vocabulary.
+
+    Example::
+
+        >>> lists = ListValues(np.array([7, 8, 9]), np.array([2, 0, 1], dtype=np.int32))
+        >>> lists.take(np.array([False, True, True])).values.tolist()
+        [9]
+        >>> padded = np.zeros((3, 2), dtype=np.int32); lists.fill(padded); padded.tolist()
+        [[7, 8], [0, 0], [9, 0]]
+    """
+
+    values: np.ndarray
+    lengths: np.ndarray
+
+    def take(self, rows: np.ndarray) -> "ListValues":
+        """The rows a boolean mask ``rows`` selects."""
+        if rows.all():  # the usual case (a chunk of one split): no copy
+            return self
+        return ListValues(self.values[np.repeat(rows, self.lengths)], self.lengths[rows])
+
+    def fill(self, out: np.ndarray) -> None:
+        """Write row i's values into the first ``lengths[i]`` places of ``out``'s row i ([n, width], in place: a
+        view into a larger array or a memory map works); the places after them are left as they are."""
+        out[np.arange(out.shape[1]) < self.lengths[:, None]] = self.values  # row-major: each row's values in order
+
+
 @dataclass
 class ParsedChunk:
     """A chunk checked and converted: the arrays of its accepted rows and the rejections of the others."""
 
     line_numbers: np.ndarray  # of the accepted rows
     dense: np.ndarray
-    sparse: np.ndarray  # int32 rows for hash features, 0 in columns still to be mapped through a vocabulary
+    sparse: np.ndarray  # int32 [n, single-ID columns] rows for hash features, 0 where a vocabulary is still to come
     tokens: np.ndarray  # int64 [n, len(frequency features)] raw tokens, MISSING_TOKEN for empty
     keys: np.ndarray  # int64 [n, len(key columns)] raw tokens, MISSING_TOKEN for empty
     labels: np.ndarray
     rejections: List[Tuple[int, str, str, str, str]]  # (line, reason, column, value, raw line)
     padded: int
     lines: int
+    lists: Dict[str, ListValues] = field(default_factory=dict)  # per list column, its accepted rows
+    truncated: Dict[str, int] = field(default_factory=dict)  # per list column, accepted rows cut to max_length
 
 
 class ChunkParser:
@@ -161,7 +219,7 @@ class ChunkParser:
 
     def __init__(self, schema: DatasetSchema, file_columns: Sequence[str]) -> None:
         self.schema, self.file_columns = schema, list(file_columns)
-        self.frequency_features = [f for f in schema.categorical if not schema.vocabulary_rule(f).is_hash]
+        self.frequency_features = [f for f in schema.single_id_columns if not schema.vocabulary_rule(f).is_hash]
         n = len(self.file_columns)
         index = {name: i for i, name in enumerate(self.file_columns)}
         absent = [c for c in [*schema.integer, *schema.numeric, *schema.categorical] if c not in index]
@@ -198,11 +256,19 @@ class ChunkParser:
         self.dense_exprs = [
             value(c).fill_null(0).clip(lower_bound=0).cast(pl.Float64).log1p().cast(pl.Float32) for c in schema.integer
         ] + [value(c).fill_null(0.0).cast(pl.Float32) for c in schema.numeric]
-        self.hash_columns = [i for i, f in enumerate(schema.categorical) if schema.vocabulary_rule(f).is_hash]
+        single = schema.single_id_columns
+        self.hash_columns = [i for i, f in enumerate(single) if schema.vocabulary_rule(f).is_hash]
         self.sparse_exprs = [
             (1 + value(f) % (schema.vocabulary_rule(f).hash_size - 1)).fill_null(0).cast(pl.Int32).alias(f"s{i}")
-            for i, f in ((i, schema.categorical[i]) for i in self.hash_columns)
+            for i, f in ((i, single[i]) for i in self.hash_columns)
         ]
+        # each list's tokens as kept (its first or last max_length), and whether the row had more
+        lists = {f: schema.lists[f] for f in schema.list_columns}
+        self.list_exprs = {
+            f: (value(f).list.head(spec.max_length) if spec.keep == "first" else value(f).list.tail(spec.max_length))
+            for f, spec in lists.items()
+        }
+        self.truncated_exprs = [(value(f).list.len() > spec.max_length).sum().alias(f) for f, spec in lists.items()]
         self.token_exprs = [
             value(f).fill_null(MISSING_TOKEN).alias(f"t{i}") for i, f in enumerate(self.frequency_features)
         ]
@@ -251,7 +317,8 @@ class ChunkParser:
                 t = stand_ins.pop(n)
                 rejections[k] = (n, "line too long", "", t.value(), t.raw_line())
         assert not stand_ins, f"lines {sorted(stand_ins)} too long but not empty stand-ins"
-        kept = frame.filter(~pl.col("rejected"))
+        # the kept rows' parsed values only: their text fields (a list's split strings above all) are not copied
+        kept = frame.select(pl.exclude("^field_.*$")).filter(~pl.col("rejected"))
         rows = kept.height
         return ParsedChunk(
             line_numbers=kept.get_column("line_no").to_numpy(),
@@ -263,13 +330,28 @@ class ChunkParser:
             rejections=rejections,
             padded=int(kept.select(self.padded.sum()).item()) if self.schema.pad_short_rows else 0,
             lines=frame.height,
+            lists={f: self._list_values(kept, f) for f in self.list_exprs},
+            truncated=kept.select(self.truncated_exprs).row(0, named=True) if self.truncated_exprs else {},
         )
 
+    def _list_values(self, kept: pl.DataFrame, feature: str) -> ListValues:
+        """A list column's kept tokens, flat, as table rows when it is hashed (else raw tokens, for its vocabulary)."""
+        kept_tokens = kept.select(self.list_exprs[feature].alias("tokens"))
+        lengths = kept_tokens.select(pl.col("tokens").list.len().fill_null(0)).to_series().to_numpy()
+        # an empty (or null) list explodes to one null; the kept rows' elements are all tokens
+        values = kept_tokens.select(pl.col("tokens").explode().drop_nulls()).to_series().to_numpy()
+        values = values.astype(np.int64, copy=False)
+        rule = self.schema.vocabulary_rule(feature)
+        if rule.is_hash:
+            values = 1 + values % (rule.hash_size - 1)
+        return ListValues(values, lengths.astype(np.int32))
+
     def _sparse(self, kept: pl.DataFrame) -> np.ndarray:
-        """Rows of the hashed features; the vocabulary features' columns stay 0 until their vocabulary exists."""
-        if len(self.hash_columns) == len(self.schema.categorical):
+        """Rows of the hashed single-ID features; the vocabulary features' columns stay 0 until their vocabulary
+        exists."""
+        if len(self.hash_columns) == len(self.schema.single_id_columns):
             return _matrix(kept, self.sparse_exprs, np.int32, kept.height)
-        sparse = np.zeros((kept.height, len(self.schema.categorical)), dtype=np.int32)
+        sparse = np.zeros((kept.height, len(self.schema.single_id_columns)), dtype=np.int32)
         if self.hash_columns:
             sparse[:, self.hash_columns] = _matrix(kept, self.sparse_exprs, np.int32, kept.height)
         return sparse

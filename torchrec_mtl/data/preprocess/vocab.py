@@ -11,7 +11,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Mapping, Sequence
 
 import numpy as np
 import polars as pl
@@ -20,22 +20,29 @@ from torchrec_mtl.data.preprocess.parse import MISSING_TOKEN
 
 
 class TokenCounter:
-    """Token counts of the ``min_count`` features over the training split, merged now and then to bound memory."""
+    """Token counts of the ``min_count`` vocabularies over the training split, merged now and then to bound memory.
+
+    A vocabulary is named by the column that owns it; it counts that column's tokens and those of the list columns
+    that share it (each occurrence once)."""
 
     def __init__(self, features: List[str]) -> None:
         self.features = features
         self.pending: Dict[str, List[pl.DataFrame]] = {f: [] for f in features}
 
-    def count(self, tokens: np.ndarray) -> List[pl.DataFrame]:
-        """Counts of each feature's tokens in ``tokens`` (thread-safe: runs beside parsing)."""
-        frame = pl.DataFrame(tokens, schema=[f"t{i}" for i in range(len(self.features))])
-        return [
-            frame.select(pl.col(f"t{i}").alias("token"))
-            .filter(pl.col("token") != MISSING_TOKEN)
-            .group_by("token")
-            .len()
-            for i in range(len(self.features))
-        ]
+    def count(self, tokens: Mapping[str, Sequence[np.ndarray]]) -> List[pl.DataFrame]:
+        """Counts of each vocabulary's tokens in ``tokens`` (vocabulary -> 1-D token arrays; thread-safe: runs
+        beside parsing)."""
+        counts = []
+        for feature in self.features:
+            arrays = tokens.get(feature, [])
+            values = np.concatenate(arrays) if len(arrays) else np.zeros(0, dtype=np.int64)
+            counts.append(
+                pl.DataFrame({"token": values.astype(np.int64, copy=False)})
+                .filter(pl.col("token") != MISSING_TOKEN)
+                .group_by("token")
+                .len()
+            )
+        return counts
 
     def add(self, counts: List[pl.DataFrame]) -> None:
         for feature, frame in zip(self.features, counts, strict=True):

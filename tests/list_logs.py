@@ -1,0 +1,72 @@
+"""Logs with list columns for the tests, written as real files: the synthetic log with two list columns appended.
+
+- ``history``: the user's clicked items (C2 tokens) before the row, in file order (train, then test), the most
+  recent last, ``|``-separated; the schema keeps the last ``max_length`` and looks them up in C2's table (mean).
+- ``tags``: the item's category (C3) and brand (C6) tokens and, on one row in five, the device (C5),
+  ``,``-separated; hashed into a table of its own and sum-pooled.
+
+Example::
+
+    >>> schema_path = write_list_log(small_log, tmp_path / "lists")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from pathlib import Path
+from typing import Deque, Dict, List
+
+import numpy as np
+import polars as pl
+import yaml
+
+HISTORY_KEPT = 12  # clicked items written per row; more than the schema's max_length, so some rows are truncated
+LIST_SCHEMA = {
+    "history": {"separator": "|", "max_length": 8, "keep": "last", "pooling": "mean", "shares": "C2"},
+    "tags": {"separator": ",", "max_length": 3, "pooling": "sum"},
+}
+
+
+def list_schema(max_length: int = 8, keep: str = "last") -> Dict:
+    """The synthetic schema with the ``history`` and ``tags`` list columns (a dict, as its YAML reads)."""
+    raw = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "configs" / "datasets" / "synthetic.yaml"))
+    raw["name"] = "synthetic_lists"
+    raw["categorical"] = [*raw["categorical"], "history", "tags"]
+    raw["lists"] = {**LIST_SCHEMA, "history": {**LIST_SCHEMA["history"], "max_length": max_length, "keep": keep}}
+    raw["feature_vocabulary"] = {"tags": {"hash_size": 1000}}
+    return raw
+
+
+def _with_lists(frame: pl.DataFrame, histories: Dict[str, Deque[str]], seed: int) -> pl.DataFrame:
+    """``frame`` (one split, in file order) with ``history`` and ``tags``; ``histories`` carries on across splits."""
+    history: List[str] = []
+    for user, item, click in zip(frame["C1"].to_list(), frame["C2"].to_list(), frame["click"].to_list()):
+        history.append("|".join(histories[user]))
+        if click == "1":  # read as text
+            histories[user].append(item)
+    device_too = np.random.default_rng(seed).random(frame.height) < 0.2
+    tags = [
+        ",".join([category, brand, *([device] if extra else [])])
+        for category, brand, device, extra in zip(frame["C3"], frame["C6"], frame["C5"], device_too)
+    ]
+    return frame.with_columns(pl.Series("history", history), pl.Series("tags", tags))
+
+
+def write_list_log(source: Path, out: Path, max_length: int = 8, keep: str = "last") -> Path:
+    """``source``'s synthetic ``train.tsv`` and ``test.tsv`` with the list columns, and their schema, into ``out``;
+    returns the schema's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    columns = list_schema()["categorical"][:-2]
+    names = ["click", "conversion", "rating", *[f"I{k}" for k in range(1, 14)], *columns]
+    histories: Dict[str, Deque[str]] = defaultdict(lambda: deque(maxlen=HISTORY_KEPT))
+    for seed, split in enumerate(("train", "test")):
+        frame = pl.read_csv(
+            source / f"{split}.tsv", separator="\t", has_header=False, new_columns=names, infer_schema=False,
+            quote_char=None,
+        )  # fmt: skip
+        _with_lists(frame, histories, seed).write_csv(
+            out / f"{split}.tsv", separator="\t", include_header=False, null_value="", quote_style="never"
+        )
+    schema_path = out / "schema.yaml"
+    schema_path.write_text(yaml.safe_dump(list_schema(max_length, keep), sort_keys=False))
+    return schema_path
