@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -28,17 +29,27 @@ def _join(rank: int, world_size: int, port: int) -> None:
 
 
 def sharded_matches_unsharded(
-    rank: int, world_size: int, port: int, log_dir: str, sharding_type: str, interaction: str = "dot"
+    rank: int,
+    world_size: int,
+    port: int,
+    log_dir: str,
+    sharding_type: str,
+    interaction: str = "dot",
+    schema: Optional[str] = None,
 ) -> None:
     """Same weights: the sharded model's predictions and its evaluation over both ranks equal the unsharded model's;
-    then it trains. ``interaction``: the model's interaction kind (torchrec_mtl.modules.interactions)."""
+    then it trains. ``interaction``: the model's interaction kind (torchrec_mtl.modules.interactions); ``schema``:
+    the log's schema (default: the synthetic one; one with list columns puts pooled lists in the batches)."""
     _join(rank, world_size, port)
     env = init_distributed()
-    config = JobConfig(data=DataConfig(dir=log_dir), model=ModelConfig(interaction=InteractionConfig(kind=interaction)))
+    data = DataConfig(dir=log_dir, **({"schema": schema} if schema else {}))
+    config = JobConfig(data=data, model=ModelConfig(interaction=InteractionConfig(kind=interaction)))
     log = load_data(config, env)
     features, train_shards, test_log = log.categorical_features, log.split("train"), log.split("test")
     torch.manual_seed(0)
-    model = build_model(config.model, len(log.dense_features), log.table_sizes, device=torch.device("cpu"))
+    model = build_model(
+        config.model, len(log.dense_features), log.table_sizes, device=torch.device("cpu"), lists=log.lists
+    )
     unsharded = MultiTaskTrain(copy.deepcopy(model), EsmmObjective(rating_offset=3.0))
     sharded, optimizer = shard_model(
         MultiTaskTrain(model, EsmmObjective(rating_offset=3.0)), env, sharding_types=[sharding_type]

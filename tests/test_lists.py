@@ -1,5 +1,5 @@
-"""List columns (multi-valued categoricals): the schema's rules, preprocessing of hostile lists, the shards and the
-loader's KeyedJaggedTensor."""
+"""List columns (multi-valued categoricals): the schema's rules, preprocessing of hostile lists, the shards, the
+loader's KeyedJaggedTensor, the tables a model builds for them, and the paths that refuse them for now."""
 
 from __future__ import annotations
 
@@ -10,13 +10,23 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+import yaml
 
+from torchrec_mtl import embedding_tables as embedding_tables_module
+from torchrec_mtl import model as model_module
+from torchrec_mtl.build import build_model
+from torchrec_mtl.config import ConfigError, ModelConfig, load_config
 from torchrec_mtl.data import shards as shards_module
 from torchrec_mtl.data.loader import BatchLoader
 from torchrec_mtl.data.preprocess import REASONS, preprocess
 from torchrec_mtl.data.preprocess import parse as parse_module
 from torchrec_mtl.data.shards import ShardedLog, ShardError
+from torchrec_mtl.embedding_tables import embedding_tables, table_of
+from torchrec_mtl.errors import NotSupportedYet
+from torchrec_mtl.inference import refuse_list_features
+from torchrec_mtl.model import OrderedSparseArch
 from torchrec_mtl.schema import DatasetSchema, ListSpec, SchemaError
+from torchrec_mtl.train.optimizers import embedding_optimizer_specs
 
 # A small log of one label, one integer, a user, an item, a history of items sharing the item's vocabulary and
 # table, and tags of their own (hashed, sum-pooled); decimal tokens.
@@ -294,3 +304,89 @@ def test_id_dropout_leaves_lists_alone_and_refuses_a_list(tmp_path):
         BatchLoader(shards, log.categorical_features, 100, id_dropout={"history": 0.1})
     with pytest.raises(ValueError, match="lack the shards' list feature"):
         BatchLoader(shards, ["user", "item", "history"], 100)
+
+
+# --- the tables and the model -------------------------------------------------------------------------------------
+
+
+def test_each_feature_maps_to_one_table_and_a_shared_table_pools_as_its_lists():
+    lists = _schema().lists
+    assert doctest.testmod(embedding_tables_module).failed == 0
+    tables = embedding_tables({"user": 4, "item": 9, "history": 9, "tags": 10}, lists)
+    assert [(t.name, t.features, t.rows, t.pooling) for t in tables] == [
+        ("t_user", ("user",), 4, "sum"), ("t_item", ("item", "history"), 9, "mean"), ("t_tags", ("tags",), 10, "sum"),
+    ]  # fmt: skip
+    assert [table_of(f, lists) for f in ("user", "item", "history", "tags")] == ["t_user", "t_item", "t_item", "t_tags"]
+    with pytest.raises(ValueError, match="shares the table of 'item', which is not a feature here"):
+        embedding_tables({"user": 4, "history": 9}, lists)
+    with pytest.raises(ValueError, match="'history' has 8 rows, the table of 'item' it shares 9"):
+        embedding_tables({"item": 9, "history": 8}, lists)
+    specs = embedding_optimizer_specs(["item", "history", "tags"], "rowwise_adagrad", 0.05, {"item": ("sgd", 0.1)},
+                                      lists)  # fmt: skip
+    assert specs == {"t_item": ("sgd", 0.1), "t_tags": ("rowwise_adagrad", 0.05)}
+    assert doctest.testmod(model_module).failed == 0
+
+
+def test_a_history_element_is_its_item_embedding_and_a_list_pools_by_its_rule():
+    lists = _schema().lists
+    sizes = {"user": 4, "item": 9, "history": 9, "tags": 10}
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(embedding_dim=16), 1, sizes, torch.device("cpu"), lists=lists)
+    collection = model.sparse_arch.embedding_bag_collection
+    assert sorted(collection.embedding_bags) == ["t_item", "t_tags", "t_user"]
+    assert model.sparse_arch.sparse_feature_names == ["user", "item", "history", "tags"]
+    item_table = collection.embedding_bags["t_item"].weight.detach()
+    tag_table = collection.embedding_bags["t_tags"].weight.detach()
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    # two rows: (user 1, item 3, history [3], tags [2, 5]) and (user 2, item 4, history [3, 4, 8], tags [])
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["user", "item", "history", "tags"],
+        values=torch.tensor([1, 2, 3, 4, 3, 3, 4, 8, 2, 5]),
+        lengths=torch.tensor([1, 1, 1, 1, 1, 3, 2, 0], dtype=torch.int32),
+    )
+    pooled = model.sparse_arch(kjt).detach()  # [B, F, D] in feature order
+    torch.testing.assert_close(pooled[0, 2], pooled[0, 1])  # the clicked item's embedding is the candidate's
+    torch.testing.assert_close(pooled[0, 2], item_table[3])
+    torch.testing.assert_close(pooled[1, 2], item_table[[3, 4, 8]].mean(dim=0))  # mean-pooled history
+    torch.testing.assert_close(pooled[0, 3], tag_table[[2, 5]].sum(dim=0))  # sum-pooled tags
+    torch.testing.assert_close(pooled[1, 3], torch.zeros(16))  # an empty list pools to zeros
+    assert model.interaction.out_features == 16 * 5 + 10, "one pooled vector per feature, lists included"
+
+    with pytest.raises(ValueError, match="are not the tables'"):
+        OrderedSparseArch(collection, ["user", "item", "tags"])
+
+
+# --- configs and the paths that refuse lists ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def list_schema_file(tmp_path):
+    path = tmp_path / "lists.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    return path
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("training.tables={history: {optimizer: sgd}}", "list 'history' looks up the table of 'item'"),
+        ("training.augmentation.feature_dropout={tags: 0.1}", "feature_dropout.tags: a list column"),
+        ("model.retrieval.item_features=[history]", "the first, 'history', is the item the in-batch softmax counts"),
+    ],
+)
+def test_configs_naming_a_list_where_only_single_ids_work_are_refused(list_schema_file, override, message):
+    tasks = "{ctr: {label: click}" + (", match: {label: click, kind: retrieval}}" if "retrieval" in override else "}")
+    overrides = [f"data.schema={list_schema_file}", "model.text=null", f"objective.tasks={tasks}",
+                 "objective.products={}", override]  # fmt: skip
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/mmoe_synthetic.yaml", overrides)
+
+
+def test_the_one_id_paths_refuse_a_list_model_naming_the_feature(tmp_path):
+    spec = {"separator": "|", "max_length": 3, "keep": "last", "pooling": "mean", "shares": "user"}
+    inputs = {"features": ["user", "history"], "lists": {"history": spec}}
+    with pytest.raises(NotSupportedYet, match="feature 'history' is a list column .* not support list features yet"):
+        refuse_list_features(inputs, tmp_path)
+    refuse_list_features({"features": ["user"], "lists": {}}, tmp_path)
+    refuse_list_features({"features": ["user"]}, tmp_path)  # a checkpoint from before lists

@@ -5,20 +5,23 @@ retrieval arch.
 Example::
 
     >>> model = build_model(config.model, num_dense=13, table_sizes={"C1": 1000, "C2": 500})  # doctest: +SKIP
+    >>> lists = {"history": ListSpec(separator="|", max_length=50, shares="C2")}  # history looks up t_C2, mean-pooled
+    >>> model = build_model(config.model, 13, {"C1": 1000, "C2": 500, "history": 500}, lists=lists)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import random
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_mtl.config import JobConfig, ModelConfig, TextConfig, TowerConfig
 from torchrec_mtl.data.shards import EncodedLog
+from torchrec_mtl.embedding_tables import NO_LISTS, embedding_tables
 from torchrec_mtl.model import MultiTaskModel
 from torchrec_mtl.modules.interactions import INTERACTIONS
 from torchrec_mtl.modules.item_text import (
@@ -29,8 +32,12 @@ from torchrec_mtl.modules.item_text import (
 )
 from torchrec_mtl.modules.towers import TOWERS
 from torchrec_mtl.modules.two_tower import InBatchSoftmax, TwoTowerArch
+from torchrec_mtl.schema import ListSpec
 from torchrec_mtl.tasks import TOWER_TASKS
 from torchrec_mtl.text.table import ItemTextTable
+
+
+POOLINGS = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}  # a list's ``pooling`` as torchrec's
 
 
 def seed_everything(seed: int) -> None:
@@ -47,17 +54,24 @@ def build_model(
     task_names: Optional[List[str]] = None,
     item_text: Optional[torch.nn.Module] = None,
     retrieval_features: Optional[Tuple[List[str], List[str]]] = None,
+    lists: Mapping[str, ListSpec] = NO_LISTS,
 ) -> MultiTaskModel:
-    """One embedding table per categorical feature (``table_sizes``: feature -> rows) under the configured tower,
-    with ``item_text`` (``build_item_text``) as one more embedding when given, and with ``retrieval_features``
-    (the user and the item tower's features) the two-tower arch of ``config.retrieval``."""
+    """The embedding tables of the categorical features (``table_sizes``: feature -> rows of the table it looks
+    up; ``lists``: which of them are list columns, pooled and maybe sharing a table, as torchrec_mtl.embedding_tables
+    lays out) under the configured tower, one pooled vector per feature in ``table_sizes`` order, with ``item_text``
+    (``build_item_text``) as one more embedding when given, and with ``retrieval_features`` (the user and the item
+    tower's features) the two-tower arch of ``config.retrieval``."""
     tables = [
         EmbeddingBagConfig(
-            name=f"t_{feature}", embedding_dim=config.embedding_dim, num_embeddings=rows, feature_names=[feature]
+            name=table.name,
+            embedding_dim=config.embedding_dim,
+            num_embeddings=table.rows,
+            feature_names=list(table.features),
+            pooling=POOLINGS[table.pooling],
         )
-        for feature, rows in table_sizes.items()
+        for table in embedding_tables(table_sizes, lists)
     ]
-    interaction = build_interaction(config, len(tables) + (item_text is not None))
+    interaction = build_interaction(config, len(table_sizes) + (item_text is not None))
     tower = build_tower(config.tower, interaction.out_features, task_names or TOWER_TASKS)
     ebc = EmbeddingBagCollection(tables=tables, device=device)
     two_tower = None
@@ -65,7 +79,9 @@ def build_model(
         columns = [[list(table_sizes).index(feature) for feature in side] for side in retrieval_features]
         r = config.retrieval
         two_tower = TwoTowerArch(*columns, config.embedding_dim, item_text is not None, r.layer_sizes, r.dim)
-    return MultiTaskModel(ebc, num_dense, config.dense_arch_layer_sizes, tower, item_text, two_tower, interaction)
+    return MultiTaskModel(
+        ebc, num_dense, config.dense_arch_layer_sizes, tower, item_text, two_tower, interaction, list(table_sizes)
+    )
 
 
 def build_item_text(
@@ -124,9 +140,10 @@ def build_retrieval_loss(
     table_sizes: Dict[str, int],
 ) -> Tuple[InBatchSoftmax, str]:
     """The retrieval task's loss, its popularity correction counted over the training split's positive rows (the
-    in-batch candidates), and the item feature it reads (the item tower's first)."""
+    in-batch candidates), and the item feature it reads (the item tower's first, a single-ID feature)."""
     item_feature = two_tower_features[1][0]
-    column = features.index(item_feature)
+    lists = train_shards[0].lists if train_shards else {}
+    column = [f for f in features if f not in lists].index(item_feature)  # among the sparse (single-ID) columns
     num_rows = table_sizes[item_feature]
     counts = np.zeros(num_rows, dtype=np.int64)
     for shard in train_shards:

@@ -23,7 +23,14 @@ from torchrec_mtl.data.shards import ShardError
 from torchrec_mtl.outputs import OutputError
 from torchrec_mtl.schema import SchemaError
 from torchrec_mtl.text.cache import TextCacheError
-from torchrec_mtl.errors import CheckpointError, DeviceError, EnsembleError, NonFiniteLoss, TrainingStopped
+from torchrec_mtl.errors import (
+    CheckpointError,
+    DeviceError,
+    EnsembleError,
+    NonFiniteLoss,
+    NotSupportedYet,
+    TrainingStopped,
+)
 from torchrec_mtl.report import ReportError
 
 if TYPE_CHECKING:
@@ -309,7 +316,7 @@ def _configs(args: argparse.Namespace) -> int:
 # Failures of the user's input, files or environment: one line on stderr, exit 2.
 USER_ERRORS = (
     SchemaError, LogFormatError, TooManyBadRows, ShardError, InputError, MissingInputError, OutputError,
-    TextCacheError, CheckpointError, ReportError, NonFiniteLoss, DeviceError, EnsembleError,
+    TextCacheError, CheckpointError, ReportError, NonFiniteLoss, DeviceError, EnsembleError, NotSupportedYet,
 )  # fmt: skip
 EXIT_USER_ERROR = 2
 # What to install when a part of the stack is missing (docs/install.md says why torchrec goes in with --no-deps).

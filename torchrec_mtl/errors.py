@@ -22,6 +22,11 @@ class DeviceError(ValueError):
     """A device this machine does not have (CUDA without a GPU, a GPU index past the last)."""
 
 
+class NotSupportedYet(ValueError):
+    """A model this command cannot take yet: one with list features (multi-valued categorical columns) in predict,
+    export, serving and vectors, which pass one ID per feature. The message names the feature."""
+
+
 class EnsembleError(ValueError):
     """Checkpoints that cannot be averaged: another schema, other tasks or other data than the first member's. The
     message names the member and what differs (torchrec_mtl.ensemble)."""

@@ -42,6 +42,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_mtl.build import build_cached_item_text, build_model
 from torchrec_mtl.config import JobConfig, config_from_dict, task_set
 from torchrec_mtl.device import DEFAULT_DEVICE
+from torchrec_mtl.errors import NotSupportedYet
 from torchrec_mtl.model import MultiTaskModel
 from torchrec_mtl.outputs import new_folder
 from torchrec_mtl.pruning import Pruning, prune_for_export
@@ -98,6 +99,20 @@ def one_id_per_feature(feature_names: List[str], sparse_ids: torch.Tensor) -> Ke
     )
 
 
+def refuse_list_features(inputs: Dict[str, Any], checkpoint: Path) -> None:
+    """NotSupportedYet naming the first list feature of a checkpoint's model inputs: the paths that load one here
+    (predict, export, serve.pt, vectors) pass one table row per feature (``one_id_per_feature``), which a list of
+    IDs does not fit yet. Training, evaluate and finetune take list features."""
+    lists = inputs.get("lists") or {}
+    if lists:
+        name, spec = next(iter(lists.items()))
+        raise NotSupportedYet(
+            f"{checkpoint}: feature {name!r} is a list column (up to {spec['max_length']} IDs per row, "
+            f"{spec['pooling']}-pooled); predict, export, serving and vectors take one ID per feature and do not "
+            f"support list features yet (train, evaluate and finetune do)"
+        )
+
+
 class InferenceModel(nn.Module):
     """``forward(dense_features [B, num_dense], sparse_ids [B, num_features])`` -> {task: [B]}: one table row per
     categorical feature (as preprocessing writes them), in ``feature_names`` order."""
@@ -140,6 +155,7 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = DEFAULT_DE
         raise CheckpointError(f"{path}: records no model inputs (written before they were saved); train again")
     if not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{path / TRAIN_STATE}: records no job config (the 'config' key); train again")
+    refuse_list_features(inputs, path)
     config = config_from_dict(state["config"])
     tasks = task_set(config.objective)
     device = torch.device(device)

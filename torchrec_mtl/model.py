@@ -48,12 +48,39 @@ def in_float32(outputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {name: value.float() for name, value in outputs.items()}
 
 
+class OrderedSparseArch(SparseArch):
+    """torchrec's SparseArch with the pooled embeddings in a given feature order.
+
+    SparseArch stacks them table after table, each table's features together; when a list shares another column's
+    table (torchrec_mtl.embedding_tables) that order is no longer the features' own, and the two-tower arch and the
+    interaction read positions. ``feature_names`` (None: the tables' order) puts them back.
+
+    Example::
+
+        >>> from torchrec.modules.embedding_configs import EmbeddingBagConfig
+        >>> tables = [
+        ...     EmbeddingBagConfig(name="t_item", embedding_dim=2, num_embeddings=5, feature_names=["item", "history"]),
+        ...     EmbeddingBagConfig(name="t_user", embedding_dim=2, num_embeddings=5, feature_names=["user"]),
+        ... ]
+        >>> OrderedSparseArch(EmbeddingBagCollection(tables=tables), ["user", "item", "history"]).sparse_feature_names
+        ['user', 'item', 'history']
+    """
+
+    def __init__(self, embedding_bag_collection: EmbeddingBagCollection, feature_names: Optional[List[str]] = None):
+        super().__init__(embedding_bag_collection)
+        if feature_names is not None:
+            if sorted(feature_names) != sorted(self._sparse_feature_names):
+                raise ValueError(f"feature_names {feature_names} are not the tables' {self._sparse_feature_names}")
+            self._sparse_feature_names = list(feature_names)
+
+
 class MultiTaskModel(nn.Module):
     """Sparse arch (EmbeddingBagCollection) + dense arch (MLP) -> interaction (default: [dense, pairwise dots,
     embeddings]) -> tower.
 
     Args:
-        embedding_bag_collection: one table per categorical feature, all of the same embedding dim.
+        embedding_bag_collection: the tables of the categorical features (one per single-ID feature, lists in
+            their own or a shared one: torchrec_mtl.embedding_tables), all of the same embedding dim.
         dense_in_features: number of dense (integer) features.
         dense_arch_layer_sizes: MLP sizes for the dense features; the last must equal the embedding dim.
         tower: module mapping [B, tower_in_features(...)] to a dict of per-task logits.
@@ -63,6 +90,7 @@ class MultiTaskModel(nn.Module):
             its user and item vectors join the output under ``USER_VECTOR`` and ``ITEM_VECTOR``.
         interaction: what makes the tower's input of the dense output and the embeddings
             (torchrec_mtl.modules.interactions; its ``out_features`` is the tower's width); default DLRM's dots.
+        feature_names: the order of the pooled embeddings (``OrderedSparseArch``; None: the tables' order).
     """
 
     def __init__(
@@ -74,6 +102,7 @@ class MultiTaskModel(nn.Module):
         item_text: Optional[ItemTextArch] = None,
         retrieval: Optional[TwoTowerArch] = None,
         interaction: Optional[nn.Module] = None,
+        feature_names: Optional[List[str]] = None,
     ) -> None:
         super().__init__()
         dims = {table.embedding_dim for table in embedding_bag_collection.embedding_bag_configs()}
@@ -82,7 +111,7 @@ class MultiTaskModel(nn.Module):
                 f"all tables and the dense arch's last layer need one embedding dim; tables {sorted(dims)}, "
                 f"dense arch ends at {dense_arch_layer_sizes[-1]}"
             )
-        self.sparse_arch = SparseArch(embedding_bag_collection)
+        self.sparse_arch = OrderedSparseArch(embedding_bag_collection, feature_names)
         self.dense_arch = DenseArch(dense_in_features, dense_arch_layer_sizes)
         self.item_text = item_text
         num_embeddings = len(self.sparse_arch.sparse_feature_names) + (item_text is not None)

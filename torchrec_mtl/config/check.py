@@ -22,6 +22,7 @@ from torchrec_mtl.config.sections import (
     TrainingConfig,
 )
 from torchrec_mtl.data.synthetic import SyntheticConfig
+from torchrec_mtl.embedding_tables import table_owner
 from torchrec_mtl.modules.item_text import ITEM_TEXT_FEATURE
 from torchrec_mtl.modules.interactions import INTERACTIONS
 from torchrec_mtl.modules.towers import TOWERS
@@ -107,6 +108,11 @@ def _check_lever_names(config: JobConfig, schema: DatasetSchema, features: List[
     """The features ``training.augmentation.feature_dropout`` names and the labels ``training.label_noise`` flips."""
     shares = config.training.augmentation.feature_dropout
     for key in shares if isinstance(shares, dict) else []:
+        if key in schema.lists:
+            raise ConfigError(
+                f"training.augmentation.feature_dropout.{key}: a list column of {config.data.schema}; feature dropout "
+                f"acts on single-ID features only (a list is left as it was read)"
+            )
         if key not in features:
             raise ConfigError(
                 f"training.augmentation.feature_dropout.{key}: not a feature of {config.data.schema}; allowed: "
@@ -282,6 +288,12 @@ def _check(config: JobConfig) -> None:
                         f"training.tables.{key}: {feature.strip()!r} is not a categorical feature of "
                         f"{config.data.schema}; allowed: {', '.join(features)}"
                     )
+                owner = table_owner(feature.strip(), schema.lists)
+                if owner != feature.strip():
+                    raise ConfigError(
+                        f"training.tables.{key}: list {feature.strip()!r} looks up the table of {owner!r} (its "
+                        f"shares in {config.data.schema}); set the table's options under {owner!r}"
+                    )
         _check_lever_names(config, schema, features)
         if model.text is not None and schema.item_text_key is None:
             raise ConfigError(
@@ -309,6 +321,11 @@ def _check_retrieval(retrieval: RetrievalConfig, schema: DatasetSchema, schema_p
             raise ConfigError(
                 f"model.retrieval.{side}_features: {unknown} are not categorical features of {schema_path}; "
                 f"allowed: {', '.join(schema.categorical)}"
+            )
+        if side == "item" and features[0] in schema.lists:
+            raise ConfigError(
+                f"model.retrieval.item_features: the first, {features[0]!r}, is the item the in-batch softmax counts "
+                f"and must hold one ID per row; it is a list column of {schema_path}"
             )
     for name in ("dim", "temperature"):
         if getattr(retrieval, name) <= 0:

@@ -40,7 +40,8 @@ from torchrec_mtl.text.cache import encode_items_file
 from torchrec_mtl.text.table import ItemTextTable
 from torchrec_mtl.train.distributed import DistributedEnv, TableOptions, load_table_weights, shard_model
 from torchrec_mtl.train.loop import make_eval_pipeline, make_pipeline
-from torchrec_mtl.train.optimizers import LearningRateSchedule, table_name
+from torchrec_mtl.train.optimizers import LearningRateSchedule
+from torchrec_mtl.embedding_tables import table_of
 
 
 def _ensure_synthetic_data(config: JobConfig, env: DistributedEnv) -> None:
@@ -104,7 +105,7 @@ class PreparedJob:
     tasks: TaskSet
     train_shards: List[EncodedLog]
     test_shards: List[EncodedLog]
-    features: List[str]  # the KJT keys: the categorical features, then ITEM_TEXT_FEATURE with text
+    features: List[str]  # the KJT keys: the categorical features (lists included), then ITEM_TEXT_FEATURE with text
     text_table: Optional[ItemTextTable]
     objective: MultiTaskObjective
     sharded: DistributedModelParallel
@@ -131,6 +132,7 @@ class PreparedJob:
         return {
             "features": list(self.features),
             "table_sizes": dict(self.log.table_sizes),
+            "lists": {name: dataclasses.asdict(spec) for name, spec in self.log.lists.items()},
             "num_dense": len(self.log.dense_features),
             "dense_features": list(self.log.dense_features),
             "offsets": dict(self.objective.offsets),
@@ -145,12 +147,17 @@ class PreparedJob:
             return None
         return np.concatenate([shard.keys[user_column] for shard in self.test_shards])
 
+    @property
+    def single_id_features(self) -> List[str]:
+        """The features of one ID per row (the shards' sparse columns, in order): ``features`` less the lists."""
+        return [f for f in self.features if f not in self.log.lists]
+
     def augmentation(self) -> Optional[Augmentation]:
-        """``training.augmentation`` over this job's features (None when off)."""
+        """``training.augmentation`` over this job's single-ID features (None when off; lists are left alone)."""
         augment = self.config.training.augmentation
         return Augmentation.from_config(
-            self.features, augment.feature_dropout, augment.text_mix,
-            self.config.training.seed if augment.seed is None else augment.seed, self.log.categorical_features,
+            self.single_id_features, augment.feature_dropout, augment.text_mix,
+            self.config.training.seed if augment.seed is None else augment.seed, self.log.single_id_features,
             ITEM_TEXT_FEATURE,
         )  # fmt: skip
 
@@ -233,7 +240,7 @@ def prepare_job(config: JobConfig, env: DistributedEnv) -> PreparedJob:
         two_tower_features = retrieval_features(config.model.retrieval, DatasetSchema.from_yaml(config.data.schema))
     model = build_model(
         config.model, len(log.dense_features), table_sizes, task_names=tasks.tower_tasks, item_text=item_text,
-        retrieval_features=two_tower_features,
+        retrieval_features=two_tower_features, lists=log.lists,
     )  # fmt: skip
     frozen_parts = config.finetune.freeze if config.finetune is not None else []
     freeze(model, frozen_parts)
@@ -267,7 +274,7 @@ def prepare_job(config: JobConfig, env: DistributedEnv) -> PreparedJob:
             training.dense_lr,
             training.sharding_types,
             tables={
-                table_name(feature): TableOptions(t.sharding_types, t.compute_kernels, t.optimizer, t.lr)
+                table_of(feature, log.lists): TableOptions(t.sharding_types, t.compute_kernels, t.optimizer, t.lr)
                 for feature, t in table_groups(training).items()
             },
             memory_budget_bytes=int(training.memory_budget_gb * 2**30) if training.memory_budget_gb else None,

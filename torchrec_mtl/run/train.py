@@ -166,7 +166,7 @@ def _run_job(
     training = config.training
     show = training.progress and env.is_main
     first = job.train_shards[0]  # checked before training: a copied label is worth knowing before hours of it
-    warnings = label_copy_warnings(first.dense, first.sparse, first.labels, log.dense_features, job.features)
+    warnings = label_copy_warnings(first.dense, first.sparse, first.labels, log.dense_features, job.single_id_features)
     gated = find(sharded, Gated)
     train_loader = job.loader("train")
     checkpointer = Checkpointer(checkpoint_dir(config), keep=config.checkpoint.keep)

@@ -25,6 +25,9 @@ from torchrec.optim.clipping import GradientClipping, GradientClippingOptimizer
 from torchrec.optim.keyed import KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from torchrec_mtl.embedding_tables import NO_LISTS, table_of, table_owner
+from torchrec_mtl.schema import ListSpec
+
 EMBEDDING_OPTIMIZERS = {
     "rowwise_adagrad": RowWiseAdagrad,
     "adagrad": torch.optim.Adagrad,
@@ -42,21 +45,18 @@ DENSE_OPTIMIZERS = {
 LR_DECAYS = ("constant", "linear", "cosine")
 
 
-def table_name(feature: str) -> str:
-    """The embedding table of a categorical feature (torchrec_mtl.build.build_model names them so)."""
-    return f"t_{feature}"
-
-
 def embedding_optimizer_specs(
     features: Sequence[str],
     default_optimizer: str,
     default_lr: float,
     overrides: Optional[Mapping[str, Tuple[str, float]]] = None,
+    lists: Mapping[str, ListSpec] = NO_LISTS,
 ) -> Dict[str, Tuple[str, float]]:
-    """Table name -> (optimizer, learning rate): the default for every feature's table, except ``overrides``
-    (feature -> (optimizer, lr))."""
+    """Table name -> (optimizer, learning rate): the default for every feature's table (``lists``: the list
+    features, which may share another's table: torchrec_mtl.embedding_tables), except ``overrides`` (feature ->
+    (optimizer, lr); a shared table takes its owner's)."""
     overrides = dict(overrides or {})
-    return {table_name(f): overrides.get(f, (default_optimizer, default_lr)) for f in features}
+    return {table_of(f, lists): overrides.get(table_owner(f, lists), (default_optimizer, default_lr)) for f in features}
 
 
 def apply_embedding_optimizers(
