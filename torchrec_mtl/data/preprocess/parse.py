@@ -317,7 +317,7 @@ class ChunkParser:
                 t = stand_ins.pop(n)
                 rejections[k] = (n, "line too long", "", t.value(), t.raw_line())
         assert not stand_ins, f"lines {sorted(stand_ins)} too long but not empty stand-ins"
-        # the kept rows' parsed values only: their text fields (a list's split strings above all) are not copied
+        # the kept rows' parsed values only (all that is read below): their text fields are not copied again
         kept = frame.select(pl.exclude("^field_.*$")).filter(~pl.col("rejected"))
         rows = kept.height
         return ParsedChunk(
