@@ -147,7 +147,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from torchrec_mtl.config import load_config
 
     torch.set_num_threads(args.threads)
-    config = load_config(raw=json.loads(args.config.read_text()), overrides=args.override)
+    # the bare step leaves the gradient-cosine diagnostic out: its extra backward passes are not the step's
+    step_only = ["objective.gradient_cosine_every=0"] if args.mode == "step" else []
+    config = load_config(raw=json.loads(args.config.read_text()), overrides=[*args.override, *step_only])
     started = time.perf_counter()
     if args.mode == "trainer":
         result = trainer(config, args.limit)
