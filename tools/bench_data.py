@@ -10,10 +10,13 @@ What it measures, side by side in one run:
 2. ``torchrec``: torchrec's ``BinaryCriteoUtils.tsv_to_npys`` over the first ``--torchrec-rows`` lines of the same log
    (it holds all rows as Python lists, so the whole log would not fit), also in a child process. The rows/s of the
    two give ``preprocess_speedup``.
-3. ``loader``: samples/s of iterating a shuffled ``BatchLoader`` (batch size 1024) over the preprocessed shards,
+3. ``polars``: polars' own ``read_csv`` of the same log (the whole file, or its first ``--polars-rows`` lines) into
+   one in-memory frame, in a child process: a stronger baseline than torchrec's converter, parsing alone (no
+   vocabulary, hashing or shards written). ``preprocess_over_polars`` is our rows/s over its.
+4. ``loader``: samples/s of iterating a shuffled ``BatchLoader`` (batch size 1024) over the preprocessed shards,
    counting everything from the start of an epoch (window reads included) over at least two 1M-row windows or the
    whole epoch if it is smaller.
-4. ``train``: samples/s of the real training step (DistributedModelParallel + TrainPipelineSparseDist, default
+5. ``train``: samples/s of the real training step (DistributedModelParallel + TrainPipelineSparseDist, default
    ``ModelConfig``: embedding dim 16, MMoE) over batches held in memory, so that the loader is not measured; tables
    are the terabyte sizes capped at ``--table-cap`` rows (ids folded modulo the cap), the objective is the CTR term
    alone. ``loader_over_train`` > 1 means the loader keeps up with training.
@@ -45,7 +48,15 @@ import time
 from pathlib import Path
 
 # the spawned children run functions of bench_data_phases, importable there too: tools/ is on their sys.path
-from bench_data_phases import BATCH_SIZE, bench_loader, bench_train, child_preprocess, child_torchrec, run_child
+from bench_data_phases import (
+    BATCH_SIZE,
+    bench_loader,
+    bench_train,
+    child_polars,
+    child_preprocess,
+    child_torchrec,
+    run_child,
+)
 
 GIB = float(1 << 30)
 
@@ -113,6 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=10_000_000, help="rows of the generated log")
     parser.add_argument("--torchrec-rows", type=int, default=1_000_000, help="head rows for torchrec's tsv_to_npys")
+    parser.add_argument("--polars-rows", type=int, default=0, help="lines polars reads (0: the whole log)")
     parser.add_argument("--work", type=Path, default=Path("runs/bench_data"), help="folder for generated files")
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     parser.add_argument("--threads", type=int, default=2, help="torch and polars threads")
@@ -129,20 +141,26 @@ def format_table(results: dict) -> str:
     def number(value: float, digits: int = 0) -> str:
         return f"{value:,.{digits}f}"
 
+    def three(prefix: str, digits: int = 0) -> tuple:
+        return tuple(number(results[f"{side}_{prefix}"], digits) for side in ("preprocess", "torchrec", "polars"))
+
     rows = [
-        ("", "ours (preprocess)", "torchrec (tsv_to_npys)"),
-        ("rows", number(results["rows"]), number(results["torchrec_rows"])),
-        ("seconds", number(results["preprocess_seconds"], 1), number(results["torchrec_seconds"], 1)),
-        ("rows/s", number(results["preprocess_rows_per_s"]), number(results["torchrec_rows_per_s"])),
-        ("peak RSS GiB", number(results["preprocess_peak_rss_gib"], 2), number(results["torchrec_peak_rss_gib"], 2)),
-        ("speedup (ours/torchrec)", number(results["preprocess_speedup"], 1) + "x", ""),
-        ("", "", ""),
-        ("loader samples/s", number(results["loader_samples_per_s"]), f"{results['loader_batches']} batches"),
-        ("train samples/s", number(results["train_samples_per_s"]), f"{results['train_steps']} steps"),
-        ("loader / train", number(results["loader_over_train"], 1) + "x", ""),
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    return "\n".join(f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}".rstrip() for a, b, c in rows)
+        ("", "ours (preprocess)", "torchrec (tsv_to_npys)", "polars (read_csv)"),
+        ("rows", number(results["rows"]), number(results["torchrec_rows"]), number(results["polars_rows"])),
+        ("seconds", *three("seconds", 1)),
+        ("rows/s", *three("rows_per_s")),
+        ("peak RSS GiB", *three("peak_rss_gib", 2)),
+        ("ours over it", "", number(results["preprocess_speedup"], 1) + "x",
+         number(results["preprocess_over_polars"], 2) + "x"),
+        ("", "", "", ""),
+        ("loader samples/s", number(results["loader_samples_per_s"]), f"{results['loader_batches']} batches", ""),
+        ("train samples/s", number(results["train_samples_per_s"]), f"{results['train_steps']} steps", ""),
+        ("loader / train", number(results["loader_over_train"], 1) + "x", "", ""),
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join(
+        f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}  {d:>{widths[3]}}".rstrip() for a, b, c, d in rows
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,11 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     head = ensure_head(work, log, torchrec_rows)
     theirs = run_child("torchrec", child_torchrec, str(head), str(work / f"torchrec_{torchrec_rows}"), args.threads)
 
+    polars = run_child("polars", child_polars, str(log), str(work / "polars"), args.polars_rows)
+
     loader = bench_loader(shards_dir, args.loader_batches)
     trained = bench_train(shards_dir, args.table_cap, args.train_warmup, args.train_steps)
 
     preprocess_rate = ours["rows"] / ours["seconds"]
     torchrec_rate = theirs["rows"] / theirs["seconds"]
+    polars_rate = polars["rows"] / polars["seconds"]
     results = {
         "rows": ours["rows"],
         "log_bytes": log_bytes,
@@ -187,6 +208,14 @@ def main(argv: list[str] | None = None) -> int:
         "torchrec_peak_rss_gib": theirs["peak_rss_bytes"] / GIB,
         "torchrec_seconds": theirs["seconds"],
         "preprocess_speedup": preprocess_rate / torchrec_rate,
+        "polars_rows": polars["rows"],
+        "polars_rows_per_s": polars_rate,
+        "polars_peak_rss_gib": polars["peak_rss_bytes"] / GIB,
+        "polars_seconds": polars["seconds"],
+        "polars_frame_gib": polars["bytes_in_memory"] / GIB,
+        "polars_threads": polars["threads"],
+        # ours (parse, vocabulary, shards written) over polars' bare parse into memory
+        "preprocess_over_polars": preprocess_rate / polars_rate,
         "batch_size": BATCH_SIZE,
         "loader_samples_per_s": loader["samples_per_s"],
         "loader_batches": loader["batches"],
