@@ -104,7 +104,7 @@ def test_the_smoke_run_with_the_peers_divides_ours_by_the_fastest_peer(tmp_path)
     for key, ratio in RATIOS.items():
         rates = result["samples_per_s"][key]
         fastest = max(rates[peer] for peer in ("deepctr_torch", "torch_rechub"))
-        assert result[ratio] == pytest.approx(rates["ours"] / fastest, rel=1e-3), ratio
+        assert result[ratio] == pytest.approx(rates["ours"] / fastest, abs=5e-4), ratio  # rounded to 3 places
         assert result["peak_rss_bytes"][key]["deepctr_torch"] > 0 and result["peak_rss_bytes"][key]["torch_rechub"] > 0
     for peer in ("deepctr_torch", "torch_rechub"):
         assert set(result["test_auc"][peer]) == {"ctr", "cvr", "ctcvr"}

@@ -184,8 +184,23 @@ def run_child(contender: Contender, folder: Path, limit_s: float, threads: int) 
     return record
 
 
+def warm_up(contenders: List[Contender], args: argparse.Namespace, work: Path) -> None:
+    """A few untimed steps of each bare-step contender first: the first process to train after a while pays for
+    paging in its libraries' code and the data (in a smoke run the first trainer was 5x slower than the same run
+    right after it), which would otherwise fall on whichever contender goes first."""
+    for contender in contenders:
+        if contender.mode == "step":
+            command = [*contender.command, "--warmup", "1", "--steps", "2"]  # the last value of an option wins
+            folder = work / "children" / f"warm_up_{contender.key}_{contender.name}"
+            record = run_child(Contender(contender.name, "step", contender.part, command), folder, 0.0, args.threads)
+            if "error" in record:
+                print(f"warm-up {contender.key} {contender.name}: {record['error']}", flush=True)
+
+
 def run_rounds(contenders: List[Contender], args: argparse.Namespace, work: Path) -> List[Dict[str, Any]]:
-    """Every contender once per round, in turns (reversed every other round); each finished run's record."""
+    """Every contender once per round, in turns (reversed every other round), after an untimed warm-up; each
+    finished run's record."""
+    warm_up(contenders, args, work)
     records = []
     for index in range(args.rounds):
         order = contenders if index % 2 == 0 else contenders[::-1]
