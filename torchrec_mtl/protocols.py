@@ -46,6 +46,14 @@ class NeedsSharedParameters(Protocol):
     def attach(self, parameters: Iterable[nn.Parameter]) -> None: ...
 
 
+@runtime_checkable
+class PlansSteps(Protocol):
+    """A part that samples some of a run's training steps (the objective's gradient cosine): the training loop tells
+    it the run's length (at most ``total_steps``) and the steps done before it starts (a resume)."""
+
+    def plan_steps(self, total_steps: int, steps_done: int) -> None: ...
+
+
 P = TypeVar("P")
 
 

@@ -160,32 +160,59 @@ def label_copy_warnings(
 class TaskGradientCosine:
     """Mean cosine similarity between loss terms' gradients on the shared tower parameters, sampled during training.
 
-    Every ``every`` training steps each term's gradient on the shared parameters is taken (one extra backward pass
-    per term through the tower; the embedding tables' gradients are fused away and not seen) and the pairwise
-    cosines are averaged. Near 1: the tasks pull the shared parameters the same way; below 0: they conflict.
+    One training step in every ``every`` is measured: each term's gradient on the shared parameters is taken (one
+    extra backward pass per term through the tower; the embedding tables' gradients are fused away and not seen) and
+    the pairwise cosines are averaged over the sampled steps. Near 1: the tasks pull the shared parameters the same
+    way; below 0: they conflict.
+
+    A sample costs one to three training steps' time (four terms, an MMoE of 4 experts [256, 128], batches of 2048 to
+    512 rows: more at the smaller), so it is sampled rather than paid every step: at ``every`` = 500
+    (``objective.gradient_cosine_every``'s default) about 0.3-0.6% of training time (tools/bench_diagnostics.py
+    measures the default diagnostics together). The sampled steps sit in the middle
+    of each span of ``every`` steps (step ``(every + 1) // 2``, then every ``every``), so the first is not the
+    untrained model; a run told its length (``plan_steps``, which ``train`` calls) shorter than that is sampled in its
+    middle instead, so every run of at least one step carries a sample. Steps are counted from the run's start: after a
+    resume, the steps before it count (their cosines are not kept, only this process's samples are).
 
     Example::
 
         >>> monitor = TaskGradientCosine(every=1)
         >>> shared = nn.Parameter(torch.ones(3)); monitor.attach([shared])
         >>> monitor.observe({"a": shared.sum(), "b": -shared.sum()})
-        >>> monitor.summary()
-        {'a|b': -1.0}
+        >>> monitor.summary(), monitor.sampled_steps
+        ({'a|b': -1.0}, [1])
     """
 
-    def __init__(self, every: int = 100) -> None:
+    def __init__(self, every: int = 500) -> None:
+        if every < 1:
+            raise ValueError(f"every: {every}; allowed: >= 1")
         self.every = every
+        self.first = (every + 1) // 2  # the middle of the first span (1 for every <= 2)
         self.shared: List[nn.Parameter] = []
-        self.calls = 0
-        self.samples = 0
+        self.calls = 0  # training steps seen (a training forward is one step), those before a resume included
+        self.sampled_steps: List[int] = []
         self.sums: Dict[str, float] = {}
+
+    @property
+    def samples(self) -> int:
+        return len(self.sampled_steps)
 
     def attach(self, shared_parameters: List[nn.Parameter]) -> None:
         self.shared = [p for p in shared_parameters if p.requires_grad]
 
+    def plan_steps(self, total_steps: int, steps_done: int = 0) -> None:
+        """The run will train ``total_steps`` steps (at most: early stopping may end it sooner), ``steps_done`` of
+        them already (a resumed run): a run shorter than ``every`` is sampled in its middle."""
+        self.calls = steps_done
+        self.first = max(1, min((self.every + 1) // 2, (total_steps + 1) // 2))
+
+    def is_sampled(self, step: int) -> bool:
+        """Whether training step ``step`` (1-based) is one whose gradient cosine is measured."""
+        return step >= self.first and (step - self.first) % self.every == 0
+
     def observe(self, terms: Dict[str, torch.Tensor]) -> None:
         self.calls += 1
-        if not self.shared or len(terms) < 2 or (self.calls - 1) % self.every or not torch.is_grad_enabled():
+        if not self.shared or len(terms) < 2 or not self.is_sampled(self.calls) or not torch.is_grad_enabled():
             return
         flat = {name: flat_gradient(loss, self.shared) for name, loss in terms.items() if loss.requires_grad}
         names = list(flat)
@@ -194,7 +221,7 @@ class TaskGradientCosine:
                 cosine = torch.nn.functional.cosine_similarity(flat[first], flat[second], dim=0, eps=1e-12)
                 key = f"{first}|{second}"
                 self.sums[key] = self.sums.get(key, 0.0) + float(cosine)
-        self.samples += 1
+        self.sampled_steps.append(self.calls)
 
     def summary(self) -> Dict[str, float]:
         return {pair: round(total / max(self.samples, 1), 6) for pair, total in self.sums.items()}
