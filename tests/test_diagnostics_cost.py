@@ -1,13 +1,13 @@
 """What the training diagnostics cost and leave behind: the gradient cosine is measured on its sampled steps only
-(through the training loop, which tells it the run's length), and a sampled step keeps no graph and changes no
-gradient. An unsharded model under a stand-in for the training pipeline keeps these in the unit tier;
-tools/bench_diagnostics.py measures the time."""
+(through the training loop, which tells it the run's length), a sampled step keeps no graph and changes no gradient,
+and a curve point updates the metrics once. An unsharded model under a stand-in for the training pipeline keeps these
+in the unit tier; tools/bench_diagnostics.py measures the time."""
 
 from __future__ import annotations
 
 import gc
 import weakref
-from typing import Iterator, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 import pytest
@@ -22,7 +22,8 @@ from torchrec_mtl.data.shards import EncodedLog
 from torchrec_mtl.model import MultiTaskTrain
 from torchrec_mtl.tasks import MultiTaskObjective, esmm_tasks
 from torchrec_mtl.train.diagnostics import TaskGradientCosine
-from torchrec_mtl.train.loop import train
+from torchrec_mtl.train.loop import CurveWindow, train
+from torchrec_mtl.train.metrics import TaskMetrics
 
 TABLES = {f"C{i}": 20 for i in range(1, 5)}
 PAIRS = {"ctr|cvr", "ctr|rating", "ctr|ctcvr", "cvr|rating", "cvr|ctcvr", "rating|ctcvr"}
@@ -151,3 +152,28 @@ def test_a_sampled_step_keeps_nothing_of_its_graph_and_trains_the_weights_as_wit
     # the extra gradients never reached .grad: every step's update, and so every weight, is the plain run's
     for (name, value), plain in zip(sampled_model.state_dict().items(), plain_model.state_dict().values(), strict=True):
         assert torch.equal(value, plain), name
+
+
+def test_a_curve_point_updates_the_metrics_once_with_the_same_values_as_batch_by_batch(monkeypatch):
+    kinds = {"ctr": "binary", "rating": "regression"}
+    generator = torch.Generator().manual_seed(0)
+    batches: List[Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]] = []
+    for _ in range(5):
+        labels = {"ctr": (torch.rand(16, generator=generator) < 0.3).float(), "rating": torch.rand(16) * 4 + 1}
+        labels["ctr"][:3] = float("nan")  # rows outside the task
+        batches.append(({"ctr": torch.rand(16, generator=generator), "rating": torch.rand(16) * 4 + 1}, labels))
+    reference = TaskMetrics(kinds, 16, 5 * 16, torch.device("cpu"), count_rows=True)
+    for predictions, labels in batches:
+        reference.update(predictions, labels)
+    expected = reference.compute()
+    window = CurveWindow(kinds, 16, 5, 1, torch.device("cpu"))
+    for predictions, labels in batches:
+        window.add(predictions, labels)
+    updates = []
+    original = TaskMetrics.update
+    monkeypatch.setattr(TaskMetrics, "update", lambda self, *args: updates.append(1) or original(self, *args))
+    result = window.compute()
+    assert len(updates) == 1 and window.batches == []
+    assert result.keys() == expected.keys()
+    for task, values in expected.items():
+        assert result[task] == pytest.approx(values, rel=1e-12), task

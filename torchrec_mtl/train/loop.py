@@ -91,10 +91,17 @@ class CurveWindow:
                 self.task_kinds, self.batch_size, self.window_size, self.device, count_rows=True
             )
         self._metrics.reset()
-        for predictions, labels in self.batches:
-            self._metrics.update(predictions, labels)
+        if self.batches:
+            # one update of the window's rows, not one per batch: torchrec's metrics take about a millisecond a call
+            # whatever its rows, and 100 calls a point were ~1% of training time at the defaults (the values are the
+            # same but for the order of float64 sums)
+            self._metrics.update(*(self._concatenated(part) for part in (0, 1)))
         self.batches = []
         return self._metrics.compute()
+
+    def _concatenated(self, part: int) -> Dict[str, torch.Tensor]:
+        """Each task's predictions (``part`` 0) or labels (1) of the kept batches, in their order, as one tensor."""
+        return {name: torch.cat([batch[part][name] for batch in self.batches]) for name in self.task_kinds}
 
 
 def _objective(model: nn.Module) -> Optional[nn.Module]:
