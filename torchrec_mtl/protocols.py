@@ -26,6 +26,15 @@ class Gated(Protocol):
 
 
 @runtime_checkable
+class ExposesTaskGates(Protocol):
+    """A gated tower whose per-task gates can be watched as they run: each module returns, for its task, the weights
+    ``gate_weights`` reports (a ``Gate``, called as ``gate(features, drop_experts)``), so a monitor needs no second pass
+    through the tower."""
+
+    def task_gates(self) -> Dict[str, nn.Module]: ...
+
+
+@runtime_checkable
 class ReportsTerms(Protocol):
     """An objective that keeps the last forward's loss terms (detached), to name a non-finite one."""
 
