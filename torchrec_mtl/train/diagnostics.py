@@ -55,6 +55,8 @@ class GateMonitor:
         collapsed_below: an expert whose mean weight is below this for every task is reported as collapsed.
     """
 
+    FOLD_ROWS = 1 << 16  # rows of a task's gate weights kept before they are summed (4 experts: 1 MiB in float32)
+
     def __init__(self, tower: nn.Module, collapsed_below: float = 0.01) -> None:
         if not isinstance(tower, Gated):
             raise TypeError(f"{type(tower).__name__} has no gates (gate_weights)")
@@ -62,6 +64,8 @@ class GateMonitor:
         self.task_rows: Dict[str, int] = {}
         self.entropy: Dict[str, torch.Tensor] = {}
         self.usage: Dict[str, torch.Tensor] = {}
+        self._kept: Dict[str, List[torch.Tensor]] = {}  # batches of weights not yet folded into the sums
+        self._kept_rows: Dict[str, int] = {}
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
 
     @property
@@ -102,15 +106,29 @@ class GateMonitor:
             self._add(task, weights)
 
     def _add(self, task: str, weights: torch.Tensor) -> None:
-        """One batch of a task's gate weights [B, experts] into its entropy and usage sums."""
-        weights = weights.detach().double()
+        """One batch of a task's gate weights [B, experts], kept until ``FOLD_ROWS`` rows of them are folded into its
+        entropy and usage sums at once: the sums' few small operations cost more than a gate's forward, a batch at a
+        time (about 0.2 ms a step, ~0.4% of training time at the defaults)."""
+        self._kept.setdefault(task, []).append(weights.detach())
+        self.task_rows[task] = self.task_rows.get(task, 0) + weights.shape[0]
+        self._kept_rows[task] = self._kept_rows.get(task, 0) + weights.shape[0]
+        if self._kept_rows[task] >= self.FOLD_ROWS:
+            self._fold(task)
+
+    def _fold(self, task: str) -> None:
+        """The kept batches of ``task``'s gate weights into its entropy and usage sums."""
+        if not self._kept.get(task):
+            return
+        weights = torch.cat(self._kept.pop(task)).double()
+        self._kept_rows[task] = 0
         entropy = -(weights * weights.clamp(min=1e-12).log()).sum(dim=-1).sum()
         self.entropy[task] = self.entropy.get(task, 0.0) + entropy
         self.usage[task] = self.usage.get(task, 0.0) + weights.sum(dim=0)
-        self.task_rows[task] = self.task_rows.get(task, 0) + weights.shape[0]
 
     def summary(self) -> Dict[str, Dict]:
         """task -> {"entropy": mean gate entropy (nats), "usage": mean weight of each expert}."""
+        for task in list(self._kept):
+            self._fold(task)
         return {
             task: {
                 "entropy": float(self.entropy[task]) / self.task_rows[task],
