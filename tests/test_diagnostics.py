@@ -1,4 +1,5 @@
-"""Gate diagnostics read real towers through a forward hook; warnings fire on collapsed experts and on leaks."""
+"""Gate diagnostics read real towers through forward hooks (their task gates' where they expose them, so nothing runs
+twice); warnings fire on collapsed experts and on leaks."""
 
 from __future__ import annotations
 
@@ -65,6 +66,69 @@ def test_ple_gates_are_monitored_and_towers_without_gates_are_refused():
     assert len(monitor.summary()["cvr"]["usage"]) == 3
     with pytest.raises(TypeError, match="SharedBottom has no gates"):
         GateMonitor(SharedBottom(6, ["ctr"], [5]))
+
+
+def _gate_summary(weights: dict) -> dict:
+    """The monitor's summary of one batch of gate weights, computed directly."""
+    return {
+        task: {"entropy": float(-(w * w.log()).sum(dim=-1).mean()), "usage": w.mean(dim=0).tolist()}
+        for task, w in weights.items()
+    }
+
+
+def test_the_monitor_reads_the_gates_the_forward_ran_and_runs_no_level_twice():
+    torch.manual_seed(0)
+    tower = PLE(6, ["ctr", "cvr"], num_levels=2, num_shared_experts=1, num_task_experts=2, expert_layer_sizes=[5])
+    calls = []
+    for expert in tower.levels[0].shared_experts:  # below the last level: what gate_weights would run again
+        expert.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(16, 6)
+    with GateMonitor(tower) as monitor:
+        tower(x)
+    assert len(calls) == 1, "one pass through the lower level: the forward's own"
+    with torch.no_grad():
+        expected = _gate_summary(tower.gate_weights(x))
+    for task, values in monitor.summary().items():
+        assert values["entropy"] == pytest.approx(expected[task]["entropy"], rel=1e-6)
+        assert values["usage"] == pytest.approx(expected[task]["usage"], rel=1e-6)
+
+
+def test_in_training_the_monitor_sees_the_gates_without_expert_dropout():
+    torch.manual_seed(0)
+    tower = MMoE(6, ["ctr", "cvr"], num_experts=4, expert_layer_sizes=[5], expert_dropout=0.5).train()
+    x = torch.randn(64, 6)
+    with GateMonitor(tower) as monitor:
+        tower(x)  # training: the forward drops experts from each row's mix
+    with torch.no_grad():
+        expected = _gate_summary(tower.gate_weights(x))  # the weights without dropout
+    assert monitor.rows == 64
+    for task, values in monitor.summary().items():
+        assert values["usage"] == pytest.approx(expected[task]["usage"], rel=1e-6)
+        assert all(weight > 0.05 for weight in values["usage"]), "no expert dropped from the mean"
+
+
+def test_a_tower_with_gate_weights_alone_is_watched_through_the_tower():
+    class GateWeightsOnly(torch.nn.Module):
+        """A plug-in tower: ``gate_weights`` and a forward, no task gates to watch."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = _mmoe()
+
+        def gate_weights(self, features: torch.Tensor) -> dict:
+            return self.inner.gate_weights(features)
+
+        def forward(self, features: torch.Tensor) -> dict:
+            return self.inner(features)
+
+    tower = GateWeightsOnly()
+    x = torch.randn(16, 6)
+    with GateMonitor(tower) as monitor:
+        tower(x)
+    with torch.no_grad():
+        expected = _gate_summary(tower.gate_weights(x))
+    assert monitor.rows == 16
+    assert monitor.summary()["cvr"]["usage"] == pytest.approx(expected["cvr"]["usage"], rel=1e-6)
 
 
 def test_leak_warning_names_the_task():

@@ -92,9 +92,9 @@ def summary_row(labels: Dict[str, Any], values: Sequence[float], seeds: Sequence
     return {**labels, "mean": mean, "std": std, "seeds": list(seeds), "values": list(values)}
 
 
-def save_rows(rows: List[Dict], out: str | Path, table: str) -> None:
-    """Write a comparison's summary ``rows`` as JSON to ``out`` (its folder made), then print ``table`` and where the
-    rows went."""
+def save_rows(rows: List[Dict] | Dict, out: str | Path, table: str) -> None:
+    """Write a comparison's summary ``rows`` (or a benchmark's one result) as JSON to ``out`` (its folder made), then
+    print ``table`` and where the rows went."""
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(rows, indent=2))
     print(table)

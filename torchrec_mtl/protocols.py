@@ -26,6 +26,15 @@ class Gated(Protocol):
 
 
 @runtime_checkable
+class ExposesTaskGates(Protocol):
+    """A gated tower whose per-task gates can be watched as they run: each module returns, for its task, the weights
+    ``gate_weights`` reports (a ``Gate``, called as ``gate(features, drop_experts)``), so a monitor needs no second pass
+    through the tower."""
+
+    def task_gates(self) -> Dict[str, nn.Module]: ...
+
+
+@runtime_checkable
 class ReportsTerms(Protocol):
     """An objective that keeps the last forward's loss terms (detached), to name a non-finite one."""
 
@@ -44,6 +53,14 @@ class NeedsSharedParameters(Protocol):
     """A weighting or diagnostic that measures gradients on the tower's shared parameters."""
 
     def attach(self, parameters: Iterable[nn.Parameter]) -> None: ...
+
+
+@runtime_checkable
+class PlansSteps(Protocol):
+    """A part that samples some of a run's training steps (the objective's gradient cosine): the training loop tells
+    it the run's length (at most ``total_steps``) and the steps done before it starts (a resume)."""
+
+    def plan_steps(self, total_steps: int, steps_done: int) -> None: ...
 
 
 P = TypeVar("P")

@@ -180,8 +180,8 @@ class MultiTaskObjective(nn.Module):
         offsets: regression task -> value added to its output (its label's training mean), so it starts there.
         weighting: how the weighted terms add up (torchrec_mtl.weighting): ``static`` or ``uncertainty``.
         min_propensity: p(given) is clipped below at this in IPS weights.
-        gradient_cosine_every: every N training steps, record the pairwise cosines of the terms' gradients on the
-            shared tower parameters (0: never).
+        gradient_cosine_every: on one training step in every N (the middle of each span), record the pairwise
+            cosines of the terms' gradients on the shared tower parameters (0: never; ``TaskGradientCosine``).
         retrieval_loss: the retrieval task's loss (needed when the task set has one), and ``item_feature``, the
             KJT key of the item ID whose rows it reads (for the popularity correction and same-item masking).
 
@@ -208,7 +208,7 @@ class MultiTaskObjective(nn.Module):
         self.task_set = task_set
         self.retrieval_loss = retrieval_loss
         self.item_feature = item_feature
-        # sampled every N training steps on the shared tower parameters (0: off); see train/diagnostics.py
+        # sampled on one training step in every N on the shared tower parameters (0: off); see train/diagnostics.py
         self.gradient_cosine = TaskGradientCosine(gradient_cosine_every) if gradient_cosine_every > 0 else None
         self.offsets = dict(offsets or {})
         self.min_propensity = min_propensity
@@ -228,6 +228,12 @@ class MultiTaskObjective(nn.Module):
         loss = self.weighting(terms)
         backward = self.loss_scaler.scale(loss) if self.loss_scaler is not None and self.training else loss
         return backward, (loss.detach(), predictions, eval_labels)
+
+    def plan_steps(self, total_steps: int, steps_done: int = 0) -> None:
+        """The training run's length (at most ``total_steps``; ``steps_done`` before a resume), for the gradient
+        cosine's sampled steps (``TaskGradientCosine.plan_steps``)."""
+        if self.gradient_cosine is not None:
+            self.gradient_cosine.plan_steps(total_steps, steps_done)
 
     def loss(self, logits: Dict[str, torch.Tensor], batch: MultiTaskBatch) -> torch.Tensor:
         """The weighted loss alone, with no side effect: no gradient-cosine sample, ``last_terms`` kept, and the

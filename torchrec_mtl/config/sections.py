@@ -182,8 +182,10 @@ class ObjectiveConfig:
     orders: List[OrderConfig] = field(default_factory=list)
     weighting: str = "static"  # or "uncertainty", "gradnorm" (see torchrec_mtl.weighting)
     min_propensity: float = 0.01
-    # every N training steps, the cosine between terms' gradients on the shared tower parameters (0: off)
-    gradient_cosine_every: int = 100
+    # on one training step in every N (the middle of each span of N; a shorter run's middle), the cosine between the
+    # terms' gradients on the shared tower parameters (0: off). A sample costs one to three training steps, so the
+    # default costs 0.3-0.6% of training time (tools/bench_diagnostics.py); it was 100, sampled from step 1
+    gradient_cosine_every: int = 500
 
 
 @dataclass

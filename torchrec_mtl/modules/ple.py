@@ -176,6 +176,11 @@ class PLE(nn.Module):
             task_inputs, shared_input = level(task_inputs, shared_input, drop_experts)
         return task_inputs, shared_input
 
+    def task_gates(self) -> Dict[str, Gate]:
+        """The last level's gate of each task: its output is the task's ``gate_weights`` (protocols.ExposesTaskGates);
+        watching them costs nothing, where ``gate_weights`` runs every level below the last again."""
+        return dict(self.levels[-1].task_gates)
+
     def gate_weights(self, features: TowerInput) -> Dict[str, torch.Tensor]:
         """The last level's per-task softmax weights over [own experts, shared experts]; every row sums to 1.
 

@@ -133,6 +133,10 @@ class MMoE(nn.Module):
         """Parameters every task's output depends on: the experts."""
         return list(self.experts.parameters())
 
+    def task_gates(self) -> Dict[str, Gate]:
+        """Each task's gate: its output is the task's ``gate_weights`` (protocols.ExposesTaskGates)."""
+        return dict(self.gates)
+
     def gate_weights(self, features: TowerInput, drop_experts: bool = False) -> Dict[str, torch.Tensor]:
         """Per-task softmax weights over the experts, [B, num_experts] each; every row sums to 1. ``drop_experts``:
         with the gates' expert dropout (training's forward asks for it; the diagnostics see the weights without)."""
