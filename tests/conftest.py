@@ -47,6 +47,8 @@ E2E_TESTS = {
     "test_ensemble.py::test_an_ensemble_of_one_checkpoint_is_that_checkpoint_exactly",
     "test_ensemble.py::test_an_ensemble_of_two_checkpoints_scores_the_mean_of_their_predictions",
     "test_ensemble.py::test_a_member_of_other_tasks_is_refused_naming_it_before_anything_is_scored",
+    # a model sharded by DMP twice (the per-expert tower's checkpoint, then the expert banks loading it)
+    "test_expert_bank.py::test_a_sharded_model_loads_a_per_expert_checkpoint_to_fine_tune_but_not_to_resume",
     "test_finetune.py::test_finetuning_one_task_keeps_the_frozen_parts_and_reports_before_and_after",
     "test_gpu_check.py::test_the_dry_run_runs_every_step_on_the_cpu_and_writes_its_json",  # tools/, 10 commands
     "test_gpu_check.py::test_without_a_gpu_the_check_stops_after_its_first_step_saying_why",

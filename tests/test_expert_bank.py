@@ -1,6 +1,6 @@
 """The expert bank: each expert computed as its own MLP would be, initialised as the per-expert layout was, the gates
-fused into its first layer giving what separate gates give, and state dicts of the per-expert layout loading into
-it."""
+fused into its first layer giving what separate gates give, and state dicts and DCP checkpoints of the per-expert
+layout loading into it (a resumed run refused, naming what can load it)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import doctest
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
 from torchrec.modules.mlp import MLP
 
 from per_expert_towers import PerExpertMMoE, PerExpertPLE
 from torchrec_mtl.modules import expert_bank
 from torchrec_mtl.modules.expert_bank import ExpertBank
 from torchrec_mtl.modules.towers import CGC, PLE, MMoE
+from torchrec_mtl.train.checkpoint import CheckpointError, load_tensors
 
 TASKS = ["ctr", "cvr", "rating"]
 MMOE = dict(num_experts=3, expert_layer_sizes=[8, 6], tower_layer_sizes=[5])
@@ -131,3 +134,79 @@ def test_the_gates_in_the_first_layers_product_give_what_separate_gates_give():
     _close(results[True][1], results[False][1], atol=1e-5)
     assert tower.fuse_gates is False and MMoE(10, TASKS).fuse_gates is True  # fused by default
 
+
+class _Model(nn.Module):
+    """What a checkpoint's model state is the state of, here: a tower under ``tower``."""
+
+    def __init__(self, tower: nn.Module) -> None:
+        super().__init__()
+        self.tower = tower
+
+
+def _model_state(model: nn.Module) -> dict:
+    return {f"model.{key}": value for key, value in model.state_dict().items()}  # as inference.load_trained has it
+
+
+@pytest.mark.parametrize("old_class, new_class, sizes", PAIRS[:2])
+def test_a_dcp_checkpoint_of_the_per_expert_layout_loads_its_weights_and_refuses_a_resume(
+    tmp_path, old_class, new_class, sizes
+):
+    torch.manual_seed(0)
+    old = _Model(old_class(10, TASKS, **sizes))
+    dcp.save({"model": _model_state(old)}, checkpoint_id=str(tmp_path), no_dist=True)
+    torch.manual_seed(1)
+    new = _Model(new_class(10, TASKS, **sizes))
+    state = {"model": _model_state(new)}
+    load_tensors(tmp_path, state, no_dist=True, verify=False, module=new)
+    assert state["model"].keys() == _model_state(new).keys()  # the caller's state keeps its keys, filled
+    x = torch.randn(32, 10)
+    _close(old.tower.eval()(x), new.tower.eval()(x))
+    _close(old.tower.gate_weights(x), new.tower.gate_weights(x))
+    resume = {"model": _model_state(new), "optimizer": {"state": {}}}
+    with pytest.raises(CheckpointError, match="written before the expert banks .* a run cannot resume from it"):
+        load_tensors(tmp_path, resume, no_dist=True, verify=False, module=new)
+    with pytest.raises(CheckpointError, match="written before the expert banks"):
+        load_tensors(tmp_path, {"model": _model_state(new)}, no_dist=True, verify=False)  # no module to map with
+    # a checkpoint of the banks loads as ever
+    dcp.save({"model": _model_state(new)}, checkpoint_id=str(tmp_path / "new"), no_dist=True)
+    again = _Model(new_class(10, TASKS, **sizes))
+    load_tensors(tmp_path / "new", {"model": _model_state(again)}, no_dist=True, verify=False)
+    _close(again.tower.eval()(x), new.tower(x))
+
+
+def test_a_sharded_model_loads_a_per_expert_checkpoint_to_fine_tune_but_not_to_resume(tmp_path):
+    """Through DistributedModelParallel (world size 1; the tower is data-parallel) and the run's checkpoint code."""
+    from esmm import EsmmObjective
+    from torchrec_mtl.build import build_model
+    from torchrec_mtl.config import JobConfig
+    from torchrec_mtl.model import MultiTaskTrain
+    from torchrec_mtl.train.checkpoint import Checkpointer
+    from torchrec_mtl.train.distributed import init_distributed, shard_model
+    from torchrec_mtl.train.resume import load_model_state, restore_run
+
+    env, config = init_distributed(), JobConfig().model
+    tables = {f"C{i}": 100 for i in range(1, 5)}
+
+    def sharded(per_expert: bool):
+        torch.manual_seed(0)
+        model = build_model(config, 13, tables)
+        if per_expert:  # the tower as it was, with other weights
+            tower, spec = model.tower, config.tower
+            torch.manual_seed(1)
+            model.tower = PerExpertMMoE(tower.experts.in_features, tower.task_names, spec.num_experts,
+                                        spec.expert_layer_sizes, spec.tower_layer_sizes)  # fmt: skip
+        return (model, *shard_model(MultiTaskTrain(model, EsmmObjective(rating_offset=3.0)), env))
+
+    old, old_sharded, _ = sharded(per_expert=True)
+    path = Checkpointer(tmp_path).save(1, {"model": old_sharded.state_dict()}, {})
+    new, new_sharded, optimizer = sharded(per_expert=False)
+    assert not torch.equal(new.tower.experts.weights[0][0], old.tower.experts[0]._mlp[0]._linear.weight)
+    load_model_state(path, new_sharded)  # what fine-tuning calls
+    for layer in range(len(config.tower.expert_layer_sizes)):
+        for e, expert in enumerate(old.tower.experts):
+            linear = expert._mlp[layer]._linear
+            assert torch.equal(new.tower.experts.weights[layer][e], linear.weight)
+            assert torch.equal(new.tower.experts.biases[layer][e], linear.bias)
+    assert torch.equal(new.tower.gates["ctr"].weight, old.tower.gates["ctr"].weight)
+    with pytest.raises(CheckpointError, match="a run cannot resume from it .* start a new run, or fine-tune from it"):
+        restore_run(path, new_sharded, optimizer, 64)
