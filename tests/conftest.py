@@ -20,6 +20,7 @@ REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # and "file::test function" (every parametrization of it) where a file holds both tiers.
 E2E_FILES = {
     "test_bench_train.py",  # the benchmark through the CLI, with worker processes
+    "test_bench_towers.py",  # the tower benchmark at smoke size (its tools' imports and steps: seconds)
     "test_checkpoint.py",  # runs killed and resumed, world sizes 1 and 2
     "test_compare_peers.py",  # tools/compare_peers.py's exported rows against a trained run's
     "test_cli_stages.py",  # train, evaluate, predict, export, report on one trained run
