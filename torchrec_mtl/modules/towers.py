@@ -89,7 +89,9 @@ class MMoE(nn.Module):
 
     The experts are one ``ExpertBank`` (one batched computation; each expert initialised as its own MLP, so they
     start different), and the gates' logits come out of the same matrix product as the experts' first layers, which
-    read the same input. A state dict of the per-expert layout (``experts.<e>._mlp.<l>._linear.weight``) loads.
+    read the same input (the attribute ``fuse_gates``, True; False computes each gate on its own, the same function:
+    tools/bench_towers.py times both). A state dict of the per-expert layout (``experts.<e>._mlp.<l>._linear.*``)
+    loads.
 
     Args:
         in_features: width of the input.
