@@ -5,6 +5,7 @@ layout loading into it (a resumed run refused, naming what can load it)."""
 from __future__ import annotations
 
 import doctest
+from typing import Dict
 
 import pytest
 import torch
@@ -133,6 +134,32 @@ def test_the_gates_in_the_first_layers_product_give_what_separate_gates_give():
     _close(results[True][0], results[False][0])
     _close(results[True][1], results[False][1], atol=1e-5)
     assert tower.fuse_gates is False and MMoE(10, TASKS).fuse_gates is True  # fused by default
+
+
+def test_the_exported_tower_scores_bit_for_bit_as_the_eager_one():
+    """The export traces with FX and scripts (torchrec_mtl.inference.export); TorchScript decomposes addmm into
+    mm + add, which rounds otherwise, so the bank's first layer is a linear: serve.pt then scores as predict does."""
+    import torchrec.fx
+
+    class Scored(nn.Module):  # the export's entry point: a plain tensor in
+        def __init__(self, tower: nn.Module) -> None:
+            super().__init__()
+            self.tower = tower
+
+        def forward(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
+            return self.tower(features)
+
+    # the types themselves, not this file's postponed strings: FX writes them into the code TorchScript compiles
+    Scored.forward.__annotations__ = {"features": torch.Tensor, "return": Dict[str, torch.Tensor]}
+    torch.manual_seed(0)
+    x = torch.randn(512, 300)  # wide enough that the product is summed in blocks: mm + add then rounds otherwise
+    for tower in (MMoE(300, TASKS, **MMOE), PLE(300, TASKS, **PLE_2)):
+        model = Scored(tower).eval().requires_grad_(False)
+        scripted = torch.jit.script(torchrec.fx.symbolic_trace(model))
+        with torch.no_grad():
+            eager, exported = model(x), scripted(x)
+        for task in TASKS:
+            assert torch.equal(eager[task], exported[task]), (type(tower).__name__, task)
 
 
 class _Model(nn.Module):

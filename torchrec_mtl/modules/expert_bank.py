@@ -100,7 +100,9 @@ class ExpertBank(nn.Module):
         bias = self.biases[0].reshape(self.num_experts * width)
         if extra_weight is not None and extra_bias is not None:
             weight, bias = torch.cat([weight, extra_weight]), torch.cat([bias, extra_bias])
-        out = torch.addmm(bias, features, weight.t())
+        # linear, not addmm: TorchScript (the export) decomposes addmm into mm + add, which rounds otherwise; linear
+        # runs the same kernel in both, so the exported model scores bit for bit as this one does
+        out = nn.functional.linear(features, weight, bias)
         extra = None
         if extra_weight is not None:
             # split, not two slices: a slice's gradient is a zero-filled copy of the whole product's, split's one cat
