@@ -20,6 +20,7 @@ REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # and "file::test function" (every parametrization of it) where a file holds both tiers.
 E2E_FILES = {
     "test_bench_train.py",  # the benchmark through the CLI, with worker processes
+    "test_bench_towers.py",  # the tower benchmark at smoke size (its tools' imports and steps: seconds)
     "test_checkpoint.py",  # runs killed and resumed, world sizes 1 and 2
     "test_compare_peers.py",  # tools/compare_peers.py's exported rows against a trained run's
     "test_cli_stages.py",  # train, evaluate, predict, export, report on one trained run
@@ -52,6 +53,8 @@ E2E_TESTS = {
     "test_ensemble.py::test_an_ensemble_of_one_checkpoint_is_that_checkpoint_exactly",
     "test_ensemble.py::test_an_ensemble_of_two_checkpoints_scores_the_mean_of_their_predictions",
     "test_ensemble.py::test_a_member_of_other_tasks_is_refused_naming_it_before_anything_is_scored",
+    # a model sharded by DMP twice (the per-expert tower's checkpoint, then the expert banks loading it)
+    "test_expert_bank.py::test_a_sharded_model_loads_a_per_expert_checkpoint_to_fine_tune_but_not_to_resume",
     "test_finetune.py::test_finetuning_one_task_keeps_the_frozen_parts_and_reports_before_and_after",
     "test_gpu_check.py::test_the_dry_run_runs_every_step_on_the_cpu_and_writes_its_json",  # tools/, 10 commands
     "test_gpu_check.py::test_without_a_gpu_the_check_stops_after_its_first_step_saying_why",

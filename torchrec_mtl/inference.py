@@ -174,7 +174,8 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = DEFAULT_DE
     ).to(device)  # fmt: skip
     # the checkpoint's keys are those of MultiTaskTrain (model.*); DCP fills whole tables from every rank's shards
     wanted = {f"model.{key}": value for key, value in model.state_dict().items()}
-    load_tensors(path, {"model": wanted}, no_dist=True, verify=False)  # verified above; refuses non-finite weights
+    # verified above; refuses non-finite weights; loads the expert banks from a checkpoint of the per-expert layout
+    load_tensors(path, {"model": wanted}, no_dist=True, verify=False, module=model)
     model.load_state_dict({key.removeprefix("model."): value for key, value in wanted.items()})
     inference = InferenceModel(model, inputs["features"], TaskOutputs(tasks, inputs["offsets"])).eval()
     return TrainedModel(inference, config, inputs, path, device)

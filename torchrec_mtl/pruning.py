@@ -10,9 +10,10 @@ row to its place in the smaller table, or to row 0, so ``model.pt`` still takes 
 ``serve.pt`` raw log rows. The item-text table (cached text vectors, frozen) is not pruned: it is what cold items
 are scored with.
 
-Dense: each ``nn.Linear`` weight of the tower (experts, gates, heads) loses the ``dense`` share of its entries of
-least magnitude (``torch.nn.utils.prune.l1_unstructured``, then ``prune.remove``: plain weights with zeros in
-them, no masks). Zeros are stored like any float, so they shrink the artifact only once it is compressed.
+Dense: each linear layer's weight of the tower (each expert's layers, gates, heads) loses the ``dense`` share of its
+entries of least magnitude (``torch.nn.utils.prune.l1_unstructured``, then ``prune.remove``: plain weights with zeros
+in them, no masks; an ``ExpertBank``'s slices, one expert's layer each, by the same rule). Zeros are stored like any
+float, so they shrink the artifact only once it is compressed.
 
 Example::
 
@@ -208,15 +209,22 @@ def prune_rows(inference: "InferenceModel", kept: Dict[str, np.ndarray]) -> Tupl
 
 
 def prune_dense(tower: nn.Module, share: float) -> Dict[str, int]:
-    """Zero ``share`` of each ``nn.Linear`` weight of ``tower`` by magnitude (in place), leaving plain weights;
-    return how many linear layers, weights and zeros there are now."""
+    """Zero ``share`` of each linear layer's weight of ``tower`` by magnitude (in place), leaving plain weights: each
+    ``nn.Linear``, and each expert's layer in an ``ExpertBank`` (a slice of its stacked weight, pruned on its own as
+    the expert's nn.Linear was); return how many linear layers, weights and zeros there are now."""
+    from torchrec_mtl.modules.expert_bank import ExpertBank
+
     layers = [module for module in tower.modules() if isinstance(module, nn.Linear)]
     for layer in layers:
         prune.l1_unstructured(layer, "weight", amount=share)
         prune.remove(layer, "weight")  # folds the mask into the weight: no weight_orig, no forward hook
-    weights = sum(layer.weight.numel() for layer in layers)
-    zeros = sum(int((layer.weight == 0).sum()) for layer in layers)
-    return {"layers": len(layers), "weights": weights, "zeros": zeros}
+    weights = [layer.weight.detach() for layer in layers]
+    for bank in (module for module in tower.modules() if isinstance(module, ExpertBank)):
+        for weight in bank.expert_weights():  # views: zeroing them zeroes the bank's weights
+            weight.mul_(prune.L1Unstructured(share).compute_mask(weight, torch.ones_like(weight)))
+            weights.append(weight)
+    zeros = sum(int((weight == 0).sum()) for weight in weights)
+    return {"layers": len(weights), "weights": sum(weight.numel() for weight in weights), "zeros": zeros}
 
 
 def prune_for_export(trained: "TrainedModel", pruning: Pruning) -> Tuple[nn.Module, Optional[Dict[str, Any]]]:
@@ -240,6 +248,6 @@ def prune_for_export(trained: "TrainedModel", pruning: Pruning) -> Tuple[nn.Modu
         report["rows"] = {"share": pruning.rows, "by": pruning.by, "scope": pruning.scope, "pruned_ids_go_to_row": 0,
                           "tables": tables}  # fmt: skip
     if pruning.dense > 0:
-        report["dense"] = {"share": pruning.dense, "where": "each nn.Linear weight of the tower (biases kept)",
+        report["dense"] = {"share": pruning.dense, "where": "each linear layer weight of the tower (biases kept)",
                            **prune_dense(inference.model.tower, pruning.dense)}  # fmt: skip
     return module.eval(), report

@@ -1,10 +1,13 @@
-"""What the towers share: the input type, argument checks, expert MLPs, the gated mix and the per-task heads.
+"""What the towers share: the input type, argument checks, the expert bank, the gates, the gated mix and the
+per-task heads.
 
 Example::
 
     >>> heads = TaskHeads(8, ["ctr", "cvr"], layer_sizes=[4])
     >>> sorted(heads({"ctr": torch.randn(2, 8), "cvr": torch.randn(2, 8)}))
     ['ctr', 'cvr']
+    >>> ExpertBank(3, 8, [16, 4])(torch.randn(5, 8)).shape  # [experts, rows, the last layer size]
+    torch.Size([3, 5, 4])
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import torch
 from torch import nn
 from torchrec.modules.mlp import MLP
 from torchrec.sparse.jagged_tensor import KeyedTensor
+
+from torchrec_mtl.modules.expert_bank import ExpertBank  # noqa: F401 (the towers' experts; importable from here)
 
 # A tower's input: a dense [B, in_features] tensor, or a KeyedTensor (e.g. an EmbeddingBagCollection's output) whose
 # values() are that tensor.
@@ -72,7 +77,11 @@ class Gate(nn.Linear):
         self.temperature, self.expert_dropout = float(temperature), float(expert_dropout)
 
     def forward(self, features: torch.Tensor, drop_experts: bool = False) -> torch.Tensor:
-        logits = super().forward(features)
+        return self.weigh(super().forward(features), drop_experts)
+
+    def weigh(self, logits: torch.Tensor, drop_experts: bool = False) -> torch.Tensor:
+        """The gate's weights from its logits ``linear(features)`` computed elsewhere (MMoE computes them in one
+        product with its experts' first layers)."""
         if self.temperature != 1.0:
             logits = logits / self.temperature
         if drop_experts and self.expert_dropout > 0:
@@ -82,18 +91,20 @@ class Gate(nn.Linear):
         return torch.softmax(logits, dim=-1)
 
 
-def make_experts(count: int, in_features: int, layer_sizes: Sequence[int]) -> nn.ModuleList:
-    """``count`` separate MLPs, each with its own random initialisation, so they start different."""
-    return nn.ModuleList([MLP(in_features, list(layer_sizes)) for _ in range(count)])
-
-
 def as_tensor(features: TowerInput) -> torch.Tensor:
     return features.values() if isinstance(features, KeyedTensor) else features
 
 
-def mix(weights: torch.Tensor, expert_outputs: torch.Tensor) -> torch.Tensor:
-    """Gate-weighted sum of expert outputs: weights [B, E] and outputs [B, E, D] give [B, D]."""
-    return torch.bmm(weights.unsqueeze(1), expert_outputs).squeeze(1)
+def mix(weights: Sequence[torch.Tensor], expert_outputs: torch.Tensor) -> List[torch.Tensor]:
+    """Gate-weighted sums of expert outputs, one per gate: weights [B, E] each and outputs [E, B, D] (as
+    ``ExpertBank`` gives them) give [B, D] each.
+
+    All gates in one batched product ([B, gates, E] @ [B, E, D]): one product of [1, E] rows per gate was several
+    times slower on the CPU.
+    """
+    mixed = torch.bmm(torch.stack(list(weights), dim=1), expert_outputs.transpose(0, 1))  # [B, gates, D]
+    parts = mixed.unbind(dim=1)  # (indexed, not iterated: FX, which the export traces with, cannot iterate it)
+    return [parts[g] for g in range(len(weights))]
 
 
 class TaskHeads(nn.Module):
