@@ -52,9 +52,39 @@ def layer_sizes_of(argument: str, sizes: Sequence[int], allow_empty: bool = Fals
     return sizes
 
 
+class GateWeights(nn.Module):
+    """A gate's weights from its logits: ``softmax(logits / temperature)``, with expert dropout when asked. A module
+    of its own so that one forward hook sees every gate's weights, whether the logits came from the gate's own Linear
+    or from MMoE's product fused with its experts' first layers (the diagnostics' GateMonitor hooks it).
+
+    Example::
+
+        >>> GateWeights(temperature=2.0)(torch.tensor([[0.0, 2.0]]))
+        tensor([[0.2689, 0.7311]])
+    """
+
+    def __init__(self, temperature: float = 1.0, expert_dropout: float = 0.0) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature: must be positive, got {temperature}")
+        if not 0 <= expert_dropout < 1:
+            raise ValueError(f"expert_dropout: allowed 0 <= expert_dropout < 1, got {expert_dropout}")
+        self.temperature, self.expert_dropout = float(temperature), float(expert_dropout)
+
+    def forward(self, logits: torch.Tensor, drop_experts: bool = False) -> torch.Tensor:
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        if drop_experts and self.expert_dropout > 0:
+            dropped = torch.rand_like(logits) < self.expert_dropout
+            dropped = dropped & ~dropped.all(dim=-1, keepdim=True)  # a row that would lose every expert keeps them all
+            logits = logits.masked_fill(dropped, float("-inf"))
+        return torch.softmax(logits, dim=-1)
+
+
 class Gate(nn.Linear):
     """A softmax gate over experts: ``softmax(linear(x) / temperature)``, one row of weights per input row, each
-    summing to 1. A Linear itself, so its parameters keep the names a plain Linear gate had (``gates.<task>.weight``).
+    summing to 1. A Linear itself, so its parameters keep the names a plain Linear gate had (``gates.<task>.weight``);
+    the softmax is its child ``weighing`` (``GateWeights``, no parameters).
 
     Two remedies against a gate that settles on one expert and leaves others unused (collapse): a ``temperature``
     above 1 flattens the weights; ``expert_dropout`` (in training, when the caller asks) leaves each expert out of a
@@ -70,25 +100,23 @@ class Gate(nn.Linear):
 
     def __init__(self, in_features: int, num_experts: int, temperature: float = 1.0, expert_dropout: float = 0.0):
         super().__init__(in_features, num_experts)
-        if not temperature > 0:
-            raise ValueError(f"temperature: must be positive, got {temperature}")
-        if not 0 <= expert_dropout < 1:
-            raise ValueError(f"expert_dropout: allowed 0 <= expert_dropout < 1, got {expert_dropout}")
-        self.temperature, self.expert_dropout = float(temperature), float(expert_dropout)
+        self.weighing = GateWeights(temperature, expert_dropout)
+
+    @property
+    def temperature(self) -> float:
+        return self.weighing.temperature
+
+    @property
+    def expert_dropout(self) -> float:
+        return self.weighing.expert_dropout
 
     def forward(self, features: torch.Tensor, drop_experts: bool = False) -> torch.Tensor:
-        return self.weigh(super().forward(features), drop_experts)
+        return self.weighing(super().forward(features), drop_experts)
 
     def weigh(self, logits: torch.Tensor, drop_experts: bool = False) -> torch.Tensor:
         """The gate's weights from its logits ``linear(features)`` computed elsewhere (MMoE computes them in one
         product with its experts' first layers)."""
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        if drop_experts and self.expert_dropout > 0:
-            dropped = torch.rand_like(logits) < self.expert_dropout
-            dropped = dropped & ~dropped.all(dim=-1, keepdim=True)  # a row that would lose every expert keeps them all
-            logits = logits.masked_fill(dropped, float("-inf"))
-        return torch.softmax(logits, dim=-1)
+        return self.weighing(logits, drop_experts)
 
 
 def as_tensor(features: TowerInput) -> torch.Tensor:
