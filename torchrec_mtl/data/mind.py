@@ -67,7 +67,7 @@ def row_history(history: List[int], categories: List[int], own: int, length: int
         ('5|9', '1|3')
     """
     kept = [(n, c) for n, c in zip(history, categories) if n != own] if own in history else list(zip(history, categories))
-    kept = kept[len(kept) - length :] if length else []
+    kept = kept[max(0, len(kept) - length) :] if length else []
     if not kept:
         return None, None
     return HISTORY_SEPARATOR.join(str(n) for n, _ in kept), HISTORY_SEPARATOR.join(str(c) for _, c in kept)
