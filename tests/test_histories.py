@@ -24,7 +24,8 @@ def _brute_force(event_owner, event_time, owner, before, length):
     """Each query's history by a plain loop: the owner's events strictly before, by (time, position), the last few."""
     histories = []
     for o, t in zip(owner, before):
-        earlier = sorted((event_time[j], j) for j in range(len(event_owner)) if event_owner[j] == o and event_time[j] < t)
+        mine = [j for j in range(len(event_owner)) if event_owner[j] == o and event_time[j] < t]
+        earlier = sorted((event_time[j], j) for j in mine)
         histories.append([j for _, j in earlier][max(0, len(earlier) - length) :] if length else [])
     return histories
 

@@ -66,7 +66,8 @@ def test_each_rows_history_is_its_impressions_click_history_without_its_own_news
         cut += len(kept) > 50
         expected = kept[-50:]
         assert ([int(t) for t in hist_news.split("|")] if hist_news else []) == expected
-        assert ([int(t) for t in hist_category.split("|")] if hist_category else []) == [category.get(n, 0) for n in expected]
+        categories = [int(t) for t in hist_category.split("|")] if hist_category else []
+        assert categories == [category.get(n, 0) for n in expected]
         assert own not in expected and length == len(past)
     assert dropped == 479 and cut > 0  # the shared subset: 479 shown news were in the user's own history
     assert 0.0 < meta["history"]["train"]["empty_share"] < 0.05

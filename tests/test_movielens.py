@@ -290,7 +290,8 @@ def test_the_schemas_read_the_histories_as_lists_or_ignore_them_leaving_every_ot
     preprocess(DatasetSchema.from_yaml(SCHEMA_PATH), full, tmp_path / "ignored", progress=False)
     preprocess(DatasetSchema.from_dict(raw), cut, tmp_path / "before", progress=False)
     arrays = sorted(p.relative_to(tmp_path / "before") for p in (tmp_path / "before").rglob("*.npy"))
-    assert arrays and arrays == sorted(p.relative_to(tmp_path / "ignored") for p in (tmp_path / "ignored").rglob("*.npy"))
+    assert arrays == sorted(p.relative_to(tmp_path / "ignored") for p in (tmp_path / "ignored").rglob("*.npy"))
+    assert arrays
     for path in arrays:
         before, ignored = np.load(tmp_path / "before" / path), np.load(tmp_path / "ignored" / path)
         assert np.array_equal(before, ignored, equal_nan=before.dtype.kind == "f"), path

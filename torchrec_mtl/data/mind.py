@@ -66,7 +66,7 @@ def row_history(history: List[int], categories: List[int], own: int, length: int
         >>> row_history([5, 7, 9, 7], [1, 2, 3, 2], own=7, length=2)
         ('5|9', '1|3')
     """
-    kept = [(n, c) for n, c in zip(history, categories) if n != own] if own in history else list(zip(history, categories))
+    kept = [(n, c) for n, c in zip(history, categories) if n != own]
     kept = kept[max(0, len(kept) - length) :] if length else []
     if not kept:
         return None, None
@@ -133,8 +133,9 @@ def _write_mind(
                         raise ValueError(token)
                     number = _news_number(news_token)
                     category, subcategory = news_fields.get(number, (0, 0))
+                    own_history = row_history(past, past_categories, number, history_length)
                     rows.append((int(label), len(past), time.hour, user_number, number, category, subcategory,
-                                 int(impression_id), *row_history(past, past_categories, number, history_length)))  # fmt: skip
+                                 int(impression_id), *own_history))  # fmt: skip
             except ValueError:
                 rejected["impression not readable"] += 1
                 continue

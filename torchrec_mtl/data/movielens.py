@@ -43,7 +43,8 @@ Columns (tab-separated, no header, in :data:`COLUMNS` order; empty = missing):
   listed)"; MovieLens lists genres alphabetically, so this is the alphabetically first) and ``year_bucket`` (the
   release decade, e.g. 1990; empty if no year).
 - ``timestamp`` (seconds since the epoch), kept for analysis and ignored by the schema.
-- list columns (``|``-separated decimal ids; ignored by ``movielens.yaml``, read as lists by ``movielens_history.yaml``):
+- list columns (``|``-separated decimal ids; ignored by ``movielens.yaml``, read as lists by
+  ``movielens_history.yaml``):
   ``hist_item``, the movieIds the user rated before the row, and aligned with it ``hist_genre1``, their ``genre1``
   (``0`` for a movie with no genre listed: a list element cannot be empty). The same convention as the integer
   features: only TRAINING-split ratings strictly before the row's timestamp (never the row's own rating, one in the
@@ -106,7 +107,6 @@ LIST_MEANING: dict[str, str] = {
 }
 # the list columns come last, so that the columns before them are the log written before histories existed
 COLUMNS = [*LABELS, *INTEGER_MEANING, *CATEGORICAL_MEANING, "timestamp", *LIST_MEANING]
-HISTORY_SEPARATOR = "|"
 HISTORY_LENGTH = 50  # the most recent ratings written per row
 GENRES = [
     "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama", "Fantasy", "Film-Noir",

@@ -340,7 +340,8 @@ def _generate(config: SyntheticConfig, out: Path) -> Dict:
     if config.profile == "history":  # after every other draw: the other columns are what they would be without it
         hist_item, hist_category, last_category, bounds = click_histories(latents, click)
         frame = frame.with_columns(
-            pl.Series("hist_item", hist_item, dtype=pl.String), pl.Series("hist_category", hist_category, dtype=pl.String)
+            pl.Series("hist_item", hist_item, dtype=pl.String),
+            pl.Series("hist_category", hist_category, dtype=pl.String),
         )
     write = dict(separator="\t", include_header=False, null_value="")
     frame.slice(0, num_train).write_csv(out / "train.tsv", **write)
