@@ -41,6 +41,8 @@ E2E_TESTS = {
     # tools/bench_peers.py's smoke run: its timed contenders, each a process of its own (the peers only with a venv)
     "test_bench_peers.py::test_the_smoke_run_reports_every_figure_of_ours_and_says_why_the_peers_are_missing",
     "test_bench_peers.py::test_the_smoke_run_with_the_peers_divides_ours_by_the_fastest_peer",
+    # tools/compare_history.py trains four tiny runs (two models, two seeds)
+    "test_compare_history.py::test_a_tiny_comparison_writes_one_row_per_model_task_and_metric",
     "test_checkpoint_integrity.py::test_every_checkpoint_lists_its_other_files_and_its_rank_files_load_weights_only",
     "test_checkpoint_integrity.py::test_one_flipped_byte_in_any_file_is_refused_by_every_command",
     "test_checkpoint_integrity.py::test_a_pickle_planted_as_a_rank_file_runs_nothing_even_with_a_forged_manifest",
