@@ -17,6 +17,8 @@ The cases (``--cases``, default ``single``):
   largest column's vocabulary, Zipf-drawn), declared a list of ``max_length`` 50 (``keep: last``, the longer ones
   truncated) sharing that column's hashed table: the list-column path of preprocessing (each element split and
   checked, truncation, the padded list shards).
+- ``list_vocabulary``: the ``list`` log with the shared column and the history mapped through one ``min_count: 2``
+  vocabulary instead of hashed: the token counts, the raw list tokens kept beside each shard and mapped at the end.
 
 Prints and writes (``--out``) per case the rows, rejections, truncated lists, preprocessing seconds and rows/s,
 its peak RSS and the shards' bytes. A benchmark, run by hand (not in CI).
@@ -46,7 +48,7 @@ import yaml
 from torchrec_mtl.data.criteo_format import history_column, write_criteo_log
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = ("single", "list")
+CASES = ("single", "list", "list_vocabulary")
 HISTORY_MAX = 60  # tokens written per row at most; the schema keeps the last 50
 HISTORY_KEPT = 50
 
@@ -54,11 +56,15 @@ HISTORY_KEPT = 50
 def case_schema(case: str, seed: int = 0) -> dict:
     """The schema of a case (a dict, as its YAML reads): criteo_terabyte, with the history list for ``list``."""
     raw = yaml.safe_load((REPO / "configs" / "datasets" / "criteo_terabyte.yaml").read_text())
-    if case == "list":
+    if case in ("list", "list_vocabulary"):
+        shared = history_column(seed)
         raw["name"] = "criteo_terabyte_history"
         raw["categorical"] = [*raw["categorical"], "history"]
         raw["lists"] = {"history": {"separator": "|", "max_length": HISTORY_KEPT, "keep": "last", "pooling": "mean",
-                                    "shares": history_column(seed)}}  # fmt: skip
+                                    "shares": shared}}  # fmt: skip
+    if case == "list_vocabulary":  # the shared column and the history through one min_count vocabulary
+        raw["name"] = "criteo_terabyte_history_vocabulary"
+        raw["feature_vocabulary"] = {shared: {"min_count": 2}, "history": {"min_count": 2}}
     return raw
 
 
@@ -90,7 +96,7 @@ def _child(case: str, log: str, shards: str, result: str) -> int:
 
 def run_case(case: str, rows: int, work: Path, stream: str, keep: bool) -> dict:
     """Generate ``case``'s log (into a FIFO or a file under ``work``), preprocess it in a child, return the figures."""
-    history_max = HISTORY_MAX if case == "list" else 0
+    history_max = HISTORY_MAX if case != "single" else 0
     shards, result = work / f"shards_{case}", work / f"{case}.result.json"
     result.unlink(missing_ok=True)
     fifo_dir = None
