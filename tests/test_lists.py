@@ -392,3 +392,35 @@ def test_the_serving_paths_refuse_only_the_kinds_of_feature_they_cannot_feed_nam
     inputs = {"features": ["user", "clicks"], "sequences": {"clicks": {"max_length": 20}}}
     with pytest.raises(NotSupportedYet, match=r"feature 'clicks' is a sequence feature .* do not support sequences"):
         refuse_unserved_features(inputs, tmp_path)
+
+
+# --- pruning by count ---------------------------------------------------------------------------------------------
+
+
+def test_pruning_counts_each_tables_lookups_a_shared_list_toward_its_owners_table(tmp_path):
+    from types import SimpleNamespace
+
+    from torchrec_mtl.config import DataConfig
+    from torchrec_mtl.pruning import access_counts
+
+    # the history comes first among the categorical features: the sparse columns (user, item) are not at the
+    # features' places, so counting column i as feature i would count the user's rows as the history's
+    schema = _schema(categorical=["history", "user", "item", "tags"],
+                     columns=["click", "I1", "user", "item", "history", "tags"])  # fmt: skip
+    lines = [*GOOD, _line("101", "100|100|101", "7,7", user="2")]
+    _, log = _preprocess(tmp_path, schema, lines)
+    assert log.categorical_features == ["history", "user", "item", "tags"] and log.single_id_features == ["user", "item"]
+    trained = SimpleNamespace(config=SimpleNamespace(data=DataConfig(schema="lists.yaml", shards=str(tmp_path / "out"))),
+                              inputs={"table_sizes": dict(log.table_sizes)})  # fmt: skip
+    counts = access_counts(trained)
+    assert sorted(counts) == ["item", "tags", "user"], "one count per table, keyed by its owner"
+    (shard,) = log.split("train")
+    sizes = log.table_sizes
+    history = np.concatenate(_lists(log, "history")).astype(np.int64)
+    tags = np.concatenate(_lists(log, "tags")).astype(np.int64)
+    assert len(history) == 3 + 0 + 3 + 1 + 3, "the kept elements only (the last three of five), not the padding"
+    expected_item = np.bincount(shard.sparse[:, 1], minlength=sizes["item"]) + np.bincount(history, minlength=sizes["item"])
+    np.testing.assert_array_equal(counts["item"], expected_item)
+    np.testing.assert_array_equal(counts["user"], np.bincount(shard.sparse[:, 0], minlength=sizes["user"]))
+    np.testing.assert_array_equal(counts["tags"], np.bincount(tags, minlength=sizes["tags"]))
+    assert counts["item"].sum() == len(lines) + len(history) and counts["tags"].sum() == len(tags) == 2 + 0 + 2 + 1 + 2

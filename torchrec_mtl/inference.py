@@ -77,6 +77,8 @@ class TaskOutputs(nn.Module):
         self.offsets: Dict[str, float] = {name: float(offsets.get(name, 0.0)) for name in self.regression}
         self.products: Dict[str, List[str]] = {p.name: list(p.of) for p in tasks.products}
         self.retrieval: List[str] = [t.name for t in tasks.tasks if t.kind == "retrieval"]
+        # attributes: TorchScript reads no module-level str
+        self.user_vector, self.item_vector = USER_VECTOR, ITEM_VECTOR
 
     def forward(self, logits: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         outputs: Dict[str, torch.Tensor] = {}
@@ -90,7 +92,7 @@ class TaskOutputs(nn.Module):
                 product = product * outputs[part]
             outputs[name] = product
         for name in self.retrieval:
-            outputs[name] = (logits[USER_VECTOR] * logits[ITEM_VECTOR]).sum(dim=1)
+            outputs[name] = (logits[self.user_vector] * logits[self.item_vector]).sum(dim=1)
         return outputs
 
 
