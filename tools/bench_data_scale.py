@@ -21,13 +21,14 @@ The cases (``--cases``, default ``single``):
   vocabulary instead of hashed: the token counts, the raw list tokens kept beside each shard and mapped at the end.
 
 Prints and writes (``--out``) per case the rows, rejections, truncated lists, preprocessing seconds and rows/s,
-its peak RSS and the shards' bytes. A benchmark, run by hand (not in CI).
+its peak RSS, the shards' bytes and the load average around it (rows/s falls when other processes share the CPUs).
+A benchmark, run by hand (not in CI).
 
 Example::
 
     .venv/bin/python tools/bench_data_scale.py --rows 100000000 --work runs/bench_scale --out runs/bench_data_100m.json
-    nice -n 19 .venv/bin/python tools/bench_data_scale.py --rows 10000000 --cases single,list --stream file \\
-        --work runs/bench_scale --out runs/bench_data_lists_10m.json
+    nice -n 19 .venv/bin/python tools/bench_data_scale.py --rows 10000000 --cases single,list,list_vocabulary \\
+        --stream file --work runs/bench_scale --out runs/bench_data_lists_10m.json
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def run_case(case: str, rows: int, work: Path, stream: str, keep: bool) -> dict:
         started = time.perf_counter()
         write_criteo_log(log, rows, seed=0, progress=True, history_max=history_max)
         generated_seconds = time.perf_counter() - started
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     child = subprocess.Popen([sys.executable, __file__, "--child", case, str(log), str(shards), str(result)], cwd=REPO)
     if stream == "fifo":
@@ -136,6 +138,8 @@ def run_case(case: str, rows: int, work: Path, stream: str, keep: bool) -> dict:
         ("rows_per_s" if stream == "file" else "rows_per_s_with_generator_sharing_the_cpus"): round(rows / seconds),
         "preprocess_peak_rss_gib": round(figures["peak_rss_bytes"] / 2**30, 3) if figures else None,
         "shard_bytes": sum(f.stat().st_size for f in shards.rglob("*.npy")) if code == 0 else None,
+        # the machine's 1-minute load average before and after preprocessing: other processes share the CPUs
+        "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
     }
     if stream == "file" and not keep:
         log.unlink(missing_ok=True)
