@@ -409,9 +409,10 @@ def test_pruning_counts_each_tables_lookups_a_shared_list_toward_its_owners_tabl
                      columns=["click", "I1", "user", "item", "history", "tags"])  # fmt: skip
     lines = [*GOOD, _line("101", "100|100|101", "7,7", user="2")]
     _, log = _preprocess(tmp_path, schema, lines)
-    assert log.categorical_features == ["history", "user", "item", "tags"] and log.single_id_features == ["user", "item"]
-    trained = SimpleNamespace(config=SimpleNamespace(data=DataConfig(schema="lists.yaml", shards=str(tmp_path / "out"))),
-                              inputs={"table_sizes": dict(log.table_sizes)})  # fmt: skip
+    assert log.categorical_features == ["history", "user", "item", "tags"]
+    assert log.single_id_features == ["user", "item"]
+    data = DataConfig(schema="lists.yaml", shards=str(tmp_path / "out"))
+    trained = SimpleNamespace(config=SimpleNamespace(data=data), inputs={"table_sizes": dict(log.table_sizes)})
     counts = access_counts(trained)
     assert sorted(counts) == ["item", "tags", "user"], "one count per table, keyed by its owner"
     (shard,) = log.split("train")
@@ -419,7 +420,8 @@ def test_pruning_counts_each_tables_lookups_a_shared_list_toward_its_owners_tabl
     history = np.concatenate(_lists(log, "history")).astype(np.int64)
     tags = np.concatenate(_lists(log, "tags")).astype(np.int64)
     assert len(history) == 3 + 0 + 3 + 1 + 3, "the kept elements only (the last three of five), not the padding"
-    expected_item = np.bincount(shard.sparse[:, 1], minlength=sizes["item"]) + np.bincount(history, minlength=sizes["item"])
+    expected_item = np.bincount(shard.sparse[:, 1], minlength=sizes["item"])
+    expected_item += np.bincount(history, minlength=sizes["item"])
     np.testing.assert_array_equal(counts["item"], expected_item)
     np.testing.assert_array_equal(counts["user"], np.bincount(shard.sparse[:, 0], minlength=sizes["user"]))
     np.testing.assert_array_equal(counts["tags"], np.bincount(tags, minlength=sizes["tags"]))

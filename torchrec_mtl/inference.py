@@ -188,23 +188,22 @@ class ListInferenceModel(nn.Module):
         self.list_features: List[str] = [f for f in feature_names if f in lists]
         self.single_features: List[str] = [f for f in feature_names if f not in lists]
         self.max_lengths: List[int] = [lists[f].max_length for f in self.list_features]
-        self.register_buffer("max_length", torch.tensor(self.max_lengths, dtype=torch.int32), persistent=False)
 
     def forward(
         self, dense_features: torch.Tensor, sparse_ids: torch.Tensor, list_values: torch.Tensor,
         list_lengths: torch.Tensor,
     ) -> Dict[str, torch.Tensor]:  # fmt: skip
-        check_lists(list_values, list_lengths, self.max_length, sparse_ids.size(0))
+        check_lists(list_values, list_lengths, self.max_lengths, sparse_ids.size(0))
         features = with_lists(self.single_features, self.list_features, sparse_ids, list_values, list_lengths)
         return self.outputs(self.model(dense_features, features))
 
 
 @torch.fx.wrap
-def check_lists(list_values: torch.Tensor, list_lengths: torch.Tensor, max_length: torch.Tensor, rows: int) -> None:
+def check_lists(list_values: torch.Tensor, list_lengths: torch.Tensor, max_lengths: List[int], rows: int) -> None:
     """Refuse list inputs the tables would misread (a wrong shape reads another row's IDs, a length sum that is not
     the values' count reads past them) or that training never gave (a list longer than its max_length). One call in
     the traced graph: FX cannot trace branches on tensor values; TorchScript compiles it as it is."""
-    lists = max_length.numel()
+    lists = len(max_lengths)
     if list_lengths.dim() != 2 or list_lengths.size(0) != lists or list_lengths.size(1) != rows:
         raise ValueError(
             f"list_lengths: expected shape [{lists}, {rows}] (one row per list feature, one column per row of "
@@ -216,10 +215,10 @@ def check_lists(list_values: torch.Tensor, list_lengths: torch.Tensor, max_lengt
     for index in range(lists):
         if rows > 0:
             longest, shortest = int(list_lengths[index].max()), int(list_lengths[index].min())
-            if longest > int(max_length[index]) or shortest < 0:
+            if longest > max_lengths[index] or shortest < 0:
                 raise ValueError(
                     f"list_lengths[{index}]: lengths from {shortest} to {longest}; the list's max_length is "
-                    f"{int(max_length[index])} (truncate it as its keep rule says)"
+                    f"{max_lengths[index]} (truncate it as its keep rule says)"
                 )
 
 

@@ -12,7 +12,10 @@ required. The layout is decided per file from its first line:
   where the schema pads short rows, a short first line is decided by the first chunk's full-length lines.)
 
 The features are encoded exactly as in training: the same dense transform and hashing, the vocabularies
-preprocessing saved beside the shards, and the item text, when the model has it, through the run's items file.
+preprocessing saved beside the shards, and the item text, when the model has it, through the run's items file. List
+columns are split, checked and cut by preprocessing's own parser and mapped through the vocabulary each uses (its
+own, or the column's it shares); the model takes them as a KeyedJaggedTensor's values and lengths
+(torchrec_mtl.inference.ListInferenceModel, ``EncodedRows.model_inputs``).
 Every line is scored or rejected with the preprocessing reasons (torchrec_mtl.data.preprocess), lines longer than
 ``max_line_bytes`` included ("line too long", skipped without being held whole); a header row is neither. The
 output is a TSV with the input's line number and one column per task (probabilities; values for regression tasks).
@@ -213,12 +216,11 @@ class EncodedRows:
     def model_inputs(self, start: int, end: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
         """Rows ``start:end`` as the model's arguments on ``device``: (dense, sparse_ids), and with list features
         (list_values, list_lengths [lists, rows]) after them (torchrec_mtl.inference.ListInferenceModel)."""
-        arguments = [torch.from_numpy(self.dense[start:end]), torch.from_numpy(self.sparse[start:end])]
+        arrays = [self.dense[start:end], self.sparse[start:end]]
         if self.lists:
             values = [lists.values[lists.offsets[start] : lists.offsets[end]] for lists in self.lists]
-            lengths = np.stack([lists.lengths[start:end] for lists in self.lists])
-            arguments += [torch.from_numpy(np.concatenate(values)), torch.from_numpy(lengths)]
-        return tuple(argument.to(device) for argument in arguments)
+            arrays += [np.concatenate(values), np.stack([lists.lengths[start:end] for lists in self.lists])]
+        return tuple(torch.from_numpy(array).to(device) for array in arrays)
 
 
 def predict_lines(

@@ -8,7 +8,9 @@ or its L2 norm (``norm``). Row 0, the row every missing, rare and unseen ID alre
 row's IDs go to it: a ``RowRemap`` inside the artifact (the kept rows' original numbers, sorted) maps each input
 row to its place in the smaller table, or to row 0, so ``model.pt`` still takes the encoded table rows and
 ``serve.pt`` raw log rows. The item-text table (cached text vectors, frozen) is not pruned: it is what cold items
-are scored with.
+are scored with. Tables are those of torchrec_mtl.embedding_tables, named by their owning feature: a list's
+elements count toward the table it looks up (a history sharing the item's table, toward the item's), and a
+``ListRowRemap`` remaps them inside the artifact as the table's own column is remapped.
 
 Dense: each ``nn.Linear`` weight of the tower (experts, gates, heads) loses the ``dense`` share of its entries of
 least magnitude (``torch.nn.utils.prune.l1_unstructured``, then ``prune.remove``: plain weights with zeros in

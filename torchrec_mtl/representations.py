@@ -11,6 +11,9 @@ per item and writes to ``out_dir``:
   description (its ID falls to the unseen-ID row); without text, every item of the training split;
 - ``manifest.json``: the checkpoint, the towers' features, the counts, how to read them.
 
+A tower may read list features (a user's history): a user's come from the lists of the user's last training row, an
+item's from its last training row's (a cold item's lists are empty).
+
 Vectors have unit length, so a dot product is the model's user-item score and a cosine; the item matrix can go
 straight into a nearest-neighbour index (``faiss.IndexFlatIP(dim).add(items.vectors)``).
 

@@ -17,6 +17,14 @@ order (labels and ignored columns left out; ``manifest.json`` lists them under `
 dropped, short rows padded where the schema says so. Both return ``valid`` [B] bool and each task's scores [B]
 float32; a row predict rejects is ``valid == False`` and its scores are NaN.
 
+List columns (the schema's ``lists``) are raw fields too, as in the log: split at the list's separator, each element
+read as a token of its column (``parse_list``, the rule of preprocessing: an empty field is an empty list, an empty
+element or one that is no token makes the row not valid, the elements cut off are checked too), cut to the list's
+first or last ``max_length``, then hashed or looked up in the vocabulary it uses (its own, or the column's it
+shares). ``ListServingModel`` passes them to the model as one KeyedJaggedTensor's values and lengths
+(torchrec_mtl.inference.ListInferenceModel); the encoder's ``encode_rows`` and ``encode_lines_with_lists`` return
+them beside the dense and sparse inputs.
+
 The encoding is predict's to the bit; so are the scores when the rows come in predict's batches (the model's float32
 kernels may round a last bit differently at another batch size). Where TorchScript cannot follow polars exactly, the
 row is not valid rather than scored differently (``NOT_VALID_HERE`` in torchrec_mtl.data.preprocess.fields, and the
@@ -107,8 +115,8 @@ class RawRowEncoder(nn.Module):
         self.carriage_return = "\r"  # an attribute: TorchScript writes a "\r" in code that it cannot load again
         # the vocabularies, one per owner (a list that shares a column's vocabulary looks its tokens up in it), as
         # sorted tokens side by side in one buffer; a feature names its owner's place
-        owners = list(dict.fromkeys(
-            schema.vocabulary_owner(c) for c in schema.categorical if not schema.vocabulary_rule(c).is_hash))  # fmt: skip
+        frequency_columns = [c for c in schema.categorical if not schema.vocabulary_rule(c).is_hash]
+        owners = list(dict.fromkeys(schema.vocabulary_owner(c) for c in frequency_columns))
         tokens = [np.asarray(vocabularies[owner], dtype=np.int64) for owner in owners]
         self.register_buffer("vocabulary_tokens", torch.from_numpy(np.concatenate([np.zeros(0, np.int64), *tokens])))
         self.vocabulary_offsets = [int(n) for n in np.cumsum([0, *(len(t) for t in tokens)])]

@@ -14,7 +14,8 @@ With ``history_max`` > 0 each line ends in one more field, a list column (``hist
 lets it share), drawn Zipf-like as that column's, ``|``-separated.
 
 The rows carry no signal: this is about bytes, parsing and throughput, not about what a model can learn. About
-240 bytes a row (plus 9 per history token); roughly 10 s per million rows on one core. The file is written in chunks of ``chunk_rows`` rows
+240 bytes a row (plus 9 per history token); roughly 10 s per million rows on one core. The file is written in chunks
+of ``chunk_rows`` rows
 (appended, so memory stays bounded); the output is the same for the same ``seed`` and ``chunk_rows``.
 
 Example::
@@ -86,7 +87,8 @@ def _history(rng: np.random.Generator, vocabulary: pl.Series, n: int, history_ma
     ends = np.cumsum(lengths) * 9
     starts = ends - lengths * 9
     # the last token of a row has no separator after it (an empty row is the empty string)
-    return pl.Series([text[s : max(e - 1, s)].decode() for s, e in zip(starts.tolist(), ends.tolist())], dtype=pl.String)
+    rows = [text[s : max(e - 1, s)].decode() for s, e in zip(starts.tolist(), ends.tolist())]
+    return pl.Series(rows, dtype=pl.String)
 
 
 def _chunk(
@@ -138,7 +140,8 @@ def write_criteo_log(
         written = 0
         while written < num_rows:
             n = min(chunk_rows, num_rows - written)
-            _chunk(rng, vocabularies, n, history_max).write_csv(out, separator="\t", include_header=False, quote_style="never")
+            chunk = _chunk(rng, vocabularies, n, history_max)
+            chunk.write_csv(out, separator="\t", include_header=False, quote_style="never")
             written += n
             bar.update(n)
     return path.stat().st_size
