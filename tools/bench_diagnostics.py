@@ -75,14 +75,14 @@ RATING_OFFSET = 3.0  # the regression head starts at a typical rating, as the jo
 class Workload:
     """The run each configuration trains: its size and model (the module docstring)."""
 
-    steps: int = 400  # two curve points at the default curve_every (200), the gradient cosine sampled once
+    steps: int = 2 * TrainingConfig().curve_every  # two curve points at the default curve_every, the cosine sampled
     batch_size: int = 512
     item_rows: int = 100_000
     embedding_dim: int = 16
     num_experts: int = 4
     expert_layer_sizes: Tuple[int, ...] = (256, 128)
     tower_layer_sizes: Tuple[int, ...] = (64,)
-    warmup_steps: int = 200  # the untimed first run: one curve point's window and its metrics
+    warmup_steps: int = TrainingConfig().curve_every  # the untimed first run: one curve point's window and metrics
 
     def model(self) -> ModelConfig:
         tower = TowerConfig(
