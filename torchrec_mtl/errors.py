@@ -23,8 +23,9 @@ class DeviceError(ValueError):
 
 
 class NotSupportedYet(ValueError):
-    """A model this command cannot take yet: one with list features (multi-valued categorical columns) in predict,
-    export, serving and vectors, which pass one ID per feature. The message names the feature."""
+    """A model this command cannot take yet: one with list features (multi-valued categorical columns) or sequence
+    features (``model.sequence``) in predict, export, serving and vectors, which pass one ID per feature. The message
+    names the feature."""
 
 
 class EnsembleError(ValueError):

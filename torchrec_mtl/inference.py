@@ -113,6 +113,19 @@ def refuse_list_features(inputs: Dict[str, Any], checkpoint: Path) -> None:
         )
 
 
+def refuse_sequence_features(config: Dict[str, Any], checkpoint: Path) -> None:
+    """NotSupportedYet naming the first sequence feature of a checkpoint's job config (``model.sequence``): the
+    paths that load one here take no history to attend over yet, whatever they come to take of pooled lists.
+    Training, evaluate and finetune take them."""
+    sequence = (config.get("model") or {}).get("sequence") or {}
+    if sequence.get("kind", "none") != "none" and sequence.get("features"):
+        raise NotSupportedYet(
+            f"{checkpoint}: feature {sequence['features'][0]!r} is a sequence feature (model.sequence.kind "
+            f"{sequence['kind']}: attended over against the candidate); predict, export, serving and vectors do not "
+            f"support sequence features yet (train, evaluate and finetune do)"
+        )
+
+
 class InferenceModel(nn.Module):
     """``forward(dense_features [B, num_dense], sparse_ids [B, num_features])`` -> {task: [B]}: one table row per
     categorical feature (as preprocessing writes them), in ``feature_names`` order."""
@@ -155,6 +168,7 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = DEFAULT_DE
         raise CheckpointError(f"{path}: records no model inputs (written before they were saved); train again")
     if not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{path / TRAIN_STATE}: records no job config (the 'config' key); train again")
+    refuse_sequence_features(state["config"], path)  # first: a sequence feature is a list too, named for what it is
     refuse_list_features(inputs, path)
     config = config_from_dict(state["config"])
     tasks = task_set(config.objective)
