@@ -304,3 +304,11 @@ def test_the_one_id_paths_refuse_a_sequence_model_naming_the_feature(tmp_path):
         refuse_sequence_features(config, tmp_path)
     refuse_sequence_features({"model": {"sequence": {"kind": "none", "features": []}}}, tmp_path)
     refuse_sequence_features({"model": {}}, tmp_path)  # a checkpoint from before sequences
+
+
+def test_fine_tuning_names_the_attention_sequence_and_its_tables_embeddings():
+    from torchrec_mtl.finetune import part_of
+
+    names = [name for name, _ in _model(kind="bst", features=["history"]).named_parameters()]
+    assert part_of("sparse_arch.embedding_collection.embeddings.t_C2.weight") == "embeddings"
+    assert {part_of(name) for name in names if name.startswith("interest.")} == {"sequence"}
