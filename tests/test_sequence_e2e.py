@@ -1,7 +1,7 @@
 """A model with sequence features end to end through the CLI: DIN over a history and its categories (aligned, their
 tables in an EmbeddingCollection) preprocessed, trained (its loss falls), evaluated from its DCP checkpoint to the
-same metrics, fine-tuned with the tables and the attention frozen (they come out bit-identical); predict, export and
-vectors refuse it, naming the sequence feature, until they take sequences."""
+same metrics, resumed mid-epoch to the same end, fine-tuned with the tables and the attention frozen (they come out
+bit-identical); predict, export and vectors refuse it, naming the sequence feature, until they take sequences."""
 
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def _weights(checkpoint: Path) -> Dict[str, torch.Tensor]:
 
 def test_a_sequence_model_trains_evaluates_and_fine_tunes_through_the_cli(run, capsys):
     data, out, common = run
-    assert main(["train", "--config", "configs/mmoe_synthetic.yaml", *common, f"out_dir={out}"]) == 0
+    assert main(["train", "--config", "configs/mmoe_synthetic.yaml", *common, f"out_dir={out}",
+                 "checkpoint.every_steps=20", "checkpoint.keep=10"]) == 0
     printed = capsys.readouterr().out
     # nine tables: seven bags (C1, C4-C8, tags) and the two the sequences look up (C2, C3), unpooled
     assert "sharded tables on 1 process(es): 9 " in printed
@@ -73,6 +74,20 @@ def test_a_sequence_model_trains_evaluates_and_fine_tunes_through_the_cli(run, c
     for name in frozen:
         assert torch.equal(before[name], after[name]), f"{name} ({part_of(name)}) changed although frozen"
     assert not all(torch.equal(before[n], after[n]) for n in before if n.startswith("tower.heads.heads.ctr."))
+
+
+def test_a_sequence_run_resumed_mid_epoch_ends_with_the_uninterrupted_metrics(run, tmp_path):
+    """The EmbeddingCollection's tables and their fused optimizer's state come back from the checkpoint."""
+    data, out, common = run
+    if not (out / "checkpoints" / "step-000000040").exists():
+        pytest.skip("needs the trained run of the first test")
+    resumed = tmp_path / "resumed"
+    assert main(["train", "--config", "configs/mmoe_synthetic.yaml", *common, f"out_dir={resumed}",
+                 f"checkpoint.resume={out / 'checkpoints' / 'step-000000040'}"]) == 0
+    expected = json.loads((out / "results.json").read_text())
+    results = json.loads((resumed / "results.json").read_text())
+    assert results["tasks"] == expected["tasks"]  # every metric, exactly
+    assert results["training"]["steps"] == expected["training"]["steps"]
 
 
 @pytest.mark.parametrize(
