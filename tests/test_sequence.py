@@ -247,6 +247,20 @@ def test_a_sequence_model_scores_a_batch_and_one_feature_needs_no_projection(kin
     assert sorted(outputs) == ["ctr", "cvr", "rating"] and all(torch.isfinite(v).all() for v in outputs.values())
 
 
+def test_the_two_towers_read_the_non_sequence_features_of_a_sequence_model():
+    torch.manual_seed(0)
+    config = ModelConfig(sequence=SequenceConfig(kind="din", features=["history", "hist_category"]))
+    model = build_model(config, 13, SIZES, device=torch.device("cpu"), lists=LISTS,
+                        retrieval_features=(["C1"], ["C2", "tags"]))  # fmt: skip
+    assert model.retrieval.user_columns == [0] and model.retrieval.item_columns == [1, 8]  # tags: the 9th embedding
+    rows = 4
+    lengths = [1] * (8 * rows) + [3, 0, 8, 1] + [2] * rows + [3, 0, 8, 1]
+    features = KeyedJaggedTensor(keys=list(SIZES), values=torch.arange(sum(lengths)) % 3,
+                                 lengths=torch.tensor(lengths))  # fmt: skip
+    user, item = model.retrieval_vectors(features)
+    assert user.shape == item.shape == (rows, config.retrieval.dim)
+
+
 def test_kind_none_builds_the_pooled_model_unchanged():
     plain = _model()
     assert not hasattr(plain.sparse_arch, "embedding_collection") and plain.interest is None
