@@ -102,6 +102,10 @@ class SequenceSparseArch(nn.Module):
         return list(self.lookups.feature_names)
 
     def forward(self, features: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # The whole KJT to each (torchrec 1.9.2): unsharded, both forwards look their tables' feature names up in
+        # features.to_dict(); sharded, _create_input_dist keeps the input positions of the features the shardings
+        # own, input_dist permutes to those alone (or, when they are already the leading keys, splits them off by
+        # count) and nothing else is sent.
         pooled = self.embedding_bag_collection(features) if self.embedding_bag_collection is not None else None
         return self.lookups(pooled, self.embedding_collection(features))
 
