@@ -188,8 +188,10 @@ def test_the_lookups_read_single_ids_pooled_lists_histories_and_queries_from_the
     torch.testing.assert_close(embeddings[:, 1], item[jagged["item"].values()])
     torch.testing.assert_close(query[:, :D], embeddings[:, 1])  # the candidate item is the query
     # a list that is no sequence feature pools as its bag would (mean; an empty list: zeros)
-    bags = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="t_item", embedding_dim=D, num_embeddings=10,
-                                                             feature_names=["seen"], pooling=PoolingType.MEAN)])  # fmt: skip
+    mean = EmbeddingBagConfig(
+        name="t_item", embedding_dim=D, num_embeddings=10, feature_names=["seen"], pooling=PoolingType.MEAN
+    )
+    bags = EmbeddingBagCollection(tables=[mean])
     bags.embedding_bags["t_item"].weight.data.copy_(item.data)
     torch.testing.assert_close(embeddings[:, 3], bags(features)["seen"])
     # the history: each position's item and category side by side, zeros after the row's length
@@ -273,8 +275,9 @@ def test_kind_none_builds_the_pooled_model_unchanged():
 @pytest.fixture
 def schema_file(tmp_path):
     path = tmp_path / "lists.yaml"
-    path.write_text(yaml.safe_dump({**SCHEMA, "lists": {**SCHEMA["lists"], "short": {"separator": "|",
-                                    "max_length": 3, "shares": "C2"}}, "categorical": [*SCHEMA["categorical"], "short"]}))  # fmt: skip
+    short = {"separator": "|", "max_length": 3, "shares": "C2"}  # shares the item too, but 3 long, not 8
+    schema = {**SCHEMA, "lists": {**SCHEMA["lists"], "short": short}, "categorical": [*SCHEMA["categorical"], "short"]}
+    path.write_text(yaml.safe_dump(schema))
     return path
 
 

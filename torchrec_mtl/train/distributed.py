@@ -264,6 +264,7 @@ def load_table_weights(sharded: nn.Module, table_name: str, weights: torch.Tenso
     suffixes = (f"embedding_bags.{table_name}.weight", f"embeddings.{table_name}.weight")  # pooled, unpooled
     names = [name for name in sharded.state_dict() if name.endswith(suffixes)]
     if len(names) != 1:
-        raise KeyError(f"table {table_name!r}: expected one state entry ending in {' or '.join(suffixes)}, found {names}")
+        ends = " or ".join(suffixes)
+        raise KeyError(f"table {table_name!r}: expected one state entry ending in {ends}, found {names}")
     with torch.no_grad():
         _copy_into(sharded.state_dict()[names[0]], weights)
