@@ -20,6 +20,7 @@ REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # and "file::test function" (every parametrization of it) where a file holds both tiers.
 E2E_FILES = {
     "test_bench_train.py",  # the benchmark through the CLI, with worker processes
+    "test_bench_towers.py",  # the tower benchmark at smoke size (its tools' imports and steps: seconds)
     "test_checkpoint.py",  # runs killed and resumed, world sizes 1 and 2
     "test_compare_peers.py",  # tools/compare_peers.py's exported rows against a trained run's
     "test_cli_stages.py",  # train, evaluate, predict, export, report on one trained run
@@ -41,6 +42,8 @@ E2E_TESTS = {
     # tools/bench_peers.py's smoke run: its timed contenders, each a process of its own (the peers only with a venv)
     "test_bench_peers.py::test_the_smoke_run_reports_every_figure_of_ours_and_says_why_the_peers_are_missing",
     "test_bench_peers.py::test_the_smoke_run_with_the_peers_divides_ours_by_the_fastest_peer",
+    # tools/compare_history.py trains four tiny runs (two models, two seeds)
+    "test_compare_history.py::test_a_tiny_comparison_writes_one_row_per_model_task_and_metric",
     "test_checkpoint_integrity.py::test_every_checkpoint_lists_its_other_files_and_its_rank_files_load_weights_only",
     "test_checkpoint_integrity.py::test_one_flipped_byte_in_any_file_is_refused_by_every_command",
     "test_checkpoint_integrity.py::test_a_pickle_planted_as_a_rank_file_runs_nothing_even_with_a_forged_manifest",
@@ -53,6 +56,8 @@ E2E_TESTS = {
     "test_ensemble.py::test_an_ensemble_of_one_checkpoint_is_that_checkpoint_exactly",
     "test_ensemble.py::test_an_ensemble_of_two_checkpoints_scores_the_mean_of_their_predictions",
     "test_ensemble.py::test_a_member_of_other_tasks_is_refused_naming_it_before_anything_is_scored",
+    # a model sharded by DMP twice (the per-expert tower's checkpoint, then the expert banks loading it)
+    "test_expert_bank.py::test_a_sharded_model_loads_a_per_expert_checkpoint_to_fine_tune_but_not_to_resume",
     "test_finetune.py::test_finetuning_one_task_keeps_the_frozen_parts_and_reports_before_and_after",
     "test_gpu_check.py::test_the_dry_run_runs_every_step_on_the_cpu_and_writes_its_json",  # tools/, 10 commands
     "test_gpu_check.py::test_without_a_gpu_the_check_stops_after_its_first_step_saying_why",

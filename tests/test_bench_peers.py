@@ -60,6 +60,7 @@ def test_the_ratios_and_the_diagnostics_cost_come_from_the_median_rates():
     assert summary["diagnostics_cost"] == pytest.approx(0.2)
     assert summary["peak_rss_gib"]["scale_trainer"] == {"ours": 3.0, "deepctr_torch": 10.0}
     assert summary["test_auc"]["ours"] == {"ctr": 0.75, "cvr": 0.65, "ctcvr": 0.85}
+    assert summary["test_auc_std"]["ours"] == {"ctr": 0.0, "cvr": 0.0, "ctcvr": 0.0}  # the same AUC every round
     assert summary["per_round_over_fastest_peer"]["trainer"] == [5.0, 5.0, 5.0]
 
 
@@ -79,7 +80,10 @@ def _check_ours(result: dict) -> None:
                 value = result[figure][key][name]
                 assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (figure, key, name)
     rates = result["samples_per_s"]["trainer"]
-    assert result["diagnostics_cost"] == pytest.approx(1 - rates["ours"] / rates["ours_no_diagnostics"], abs=1e-4)
+    assert result["diagnostics_cost_trainers"] == pytest.approx(1 - rates["ours"] / rates["ours_no_diagnostics"],
+                                                                abs=1e-4)  # fmt: skip
+    lock_step = result["diagnostics_lock_step"]  # the headline figure: tools/bench_diagnostics.py's
+    assert result["diagnostics_cost"] == lock_step["diagnostics_cost"] and math.isfinite(result["diagnostics_cost"])
     for name in OURS["trainer"]:
         assert set(result["test_auc"][name]) == {"ctr", "cvr", "ctcvr"}
     assert result["config"]["interaction"] == "concat" and result["config"]["smoke"]

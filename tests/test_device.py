@@ -62,6 +62,10 @@ ALLOWED = {
     "the TorchScript interpreter on the host, and the lookups run there",
     ("serving.py", "RawRowEncoder._encode", "torch.tensor"): "serve.pt's parsed rows, on the host (as above)",
     ("serving.py", "RawRowEncoder._rows", "torch.arange"): "serve.pt's vocabulary rows, on the host (as above)",
+    ("serving.py", "RawRowEncoder._encode", "torch.zeros"): "serve.pt's parsed list values (none), on the host (as "
+    "above)",
+    ("serving.py", "RawRowEncoder._list_rows", "torch.arange"): "serve.pt's vocabulary rows of a list, on the host "
+    "(as above)",
     ("serving.py", "ServingModel._score", "torch.zeros"): "serve.pt's scores of an empty batch, returned to the host",
     ("serving.py", "ServingModel._score", ".cpu()"): "serve.pt returns host tensors, wherever its model runs",
     ("pruning.py", "row_norms", ".cpu()"): "each row's norm, to numpy to rank the rows of every table together",

@@ -80,8 +80,8 @@ def test_the_monitor_reads_the_gates_the_forward_ran_and_runs_no_level_twice():
     torch.manual_seed(0)
     tower = PLE(6, ["ctr", "cvr"], num_levels=2, num_shared_experts=1, num_task_experts=2, expert_layer_sizes=[5])
     calls = []
-    for expert in tower.levels[0].shared_experts:  # below the last level: what gate_weights would run again
-        expert.register_forward_hook(lambda *_: calls.append(1))
+    # below the last level: what gate_weights would run again (its experts are one bank, one call a pass)
+    tower.levels[0].shared_experts.register_forward_hook(lambda *_: calls.append(1))
     x = torch.randn(16, 6)
     with GateMonitor(tower) as monitor:
         tower(x)

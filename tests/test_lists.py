@@ -23,7 +23,7 @@ from torchrec_mtl.data.preprocess import parse as parse_module
 from torchrec_mtl.data.shards import ShardedLog, ShardError
 from torchrec_mtl.embedding_tables import embedding_tables, table_of
 from torchrec_mtl.errors import NotSupportedYet
-from torchrec_mtl.inference import refuse_list_features
+from torchrec_mtl.inference import UNSERVED_INPUTS, refuse_unserved_features
 from torchrec_mtl.model import OrderedSparseArch
 from torchrec_mtl.schema import DatasetSchema, ListSpec, SchemaError
 from torchrec_mtl.train.optimizers import embedding_optimizer_specs
@@ -383,10 +383,46 @@ def test_configs_naming_a_list_where_only_single_ids_work_are_refused(list_schem
         load_config("configs/mmoe_synthetic.yaml", overrides)
 
 
-def test_the_one_id_paths_refuse_a_list_model_naming_the_feature(tmp_path):
+def test_the_serving_paths_refuse_only_the_kinds_of_feature_they_cannot_feed_naming_the_feature(tmp_path):
     spec = {"separator": "|", "max_length": 3, "keep": "last", "pooling": "mean", "shares": "user"}
-    inputs = {"features": ["user", "history"], "lists": {"history": spec}}
-    with pytest.raises(NotSupportedYet, match="feature 'history' is a list column .* not support list features yet"):
-        refuse_list_features(inputs, tmp_path)
-    refuse_list_features({"features": ["user"], "lists": {}}, tmp_path)
-    refuse_list_features({"features": ["user"]}, tmp_path)  # a checkpoint from before lists
+    refuse_unserved_features({"features": ["user", "history"], "lists": {"history": spec}}, tmp_path)  # served now
+    refuse_unserved_features({"features": ["user"]}, tmp_path)  # a checkpoint from before lists
+    # what they do not feed yet (sequence features, another branch's): one function, named by the feature
+    assert "sequences" in UNSERVED_INPUTS
+    inputs = {"features": ["user", "clicks"], "sequences": {"clicks": {"max_length": 20}}}
+    with pytest.raises(NotSupportedYet, match=r"feature 'clicks' is a sequence feature .* do not support sequences"):
+        refuse_unserved_features(inputs, tmp_path)
+
+
+# --- pruning by count ---------------------------------------------------------------------------------------------
+
+
+def test_pruning_counts_each_tables_lookups_a_shared_list_toward_its_owners_table(tmp_path):
+    from types import SimpleNamespace
+
+    from torchrec_mtl.config import DataConfig
+    from torchrec_mtl.pruning import access_counts
+
+    # the history comes first among the categorical features: the sparse columns (user, item) are not at the
+    # features' places, so counting column i as feature i would count the user's rows as the history's
+    schema = _schema(categorical=["history", "user", "item", "tags"],
+                     columns=["click", "I1", "user", "item", "history", "tags"])  # fmt: skip
+    lines = [*GOOD, _line("101", "100|100|101", "7,7", user="2")]
+    _, log = _preprocess(tmp_path, schema, lines)
+    assert log.categorical_features == ["history", "user", "item", "tags"]
+    assert log.single_id_features == ["user", "item"]
+    data = DataConfig(schema="lists.yaml", shards=str(tmp_path / "out"))
+    trained = SimpleNamespace(config=SimpleNamespace(data=data), inputs={"table_sizes": dict(log.table_sizes)})
+    counts = access_counts(trained)
+    assert sorted(counts) == ["item", "tags", "user"], "one count per table, keyed by its owner"
+    (shard,) = log.split("train")
+    sizes = log.table_sizes
+    history = np.concatenate(_lists(log, "history")).astype(np.int64)
+    tags = np.concatenate(_lists(log, "tags")).astype(np.int64)
+    assert len(history) == 3 + 0 + 3 + 1 + 3, "the kept elements only (the last three of five), not the padding"
+    expected_item = np.bincount(shard.sparse[:, 1], minlength=sizes["item"])
+    expected_item += np.bincount(history, minlength=sizes["item"])
+    np.testing.assert_array_equal(counts["item"], expected_item)
+    np.testing.assert_array_equal(counts["user"], np.bincount(shard.sparse[:, 0], minlength=sizes["user"]))
+    np.testing.assert_array_equal(counts["tags"], np.bincount(tags, minlength=sizes["tags"]))
+    assert counts["item"].sum() == len(lines) + len(history) and counts["tags"].sum() == len(tags) == 2 + 0 + 2 + 1 + 2

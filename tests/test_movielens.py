@@ -10,14 +10,16 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import yaml
 
 from conftest import REAL_DATA
-from torchrec_mtl.data.movielens import COLUMNS, MIN_RATINGS_FOR_TEST, convert_movielens
+from torchrec_mtl.data.movielens import COLUMNS, HISTORY_LENGTH, MIN_RATINGS_FOR_TEST, convert_movielens
 from torchrec_mtl.data.preprocess import preprocess
 from torchrec_mtl.schema import DatasetSchema
 
 MOVIELENS = REAL_DATA / "movielens-latest-small"
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "configs" / "datasets" / "movielens.yaml"
+HISTORY_SCHEMA_PATH = SCHEMA_PATH.with_name("movielens_history.yaml")
 K = 4
 
 pytestmark = pytest.mark.skipif(
@@ -33,7 +35,8 @@ def _log(path: Path) -> pl.DataFrame:
         has_header=False,
         new_columns=COLUMNS,
         quote_char=None,
-        schema_overrides={"rating": pl.Float64, "release_year": pl.Int64, "genre1": pl.Int64, "year_bucket": pl.Int64},
+        schema_overrides={"rating": pl.Float64, "release_year": pl.Int64, "genre1": pl.Int64, "year_bucket": pl.Int64,
+                          "hist_item": pl.String, "hist_genre1": pl.String},  # fmt: skip
     )
 
 
@@ -218,3 +221,77 @@ def test_global_split_cuts_all_users_at_one_time(converted, converted_global, ra
     assert _both(converted_global).select(fixed).sort(fixed).equals(_both(converted).select(fixed).sort(fixed))
     with pytest.raises(ValueError, match="split"):
         convert_movielens(MOVIELENS, "/nonexistent", split="random")
+
+
+def _tokens(field) -> list:
+    return [int(t) for t in field.split("|")] if field else []
+
+
+def test_each_rows_history_is_the_users_earlier_training_ratings_oldest_first_the_last_50(converted, ratings):
+    rows = _both(converted).with_row_index("row")
+    train_ratings = rows.filter((pl.col("split") == "train") & (pl.col("click") == 1))
+    genre_of = dict(zip(rows["item"].to_list(), rows["genre1"].fill_null(0).to_list()))
+    test_keys = set(zip(*rows.filter((pl.col("split") == "test") & (pl.col("click") == 1))
+                        .select("user", "item").get_columns()))  # fmt: skip
+    by_user: dict = {}
+    for user, item, ts in zip(train_ratings["user"], train_ratings["item"], train_ratings["timestamp"]):
+        by_user.setdefault(user, []).append((ts, item))
+    for events in by_user.values():
+        events.sort()
+    sample = pl.concat([rows.gather_every(499), rows.filter(pl.col("split") == "test").gather_every(53)])
+    cut = 0
+    for user, item, ts, hist_item, hist_genre1 in zip(
+        sample["user"], sample["item"], sample["timestamp"], sample["hist_item"], sample["hist_genre1"]
+    ):
+        earlier = [movie for t, movie in by_user.get(user, []) if t < ts]  # strictly before: not its own second
+        expected = earlier[-HISTORY_LENGTH:]
+        cut += len(earlier) > HISTORY_LENGTH
+        assert _tokens(hist_item) == expected
+        assert _tokens(hist_genre1) == [genre_of[m] for m in expected]  # aligned, 0 for no genre listed
+        assert item not in expected and not any((user, m) in test_keys for m in expected)
+    assert cut > 0 and sample.height > 1000
+    # the length is the user's training ratings before the row (user_prior_ratings), cut to the last 50
+    lengths = rows["hist_item"].fill_null("").str.split("|").list.len() - rows["hist_item"].is_null().cast(pl.UInt32)
+    assert (lengths == rows["user_prior_ratings"].clip(upper_bound=HISTORY_LENGTH)).all()
+    genre_lengths = rows["hist_genre1"].fill_null("").str.split("|").list.len()
+    assert (genre_lengths - rows["hist_genre1"].is_null().cast(pl.UInt32) == lengths).all()
+
+
+def test_the_negatives_shown_with_a_rating_share_its_history(converted):
+    _, _, train, test = converted
+    for frame in (train, test):
+        group = np.arange(frame.height) // (1 + K)  # each positive followed by its K negatives
+        per_group = frame.with_columns(g=pl.Series(group)).group_by("g").agg(
+            pl.col("hist_item").n_unique().alias("items"), pl.col("hist_genre1").n_unique().alias("genres")
+        )
+        assert (per_group["items"] == 1).all() and (per_group["genres"] == 1).all()
+
+
+def test_the_schemas_read_the_histories_as_lists_or_ignore_them_leaving_every_other_column_as_it_was(
+    converted, tmp_path
+):
+    out, summary, _, _ = converted
+    files = {"train": [out / "train.tsv"], "test": [out / "test.tsv"]}
+    lists = preprocess(DatasetSchema.from_yaml(HISTORY_SCHEMA_PATH), files, tmp_path / "lists", progress=False)
+    assert lists.rows_rejected == 0 and lists.total_written == summary["rows"]["train"] + summary["rows"]["test"]
+    metadata = json.loads((tmp_path / "lists" / "metadata.json").read_text())
+    assert metadata["counts"]["truncated_lists"] == {"hist_item": 0, "hist_genre1": 0}  # written <= 50
+    # movielens.yaml ignores them: its shards are those of the log without the two columns (on the first 40,000
+    # lines of each file, for time)
+    full, cut = {}, {}
+    for split in ("train", "test"):
+        lines = (out / f"{split}.tsv").read_text().splitlines(keepends=True)[:40_000]
+        (tmp_path / f"full_{split}.tsv").write_text("".join(lines))
+        (tmp_path / f"cut_{split}.tsv").write_text("".join(line.rsplit("\t", 2)[0] + "\n" for line in lines))
+        full[split], cut[split] = [tmp_path / f"full_{split}.tsv"], [tmp_path / f"cut_{split}.tsv"]
+    raw = yaml.safe_load(SCHEMA_PATH.read_text())
+    raw["columns"] = [c for c in raw["columns"] if not c.startswith("hist_")]
+    raw["ignore"] = [c for c in raw["ignore"] if not c.startswith("hist_")]
+    preprocess(DatasetSchema.from_yaml(SCHEMA_PATH), full, tmp_path / "ignored", progress=False)
+    preprocess(DatasetSchema.from_dict(raw), cut, tmp_path / "before", progress=False)
+    arrays = sorted(p.relative_to(tmp_path / "before") for p in (tmp_path / "before").rglob("*.npy"))
+    assert arrays == sorted(p.relative_to(tmp_path / "ignored") for p in (tmp_path / "ignored").rglob("*.npy"))
+    assert arrays
+    for path in arrays:
+        before, ignored = np.load(tmp_path / "before" / path), np.load(tmp_path / "ignored" / path)
+        assert np.array_equal(before, ignored, equal_nan=before.dtype.kind == "f"), path

@@ -48,7 +48,7 @@ def _train(precision: Optional[Precision], steps: int) -> Dict[str, List[torch.T
     def snapshot() -> List[torch.Tensor]:
         state = sharded.state_dict()
         tables = [state[k].local_shards()[0].tensor.clone() for k in sorted(state) if "embedding_bags" in k]
-        return tables + [model.tower.experts[0]._mlp[0]._linear.weight.detach().clone()]
+        return tables + [model.tower.experts.weights[0][0].detach().clone()]  # expert 0's first layer
 
     before, losses = snapshot(), []
     for step in range(steps):
@@ -64,7 +64,7 @@ def test_fp32_is_no_autocast_and_bf16_runs_the_dense_part_in_bf16_with_fp32_outp
     torch.manual_seed(0)
     model = build_model(JobConfig().model, 13, {f: 500 for f in FEATURES}, device=CPU)
     seen: Dict[str, torch.dtype] = {}
-    model.tower.experts[0].register_forward_hook(lambda m, i, o: seen.update(expert=o.dtype))
+    model.tower.register_forward_hook(lambda m, i, o: seen.update(expert=m.experts(i[0]).dtype))
     model.tower.register_forward_hook(lambda m, i, o: seen.update(tower_out=o["ctr"].dtype))
     model.sparse_arch.register_forward_hook(lambda m, i, o: seen.update(lookup=o.dtype))
     batch = _batch()

@@ -67,17 +67,26 @@ def test_dense_pruning_zeroes_the_share_of_each_tower_layer_by_magnitude_and_lea
     tower = MMoE(12, ["ctr", "cvr"], num_experts=2, expert_layer_sizes=[8, 4], tower_layer_sizes=[4])
     before = {name: p.detach().clone() for name, p in tower.named_parameters()}
     report = prune_dense(tower, 0.5)
+    # every linear layer, as (name, weight, bias, weight before, bias before): the gates' and heads' nn.Linear, and
+    # each expert's layer, a slice of the expert bank's stacked weights, pruned on its own as its nn.Linear was
     linear = {name: m for name, m in tower.named_modules() if isinstance(m, nn.Linear)}
-    assert report["layers"] == len(linear) == 2 * 2 + 2 + 2 * 2  # expert layers, gates, head layers
-    for name, layer in linear.items():
-        weight, old = layer.weight.detach(), before[f"{name}.weight"]
+    layers = [(name, m.weight, m.bias, before[f"{name}.weight"], before[f"{name}.bias"]) for name, m in linear.items()]
+    for layer in range(2):
+        for expert in range(2):
+            weight, bias = tower.experts.weights[layer][expert], tower.experts.biases[layer][expert]
+            old_weight = before[f"experts.weights.{layer}"][expert]
+            old_bias = before[f"experts.biases.{layer}"][expert]
+            layers.append((f"expert {expert} layer {layer}", weight, bias, old_weight, old_bias))
+    assert report["layers"] == len(layers) == 2 * 2 + 2 + 2 * 2  # expert layers, gates, head layers
+    for name, weight, bias, old, old_bias in layers:
+        weight = weight.detach()
         zeroed = weight == 0
         assert int(zeroed.sum()) == round(0.5 * weight.numel()), name
         assert old.abs()[zeroed].max() <= old.abs()[~zeroed].min(), name  # the smallest magnitudes went
-        assert torch.equal(weight[~zeroed], old[~zeroed]) and torch.equal(layer.bias, before[f"{name}.bias"])
-        assert not layer._forward_pre_hooks, name  # no pruning hook left behind
+        assert torch.equal(weight[~zeroed], old[~zeroed]) and torch.equal(bias, old_bias)
+    assert not any(m._forward_pre_hooks for m in linear.values())  # no pruning hook left behind
     assert sorted(tower.state_dict()) == sorted(before)  # no weight_orig, no weight_mask
-    assert report["zeros"] == sum(round(0.5 * m.weight.numel()) for m in linear.values())
+    assert report["zeros"] == sum(round(0.5 * layer[1].numel()) for layer in layers)
 
 
 def test_the_options_are_checked_and_pruning_is_off_by_default():

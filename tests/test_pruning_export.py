@@ -47,7 +47,8 @@ def _export(checkpoint: Path, folder: Path, *options: str) -> dict:
 
 def _load_in_a_bare_process(folder: Path, dense: np.ndarray, sparse: np.ndarray, lines) -> Dict[str, np.ndarray]:
     """model.pt on (dense, sparse) and serve.pt on the raw lines, where only torch and fbgemm_gpu are imported; also
-    each 2-D parameter of model.pt (``param/<name>``): the tables and the linear weights as stored."""
+    each parameter of model.pt of two or more dimensions (``param/<name>``): the tables, the linear weights and the
+    expert banks' stacked weights (and their biases, [experts, out]) as stored."""
     np.save(folder / "dense.npy", dense)
     np.save(folder / "sparse.npy", sparse)
     (folder / "lines.json").write_text(json.dumps(lines))
@@ -59,7 +60,7 @@ out = {{"model/" + k: v.numpy() for k, v in model(torch.from_numpy(np.load(folde
                                                  torch.from_numpy(np.load(folder + "/sparse.npy"))).items()}}
 served = serve.score_lines(json.load(open(folder + "/lines.json")), True)
 out.update({{"serve/" + k: v.numpy() for k, v in served.items()}})
-out.update({{"param/" + n: p.detach().numpy() for n, p in model.named_parameters() if p.dim() == 2}})
+out.update({{"param/" + n: p.detach().numpy() for n, p in model.named_parameters() if p.dim() >= 2}})
 assert not [m for m in sys.modules if m.split(".")[0] in ("torchrec", "torchrec_mtl")], "imported more than torch"
 np.savez(folder + "/scored.npz", **out)
 """
@@ -155,7 +156,11 @@ def test_dense_pruning_leaves_plain_weights_whose_zeros_only_compression_saves(r
     assert manifest["pruned"]["rows"] is None and report["share"] == 0.5
     scored = _load_in_a_bare_process(tmp_path / "dense", dense, sparse, lines)
     assert not [name for name in scored if "_orig" in name or "_mask" in name]  # prune.remove folded the masks
-    tower = {name: value for name, value in scored.items() if name.startswith("param/") and ".tower." in name}
+    tower = {}  # every linear layer's weight: an expert bank's stacked weights are one layer per expert
+    for name, value in scored.items():
+        if not (name.startswith("param/") and ".tower." in name) or ".experts.biases." in name:
+            continue
+        tower.update({f"{name}[{e}]": layer for e, layer in enumerate(value)} if value.ndim == 3 else {name: value})
     assert len(tower) == report["layers"] and sum(v.size for v in tower.values()) == report["weights"]
     for name, weight in tower.items():
         assert (weight == 0).sum() == round(0.5 * weight.size), name

@@ -19,8 +19,6 @@ from list_logs import list_schema
 from torchrec_mtl.build import build_model
 from torchrec_mtl.config import ConfigError, InteractionConfig, ModelConfig, SequenceConfig, load_config
 from torchrec_mtl.embedding_tables import UNPOOLED, embedding_tables
-from torchrec_mtl.errors import NotSupportedYet
-from torchrec_mtl.inference import refuse_sequence_features
 from torchrec_mtl.model import MultiTaskModel, SequenceSparseArch
 from torchrec_mtl.modules import sequence as sequence_module
 from torchrec_mtl.modules.sequence import BSTEncoder, DINAttention, InterestArch, SequenceLookups
@@ -313,14 +311,6 @@ def test_bad_sequence_configs_are_refused_naming_the_key(schema_file, overrides,
 def test_a_good_sequence_config_loads(schema_file):
     config = _load(schema_file, "model.sequence.kind=bst", "model.sequence.features=[history, hist_category]")
     assert config.model.sequence.features == ["history", "hist_category"] and config.model.sequence.num_heads == 2
-
-
-def test_the_one_id_paths_refuse_a_sequence_model_naming_the_feature(tmp_path):
-    config = {"model": {"sequence": {"kind": "din", "features": ["history", "hist_category"]}}}
-    with pytest.raises(NotSupportedYet, match="feature 'history' is a sequence feature .* din"):
-        refuse_sequence_features(config, tmp_path)
-    refuse_sequence_features({"model": {"sequence": {"kind": "none", "features": []}}}, tmp_path)
-    refuse_sequence_features({"model": {}}, tmp_path)  # a checkpoint from before sequences
 
 
 def test_fine_tuning_names_the_attention_sequence_and_its_tables_embeddings():

@@ -52,6 +52,9 @@ def test_a_sequence_model_trains_evaluates_and_fine_tunes_through_the_cli(run, c
     data, out, common = run
     assert main(["train", "--config", "configs/mmoe_synthetic.yaml", *common, f"out_dir={out}",
                  "checkpoint.every_steps=20", "checkpoint.keep=10"]) == 0
+    recorded = read_train_state(resolve_checkpoint(out / "checkpoints"))["model_inputs"]["sequences"]
+    assert recorded == {"history": {"kind": "din", "query": "C2", "max_length": 8},
+                        "hist_category": {"kind": "din", "query": "C3", "max_length": 8}}  # fmt: skip
     printed = capsys.readouterr().out
     # nine tables: seven bags (C1, C4-C8, tags) and the two the sequences look up (C2, C3), unpooled
     assert "sharded tables on 1 process(es): 9 " in printed
@@ -105,5 +108,5 @@ def test_the_one_id_commands_refuse_a_sequence_model_naming_the_feature(run, tmp
     args = [part.format(data=data, tmp=tmp_path) for part in command]
     assert main([args[0], "--checkpoint", str(out / "checkpoints"), *args[1:]]) == EXIT_USER_ERROR
     error = capsys.readouterr().err
-    assert "feature 'history' is a sequence feature" in error and "do not support sequence features yet" in error
+    assert "feature 'history' is a sequence feature" in error and "do not support sequences yet" in error
     assert list(tmp_path.iterdir()) == [], "nothing written"

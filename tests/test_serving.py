@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 from types import SimpleNamespace
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import polars as pl
@@ -71,18 +71,21 @@ def test_the_field_readers_agree_with_polars_on_random_text():
             assert status == 2 and np.float32(value).tobytes() == np.float32(f).tobytes(), text
 
 
-def _encoders(raw: dict, folder: Path, vocabularies: dict, table: ItemTextTable) -> Tuple[_Encoder, object]:
-    """predict's encoder and the scripted RawRowEncoder of a run on schema ``raw`` with these vocabularies and
-    item-text table."""
+def _encoders(raw: dict, folder: Path, vocabularies: dict, table: Optional[ItemTextTable]) -> Tuple[_Encoder, object]:
+    """predict's encoder and the scripted RawRowEncoder of a run on schema ``raw`` with these vocabularies (by the
+    column that owns each) and item-text table (None: no item text)."""
     (folder / "vocab").mkdir()
     for feature, tokens in vocabularies.items():
         np.save(folder / "vocab" / f"{feature}.npy", tokens)
     (folder / "schema.yaml").write_text(yaml.safe_dump(raw))
     config = SimpleNamespace(data=DataConfig(schema=str(folder / "schema.yaml"), shards=str(folder)))
     predict = _Encoder(SimpleNamespace(config=config, inputs={"item_text": None}))
-    key = predict.schema.key_columns.index(predict.schema.item_text_key)
-    predict.text_rows = lambda keys: table.rows(keys[:, key])
-    serve = torch.jit.script(RawRowEncoder(predict.schema, vocabularies, table.sorted_keys, table.sorted_rows))
+    text = ()
+    if table is not None:
+        key = predict.schema.key_columns.index(predict.schema.item_text_key)
+        predict.text_rows = lambda keys: table.rows(keys[:, key])
+        text = (table.sorted_keys, table.sorted_rows)
+    serve = torch.jit.script(RawRowEncoder(predict.schema, vocabularies, *text))
     saved = io.BytesIO()  # as saved and loaded again: TorchScript writes code it may not read back ("\r")
     torch.jit.save(serve, saved)
     saved.seek(0)
@@ -179,3 +182,94 @@ def test_rows_of_another_length_an_empty_batch_and_the_documented_corner(tmp_pat
     # a binary label below float64's normal range: polars reads 1e-400 as 0 (a valid label), serve.pt refuses the row
     line = "4,9,1e-400,-0,x,5,,,2.5,77,\n"
     assert serve.encode_lines([line, line.replace("1e-400", "0")], True)[0].tolist() == [False, True]
+
+
+# --- list columns -------------------------------------------------------------------------------------------------
+
+# A decimal schema whose history shares the item's min_count vocabulary (kept last) and whose tags are hashed (kept
+# first), with a list before a single-ID column and a ";" separator beside the file's ",".
+DECIMAL_LISTS = {
+    "name": "serving_lists", "labels": {"click": "binary"}, "integer": ["i1"],
+    "categorical": ["user", "history", "item", "tags"], "categorical_format": "decimal", "separator": ",",
+    "vocabulary": {"hash_size": 1000}, "feature_vocabulary": {"item": {"min_count": 1}, "history": {"min_count": 1}},
+    "lists": {"history": {"separator": ";", "max_length": 4, "keep": "last", "shares": "item"},
+              "tags": {"separator": "|", "max_length": 2, "pooling": "sum"}},
+}  # fmt: skip
+HOSTILE_ELEMENTS = ["", "+1", "-1", "-0", "-", " 1", "1 ", "x", "0x1", "1.0", "\u00e9", "99999999999999999999", "1,2"]
+
+
+def test_the_list_reader_agrees_with_preprocessings_list_rule_on_random_text():
+    from torchrec_mtl.data.preprocess.fields import parse_list
+    from torchrec_mtl.data.preprocess.parse import _list_rules
+
+    rng = np.random.default_rng(1)
+    alphabet = list("0123456789abcdefAF|;+- x") + ["\u00e9", "\r"]
+    texts = ["".join(rng.choice(alphabet, size=rng.integers(0, 14))) for _ in range(6000)]
+    texts += ["|".join(rng.choice(HOSTILE_ELEMENTS + ["7", "ff"], size=rng.integers(1, 4))) for _ in range(500)]
+    scripted = torch.jit.script(parse_list)
+    for hexadecimal in (True, False):
+        raw = {**DECIMAL_LISTS, "categorical_format": "hex" if hexadecimal else "decimal"}
+        raw["lists"] = {"tags": {"separator": "|", "max_length": 2}}
+        schema = DatasetSchema.from_dict(raw)
+        parse, bad, reason = _list_rules(schema, "tags", pl.col("t"), pl.col("v"))
+        # the CSV reader gives an empty field as null, which the rule reads as the empty list
+        frame = pl.DataFrame({"t": texts}).with_columns(pl.col("t").replace("", None)).with_columns(parse.alias("v"))
+        read = frame.select(bad.alias("bad"), reason.alias("reason"), pl.col("v"))
+        for text, rejected, why, values in zip(texts, *(read[c].to_list() for c in ("bad", "reason", "v"))):
+            status, tokens = scripted(text, "|", hexadecimal)
+            if not rejected:
+                assert (status, tokens) == (0, values or []), (text, hexadecimal)
+            else:
+                expected = 1 if why == "list element empty" else 2
+                assert (status, tokens) == (expected, []), (text, hexadecimal, why)
+
+
+def _list_lines(schema: DatasetSchema, tokens: np.ndarray, rng: np.random.Generator) -> List[str]:
+    """Lines of every list length from empty to past max_length, half of them with a hostile element or field."""
+    lines = []
+    for i in range(1200):
+        history = [str(int(t)) for t in rng.choice(tokens, i % 7)]  # 0..6 tokens, max_length 4
+        tags = [str(int(t)) for t in rng.integers(0, 10**6, i % 4)]  # 0..3 tokens, max_length 2
+        if i % 2:
+            which = history if (history and rng.random() < 0.5) or not tags else tags
+            if which:
+                which[int(rng.integers(len(which)))] = str(rng.choice(HOSTILE_ELEMENTS))
+            else:
+                which.append(str(rng.choice(HOSTILE_ELEMENTS[1:])))
+        fields = [str(int(rng.integers(0, 2))), str(int(rng.integers(0, 50))), str(int(rng.choice(tokens))),
+                  ";".join(history), str(int(rng.choice(tokens))), "|".join(tags)]  # fmt: skip
+        lines.append(",".join(fields) + "\n")
+    return lines
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_raw_lines_with_lists_encode_to_predicts_inputs_and_lists_it_rejects_are_not_valid(tmp_path, labelled):
+    schema = DatasetSchema.from_dict(DECIMAL_LISTS)
+    assert schema.columns == ["click", "i1", "user", "history", "item", "tags"]
+    rng = np.random.default_rng(7 + labelled)
+    tokens = np.unique(rng.integers(0, 10**6, 300))
+    vocabulary = np.sort(rng.choice(tokens, 200, replace=False))  # the others are unseen: row 0
+    predict, serve = _encoders(DECIMAL_LISTS, tmp_path, {"item": vocabulary}, None)
+    lines = _list_lines(schema, tokens, rng)
+    if not labelled:
+        lines = [line.split(",", 1)[1] for line in lines]
+    layout = predict.columns if labelled else predict.unlabeled
+    rows = predict.encode_rows("".join(lines).encode(), 1, layout)
+    valid, dense, sparse, values, lengths = serve.encode_lines_with_lists(lines, labelled)
+    assert (np.flatnonzero(valid.numpy()) + 1).tolist() == rows.line_numbers.tolist()
+    reasons = {reason for _, reason, *_ in rows.rejections}
+    assert {"list element empty", "list element not id"} <= reasons and 0.35 < len(rows.rejections) / len(lines) < 0.65
+    expected = rows.model_inputs(0, len(rows), torch.device("cpu"))
+    assert torch.equal(dense[valid], expected[0]) and torch.equal(sparse[valid], expected[1])
+    # the lists: rows not valid are empty, so the values are those of the valid rows, list after list
+    assert lengths.dtype == torch.int32 and lengths.shape == (2, len(lines)) and not lengths[:, ~valid].any()
+    assert torch.equal(lengths[:, valid], expected[3]) and torch.equal(values, expected[2])
+    assert set(lengths[0, valid].tolist()) == {0, 1, 2, 3, 4} and set(lengths[1, valid].tolist()) == {0, 1, 2}
+    # truncation by keep (history: its last 4, tags: their first 2) and the rows: vocabulary or hash
+    line = "1,3,5," + ";".join(str(int(t)) for t in vocabulary[:6]) + ",7,11|12|13\n"
+    _, _, _, values, lengths = serve.encode_lines_with_lists([line if labelled else line[2:]], labelled)
+    assert lengths.tolist() == [[4], [2]] and values.tolist() == [3, 4, 5, 6, 1 + 11 % 999, 1 + 12 % 999]
+    # forward's fields alike (the columns without labels, in the file's order)
+    assert serve.columns == ["i1", "user", "history", "item", "tags"]
+    _, _, _, values, lengths = serve.encode_rows([["3", "5", "", "7", "4|4"], ["3", "5", "1;;2", "7", ""]])
+    assert lengths.tolist() == [[0, 0], [2, 0]] and values.tolist() == [1 + 4 % 999] * 2

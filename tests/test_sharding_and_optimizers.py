@@ -105,3 +105,11 @@ def test_dense_gradients_are_clipped_to_the_configured_norm():
     optimizer.step()
     step = math.sqrt(sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(layer.parameters(), before)))
     assert step == pytest.approx(0.01, rel=1e-4)  # SGD with lr 1 moves by the clipped gradient
+
+
+def test_one_process_places_every_table_table_wise_and_says_why(small_log, capsys):
+    _prepare(small_log, "training.print_plan=true")
+    plan = capsys.readouterr().out
+    assert "sharded tables on 1 process(es): 8 table_wise (one process: table-wise, nothing to split" in plan
+    rows = {line.split("|")[0].strip(): line.split("|")[1].strip() for line in plan.splitlines() if "| fused" in line}
+    assert set(rows.values()) == {"table_wise"} and len(rows) == 8

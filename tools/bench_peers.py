@@ -32,7 +32,11 @@ processes on the machine falls on all of them alike; the JSON has each round's f
 
 ``trainer_over_fastest_peer``, ``step_over_fastest_peer``, ``scale_over_fastest_peer`` (trainers at Criteo-sized
 tables) and ``scale_step_over_fastest_peer``: our median samples/s over the fastest peer's. ``diagnostics_cost``: the
-share of our trainer's training time that the default diagnostics take, 1 - (samples/s with them) / (without).
+share of our training time that the default diagnostics take, measured by tools/bench_diagnostics.py (two training
+loops at this batch size in lock step, one with the diagnostics and one without; ``diagnostics_lock_step`` has its
+figures); ``diagnostics_cost_trainers`` is the same from the whole trainers in turns, 1 - (samples/s with them) /
+(without), which the machine's changing load moves more. Round r trains every contender from seed ``--seed`` + r - 1
+(the log and split stay), so ``test_auc`` is a mean over seeds and ``test_auc_std`` their spread.
 
 The peers are installed into their own venv (``--venv``, default runs/peers/venv, made from
 tools/peers-requirements.txt by tools/compare_peers.py's ensure_peer_venv; never .venv). A benchmark run by hand;
@@ -184,6 +188,25 @@ def run_child(contender: Contender, folder: Path, limit_s: float, threads: int) 
     return record
 
 
+def measure_diagnostics(args: argparse.Namespace, work: Path) -> Optional[Dict[str, Any]]:
+    """tools/bench_diagnostics.py in a process of its own (it opens a process group) at this run's batch size and
+    item table: the default diagnostics against none, two training loops in lock step, which a machine's changing
+    load moves far less than whole runs in turns. Its result dict, or None when it failed (said)."""
+    out = work / "diagnostics.json"
+    out.unlink(missing_ok=True)
+    command = [sys.executable, str(TOOLS / "bench_diagnostics.py"), "--out", str(out), "--no-progress",
+               "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+               "--repetitions", str(args.diagnostics_repetitions)]  # fmt: skip
+    if args.smoke:
+        command += ["--steps", "40", "--warmup-steps", "10", "--item-rows", "2000"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": os.pathsep.join([str(ROOT), str(TOOLS)])}
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0 or not out.exists():
+        print(f"diagnostics cost: bench_diagnostics failed ({done.returncode}): {done.stderr[-400:]}", flush=True)
+        return None
+    return json.loads(out.read_text())
+
+
 def warm_up(contenders: List[Contender], args: argparse.Namespace, work: Path) -> None:
     """A few untimed steps of each bare-step contender first: the first process to train after a while pays for
     paging in its libraries' code and the data (in a smoke run the first trainer was 5x slower than the same run
@@ -197,6 +220,16 @@ def warm_up(contenders: List[Contender], args: argparse.Namespace, work: Path) -
                 print(f"warm-up {contender.key} {contender.name}: {record['error']}", flush=True)
 
 
+def seeded(contender: Contender, seed: int) -> Contender:
+    """The contender trained from ``seed`` (initialisation and shuffling; the log and its split stay the same), so
+    that the rounds' test AUCs show each trainer's spread across seeds."""
+    if contender.name.startswith("ours"):
+        extra = [f"--override=training.seed={seed}"] if contender.mode == "trainer" else []
+    else:
+        extra = ["--seed", str(seed)]  # the last value of an option wins
+    return Contender(contender.name, contender.mode, contender.part, [*contender.command, *extra])
+
+
 def run_rounds(contenders: List[Contender], args: argparse.Namespace, work: Path) -> List[Dict[str, Any]]:
     """Every contender once per round, in turns (reversed every other round), after an untimed warm-up; each
     finished run's record."""
@@ -207,7 +240,7 @@ def run_rounds(contenders: List[Contender], args: argparse.Namespace, work: Path
         for contender in order:
             limit = args.workload_limit if contender.part == "workload" else args.time_limit
             folder = work / "children" / f"{contender.key}_{contender.name}_r{index}"
-            record = run_child(contender, folder, limit, args.threads)
+            record = run_child(seeded(contender, args.seed + index), folder, limit, args.threads)
             record["round"] = index
             records.append(record)
             rate = record.get("samples_per_s")
@@ -248,10 +281,8 @@ def over_fastest_peer(rates: Dict[str, float]) -> Optional[Dict[str, Any]]:
 
 
 def diagnostics_cost(trainer_rates: Dict[str, float]) -> Optional[float]:
-    """The share of our trainer's training time the default diagnostics take: 1 - rate with / rate without.
-
-    tools/bench_diagnostics.py (another branch) measures this on its own; once it lands, this figure should come
-    from its function so that the two tools agree.
+    """The share of our trainer's training time the default diagnostics take, from whole runs in turns: 1 - rate
+    with / rate without (``diagnostics_cost_trainers``; the headline figure is ``measure_diagnostics``').
 
     Example::
 
@@ -262,14 +293,20 @@ def diagnostics_cost(trainer_rates: Dict[str, float]) -> Optional[float]:
     return round(1.0 - on / off, 4) if on and off else None
 
 
-def test_aucs(records: List[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
-    """Contender -> each task's test AUC, the mean over the rounds that finished (the trainers at the workload)."""
+def test_aucs(records: List[Dict[str, Any]], spread: bool = False) -> Dict[str, Dict[str, float]]:
+    """Contender -> each task's test AUC, the mean over the rounds that finished (the trainers at the workload; each
+    round trains from its own seed); ``spread``: their sample standard deviation instead (0 with one round)."""
     grouped: Dict[str, List[Dict[str, float]]] = {}
     for record in records:
         if record["part"] == "workload" and record.get("test_auc"):
             grouped.setdefault(record["contender"], []).append(record["test_auc"])
-    return {name: {task: round(statistics.fmean(run[task] for run in runs), 4) for task in runs[0]}
-            for name, runs in grouped.items()}  # fmt: skip
+
+    def figure(values: List[float]) -> float:
+        if not spread:
+            return round(statistics.fmean(values), 4)
+        return round(statistics.stdev(values), 4) if len(values) > 1 else 0.0
+
+    return {name: {task: figure([run[task] for run in runs]) for task in runs[0]} for name, runs in grouped.items()}
 
 
 def per_round_ratios(records: List[Dict[str, Any]], key: str) -> List[Optional[float]]:
@@ -291,12 +328,15 @@ def summarise(records: List[Dict[str, Any]], peers_skipped: Optional[str]) -> Di
         ratio = over_fastest_peer(rates.get(key, {}))
         result[name] = ratio["ratio"] if ratio else None
         fastest[key] = ratio["peer"] if ratio else None
+    # the lock-step measurement (measure_diagnostics) replaces this when it ran: whole runs in turns vary more
     result["diagnostics_cost"] = diagnostics_cost(rates.get("trainer", {}))
+    result["diagnostics_cost_trainers"] = result["diagnostics_cost"]
     result["fastest_peer"] = fastest
     result["samples_per_s"] = rates
     result["peak_rss_gib"] = {k: {n: round(b / GIB, 3) for n, b in by.items()} for k, by in rss.items()}
     result["peak_rss_bytes"] = rss
     result["test_auc"] = test_aucs(records)
+    result["test_auc_std"] = test_aucs(records, spread=True)
     result["per_round_over_fastest_peer"] = {key: per_round_ratios(records, key) for key in rates}
     result["peers_skipped"] = peers_skipped
     return result
@@ -314,8 +354,8 @@ def format_table(summary: Dict[str, Any]) -> str:
         for key in keys:
             rate, gib = rates[key].get(name), rss.get(key, {}).get(name)
             cells += [f"{rate:,.0f}" if rate else "", f"{gib:.2f}" if gib else ""]
-        auc = aucs.get(name)
-        auc_text = " / ".join(f"{auc[t]:.4f}" for t in ("ctr", "cvr", "ctcvr")) if auc else ""
+        auc, spread = aucs.get(name), summary.get("test_auc_std", {}).get(name, {})
+        auc_text = " / ".join(f"{auc[t]:.4f} ± {spread.get(t, 0.0):.4f}" for t in ("ctr", "cvr", "ctcvr")) if auc else ""
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {auc_text} |")
     ratios = ", ".join(f"{k} {summary[k]}" for k in (*RATIOS.values(), "diagnostics_cost"))
     skipped = f"\npeers skipped: {summary['peers_skipped']}" if summary["peers_skipped"] else ""
@@ -342,7 +382,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every contender")
     parser.add_argument("--warmup", type=int, default=None, help="untimed bare steps first (default 3)")
     parser.add_argument("--steps", type=int, default=None, help="timed bare steps (default 20)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the log's seed and round 1's (round r trains from seed + r - 1)")
+    parser.add_argument("--diagnostics-repetitions", type=int, default=2,
+                        help="repetitions of the lock-step diagnostics measurement (0: only the trainers' figure)")  # fmt: skip
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_peers", help="the log, shards, runs")
     parser.add_argument("--venv", type=Path, default=ROOT / "runs" / "peers" / "venv",
                         help="the peers' venv (made from tools/peers-requirements.txt unless it has them)")  # fmt: skip
@@ -398,6 +440,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     files = prepare(args)
     records = run_rounds(plan(args, files, peers_python), args, args.work.resolve())
     summary = summarise(records, peers_skipped)
+    if args.diagnostics_repetitions > 0:
+        print("the default diagnostics' cost, two training loops in lock step ...", flush=True)
+        lock_step = measure_diagnostics(args, args.work.resolve())
+        if lock_step is not None:
+            summary["diagnostics_cost"] = lock_step["diagnostics_cost"]
+            summary["diagnostics_lock_step"] = lock_step
     metas = {part: files[f"export_{part}"] / "meta.json" for part in parts(args)}
     summary["config"] = {
         "rows": args.rows, "rounds": args.rounds, "smoke": args.smoke, "batch_size": args.batch_size,

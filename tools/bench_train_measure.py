@@ -27,6 +27,7 @@ from bench_train_contenders import EMBEDDING_DIM, MODEL, NUM_SPARSE, TASKS, buil
 from common import quiet
 from torchrec_mtl.build import build_tower
 from torchrec_mtl.model import MultiTaskModel
+from torchrec_mtl.modules.expert_bank import ExpertBank
 from torchrec_mtl.train.distributed import init_distributed
 from torchrec_mtl.train.loop import make_pipeline
 
@@ -57,8 +58,8 @@ def tower_flops(batch_size: int, repeats: int, progress: bool = True) -> Dict[st
     torch.manual_seed(0)
     in_features = MultiTaskModel.tower_in_features(NUM_SPARSE, EMBEDDING_DIM)
     tower = build_tower(MODEL.tower, in_features, TASKS.tower_tasks)
-    linears = [m for m in tower.modules() if isinstance(m, nn.Linear)]
-    forward_flops = sum(2 * batch_size * m.in_features * m.out_features for m in linears)
+    layers = linear_shapes(tower)
+    forward_flops = sum(2 * batch_size * n_in * n_out for n_in, n_out in layers)
     x = torch.randn(batch_size, in_features, requires_grad=True)
 
     def tower_step() -> None:
@@ -66,10 +67,10 @@ def tower_flops(batch_size: int, repeats: int, progress: bool = True) -> Dict[st
         x.grad = None
         sum(logit.sum() for logit in tower(x).values()).backward()
 
-    largest = max(linears, key=lambda m: m.in_features * m.out_features)
-    weight = torch.randn(largest.out_features, largest.in_features)
-    inputs = torch.randn(batch_size, largest.in_features)
-    grads = torch.randn(batch_size, largest.out_features)
+    largest_in, largest_out = max(layers, key=lambda shape: shape[0] * shape[1])
+    weight = torch.randn(largest_out, largest_in)
+    inputs = torch.randn(batch_size, largest_in)
+    grads = torch.randn(batch_size, largest_out)
     functions: Dict[str, Callable[[], Any]] = {
         "tower": tower_step,
         # the three products of an nn.Linear's step, with its layouts
@@ -86,7 +87,7 @@ def tower_flops(batch_size: int, repeats: int, progress: bool = True) -> Dict[st
             started = time.perf_counter()
             function()
             times[name].append(time.perf_counter() - started)
-    layer_flops = 2 * batch_size * largest.in_features * largest.out_features
+    layer_flops = 2 * batch_size * largest_in * largest_out
 
     def rates(seconds: Dict[str, float]) -> Tuple[float, float]:
         """(tower GFLOP/s, the products' GFLOP/s) from one time per function."""
@@ -102,10 +103,19 @@ def tower_flops(batch_size: int, repeats: int, progress: bool = True) -> Dict[st
         "mm_gflops_per_s": round(mm_gflops, 2),
         "mm_forward_gflops_per_s": round(layer_flops / medians["mm_forward"] / 1e9, 2),
         "tower_gflop_per_step": round(3 * forward_flops / 1e9, 3),
-        "tower_largest_linear": [largest.in_features, largest.out_features],
+        "tower_largest_linear": [largest_in, largest_out],
         "median_seconds": {name: round(seconds, 6) for name, seconds in medians.items()},
         "tower_flops_fraction_p25": round(fast_tower / fast_mm, 3),
     }
+
+
+def linear_shapes(tower: nn.Module) -> List[Tuple[int, int]]:
+    """(in, out) of each linear layer of ``tower``: every nn.Linear (gates, heads) and each expert's layer of every
+    ExpertBank (one nn.Linear each before the banks held them stacked)."""
+    shapes = [(m.in_features, m.out_features) for m in tower.modules() if isinstance(m, nn.Linear)]
+    for bank in (m for m in tower.modules() if isinstance(m, ExpertBank)):
+        shapes += [(weight.shape[1], weight.shape[0]) for weight in bank.expert_weights()]
+    return shapes
 
 
 def quartile(seconds: List[float]) -> float:

@@ -108,12 +108,43 @@ def quiet() -> None:
     warnings.filterwarnings("ignore")
 
 
-def ensure_movielens(data_dir: str, source: str | Path = SHARED_DATA / "movielens-latest-small") -> None:
-    """Convert MovieLens latest-small (``source``) into the multi-task log in ``data_dir`` unless it is there."""
-    if not (Path(data_dir) / "train.tsv").exists():
-        from torchrec_mtl.data.movielens import convert_movielens
+def _written_columns(data_dir: str | Path) -> List[str] | None:
+    """The columns a converter recorded in ``data_dir``'s log: MovieLens's meta.json, else MIND's header row."""
+    meta = Path(data_dir) / "meta.json"
+    if not (Path(data_dir) / "train.tsv").exists() or not meta.exists():
+        return None
+    recorded = json.loads(meta.read_text()).get("columns", {})
+    if isinstance(recorded, dict) and "order" in recorded:
+        return list(recorded["order"])
+    with open(Path(data_dir) / "train.tsv", encoding="utf-8") as lines:
+        return lines.readline().rstrip("\n").split("\t")
 
+
+def ensure_movielens(data_dir: str, source: str | Path = SHARED_DATA / "movielens-latest-small") -> None:
+    """Convert MovieLens latest-small (``source``) into the multi-task log in ``data_dir`` unless it is there with
+    the columns the converter writes now (a log written before the history columns is converted again)."""
+    from torchrec_mtl.data.movielens import COLUMNS, convert_movielens
+
+    if _written_columns(data_dir) != COLUMNS:
         convert_movielens(str(source), data_dir)
+
+
+def ensure_mind(data_dir: str, source: str | Path = SHARED_DATA / "mind-small-subset") -> None:
+    """Convert the MIND subset (``source``) into the click log in ``data_dir`` unless it is there with the columns
+    the converter writes now."""
+    from torchrec_mtl.data.mind import COLUMNS, convert_mind
+
+    if _written_columns(data_dir) != COLUMNS:
+        convert_mind(str(source), data_dir)
+
+
+def ensure_converted(dataset: str, data_dir: str) -> None:
+    """The converted log of ``dataset`` (movielens, mind) in ``data_dir``; other datasets need none (a generated
+    log is the job's own step)."""
+    if dataset == "movielens":
+        ensure_movielens(data_dir)
+    elif dataset == "mind":
+        ensure_mind(data_dir)
 
 
 def rows_by(rows: List[Dict], *keys: str) -> Dict[Tuple, List[Dict]]:

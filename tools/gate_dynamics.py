@@ -73,6 +73,14 @@ class GateRecorder:
         self.steps.setdefault(name, []).append(record)
 
 
+def compute_gates_apart(module: torch.nn.Module, args: tuple) -> None:
+    """A global pre-hook: an MMoE computes each gate on its own (``fuse_gates`` False, the same function), so that
+    every gate's forward sees its input, which the recorder's bound needs; fused, the gates' logits come out of the
+    experts' first-layer product."""
+    if getattr(module, "fuse_gates", False):
+        module.fuse_gates = False
+
+
 def summarise(steps: List[Dict[str, float]], first: int = 20) -> Dict[str, float]:
     """The mean move / bound ratio over the first steps, and the step where the entropy first fell under 5%."""
     ratios = [s["move"] / s["bound"] for s in steps[1:first] if s["bound"] > 0 and not math.isnan(s["move"])]
@@ -101,10 +109,12 @@ def main(argv: List[str] | None = None) -> int:
         recorder = GateRecorder(config.training.dense_lr)
         # the lr bound divides by the input's scale only where every weight moves at lr: Adam's case, our optimizer
         handle = torch.nn.modules.module.register_module_forward_hook(recorder)
+        unfuse = torch.nn.modules.module.register_module_forward_pre_hook(compute_gates_apart)
         try:
             run_job(config)
         finally:
             handle.remove()
+            unfuse.remove()
     summary = {name: summarise(steps) for name, steps in recorder.steps.items()}
     for name, row in summary.items():
         print(name, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))

@@ -23,9 +23,9 @@ class DeviceError(ValueError):
 
 
 class NotSupportedYet(ValueError):
-    """A model this command cannot take yet: one with list features (multi-valued categorical columns) or sequence
-    features (``model.sequence``) in predict, export, serving and vectors, which pass one ID per feature. The message
-    names the feature."""
+    """A model this command cannot take yet: one whose checkpoint records a kind of feature predict, export, serving
+    and vectors cannot feed (they take single IDs and pooled lists; torchrec_mtl.inference.UNSERVED_INPUTS lists the
+    others). The message names the feature."""
 
 
 class EnsembleError(ValueError):

@@ -16,6 +16,9 @@ default) drops rarely used embedding rows and zeroes small tower weights in the 
     model = torch.jit.load("runs/main/export/model.pt")
     outputs = model(dense_features, sparse_ids)  # [B, num_dense] float32, [B, num_features] int64 table rows
     outputs["ctr"], outputs["ctcvr"], outputs["rating"]
+    # a model with list features (ListInferenceModel): sparse_ids holds the single-ID features only, and the lists
+    # come as one KeyedJaggedTensor's values [N] int64 and lengths [lists, B] int32 (manifest.json: inputs)
+    outputs = model(dense_features, sparse_ids, list_values, list_lengths)
     serve = torch.jit.load("runs/main/export/serve.pt")
     scores = serve.score_lines(lines, False)  # raw lines without the label columns; serve(rows): feature fields
     scores["valid"], scores["ctr"]  # [B] bool (False: a row predict rejects), [B] float32 (NaN where not valid)
@@ -47,6 +50,7 @@ from torchrec_mtl.model import MultiTaskModel
 from torchrec_mtl.outputs import new_folder
 from torchrec_mtl.pruning import Pruning, prune_for_export
 from torchrec_mtl.modules.two_tower import ITEM_VECTOR, USER_VECTOR
+from torchrec_mtl.schema import ListSpec
 from torchrec_mtl.tasks import TaskSet
 from torchrec_mtl.train.checkpoint import (
     TRAIN_STATE,
@@ -73,6 +77,8 @@ class TaskOutputs(nn.Module):
         self.offsets: Dict[str, float] = {name: float(offsets.get(name, 0.0)) for name in self.regression}
         self.products: Dict[str, List[str]] = {p.name: list(p.of) for p in tasks.products}
         self.retrieval: List[str] = [t.name for t in tasks.tasks if t.kind == "retrieval"]
+        # attributes: TorchScript reads no module-level str
+        self.user_vector, self.item_vector = USER_VECTOR, ITEM_VECTOR
 
     def forward(self, logits: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         outputs: Dict[str, torch.Tensor] = {}
@@ -86,7 +92,7 @@ class TaskOutputs(nn.Module):
                 product = product * outputs[part]
             outputs[name] = product
         for name in self.retrieval:
-            outputs[name] = (logits[USER_VECTOR] * logits[ITEM_VECTOR]).sum(dim=1)
+            outputs[name] = (logits[self.user_vector] * logits[self.item_vector]).sum(dim=1)
         return outputs
 
 
@@ -99,31 +105,55 @@ def one_id_per_feature(feature_names: List[str], sparse_ids: torch.Tensor) -> Ke
     )
 
 
-def refuse_list_features(inputs: Dict[str, Any], checkpoint: Path) -> None:
-    """NotSupportedYet naming the first list feature of a checkpoint's model inputs: the paths that load one here
-    (predict, export, serve.pt, vectors) pass one table row per feature (``one_id_per_feature``), which a list of
-    IDs does not fit yet. Training, evaluate and finetune take list features."""
-    lists = inputs.get("lists") or {}
-    if lists:
-        name, spec = next(iter(lists.items()))
-        raise NotSupportedYet(
-            f"{checkpoint}: feature {name!r} is a list column (up to {spec['max_length']} IDs per row, "
-            f"{spec['pooling']}-pooled); predict, export, serving and vectors take one ID per feature and do not "
-            f"support list features yet (train, evaluate and finetune do)"
-        )
+def with_lists(
+    single_features: List[str],
+    list_features: List[str],
+    sparse_ids: torch.Tensor,
+    list_values: torch.Tensor,
+    list_lengths: torch.Tensor,
+) -> KeyedJaggedTensor:
+    """The model's KJT of one table row per single-ID feature (``sparse_ids`` [B, len(single_features)]) and the
+    list features' own KJT parts: ``list_lengths`` int32 [len(list_features), B] and ``list_values`` int64, the
+    rows of list 0 row after row, then of list 1 (torchrec's values order for those keys).
+
+    The single-ID keys come first and the lists after them, whatever the features' order: the tables look their
+    features up by key (``KeyedJaggedTensor.to_dict``, and the quantized collection permutes to its own order) and
+    ``OrderedSparseArch`` puts the pooled vectors back in feature order, so no data-dependent split of the values
+    is needed (FX traces this into plain tensor operations)."""
+    return KeyedJaggedTensor(
+        keys=single_features + list_features,
+        values=torch.cat([sparse_ids.t().reshape(-1), list_values]),
+        lengths=torch.cat([
+            torch.ones(sparse_ids.numel(), dtype=torch.int32, device=sparse_ids.device),
+            list_lengths.reshape(-1).to(torch.int32),
+        ]),  # fmt: skip
+    )
 
 
-def refuse_sequence_features(config: Dict[str, Any], checkpoint: Path) -> None:
-    """NotSupportedYet naming the first sequence feature of a checkpoint's job config (``model.sequence``): the
-    paths that load one here take no history to attend over yet, whatever they come to take of pooled lists.
-    Training, evaluate and finetune take them."""
-    sequence = (config.get("model") or {}).get("sequence") or {}
-    if sequence.get("kind", "none") != "none" and sequence.get("features"):
-        raise NotSupportedYet(
-            f"{checkpoint}: feature {sequence['features'][0]!r} is a sequence feature (model.sequence.kind "
-            f"{sequence['kind']}: attended over against the candidate); predict, export, serving and vectors do not "
-            f"support sequence features yet (train, evaluate and finetune do)"
-        )
+# What a checkpoint's ``model_inputs`` may record that predict, export, serve.pt and vectors cannot feed yet: the
+# key, and what to call its features. Sequence features (unpooled, for attention over a history) are the next kind.
+UNSERVED_INPUTS: Dict[str, str] = {"sequences": "a sequence feature (unpooled, attended over)"}
+
+
+def refuse_unserved_features(inputs: Dict[str, Any], checkpoint: Path) -> None:
+    """NotSupportedYet naming the first feature of a checkpoint's model inputs that the serving paths (predict,
+    export, serve.pt, vectors) cannot feed: single IDs and pooled lists they take, the kinds in ``UNSERVED_INPUTS``
+    not yet. The one place those paths refuse a model for its features: a new kind of feature is added here."""
+    for key, what in UNSERVED_INPUTS.items():
+        features = inputs.get(key) or {}
+        if features:
+            name = next(iter(features))
+            raise NotSupportedYet(
+                f"{checkpoint}: feature {name!r} is {what}; predict, export, serving and vectors do not support "
+                f"{key} yet (train, evaluate and finetune do)"
+            )
+
+
+def list_specs(inputs: Dict[str, Any]) -> Dict[str, ListSpec]:
+    """The list features a checkpoint records (``model_inputs["lists"]``; none before lists existed), in feature
+    order."""
+    recorded = inputs.get("lists") or {}
+    return {name: ListSpec(**recorded[name]) for name in inputs["features"] if name in recorded}
 
 
 class InferenceModel(nn.Module):
@@ -139,11 +169,64 @@ class InferenceModel(nn.Module):
         return self.outputs(self.model(dense_features, one_id_per_feature(self.feature_names, sparse_ids)))
 
 
+class ListInferenceModel(nn.Module):
+    """A model with pooled list features: ``forward(dense_features [B, num_dense] float32, sparse_ids [B, S] int64,
+    list_values [N] int64, list_lengths [L, B] int32)`` -> {task: [B]}. ``sparse_ids``: one table row per single-ID
+    feature (``single_features``, the features less the lists, in their order); the lists as one KeyedJaggedTensor's
+    values and lengths over the keys ``list_features``: ``list_lengths[l, b]`` is row b's length of list l (0: an
+    empty list, pooled to zeros), ``list_values`` list 0's rows one after another, then list 1's, ...
+    (``N = list_lengths.sum()``). The rows are table rows as preprocessing writes them: already truncated to the
+    list's ``max_length`` (a longer list is refused: the model never saw one) and mapped (hashed or through the
+    vocabulary). ``feature_names`` is every feature, lists included, in the model's order."""
+
+    def __init__(
+        self, model: MultiTaskModel, feature_names: List[str], lists: Dict[str, ListSpec], outputs: TaskOutputs
+    ) -> None:
+        super().__init__()
+        self.model, self.outputs = model, outputs
+        self.feature_names: List[str] = list(feature_names)
+        self.list_features: List[str] = [f for f in feature_names if f in lists]
+        self.single_features: List[str] = [f for f in feature_names if f not in lists]
+        self.max_lengths: List[int] = [lists[f].max_length for f in self.list_features]
+
+    def forward(
+        self, dense_features: torch.Tensor, sparse_ids: torch.Tensor, list_values: torch.Tensor,
+        list_lengths: torch.Tensor,
+    ) -> Dict[str, torch.Tensor]:  # fmt: skip
+        check_lists(list_values, list_lengths, self.max_lengths, sparse_ids.size(0))
+        features = with_lists(self.single_features, self.list_features, sparse_ids, list_values, list_lengths)
+        return self.outputs(self.model(dense_features, features))
+
+
+@torch.fx.wrap
+def check_lists(list_values: torch.Tensor, list_lengths: torch.Tensor, max_lengths: List[int], rows: int) -> None:
+    """Refuse list inputs the tables would misread (a wrong shape reads another row's IDs, a length sum that is not
+    the values' count reads past them) or that training never gave (a list longer than its max_length). One call in
+    the traced graph: FX cannot trace branches on tensor values; TorchScript compiles it as it is."""
+    lists = len(max_lengths)
+    if list_lengths.dim() != 2 or list_lengths.size(0) != lists or list_lengths.size(1) != rows:
+        raise ValueError(
+            f"list_lengths: expected shape [{lists}, {rows}] (one row per list feature, one column per row of "
+            f"sparse_ids), got {list_lengths.dim()} dimension(s) of sizes {list_lengths.shape}"
+        )
+    total = int(list_lengths.sum())
+    if list_values.dim() != 1 or total != list_values.numel():
+        raise ValueError(f"list_values: {list_values.numel()} values; list_lengths sum to {total}")
+    for index in range(lists):
+        if rows > 0:
+            longest, shortest = int(list_lengths[index].max()), int(list_lengths[index].min())
+            if longest > max_lengths[index] or shortest < 0:
+                raise ValueError(
+                    f"list_lengths[{index}]: lengths from {shortest} to {longest}; the list's max_length is "
+                    f"{max_lengths[index]} (truncate it as its keep rule says)"
+                )
+
+
 @dataclass
 class TrainedModel:
     """What ``load_trained`` rebuilds: the model with its outputs, and what it was trained on."""
 
-    inference: InferenceModel
+    inference: nn.Module  # InferenceModel, or ListInferenceModel for a model with list features
     config: JobConfig
     inputs: Dict[str, Any]  # features, table_sizes, num_dense, dense_features, offsets, item_text, retrieval
     checkpoint: Path
@@ -152,6 +235,11 @@ class TrainedModel:
     @property
     def task_kinds(self) -> Dict[str, str]:
         return dict(task_set(self.config.objective).names)
+
+    @property
+    def lists(self) -> Dict[str, ListSpec]:
+        """The model's list features (none: ``inference`` is an InferenceModel), in feature order."""
+        return list_specs(self.inputs)
 
 
 def load_trained(checkpoint: str | Path, device: str | torch.device = DEFAULT_DEVICE) -> TrainedModel:
@@ -168,8 +256,7 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = DEFAULT_DE
         raise CheckpointError(f"{path}: records no model inputs (written before they were saved); train again")
     if not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{path / TRAIN_STATE}: records no job config (the 'config' key); train again")
-    refuse_sequence_features(state["config"], path)  # first: a sequence feature is a list too, named for what it is
-    refuse_list_features(inputs, path)
+    refuse_unserved_features(inputs, path)
     config = config_from_dict(state["config"])
     tasks = task_set(config.objective)
     device = torch.device(device)
@@ -181,16 +268,22 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = DEFAULT_DE
         item_text = build_cached_item_text(
             config.model.text, config.model.embedding_dim, text["num_items"], text["dim"], device
         )
+    lists = list_specs(inputs)
     # the tables are built on ``device``, the dense layers on the host and moved
     model = build_model(
         config.model, inputs["num_dense"], inputs["table_sizes"], device, tasks.tower_tasks, item_text,
-        inputs.get("retrieval"),
+        inputs.get("retrieval"), lists,
     ).to(device)  # fmt: skip
     # the checkpoint's keys are those of MultiTaskTrain (model.*); DCP fills whole tables from every rank's shards
     wanted = {f"model.{key}": value for key, value in model.state_dict().items()}
-    load_tensors(path, {"model": wanted}, no_dist=True, verify=False)  # verified above; refuses non-finite weights
+    # verified above; refuses non-finite weights; loads the expert banks from a checkpoint of the per-expert layout
+    load_tensors(path, {"model": wanted}, no_dist=True, verify=False, module=model)
     model.load_state_dict({key.removeprefix("model."): value for key, value in wanted.items()})
-    inference = InferenceModel(model, inputs["features"], TaskOutputs(tasks, inputs["offsets"])).eval()
+    outputs = TaskOutputs(tasks, inputs["offsets"])
+    if lists:
+        inference: nn.Module = ListInferenceModel(model, inputs["features"], lists, outputs).eval()
+    else:
+        inference = InferenceModel(model, inputs["features"], outputs).eval()
     return TrainedModel(inference, config, inputs, path, device)
 
 
@@ -229,19 +322,32 @@ def _write_export(
 ) -> None:
     scripted.save(str(out / "model.pt"))
     serving.module.save(str(out / "serve.pt"))
+    inputs = trained.inputs
+    lists = trained.lists
+    single = [f for f in inputs["features"] if f not in lists]
+    call = "model(dense_features, sparse_ids" + (", list_values, list_lengths)" if lists else ")")
     manifest = {
         "inputs": {
-            "dense_features": {"shape": ["B", trained.inputs["num_dense"]], "dtype": "float32",
-                               "columns": trained.inputs["dense_features"]},
-            "sparse_ids": {"shape": ["B", len(trained.inputs["features"])], "dtype": "int64",
-                           "columns": trained.inputs["features"]},
+            "dense_features": {"shape": ["B", inputs["num_dense"]], "dtype": "float32",
+                               "columns": inputs["dense_features"]},
+            "sparse_ids": {"shape": ["B", len(single)], "dtype": "int64", "columns": single},
+            **({
+                "list_values": {"shape": ["N"], "dtype": "int64", "order": "the table rows of list_features[0] for "
+                                "row 0, row 1, ..., then of list_features[1], ... (a KeyedJaggedTensor's values)"},
+                "list_lengths": {"shape": [len(lists), "B"], "dtype": "int32", "columns": list(lists),
+                                 "max_length": {name: spec.max_length for name, spec in lists.items()},
+                                 "meaning": "list_lengths[l, b]: row b's length of list l (0: empty, pooled to zeros); "
+                                            "N = list_lengths.sum(); lists longer than max_length are refused "
+                                            "(cut them by the list's keep rule first, as serve.pt does)"},
+                "list_features": list(lists),
+            } if lists else {}),
         },  # fmt: skip
         "outputs": trained.task_kinds,
         "quantized": quantize,
         "device": str(trained.device),  # the weights' device; torch.jit.load(..., map_location=...) moves them
         "pruned": pruned,  # None, or per table the rows kept and pruned and the criterion, and the dense sparsity
         "checkpoint": str(trained.checkpoint),
-        "load": "import torch, fbgemm_gpu; model = torch.jit.load('model.pt'); model(dense_features, sparse_ids)",
+        "load": f"import torch, fbgemm_gpu; model = torch.jit.load('model.pt'); {call}",
         "serve": serving.manifest,  # serve.pt: raw rows in (torchrec_mtl.serving)
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))

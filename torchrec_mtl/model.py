@@ -38,9 +38,14 @@ def with_vectors(outputs: Dict[str, torch.Tensor], user: torch.Tensor, item: tor
     """The tower's outputs plus each row's retrieval vectors. One call in a traced graph: the pipeline traces the
     model with the tower as a leaf, whose output dict cannot be written into there."""
     merged = dict(outputs)
-    merged[USER_VECTOR] = user
-    merged[ITEM_VECTOR] = item
+    # the names as literals: an export scripts this function, and TorchScript reads no module-level str (the
+    # assertion below the function holds them to the constants)
+    merged["user_vector"] = user
+    merged["item_vector"] = item
     return merged
+
+
+assert (USER_VECTOR, ITEM_VECTOR) == ("user_vector", "item_vector"), "with_vectors writes these names"
 
 
 @torch.fx.wrap

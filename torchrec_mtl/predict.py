@@ -12,7 +12,10 @@ required. The layout is decided per file from its first line:
   where the schema pads short rows, a short first line is decided by the first chunk's full-length lines.)
 
 The features are encoded exactly as in training: the same dense transform and hashing, the vocabularies
-preprocessing saved beside the shards, and the item text, when the model has it, through the run's items file.
+preprocessing saved beside the shards, and the item text, when the model has it, through the run's items file. List
+columns are split, checked and cut by preprocessing's own parser and mapped through the vocabulary each uses (its
+own, or the column's it shares); the model takes them as a KeyedJaggedTensor's values and lengths
+(torchrec_mtl.inference.ListInferenceModel, ``EncodedRows.model_inputs``).
 Every line is scored or rejected with the preprocessing reasons (torchrec_mtl.data.preprocess), lines longer than
 ``max_line_bytes`` included ("line too long", skipped without being held whole); a header row is neither. The
 output is a TSV with the input's line number and one column per task (probabilities; values for regression tasks).
@@ -29,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -42,6 +45,7 @@ from torchrec_mtl.data.preprocess import (
     MAX_LINE_BYTES,
     ChunkParser,
     LineTooLong,
+    ListValues,
     LogFormatError,
     drop_first_line,
     header_columns,
@@ -81,11 +85,16 @@ class _Encoder:
                 f"{vocab}: the vocabularies of the training run ({trained.checkpoint}) are gone; predict encodes "
                 "IDs with them, so it needs the run's data folder (data.dir / data.shards) where training left it"
             )
-        self.vocabularies = [
-            (self.schema.categorical.index(f), np.load(vocab / f"{f}.npy"))
-            for f in self.schema.categorical
-            if not self.schema.vocabulary_rule(f).is_hash
-        ]
+        # every min_count feature's vocabulary, a list's being the one of the column it shares (preprocessing saved
+        # one file per owner: vocab/<owner>.npy), each file read once
+        owners = {f: self.schema.vocabulary_owner(f) for f in self.schema.categorical
+                  if not self.schema.vocabulary_rule(f).is_hash}  # fmt: skip
+        loaded = {owner: np.load(vocab / f"{owner}.npy") for owner in dict.fromkeys(owners.values())}
+        self.vocabulary_of: Dict[str, np.ndarray] = {f: loaded[owner] for f, owner in owners.items()}
+        # the single-ID ones by their column among the sparse (single-ID) columns, in the parser's tokens order
+        single = self.schema.single_id_columns
+        self.vocabularies = [(single.index(f), self.vocabulary_of[f]) for f in single if f in self.vocabulary_of]
+        self.list_features = self.schema.list_columns
         self.text_rows, self.text_table = None, None
         if trained.inputs["item_text"] is not None:
             from torchrec_mtl.text.table import ItemTextTable
@@ -158,14 +167,60 @@ class _Encoder:
         too_long: Sequence[LineTooLong] = (),
     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, list]:
         """(line numbers, dense, sparse ids, rejections) of a chunk of whole lines laid out as ``columns`` (default:
-        the training layout)."""
+        the training layout), for a schema without list columns (``encode_rows`` carries the lists too)."""
+        if self.list_features:
+            raise ValueError(f"schema {self.schema.source} has list columns {self.list_features}: use encode_rows")
+        rows = self.encode_rows(chunk, first_line, columns, too_long)
+        return rows.line_numbers, rows.dense, rows.sparse, rows.rejections
+
+    def encode_rows(
+        self,
+        chunk: bytes,
+        first_line: int,
+        columns: Optional[Sequence[str]] = None,
+        too_long: Sequence[LineTooLong] = (),
+    ) -> "EncodedRows":
+        """The accepted rows of a chunk of whole lines laid out as ``columns`` (default: the training layout), as
+        the model takes them, and the rejections of the others (preprocessing's parser: the same checks and
+        reasons, lists split, checked and truncated by their keep rule)."""
         parsed = self.parser(columns or self.columns).parse(chunk, first_line, too_long)
         sparse = parsed.sparse.astype(np.int64)
         for t, (column, vocabulary) in enumerate(self.vocabularies):
             sparse[:, column] = tokens_to_rows(parsed.tokens[:, t], vocabulary)
         if self.text_rows is not None:
             sparse = np.concatenate([sparse, self.text_rows(parsed.keys)[:, None]], axis=1)
-        return parsed.line_numbers, parsed.dense, sparse, parsed.rejections
+        lists = []
+        for feature in self.list_features:
+            values = parsed.lists[feature]  # table rows when hashed, else raw tokens for the shared vocabulary
+            if feature in self.vocabulary_of:
+                values = ListValues(tokens_to_rows(values.values, self.vocabulary_of[feature]), values.lengths)
+            lists.append(ListValues(values.values.astype(np.int64, copy=False), values.lengths))
+        return EncodedRows(parsed.line_numbers, parsed.dense, sparse, lists, parsed.rejections)
+
+
+@dataclass
+class EncodedRows:
+    """Encoded rows of a chunk: ``dense`` [n, D] float32, ``sparse`` [n, S] int64 table rows of the single-ID
+    features (and the item-text row last, with text), ``lists`` one ListValues of table rows per list feature (in
+    the schema's order), and the rejections of the chunk's other lines."""
+
+    line_numbers: np.ndarray
+    dense: np.ndarray
+    sparse: np.ndarray
+    lists: List[ListValues]
+    rejections: list
+
+    def __len__(self) -> int:
+        return len(self.line_numbers)
+
+    def model_inputs(self, start: int, end: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
+        """Rows ``start:end`` as the model's arguments on ``device``: (dense, sparse_ids), and with list features
+        (list_values, list_lengths [lists, rows]) after them (torchrec_mtl.inference.ListInferenceModel)."""
+        arrays = [self.dense[start:end], self.sparse[start:end]]
+        if self.lists:
+            values = [lists.values[lists.offsets[start] : lists.offsets[end]] for lists in self.lists]
+            arrays += [np.concatenate(values), np.stack([lists.lengths[start:end] for lists in self.lists])]
+        return tuple(torch.from_numpy(array).to(device) for array in arrays)
 
 
 def predict_lines(
@@ -192,20 +247,20 @@ def predict_lines(
                     continue
             scores = []
             for member, encoder in zip(members, encoders):
-                lines, dense, sparse, rejections = encoder.encode(chunk, first_line, columns, too_long)
-                scores.append(_score(member, dense, sparse, batch_size))
+                rows = encoder.encode_rows(chunk, first_line, columns, too_long)
+                lines, rejections = rows.line_numbers, rows.rejections
+                scores.append(_score(member, rows, batch_size))
             if len(members) == 1:
                 yield lines, scores[0], rejections
             else:
                 yield lines, mean_predictions(scores), rejections
 
 
-def _score(trained: TrainedModel, dense: np.ndarray, sparse: np.ndarray, batch_size: int) -> Dict[str, np.ndarray]:
+def _score(trained: TrainedModel, rows: EncodedRows, batch_size: int) -> Dict[str, np.ndarray]:
     """Each task's predictions of encoded rows, on the host."""
     outputs: Dict[str, list] = {}
-    for start in range(0, len(dense), batch_size):
-        part = trained.inference(torch.from_numpy(dense[start : start + batch_size]).to(trained.device),
-                                 torch.from_numpy(sparse[start : start + batch_size]).to(trained.device))  # fmt: skip
+    for start in range(0, len(rows), batch_size):
+        part = trained.inference(*rows.model_inputs(start, min(start + batch_size, len(rows)), trained.device))
         for name, values in part.items():  # to the host, where the scores are written
             outputs.setdefault(name, []).append(values.cpu().numpy())
     return {name: np.concatenate(values) for name, values in outputs.items()}

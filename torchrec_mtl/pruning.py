@@ -8,11 +8,14 @@ or its L2 norm (``norm``). Row 0, the row every missing, rare and unseen ID alre
 row's IDs go to it: a ``RowRemap`` inside the artifact (the kept rows' original numbers, sorted) maps each input
 row to its place in the smaller table, or to row 0, so ``model.pt`` still takes the encoded table rows and
 ``serve.pt`` raw log rows. The item-text table (cached text vectors, frozen) is not pruned: it is what cold items
-are scored with.
+are scored with. Tables are those of torchrec_mtl.embedding_tables, named by their owning feature: a list's
+elements count toward the table it looks up (a history sharing the item's table, toward the item's), and a
+``ListRowRemap`` remaps them inside the artifact as the table's own column is remapped.
 
-Dense: each ``nn.Linear`` weight of the tower (experts, gates, heads) loses the ``dense`` share of its entries of
-least magnitude (``torch.nn.utils.prune.l1_unstructured``, then ``prune.remove``: plain weights with zeros in
-them, no masks). Zeros are stored like any float, so they shrink the artifact only once it is compressed.
+Dense: each linear layer's weight of the tower (each expert's layers, gates, heads) loses the ``dense`` share of its
+entries of least magnitude (``torch.nn.utils.prune.l1_unstructured``, then ``prune.remove``: plain weights with zeros
+in them, no masks; an ``ExpertBank``'s slices, one expert's layer each, by the same rule). Zeros are stored like any
+float, so they shrink the artifact only once it is compressed.
 
 Example::
 
@@ -139,14 +142,39 @@ class RowRemap(nn.Module):
         for column in range(self.num_columns):
             ids = sparse_ids[:, column]
             if column in self.spans:
-                start, end = self.spans[column]
-                kept = self.kept_rows[start:end]
-                # an id beyond int32 is in no table here: clamped, it finds no kept row and goes to row 0
-                probe = ids.clamp(0, self.limit).to(self.index_dtype).contiguous()
-                position = torch.searchsorted(kept, probe).clamp(max=end - start - 1)
-                ids = torch.where(kept[position] == probe, position, 0)
+                ids = self._remap(ids, column)
             columns.append(ids)
         return torch.stack(columns, dim=1)
+
+    def _remap(self, ids: torch.Tensor, column: int) -> torch.Tensor:
+        """``ids`` (rows of the table of ``column``) -> their places among its kept rows, 0 where pruned."""
+        start, end = self.spans[column]
+        kept = self.kept_rows[start:end]
+        # an id beyond int32 is in no table here: clamped, it finds no kept row and goes to row 0
+        probe = ids.clamp(0, self.limit).to(self.index_dtype).contiguous()
+        position = torch.searchsorted(kept, probe).clamp(max=end - start - 1)
+        return torch.where(kept[position] == probe, position, 0)
+
+
+class ListRowRemap(RowRemap):
+    """``forward(list_values [N], list_lengths [L, B])`` -> the values with each pruned list's rows remapped as
+    RowRemap remaps a column: ``kept`` is keyed by list (its place among the L lists), whose rows are the kept rows of
+    the table it looks up (its own, or the column's it shares: remapped as that column is). FX-traceable.
+
+    >>> remap = ListRowRemap(2, {1: np.array([0, 3, 7])})
+    >>> remap(torch.tensor([5, 7, 7, 3, 4]), torch.tensor([[2], [3]])).tolist()  # list 0: [5, 7]; list 1: [7, 3, 4]
+    [5, 7, 2, 1, 0]
+    """
+
+    def forward(self, list_values: torch.Tensor, list_lengths: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # which list each value belongs to (values are list after list): no data-dependent split of the values
+        owner = torch.repeat_interleave(
+            torch.arange(self.num_columns, device=list_values.device), list_lengths.sum(dim=1).to(torch.int64)
+        )
+        for column in range(self.num_columns):  # unrolled by FX, as RowRemap's
+            if column in self.spans:
+                list_values = torch.where(owner == column, self._remap(list_values, column), list_values)
+        return list_values
 
 
 class PrunedModel(nn.Module):
@@ -161,33 +189,63 @@ class PrunedModel(nn.Module):
         return self.model(dense_features, self.remap(sparse_ids))
 
 
+class ListPrunedModel(nn.Module):
+    """A ListInferenceModel whose ID tables were pruned, behind the remaps of its single-ID and list inputs: the
+    same call, ``forward(dense_features, sparse_ids, list_values, list_lengths)`` -> {task: [B]}."""
+
+    def __init__(self, remap: RowRemap, list_remap: ListRowRemap, model: nn.Module) -> None:
+        super().__init__()
+        self.remap, self.list_remap, self.model = remap, list_remap, model
+
+    def forward(
+        self, dense_features: torch.Tensor, sparse_ids: torch.Tensor, list_values: torch.Tensor,
+        list_lengths: torch.Tensor,
+    ) -> Dict[str, torch.Tensor]:  # fmt: skip
+        values = self.list_remap(list_values, list_lengths)
+        return self.model(dense_features, self.remap(sparse_ids), values, list_lengths)
+
+
 def access_counts(trained: "TrainedModel") -> Dict[str, np.ndarray]:
-    """How often the preprocessed training split looks up each row of each ID table (the rows the run's data folder
-    holds; a ShardError naming it when it is gone or does not match the checkpoint's tables)."""
+    """How often the preprocessed training split looks up each row of each ID table, keyed by the table's owning
+    feature (torchrec_mtl.embedding_tables: ``t_<owner>``): a single ID counts once toward its own table, every
+    element of a list (as kept) once toward the table it looks up, its own or the column's it shares. The rows are
+    the run's data folder's; a ShardError naming it when it is gone or does not match the checkpoint's tables."""
     from torchrec_mtl.data.prepare import shards_dir
     from torchrec_mtl.data.shards import ShardedLog, ShardError
+    from torchrec_mtl.embedding_tables import embedding_tables, table_owner
 
     log = ShardedLog.open(shards_dir(trained.config.data))
     sizes = trained.inputs["table_sizes"]
     if log.table_sizes != sizes:
         raise ShardError(f"{log.root}: its tables {log.table_sizes} are not the checkpoint's {sizes}; pruning by "
                          "count needs the data the run was trained on")  # fmt: skip
-    counts = {feature: np.zeros(rows, dtype=np.int64) for feature, rows in sizes.items()}
+    lists = log.lists
+    counts = {table.features[0]: np.zeros(table.rows, dtype=np.int64) for table in embedding_tables(sizes, lists)}
     for shard in log.split("train"):
-        for column, feature in enumerate(log.categorical_features):
-            counts[feature] += np.bincount(np.asarray(shard.sparse[:, column]), minlength=sizes[feature])
+        # the shards' sparse columns are the single-ID features, in order; the lists are apart (padded)
+        for column, feature in enumerate(log.single_id_features):
+            owner = table_owner(feature, lists)
+            counts[owner] += np.bincount(np.asarray(shard.sparse[:, column]), minlength=len(counts[owner]))
+        for feature, column in shard.lists.items():
+            owner = table_owner(feature, lists)
+            values, _ = column.flat(np.arange(len(column)))  # each row's kept elements, not the padding after them
+            counts[owner] += np.bincount(values, minlength=len(counts[owner]))
     return counts
 
 
 def row_norms(collection: EmbeddingBagCollection) -> Dict[str, np.ndarray]:
-    """Each row's L2 norm, per feature (one feature per table, as build_model makes them)."""
+    """Each row's L2 norm, per table, keyed by its owning feature (the first of its features, as
+    torchrec_mtl.embedding_tables lays them out: ``t_<owner>``)."""
     return {config.feature_names[0]: collection.embedding_bags[config.name].weight.detach().norm(dim=1).cpu().numpy()
             for config in collection.embedding_bag_configs()}  # fmt: skip
 
 
-def prune_rows(inference: "InferenceModel", kept: Dict[str, np.ndarray]) -> Tuple[RowRemap, Dict]:
-    """Replace ``inference``'s ID tables (in place) by tables of their ``kept`` rows (per feature, sorted, from row
-    0); return the remap of its inputs and, per feature, the table's rows, those kept and pruned."""
+def prune_rows(
+    inference: nn.Module, kept: Dict[str, np.ndarray]
+) -> Tuple[RowRemap, Optional[ListRowRemap], Dict]:
+    """Replace ``inference``'s ID tables (in place) by tables of their ``kept`` rows (per table, keyed by its owning
+    feature, sorted, from row 0); return the remap of its ``sparse_ids``, that of its list values (a
+    ListInferenceModel; else None) and, per table, its rows, those kept and pruned."""
     collection = inference.model.sparse_arch.embedding_bag_collection
     configs = collection.embedding_bag_configs()
     sizes = {config.feature_names[0]: config.num_embeddings for config in configs}
@@ -200,23 +258,38 @@ def prune_rows(inference: "InferenceModel", kept: Dict[str, np.ndarray]) -> Tupl
             rows = torch.from_numpy(kept[config.feature_names[0]]).to(device)
             pruned.embedding_bags[config.name].weight.copy_(weights[config.name][rows])
     inference.model.sparse_arch.embedding_bag_collection = pruned.requires_grad_(False)
-    columns = {inference.feature_names.index(feature): rows for feature, rows in kept.items()}
+    # every feature of a table is remapped by the table's kept rows: a list sharing a column's table as that column
+    owner = {feature: config.feature_names[0] for config in configs for feature in config.feature_names}
+    single = getattr(inference, "single_features", inference.feature_names)  # the columns of sparse_ids
+    columns = {i: kept[owner[f]] for i, f in enumerate(single) if owner.get(f) in kept}
     report = {feature: {"rows": sizes[feature], "kept": len(rows), "pruned": sizes[feature] - len(rows)}
               for feature, rows in kept.items()}  # fmt: skip
     # on the tables' device: the export may run where the model was loaded (a GPU), and the remap runs before them
-    return RowRemap(len(inference.feature_names), columns).to(device), report
+    remap = RowRemap(len(single), columns).to(device)
+    list_features = getattr(inference, "list_features", [])
+    if not list_features:
+        return remap, None, report
+    by_list = {i: kept[owner[f]] for i, f in enumerate(list_features) if owner[f] in kept}
+    return remap, ListRowRemap(len(list_features), by_list).to(device), report
 
 
 def prune_dense(tower: nn.Module, share: float) -> Dict[str, int]:
-    """Zero ``share`` of each ``nn.Linear`` weight of ``tower`` by magnitude (in place), leaving plain weights;
-    return how many linear layers, weights and zeros there are now."""
+    """Zero ``share`` of each linear layer's weight of ``tower`` by magnitude (in place), leaving plain weights: each
+    ``nn.Linear``, and each expert's layer in an ``ExpertBank`` (a slice of its stacked weight, pruned on its own as
+    the expert's nn.Linear was); return how many linear layers, weights and zeros there are now."""
+    from torchrec_mtl.modules.expert_bank import ExpertBank
+
     layers = [module for module in tower.modules() if isinstance(module, nn.Linear)]
     for layer in layers:
         prune.l1_unstructured(layer, "weight", amount=share)
         prune.remove(layer, "weight")  # folds the mask into the weight: no weight_orig, no forward hook
-    weights = sum(layer.weight.numel() for layer in layers)
-    zeros = sum(int((layer.weight == 0).sum()) for layer in layers)
-    return {"layers": len(layers), "weights": weights, "zeros": zeros}
+    weights = [layer.weight.detach() for layer in layers]
+    for bank in (module for module in tower.modules() if isinstance(module, ExpertBank)):
+        for weight in bank.expert_weights():  # views: zeroing them zeroes the bank's weights
+            weight.mul_(prune.L1Unstructured(share).compute_mask(weight, torch.ones_like(weight)))
+            weights.append(weight)
+    zeros = sum(int((weight == 0).sum()) for weight in weights)
+    return {"layers": len(weights), "weights": sum(weight.numel() for weight in weights), "zeros": zeros}
 
 
 def prune_for_export(trained: "TrainedModel", pruning: Pruning) -> Tuple[nn.Module, Optional[Dict[str, Any]]]:
@@ -231,15 +304,15 @@ def prune_for_export(trained: "TrainedModel", pruning: Pruning) -> Tuple[nn.Modu
         counts = access_counts(trained) if pruning.by == "count" else None
         scores = counts if counts is not None else row_norms(inference.model.sparse_arch.embedding_bag_collection)
         kept = choose_rows(scores, pruning.rows, pruning.scope)
-        remap, tables = prune_rows(inference, kept)
+        remap, list_remap, tables = prune_rows(inference, kept)
         if counts is not None:  # what the pruned rows carried in training: the lookups now sent to row 0
             for feature, table in tables.items():
                 total, used = int(counts[feature].sum()), int(counts[feature][kept[feature]].sum())
                 table["accesses_pruned"] = round(1 - used / total, 6) if total else 0.0
-        module = PrunedModel(remap, inference)
+        module = PrunedModel(remap, inference) if list_remap is None else ListPrunedModel(remap, list_remap, inference)
         report["rows"] = {"share": pruning.rows, "by": pruning.by, "scope": pruning.scope, "pruned_ids_go_to_row": 0,
                           "tables": tables}  # fmt: skip
     if pruning.dense > 0:
-        report["dense"] = {"share": pruning.dense, "where": "each nn.Linear weight of the tower (biases kept)",
+        report["dense"] = {"share": pruning.dense, "where": "each linear layer weight of the tower (biases kept)",
                            **prune_dense(inference.model.tower, pruning.dense)}  # fmt: skip
     return module.eval(), report

@@ -11,6 +11,9 @@ per item and writes to ``out_dir``:
   description (its ID falls to the unseen-ID row); without text, every item of the training split;
 - ``manifest.json``: the checkpoint, the towers' features, the counts, how to read them.
 
+A tower may read list features (a user's history): a user's come from the lists of the user's last training row, an
+item's from its last training row's (a cold item's lists are empty).
+
 Vectors have unit length, so a dot product is the model's user-item score and a cosine; the item matrix can go
 straight into a nearest-neighbour index (``faiss.IndexFlatIP(dim).add(items.vectors)``).
 
@@ -37,9 +40,9 @@ from tqdm import tqdm
 
 from torchrec_mtl.data.prepare import shards_dir
 from torchrec_mtl.data.preprocess import tokens_to_rows
-from torchrec_mtl.data.shards import EncodedLog, ShardedLog
+from torchrec_mtl.data.shards import EncodedLog, ListColumn, ShardedLog
 from torchrec_mtl.device import DEFAULT_DEVICE
-from torchrec_mtl.inference import TrainedModel, load_trained, one_id_per_feature
+from torchrec_mtl.inference import TrainedModel, load_trained, one_id_per_feature, with_lists
 from torchrec_mtl.modules.item_text import ITEM_TEXT_FEATURE
 from torchrec_mtl.outputs import new_folder
 from torchrec_mtl.schema import DatasetSchema
@@ -162,16 +165,56 @@ def _last_rows(keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return distinct, len(keys) - 1 - first_from_end
 
 
-def _vectors(trained: TrainedModel, sparse_ids: np.ndarray, side: int, progress: bool, what: str) -> np.ndarray:
-    features = trained.inputs["features"]
+def _vectors(
+    trained: TrainedModel,
+    sparse_ids: np.ndarray,
+    lists: Dict[str, ListColumn],
+    side: int,
+    progress: bool,
+    what: str,
+) -> np.ndarray:
+    """One tower's vectors of encoded rows: ``sparse_ids`` [n, single-ID features] table rows, ``lists`` the rows'
+    lists (each list feature of the model; empty where the tower does not read it)."""
+    features: List[str] = trained.inputs["features"]
+    list_features = list(trained.lists)
+    single = [f for f in features if f not in trained.lists]
     model = trained.inference.model
     parts = []
     with torch.no_grad():
         for start in tqdm(range(0, len(sparse_ids), BATCH_ROWS), desc=what, disable=bar_disabled(progress)):
-            ids = torch.from_numpy(sparse_ids[start : start + BATCH_ROWS].astype(np.int64)).to(trained.device)
+            rows = np.arange(start, min(start + BATCH_ROWS, len(sparse_ids)))
+            ids = torch.from_numpy(sparse_ids[rows].astype(np.int64)).to(trained.device)
+            if list_features:
+                flat = [lists[f].flat(rows) for f in list_features]
+                values = torch.from_numpy(np.concatenate([v for v, _ in flat]).astype(np.int64)).to(trained.device)
+                lengths = torch.from_numpy(np.stack([n for _, n in flat]).astype(np.int32)).to(trained.device)
+                kjt = with_lists(single, list_features, ids, values, lengths)
+            else:
+                kjt = one_id_per_feature(features, ids)
             # to the host, where the vectors are written
-            parts.append(model.retrieval_vectors(one_id_per_feature(features, ids))[side].cpu().numpy())
+            parts.append(model.retrieval_vectors(kjt)[side].cpu().numpy())
     return np.concatenate(parts) if parts else np.zeros((0, trained.config.model.retrieval.dim), np.float32)
+
+
+def _tower_inputs(
+    trained: TrainedModel, train: EncodedLog, tower: List[str], last: np.ndarray, count: int, known: np.ndarray
+) -> Tuple[np.ndarray, Dict[str, ListColumn]]:
+    """The inputs of ``count`` rows of which those ``known`` take the ``tower`` features of the training rows
+    ``last`` (one per known row): single IDs from the shards' sparse columns (the single-ID features, in order:
+    a list before a feature does not shift it) and lists from the shards' lists; every other input is row 0 or an
+    empty list."""
+    single = [f for f in trained.inputs["features"] if f not in trained.lists]
+    sparse = np.zeros((count, len(single)), dtype=np.int64)
+    lists = {f: ListColumn(np.zeros((count, spec.max_length), np.int32), np.zeros(count, np.int32))
+             for f, spec in trained.lists.items()}  # fmt: skip
+    for feature in tower:
+        if feature in lists:
+            lists[feature].values[known] = train.lists[feature].values[last]
+            lists[feature].lengths[known] = train.lists[feature].lengths[last]
+        else:  # the shards' sparse columns are these single-ID features, in order (the item-text row comes after)
+            column = single.index(feature)
+            sparse[known, column] = train.sparse[last, column]
+    return sparse, lists
 
 
 def export_representations(
@@ -195,12 +238,11 @@ def export_representations(
     data = shards_dir(config.data)
     train = EncodedLog.concat(ShardedLog.open(data).split("train"))
 
+    single = [f for f in features if f not in trained.lists]
     user_keys, user_last = _last_rows(train.keys[schema.user_id])
-    user_ids = np.zeros((len(user_keys), len(features)), dtype=np.int64)
-    for feature in user_features:
-        column = features.index(feature)
-        user_ids[:, column] = train.sparse[user_last, column]
-    users = _vectors(trained, user_ids, 0, progress, "user vectors")
+    every_user = np.ones(len(user_keys), dtype=bool)
+    user_ids, user_lists = _tower_inputs(trained, train, user_features, user_last, len(user_keys), every_user)
+    users = _vectors(trained, user_ids, user_lists, 0, progress, "user vectors")
 
     item_column = schema.item_id
     seen_keys, item_last = _last_rows(train.keys[item_column])
@@ -215,16 +257,14 @@ def export_representations(
         item_keys, item_names = seen_keys, format_keys(seen_keys, schema.categorical_format)
     position = positions(item_keys, seen_keys)
     seen = position >= 0
-    item_ids = np.zeros((len(item_keys), len(features)), dtype=np.int64)
-    for feature in item_features:
-        column = features.index(feature)
-        if feature == item_column:
-            item_ids[:, column] = feature_rows(data, schema, feature, item_keys)
-        else:  # another item-side feature: the item's last training row's, the unseen row for a cold item
-            item_ids[seen, column] = train.sparse[item_last[position[seen]], column]
+    # another item-side feature: the item's last training row's, row 0 (or an empty list) for a cold item
+    others = [f for f in item_features if f != item_column]
+    item_ids, item_lists = _tower_inputs(trained, train, others, item_last[position[seen]], len(item_keys), seen)
+    if item_column in item_features:
+        item_ids[:, single.index(item_column)] = feature_rows(data, schema, item_column, item_keys)
     if inputs["item_text"] is not None:
-        item_ids[:, features.index(ITEM_TEXT_FEATURE)] = np.arange(1, len(item_keys) + 1)  # row 1 + i: item i
-    items = _vectors(trained, item_ids, 1, progress, "item vectors")
+        item_ids[:, single.index(ITEM_TEXT_FEATURE)] = np.arange(1, len(item_keys) + 1)  # row 1 + i: item i
+    items = _vectors(trained, item_ids, item_lists, 1, progress, "item vectors")
 
     with new_folder(out_dir, "vectors", inputs=[trained.checkpoint, data]) as out:
         user_ids = format_keys(user_keys, schema.categorical_format)

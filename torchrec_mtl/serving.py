@@ -17,6 +17,14 @@ order (labels and ignored columns left out; ``manifest.json`` lists them under `
 dropped, short rows padded where the schema says so. Both return ``valid`` [B] bool and each task's scores [B]
 float32; a row predict rejects is ``valid == False`` and its scores are NaN.
 
+List columns (the schema's ``lists``) are raw fields too, as in the log: split at the list's separator, each element
+read as a token of its column (``parse_list``, the rule of preprocessing: an empty field is an empty list, an empty
+element or one that is no token makes the row not valid, the elements cut off are checked too), cut to the list's
+first or last ``max_length``, then hashed or looked up in the vocabulary it uses (its own, or the column's it
+shares). ``ListServingModel`` passes them to the model as one KeyedJaggedTensor's values and lengths
+(torchrec_mtl.inference.ListInferenceModel); the encoder's ``encode_rows`` and ``encode_lines_with_lists`` return
+them beside the dense and sparse inputs.
+
 The encoding is predict's to the bit; so are the scores when the rows come in predict's batches (the model's float32
 kernels may round a last bit differently at another batch size). Where TorchScript cannot follow polars exactly, the
 row is not valid rather than scored differently (``NOT_VALID_HERE`` in torchrec_mtl.data.preprocess.fields, and the
@@ -39,6 +47,7 @@ from torchrec_mtl.data.preprocess.fields import (
     finite_in_float32,
     label_ok,
     parse_decimal,
+    parse_list,
     parse_number,
     parse_token,
 )
@@ -66,13 +75,20 @@ class RawRowEncoder(nn.Module):
     BINARY_LABEL: Final[int] = 3
     REGRESSION_LABEL: Final[int] = 4
     IGNORED: Final[int] = 5
+    LIST: Final[int] = 6
 
     columns: List[str]
     kinds: List[int]
     slots: List[int]
     hash_sizes: List[int]
     vocabulary_columns: List[int]
+    vocabulary_owners: List[int]
     vocabulary_offsets: List[int]
+    list_separators: List[str]
+    list_max_lengths: List[int]
+    list_keep_last: List[bool]
+    list_hash_sizes: List[int]
+    list_owners: List[int]
     layouts: List[List[int]]
     last_required: List[int]
 
@@ -84,30 +100,45 @@ class RawRowEncoder(nn.Module):
         item_rows: Optional[np.ndarray] = None,
     ) -> None:
         super().__init__()
+        single, lists = schema.single_id_columns, schema.list_columns
         kind_of = {**{c: self.INTEGER for c in schema.integer}, **{c: self.NUMERIC for c in schema.numeric},
-                   **{c: self.CATEGORICAL for c in schema.categorical}}  # fmt: skip
-        slot_of = {c: i for group in (schema.integer, schema.numeric, schema.categorical) for i, c in enumerate(group)}
+                   **{c: self.CATEGORICAL for c in single}, **{c: self.LIST for c in lists}}  # fmt: skip
+        slot_of = {c: i for group in (schema.integer, schema.numeric, single, lists) for i, c in enumerate(group)}
         self.columns = [c for c in schema.columns if c in kind_of]  # what forward reads, in the file's order
         self.kinds = [kind_of[c] for c in self.columns]
-        # dense: the integer features then the numeric ones (schema.dense); sparse: schema.categorical's order
+        # dense: the integer features then the numeric ones (schema.dense); sparse: the single-ID columns in
+        # schema.categorical's order; lists: the list columns in that order
         self.slots = [slot_of[c] + (len(schema.integer) if kind_of[c] == self.NUMERIC else 0) for c in self.columns]
-        self.num_dense, self.num_categorical = len(schema.dense), len(schema.categorical)
+        self.num_dense, self.num_categorical, self.num_lists = len(schema.dense), len(single), len(lists)
         self.hexadecimal = schema.categorical_format == "hex"
         self.separator, self.pad_short_rows = schema.separator, schema.pad_short_rows
         self.carriage_return = "\r"  # an attribute: TorchScript writes a "\r" in code that it cannot load again
-        # 0: looked up in the vocabulary tensors below
-        self.hash_sizes = [schema.vocabulary_rule(c).hash_size or 0 for c in schema.categorical]
-        frequency = [c for c in schema.categorical if not schema.vocabulary_rule(c).is_hash]
-        self.vocabulary_columns = [schema.categorical.index(c) for c in frequency]
-        tokens = [np.asarray(vocabularies[c], dtype=np.int64) for c in frequency]
+        # the vocabularies, one per owner (a list that shares a column's vocabulary looks its tokens up in it), as
+        # sorted tokens side by side in one buffer; a feature names its owner's place
+        frequency_columns = [c for c in schema.categorical if not schema.vocabulary_rule(c).is_hash]
+        owners = list(dict.fromkeys(schema.vocabulary_owner(c) for c in frequency_columns))
+        tokens = [np.asarray(vocabularies[owner], dtype=np.int64) for owner in owners]
         self.register_buffer("vocabulary_tokens", torch.from_numpy(np.concatenate([np.zeros(0, np.int64), *tokens])))
         self.vocabulary_offsets = [int(n) for n in np.cumsum([0, *(len(t) for t in tokens)])]
+        # 0: looked up in the vocabulary of ``vocabulary_owners`` at the same place
+        self.hash_sizes = [schema.vocabulary_rule(c).hash_size or 0 for c in single]
+        frequency = [c for c in single if not schema.vocabulary_rule(c).is_hash]
+        self.vocabulary_columns = [single.index(c) for c in frequency]
+        self.vocabulary_owners = [owners.index(c) for c in frequency]  # a single-ID column owns its vocabulary
+        specs = [schema.lists[c] for c in lists]
+        self.list_separators = [spec.separator for spec in specs]
+        self.list_max_lengths = [spec.max_length for spec in specs]
+        self.list_keep_last = [spec.keep == "last" for spec in specs]
+        self.list_hash_sizes = [schema.vocabulary_rule(c).hash_size or 0 for c in lists]
+        # -1: hashed; else the place of the vocabulary the list's tokens go through (its own, or the shared one)
+        self.list_owners = [-1 if schema.vocabulary_rule(c).is_hash else owners.index(schema.vocabulary_owner(c))
+                            for c in lists]  # fmt: skip
         self.has_item_text = item_keys is not None
         keys = np.zeros(0, np.int64) if item_keys is None else np.asarray(item_keys, np.int64)
         rows = np.zeros(0, np.int64) if item_rows is None else np.asarray(item_rows, np.int64)
         self.register_buffer("item_keys", torch.from_numpy(keys))
         self.register_buffer("item_rows", torch.from_numpy(rows))
-        self.item_key_column = schema.categorical.index(schema.item_text_key) if self.has_item_text else -1
+        self.item_key_column = single.index(schema.item_text_key) if self.has_item_text else -1
         # score_lines' layouts: [0] with the label columns, [1] without; per field its kind, or -1 - its feature index
         self.layouts, self.last_required = [], []
         for labelled in (True, False):
@@ -118,12 +149,30 @@ class RawRowEncoder(nn.Module):
             self.last_required.append(max(required, default=-1))
 
     def forward(self, rows: List[List[str]]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``rows``: the raw fields of ``columns`` per row; a row of another length is not valid."""
-        return self._encode(rows, [len(fields) == len(self.columns) for fields in rows])
+        """``rows``: the raw fields of ``columns`` per row; a row of another length is not valid. A schema with list
+        columns: ``encode_rows``, which returns them too."""
+        valid, dense, sparse, _, _ = self.encode_rows(rows)
+        return valid, dense, sparse
 
     @torch.jit.export
     def encode_lines(self, lines: List[str], labelled: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Whole lines of the training layout, with (``labelled``) or without the label columns."""
+        valid, dense, sparse, _, _ = self.encode_lines_with_lists(lines, labelled)
+        return valid, dense, sparse
+
+    @torch.jit.export
+    def encode_rows(
+        self, rows: List[List[str]]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward`` with the lists: (valid, dense, sparse, list_values [N] int64, list_lengths [lists, B] int32),
+        the lists as ListInferenceModel takes them (torchrec_mtl.inference)."""
+        return self._encode(rows, [len(fields) == len(self.columns) for fields in rows])
+
+    @torch.jit.export
+    def encode_lines_with_lists(
+        self, lines: List[str], labelled: bool
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``encode_lines`` with the lists, as ``encode_rows``."""
         layout = self.layouts[0 if labelled else 1]
         rows: List[List[str]] = []
         checked: List[bool] = []
@@ -155,33 +204,72 @@ class RawRowEncoder(nn.Module):
             fields = fields + [""] * (len(layout) - len(fields))
         return fields if len(fields) == len(layout) else []
 
-    def _encode(self, rows: List[List[str]], checked: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _encode(
+        self, rows: List[List[str]], checked: List[bool]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encode the feature fields of each row; a row whose ``checked`` is False (its line's shape or labels) is
         not valid whatever its fields."""
         valid: List[bool] = []
         dense: List[float] = []
         tokens: List[int] = []
+        # per list: its kept tokens of every row, row after row, and each row's length
+        list_tokens, list_lengths = self._no_lists(), self._no_lists()
         for fields, ok in zip(rows, checked):
             row_dense = [0.0] * self.num_dense
             row_tokens = [-1] * self.num_categorical  # -1: empty (no valid token is negative), as preprocessing
-            ok = ok and self._read(fields, row_dense, row_tokens)
+            row_lists = self._no_lists()
+            ok = ok and self._read(fields, row_dense, row_tokens, row_lists)
             valid.append(ok)
             # a row that is not valid is encoded as an all-empty one (scored, then masked by the caller)
             dense.extend(row_dense if ok else [0.0] * self.num_dense)
             tokens.extend(row_tokens if ok else [-1] * self.num_categorical)
+            if not ok:  # its lists empty, as the rest of it
+                row_lists = self._no_lists()
+            for index in range(self.num_lists):
+                kept = self._kept(row_lists[index], index)
+                list_tokens[index].extend(kept)
+                list_lengths[index].append(len(kept))
         count = len(rows)
         # float64 -> float32 once for the batch: the rounding polars' cast to the shards' float32 does
         dense_tensor = torch.tensor(dense, dtype=torch.float64).reshape(count, self.num_dense).to(torch.float32)
         token_tensor = torch.tensor(tokens, dtype=torch.int64).reshape(count, self.num_categorical)
-        return torch.tensor(valid, dtype=torch.bool), dense_tensor, self._rows(token_tensor)
+        values = [self._list_rows(torch.tensor(list_tokens[i], dtype=torch.int64), i) for i in range(self.num_lists)]
+        lengths = torch.tensor(list_lengths, dtype=torch.int32).reshape(self.num_lists, count)
+        values_tensor = torch.cat(values) if len(values) > 0 else torch.zeros(0, dtype=torch.int64)
+        return torch.tensor(valid, dtype=torch.bool), dense_tensor, self._rows(token_tensor), values_tensor, lengths
 
-    def _read(self, fields: List[str], dense: List[float], tokens: List[int]) -> bool:
-        """Fill one row's dense values (float64, cast to float32 with the batch) and tokens; False when a field is not
-        what its column reads."""
+    def _no_lists(self) -> List[List[int]]:
+        """One empty list of ints per list column (TorchScript types ``[[] for ...]`` as a list of tensors)."""
+        lists: List[List[int]] = []
+        for _ in range(self.num_lists):
+            empty: List[int] = []
+            lists.append(empty)
+        return lists
+
+    def _kept(self, tokens: List[int], index: int) -> List[int]:
+        """A list's tokens as preprocessing keeps them: its first or last ``max_length`` (every one was checked)."""
+        limit = self.list_max_lengths[index]
+        if len(tokens) <= limit:
+            return tokens
+        return tokens[len(tokens) - limit :] if self.list_keep_last[index] else tokens[:limit]
+
+    def _list_rows(self, tokens: torch.Tensor, index: int) -> torch.Tensor:
+        """A list's kept tokens -> table rows: hashed as its column's rule says, or looked up in the vocabulary it
+        uses (its own, or the column's it shares)."""
+        size = self.list_hash_sizes[index]
+        if size > 0:
+            return 1 + torch.remainder(tokens, size - 1)
+        owner = self.list_owners[index]
+        vocabulary = self.vocabulary_tokens[self.vocabulary_offsets[owner] : self.vocabulary_offsets[owner + 1]]
+        return _lookup(vocabulary, torch.arange(1, vocabulary.numel() + 1), tokens)
+
+    def _read(self, fields: List[str], dense: List[float], tokens: List[int], lists: List[List[int]]) -> bool:
+        """Fill one row's dense values (float64, cast to float32 with the batch), tokens and lists' tokens (all of
+        them: truncation follows); False when a field is not what its column reads."""
         for column in range(len(fields)):
             text, kind, slot = fields[column], self.kinds[column], self.slots[column]
             if text == "":
-                continue  # empty: 0 for the dense features (log1p(0) = 0), row 0 for the categorical ones
+                continue  # empty: 0 for the dense features (log1p(0) = 0), row 0 for the categorical ones, no tokens
             if kind == self.INTEGER:
                 ok, value = parse_decimal(text)
                 if not ok:
@@ -193,6 +281,11 @@ class RawRowEncoder(nn.Module):
                 if status == 0 or not finite_in_float32(number):
                     return False
                 dense[slot] = number
+            elif kind == self.LIST:
+                status, elements = parse_list(text, self.list_separators[slot], self.hexadecimal)
+                if status != 0:  # an empty element or one that is no token: preprocessing rejects the row
+                    return False
+                lists[slot] = elements
             else:
                 ok, value = parse_token(text, self.hexadecimal)
                 if not ok:
@@ -209,7 +302,8 @@ class RawRowEncoder(nn.Module):
                 hashed = 1 + torch.remainder(by_column[column], size - 1)
                 rows[column] = torch.where(by_column[column] < 0, 0, hashed)
         for i, column in enumerate(self.vocabulary_columns):
-            vocabulary = self.vocabulary_tokens[self.vocabulary_offsets[i] : self.vocabulary_offsets[i + 1]]
+            owner = self.vocabulary_owners[i]
+            vocabulary = self.vocabulary_tokens[self.vocabulary_offsets[owner] : self.vocabulary_offsets[owner + 1]]
             rows[column] = _lookup(vocabulary, torch.arange(1, vocabulary.numel() + 1), by_column[column])
         if self.has_item_text:
             text_rows = _lookup(self.item_keys, self.item_rows, by_column[self.item_key_column])
@@ -251,27 +345,46 @@ class ServingModel(nn.Module):
 
     def forward(self, rows: List[List[str]]) -> Dict[str, torch.Tensor]:
         """``rows``: per row the raw fields of ``encoder.columns`` (the manifest's ``serve.columns``)."""
-        valid, dense, sparse = self.encoder(rows)
-        return self._score(valid, dense, sparse)
+        valid, dense, sparse, list_values, list_lengths = self.encoder.encode_rows(rows)
+        return self._score(valid, dense, sparse, list_values, list_lengths)
 
     @torch.jit.export
     def score_lines(self, lines: List[str], labelled: bool) -> Dict[str, torch.Tensor]:
         """Whole lines of the training layout, with (``labelled``) or without the label columns."""
-        valid, dense, sparse = self.encoder.encode_lines(lines, labelled)
-        return self._score(valid, dense, sparse)
+        valid, dense, sparse, list_values, list_lengths = self.encoder.encode_lines_with_lists(lines, labelled)
+        return self._score(valid, dense, sparse, list_values, list_lengths)
 
-    def _score(self, valid: torch.Tensor, dense: torch.Tensor, sparse: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def _score(
+        self, valid: torch.Tensor, dense: torch.Tensor, sparse: torch.Tensor, list_values: torch.Tensor,
+        list_lengths: torch.Tensor,
+    ) -> Dict[str, torch.Tensor]:  # fmt: skip
         scores: Dict[str, torch.Tensor] = {}
         if valid.numel() == 0:  # nothing to run the tables on
             for name in self.tasks:
                 scores[name] = torch.zeros(0)
         else:
             device = self.model_device.device
-            outputs = self.model(dense.to(device), sparse.to(device))
+            outputs = self._run(dense.to(device), sparse.to(device), list_values.to(device), list_lengths.to(device))
             for name in self.tasks:
                 scores[name] = torch.where(valid.to(device), outputs[name], float("nan")).cpu()
         scores["valid"] = valid
         return scores
+
+    def _run(
+        self, dense: torch.Tensor, sparse: torch.Tensor, list_values: torch.Tensor, list_lengths: torch.Tensor
+    ) -> Dict[str, torch.Tensor]:
+        """The model on encoded rows: one ID per feature (InferenceModel; the schema has no lists)."""
+        return self.model(dense, sparse)
+
+
+class ListServingModel(ServingModel):
+    """ServingModel around a model with list features (ListInferenceModel, torchrec_mtl.inference), which takes the
+    encoder's lists as a KeyedJaggedTensor's values and lengths. Scriptable."""
+
+    def _run(
+        self, dense: torch.Tensor, sparse: torch.Tensor, list_values: torch.Tensor, list_lengths: torch.Tensor
+    ) -> Dict[str, torch.Tensor]:
+        return self.model(dense, sparse, list_values, list_lengths)
 
 
 @dataclass
@@ -299,7 +412,7 @@ def serving_artifact(trained: "TrainedModel", model: nn.Module) -> ServingArtifa
         raise ValueError("a task named 'valid' would hide serve.pt's 'valid' output; rename the task")
     encoding = _Encoder(trained)  # reads the run's vocabularies and items file, or says they are gone
     schema, table, data = encoding.schema, encoding.text_table, trained.config.data
-    vocabularies = {schema.categorical[column]: tokens for column, tokens in encoding.vocabularies}
+    vocabularies = encoding.vocabulary_of  # per min_count feature, a list's being the column's it shares
     encoder = RawRowEncoder(schema, vocabularies, *((table.sorted_keys, table.sorted_rows) if table else ()))
     manifest = {
         "file": "serve.pt",
@@ -318,4 +431,13 @@ def serving_artifact(trained: "TrainedModel", model: nn.Module) -> ServingArtifa
     sources = [shards_dir(data) / "vocab"] if vocabularies else []
     if table is not None:
         sources.append(Path(data.dir) / trained.config.model.text.items)
-    return ServingArtifact(torch.jit.script(ServingModel(encoder, model, tasks, trained.device)), manifest, sources)
+    if schema.list_columns:
+        manifest["lists"] = {
+            name: {"separator": spec.separator, "max_length": spec.max_length, "keep": spec.keep,
+                   "rule": "an empty field is an empty list; every element is a token of the column's format, "
+                           "hashed or looked up as its column (or the one it shares); the longer lists are cut to "
+                           "their first or last max_length (keep)"}
+            for name, spec in ((c, schema.lists[c]) for c in schema.list_columns)
+        }  # fmt: skip
+    serving = (ListServingModel if trained.lists else ServingModel)(encoder, model, tasks, trained.device)
+    return ServingArtifact(torch.jit.script(serving), manifest, sources)

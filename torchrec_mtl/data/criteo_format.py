@@ -9,8 +9,13 @@ and ``criteo_terabyte.yaml``, and what torchrec's ``BinaryCriteoUtils.tsv_to_npy
 - ``C1..C26``: 8-character lowercase hex tokens drawn Zipf-like from a per-column vocabulary whose size (10 to 1e6)
   and tokens are fixed by the seed, about 10% empty. The vocabularies are built once, so all chunks share tokens.
 
+With ``history_max`` > 0 each line ends in one more field, a list column (``history``, for list-column benchmarks):
+0 to ``history_max`` tokens (uniform) of the largest column's vocabulary (``history_column``, the column a schema
+lets it share), drawn Zipf-like as that column's, ``|``-separated.
+
 The rows carry no signal: this is about bytes, parsing and throughput, not about what a model can learn. About
-240 bytes a row; roughly 10 s per million rows on one core. The file is written in chunks of ``chunk_rows`` rows
+240 bytes a row (plus 9 per history token); roughly 10 s per million rows on one core. The file is written in chunks
+of ``chunk_rows`` rows
 (appended, so memory stays bounded); the output is the same for the same ``seed`` and ``chunk_rows``.
 
 Example::
@@ -63,7 +68,32 @@ def _blank(series: pl.Series, empty: np.ndarray) -> pl.Series:
     return pl.select(pl.when(pl.lit(pl.Series(empty))).then(pl.lit("")).otherwise(pl.lit(series))).to_series()
 
 
-def _chunk(rng: np.random.Generator, vocabularies: list[pl.Series], n: int) -> pl.DataFrame:
+def history_column(seed: int = 0) -> str:
+    """The categorical column whose vocabulary the ``history`` tokens of ``write_criteo_log(..., seed)`` come from:
+    the one with the most tokens."""
+    vocabularies = _vocabularies(np.random.default_rng(seed))
+    return f"C{1 + int(np.argmax([len(v) for v in vocabularies]))}"
+
+
+def _history(rng: np.random.Generator, vocabulary: pl.Series, n: int, history_max: int) -> pl.Series:
+    """``n`` ``|``-joined lists of 0..history_max tokens of ``vocabulary``, built as bytes (the tokens are all 8
+    characters) rather than as n Python lists."""
+    lengths = rng.integers(0, history_max + 1, n)
+    index = np.minimum(rng.zipf(ZIPF_EXPONENT, int(lengths.sum())) - 1, len(vocabulary) - 1)
+    tokens = np.frombuffer(vocabulary.gather(index).cast(pl.Binary).to_numpy().astype("S8").tobytes(), np.uint8)
+    cells = np.full((len(index), 9), ord("|"), dtype=np.uint8)  # each token and the separator after it
+    cells[:, :8] = tokens.reshape(-1, 8)
+    text = cells.tobytes()
+    ends = np.cumsum(lengths) * 9
+    starts = ends - lengths * 9
+    # the last token of a row has no separator after it (an empty row is the empty string)
+    rows = [text[s : max(e - 1, s)].decode() for s, e in zip(starts.tolist(), ends.tolist())]
+    return pl.Series(rows, dtype=pl.String)
+
+
+def _chunk(
+    rng: np.random.Generator, vocabularies: list[pl.Series], n: int, history_max: int = 0
+) -> pl.DataFrame:
     columns = {"label": pl.Series((rng.random(n) < CLICK_RATE).astype(np.int8)).cast(pl.String)}
     for i in range(NUM_INTEGER):
         values = rng.lognormal(1.0, 2.0, n).astype(np.int64)
@@ -73,6 +103,9 @@ def _chunk(rng: np.random.Generator, vocabularies: list[pl.Series], n: int) -> p
     for i, vocabulary in enumerate(vocabularies):
         index = np.minimum(rng.zipf(ZIPF_EXPONENT, n) - 1, len(vocabulary) - 1)
         columns[f"C{i + 1}"] = _blank(vocabulary.gather(index), rng.random(n) < CATEGORICAL_EMPTY)
+    if history_max > 0:  # drawn after the other columns: without it the stream (and the file) is as before
+        largest = max(vocabularies, key=len)
+        columns["history"] = _history(rng, largest, n, history_max)
     return pl.DataFrame(columns)
 
 
@@ -82,6 +115,7 @@ def write_criteo_log(
     seed: int = 0,
     chunk_rows: int = 1_000_000,
     progress: bool = True,
+    history_max: int = 0,
 ) -> int:
     """Write ``num_rows`` Criteo-format lines to ``path`` (replaced if present) and return the file's size in bytes.
 
@@ -91,6 +125,7 @@ def write_criteo_log(
         seed: fixes the vocabularies and every value.
         chunk_rows: rows generated and appended at a time (memory scales with it, about 0.8 GiB at a million).
         progress: show a tqdm bar.
+        history_max: > 0: a ``history`` list column of up to that many tokens ends each line (see the module).
     """
     if num_rows < 0 or chunk_rows < 1:
         raise ValueError(f"num_rows must be >= 0 and chunk_rows >= 1, got {num_rows} and {chunk_rows}")
@@ -105,7 +140,8 @@ def write_criteo_log(
         written = 0
         while written < num_rows:
             n = min(chunk_rows, num_rows - written)
-            _chunk(rng, vocabularies, n).write_csv(out, separator="\t", include_header=False, quote_style="never")
+            chunk = _chunk(rng, vocabularies, n, history_max)
+            chunk.write_csv(out, separator="\t", include_header=False, quote_style="never")
             written += n
             bar.update(n)
     return path.stat().st_size

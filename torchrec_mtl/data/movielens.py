@@ -43,6 +43,15 @@ Columns (tab-separated, no header, in :data:`COLUMNS` order; empty = missing):
   listed)"; MovieLens lists genres alphabetically, so this is the alphabetically first) and ``year_bucket`` (the
   release decade, e.g. 1990; empty if no year).
 - ``timestamp`` (seconds since the epoch), kept for analysis and ignored by the schema.
+- list columns (``|``-separated decimal ids; ignored by ``movielens.yaml``, read as lists by
+  ``movielens_history.yaml``):
+  ``hist_item``, the movieIds the user rated before the row, and aligned with it ``hist_genre1``, their ``genre1``
+  (``0`` for a movie with no genre listed: a list element cannot be empty). The same convention as the integer
+  features: only TRAINING-split ratings strictly before the row's timestamp (never the row's own rating, one in the
+  same second, or a test rating; a test row's history is the user's training ratings, all earlier than it under the
+  per-user split), oldest first (same-second ratings by movieId), at most the last ``history_length`` (50). The
+  negatives shown with a rating share its user and time, hence its history; a negative's movie is never in it (the
+  user never rated it), and neither is a positive's own (one rating per user and movie, at the row's own time).
 
 Other outputs: ``items.tsv`` (header ``item_id``, ``description``; every movie of movies.csv, rated or not; description
 ``<title>. Genres: a, b. Tags: x, y`` with the tags lowercased, deduplicated and at most 10, the most applied first;
@@ -68,10 +77,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from torchrec_mtl.data.histories import history_stats
 from torchrec_mtl.data.movielens_history import (
     MIN_RATINGS_FOR_TEST,
     count_before,
     per_user_test,
+    rating_histories,
     sample_negatives,
 )
 from torchrec_mtl.outputs import new_files
@@ -90,7 +101,13 @@ CATEGORICAL_MEANING: dict[str, str] = {
     "genre1": "first listed genre, 1-based index into GENRES; empty for (no genres listed)",
     "year_bucket": "release decade (e.g. 1990); empty if no year",
 }
-COLUMNS = [*LABELS, *INTEGER_MEANING, *CATEGORICAL_MEANING, "timestamp"]
+LIST_MEANING: dict[str, str] = {
+    "hist_item": "movieIds the user rated before the row (training split, strictly earlier), oldest first",
+    "hist_genre1": "the genre1 of each hist_item movie, aligned (0: no genre listed)",
+}
+# the list columns come last, so that the columns before them are the log written before histories existed
+COLUMNS = [*LABELS, *INTEGER_MEANING, *CATEGORICAL_MEANING, "timestamp", *LIST_MEANING]
+HISTORY_LENGTH = 50  # the most recent ratings written per row
 GENRES = [
     "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama", "Fantasy", "Film-Noir",
     "Horror", "IMAX", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
@@ -183,6 +200,7 @@ def convert_movielens(
     test_fraction: float = 0.2,
     seed: int = 0,
     split: str = "per_user",
+    history_length: int = HISTORY_LENGTH,
 ) -> dict:
     """Write ``train.tsv``, ``test.tsv``, ``items.tsv`` and ``meta.json`` into ``out_dir``; return the summary.
 
@@ -190,7 +208,7 @@ def convert_movielens(
     and moved in at the end (``meta.json`` last); ``out_dir`` must be new, empty or an earlier output of ours
     (torchrec_mtl.outputs)."""
     with new_files(out_dir, "converted", last="meta.json") as work:
-        return _write_movielens(source_dir, work, negatives_per_positive, test_fraction, seed, split)
+        return _write_movielens(source_dir, work, negatives_per_positive, test_fraction, seed, split, history_length)
 
 
 def _write_movielens(
@@ -200,12 +218,15 @@ def _write_movielens(
     test_fraction: float,
     seed: int,
     split: str,
+    history_length: int = HISTORY_LENGTH,
 ) -> dict:
     started = time.perf_counter()
     if negatives_per_positive < 0:
         raise ValueError(f"negatives_per_positive: must be >= 0, got {negatives_per_positive}")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction: must lie in (0, 1), got {test_fraction}")
+    if history_length < 0:
+        raise ValueError(f"history_length: must be >= 0, got {history_length}")
     if split not in SPLITS:
         raise ValueError(f"split: must be one of {SPLITS}, got {split!r}")
     source, out = Path(source_dir), Path(out_dir)
@@ -259,6 +280,10 @@ def _write_movielens(
     item_prior = count_before(np.sort((movie[in_train] << 32) | ts[in_train]), row_movie, row_ts)
     at = np.searchsorted(movie_ids, row_movie)
     release = table["release_year"][at]
+    genre1 = table["genre1"].fill_null(0).to_numpy()[movie_index]  # of each rating's movie
+    hist_item, hist_genre1, history = rating_histories(
+        user, ts, movie, genre1, in_train, history_length, repeat=1 + k
+    )
     frame = pl.DataFrame(
         {
             "click": positive.astype(np.int8),
@@ -274,6 +299,9 @@ def _write_movielens(
             "genre1": table["genre1"][at],
             "year_bucket": table["year_bucket"][at],
             "timestamp": row_ts,
+            # an empty history as a null: written as an empty field (an empty string would be quoted)
+            "hist_item": pl.Series([field or None for field in hist_item.tolist()], dtype=pl.String),
+            "hist_genre1": pl.Series([field or None for field in hist_genre1.tolist()], dtype=pl.String),
         }
     ).select(COLUMNS)
     train, test = frame.filter(pl.Series(~is_test)), frame.filter(pl.Series(is_test))
@@ -318,6 +346,11 @@ def _write_movielens(
         "cold_item_share_of_test_rows": float(cold.mean()) if cold.size else 0.0,
         "cold_item_share_of_test_positives": float(cold[test_positive].mean()) if test_positive.any() else 0.0,
         "sampling_rounds": rounds,
+        "history": {
+            "length": history_length,
+            "train": history_stats(*(part[~test_positive_rating] for part in history)),
+            "test": history_stats(*(part[test_positive_rating] for part in history)),
+        },
         "columns": {
             "labels": {
                 "click": "1 = rated (every rating), 0 = sampled unrated movie",
@@ -327,6 +360,7 @@ def _write_movielens(
             "integer": INTEGER_MEANING,
             "categorical": CATEGORICAL_MEANING,
             "ignored": {"timestamp": "seconds since the epoch (UTC)"},
+            "lists": LIST_MEANING,
             "order": COLUMNS,
         },
         "genre_ids": {g: i + 1 for i, g in enumerate(GENRES)},
@@ -372,4 +406,11 @@ def summary_text(summary: dict) -> str:
         f"items {summary['items']:,} ({summary['rated_items']:,} rated), users {summary['users']:,}; "
         f"sampling rounds {summary['sampling_rounds']}; {summary['seconds']:.1f} s"
     )
+    for split in ("train", "test"):
+        h = summary["history"][split]
+        lines.append(
+            f"{split} histories (last {summary['history']['length']} training ratings before the row): "
+            f"empty {h['empty_share']:.4f} of positives, mean length {h['mean_length']:.1f}, "
+            f"cut {h['cut_share']:.4f}"
+        )
     return "\n".join(lines)

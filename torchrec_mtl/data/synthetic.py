@@ -45,6 +45,7 @@ import numpy as np
 import polars as pl
 
 from torchrec_mtl.data.synthetic_affinity import decomposed_ceilings, draw_affinity_latents
+from torchrec_mtl.data.synthetic_history import click_histories, draw_history_latents, history_summary
 from torchrec_mtl.data.synthetic_text import CATEGORY_WORDS, item_descriptions
 from torchrec_mtl.outputs import new_files
 
@@ -77,7 +78,12 @@ INTEGER_MEANING: Dict[str, str] = {
 }
 
 _DEVICE_EFFECT = np.array([0.0, -0.3, 0.25, -0.5])
-PROFILES = ("default", "affinity")
+PROFILES = ("default", "affinity", "history")
+# the history profile's list columns, after C8 (torchrec_mtl.data.synthetic_history)
+HISTORY_MEANING: Dict[str, str] = {
+    "hist_item": "the user's clicked items (C2) on earlier rows, oldest first, |-separated",
+    "hist_category": "the category (C3) of each hist_item, aligned",
+}
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,8 @@ class SyntheticConfig:
     conversion_rate: float = 0.2
     seed: int = 0
     # "default": the planted structure above; "affinity": a user x item-attribute affinity drives most of the click,
-    # with few impressions per user (torchrec_mtl.data.synthetic_affinity)
+    # with few impressions per user (torchrec_mtl.data.synthetic_affinity); "history": a drifting interest drives the
+    # click, each row carries the user's recent clicks as list columns (torchrec_mtl.data.synthetic_history)
     profile: str = "default"
 
     def __post_init__(self) -> None:
@@ -203,6 +210,8 @@ def draw_latents(config: SyntheticConfig, rng: np.random.Generator) -> Dict[str,
     """
     if config.profile == "affinity":
         return draw_affinity_latents(config, rng)
+    if config.profile == "history":
+        return draw_history_latents(config, rng)
     num_users, num_items, num_cat = config.num_users, config.num_items, config.num_categories
 
     # Items.
@@ -328,6 +337,12 @@ def _generate(config: SyntheticConfig, out: Path) -> Dict:
             "C8": hex_id("format", rng.integers(0, 6, config.num_rows)),
         }
     )
+    if config.profile == "history":  # after every other draw: the other columns are what they would be without it
+        hist_item, hist_category, last_category, bounds = click_histories(latents, click)
+        frame = frame.with_columns(
+            pl.Series("hist_item", hist_item, dtype=pl.String),
+            pl.Series("hist_category", hist_category, dtype=pl.String),
+        )
     write = dict(separator="\t", include_header=False, null_value="")
     frame.slice(0, num_train).write_csv(out / "train.tsv", **write)
     frame.slice(num_train).write_csv(out / "test.tsv", **write)
@@ -367,6 +382,11 @@ def _generate(config: SyntheticConfig, out: Path) -> Dict:
     }
     if config.profile == "affinity":
         meta["ceilings"].update(decomposed_ceilings(latents, click, conversion))
+    if config.profile == "history":
+        summary = history_summary(latents, click, last_category, bounds)
+        meta["ceilings"].update(summary["ceilings"])
+        meta["rates"]["history"] = summary["rates"]
+        meta["columns"]["lists"] = HISTORY_MEANING
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
 

@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from torchrec_mtl.modules.tower_parts import (
+    ExpertBank,
     Gate,
     TaskHeads,
     TowerInput,
     as_tensor,
     check_at_least_one,
     layer_sizes_of,
-    make_experts,
     mix,
     task_list,
 )
@@ -38,6 +38,10 @@ class ExtractionLevel(nn.Module):
     experts]; the ``num_shared_experts`` shared experts serve every task. With ``shared_gate`` (every level but the
     last) a further softmax gate over all experts [task 1's, ..., task T's, the shared ones] makes the input of the
     next level's shared experts. Each gate reads the same input as the experts of its branch.
+
+    The task experts of all tasks are one ``ExpertBank`` (in the first level they read the same input: one product
+    per layer; after it each task's group reads its own input: one batched product), the shared experts another
+    (``shared_parameters`` must tell them apart). The gates stay separate Linears.
 
     Args:
         in_features: width of every input of this level.
@@ -63,10 +67,11 @@ class ExtractionLevel(nn.Module):
         super().__init__()
         self.task_names = list(task_names)
         self.out_features = expert_layer_sizes[-1]
-        self.task_experts = nn.ModuleDict(
-            {name: make_experts(num_task_experts, in_features, expert_layer_sizes) for name in self.task_names}
-        )
-        self.shared_experts = make_experts(num_shared_experts, in_features, expert_layer_sizes)
+        self.num_task_experts = num_task_experts
+        # task by task, as the per-expert layout held them (``task_experts.<task>.<i>``: those state dicts load)
+        old_names = [f"{name}.{i}" for name in self.task_names for i in range(num_task_experts)]
+        self.task_experts = ExpertBank(len(old_names), in_features, expert_layer_sizes, old_names)
+        self.shared_experts = ExpertBank(num_shared_experts, in_features, expert_layer_sizes)
         gate = lambda count: Gate(in_features, count, gate_temperature, expert_dropout)  # noqa: E731
         self.task_gates = nn.ModuleDict({name: gate(num_task_experts + num_shared_experts) for name in self.task_names})
         num_all = len(self.task_names) * num_task_experts + num_shared_experts
@@ -82,16 +87,20 @@ class ExtractionLevel(nn.Module):
     ) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
         """Per-task gated outputs [B, D] and, with a shared gate, the shared gated output [B, D] (else None);
         ``drop_experts``: with the gates' expert dropout."""
-        shared = [expert(shared_input) for expert in self.shared_experts]
-        own = {name: [expert(task_inputs[name]) for expert in experts] for name, experts in self.task_experts.items()}
+        shared = self.shared_experts(shared_input)  # [num_shared, B, D]
+        inputs = [task_inputs[name] for name in self.task_names]
+        if all(task_input is inputs[0] for task_input in inputs):  # the first level: every task reads the tower input
+            own = self.task_experts(inputs[0])  # [T * num_task, B, D], task by task
+        else:
+            own = self.task_experts.forward_grouped(torch.stack(inputs))
+        count = self.num_task_experts
         task_outputs = {
-            name: mix(weights, torch.stack(own[name] + shared, dim=1))
-            for name, weights in self.gate_weights(task_inputs, drop_experts).items()
+            name: mix([weights], torch.cat([own[t * count : (t + 1) * count], shared]))[0]
+            for t, (name, weights) in enumerate(self.gate_weights(task_inputs, drop_experts).items())
         }
         if self.shared_gate is None:
             return task_outputs, None
-        everything = torch.stack([out for name in self.task_names for out in own[name]] + shared, dim=1)
-        return task_outputs, mix(self.shared_gate(shared_input, drop_experts), everything)
+        return task_outputs, mix([self.shared_gate(shared_input, drop_experts)], torch.cat([own, shared]))[0]
 
 
 class PLE(nn.Module):
@@ -102,7 +111,10 @@ class PLE(nn.Module):
     (and the next shared gate); levels after the first therefore read ``expert_layer_sizes[-1]`` features. The last
     level's per-task outputs go to the task heads. ``num_levels=1`` is CGC (see ``CGC``).
 
-    Experts are separate MLPs, each with its own random initialisation, so they start different.
+    Each level's experts are two ``ExpertBank``s, its task experts' and its shared experts' (one batched
+    computation each; each expert initialised as its own MLP, so they start different). State dicts of the
+    per-expert layout (``levels.<k>.task_experts.<task>.<i>._mlp...``, ``levels.<k>.shared_experts.<i>._mlp...``)
+    load.
 
     Args:
         in_features: width of the input.

@@ -1,10 +1,13 @@
-"""What the towers share: the input type, argument checks, expert MLPs, the gated mix and the per-task heads.
+"""What the towers share: the input type, argument checks, the expert bank, the gates, the gated mix and the
+per-task heads.
 
 Example::
 
     >>> heads = TaskHeads(8, ["ctr", "cvr"], layer_sizes=[4])
     >>> sorted(heads({"ctr": torch.randn(2, 8), "cvr": torch.randn(2, 8)}))
     ['ctr', 'cvr']
+    >>> ExpertBank(3, 8, [16, 4])(torch.randn(5, 8)).shape  # [experts, rows, the last layer size]
+    torch.Size([3, 5, 4])
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import torch
 from torch import nn
 from torchrec.modules.mlp import MLP
 from torchrec.sparse.jagged_tensor import KeyedTensor
+
+from torchrec_mtl.modules.expert_bank import ExpertBank  # noqa: F401 (the towers' experts; importable from here)
 
 # A tower's input: a dense [B, in_features] tensor, or a KeyedTensor (e.g. an EmbeddingBagCollection's output) whose
 # values() are that tensor.
@@ -47,9 +52,39 @@ def layer_sizes_of(argument: str, sizes: Sequence[int], allow_empty: bool = Fals
     return sizes
 
 
+class GateWeights(nn.Module):
+    """A gate's weights from its logits: ``softmax(logits / temperature)``, with expert dropout when asked. A module
+    of its own so that one forward hook sees every gate's weights, whether the logits came from the gate's own Linear
+    or from MMoE's product fused with its experts' first layers (the diagnostics' GateMonitor hooks it).
+
+    Example::
+
+        >>> GateWeights(temperature=2.0)(torch.tensor([[0.0, 2.0]]))
+        tensor([[0.2689, 0.7311]])
+    """
+
+    def __init__(self, temperature: float = 1.0, expert_dropout: float = 0.0) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature: must be positive, got {temperature}")
+        if not 0 <= expert_dropout < 1:
+            raise ValueError(f"expert_dropout: allowed 0 <= expert_dropout < 1, got {expert_dropout}")
+        self.temperature, self.expert_dropout = float(temperature), float(expert_dropout)
+
+    def forward(self, logits: torch.Tensor, drop_experts: bool = False) -> torch.Tensor:
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        if drop_experts and self.expert_dropout > 0:
+            dropped = torch.rand_like(logits) < self.expert_dropout
+            dropped = dropped & ~dropped.all(dim=-1, keepdim=True)  # a row that would lose every expert keeps them all
+            logits = logits.masked_fill(dropped, float("-inf"))
+        return torch.softmax(logits, dim=-1)
+
+
 class Gate(nn.Linear):
     """A softmax gate over experts: ``softmax(linear(x) / temperature)``, one row of weights per input row, each
-    summing to 1. A Linear itself, so its parameters keep the names a plain Linear gate had (``gates.<task>.weight``).
+    summing to 1. A Linear itself, so its parameters keep the names a plain Linear gate had (``gates.<task>.weight``);
+    the softmax is its child ``weighing`` (``GateWeights``, no parameters).
 
     Two remedies against a gate that settles on one expert and leaves others unused (collapse): a ``temperature``
     above 1 flattens the weights; ``expert_dropout`` (in training, when the caller asks) leaves each expert out of a
@@ -65,35 +100,39 @@ class Gate(nn.Linear):
 
     def __init__(self, in_features: int, num_experts: int, temperature: float = 1.0, expert_dropout: float = 0.0):
         super().__init__(in_features, num_experts)
-        if not temperature > 0:
-            raise ValueError(f"temperature: must be positive, got {temperature}")
-        if not 0 <= expert_dropout < 1:
-            raise ValueError(f"expert_dropout: allowed 0 <= expert_dropout < 1, got {expert_dropout}")
-        self.temperature, self.expert_dropout = float(temperature), float(expert_dropout)
+        self.weighing = GateWeights(temperature, expert_dropout)
+
+    @property
+    def temperature(self) -> float:
+        return self.weighing.temperature
+
+    @property
+    def expert_dropout(self) -> float:
+        return self.weighing.expert_dropout
 
     def forward(self, features: torch.Tensor, drop_experts: bool = False) -> torch.Tensor:
-        logits = super().forward(features)
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        if drop_experts and self.expert_dropout > 0:
-            dropped = torch.rand_like(logits) < self.expert_dropout
-            dropped = dropped & ~dropped.all(dim=-1, keepdim=True)  # a row that would lose every expert keeps them all
-            logits = logits.masked_fill(dropped, float("-inf"))
-        return torch.softmax(logits, dim=-1)
+        return self.weighing(super().forward(features), drop_experts)
 
-
-def make_experts(count: int, in_features: int, layer_sizes: Sequence[int]) -> nn.ModuleList:
-    """``count`` separate MLPs, each with its own random initialisation, so they start different."""
-    return nn.ModuleList([MLP(in_features, list(layer_sizes)) for _ in range(count)])
+    def weigh(self, logits: torch.Tensor, drop_experts: bool = False) -> torch.Tensor:
+        """The gate's weights from its logits ``linear(features)`` computed elsewhere (MMoE computes them in one
+        product with its experts' first layers)."""
+        return self.weighing(logits, drop_experts)
 
 
 def as_tensor(features: TowerInput) -> torch.Tensor:
     return features.values() if isinstance(features, KeyedTensor) else features
 
 
-def mix(weights: torch.Tensor, expert_outputs: torch.Tensor) -> torch.Tensor:
-    """Gate-weighted sum of expert outputs: weights [B, E] and outputs [B, E, D] give [B, D]."""
-    return torch.bmm(weights.unsqueeze(1), expert_outputs).squeeze(1)
+def mix(weights: Sequence[torch.Tensor], expert_outputs: torch.Tensor) -> List[torch.Tensor]:
+    """Gate-weighted sums of expert outputs, one per gate: weights [B, E] each and outputs [E, B, D] (as
+    ``ExpertBank`` gives them) give [B, D] each.
+
+    All gates in one batched product ([B, gates, E] @ [B, E, D]): one product of [1, E] rows per gate was several
+    times slower on the CPU.
+    """
+    mixed = torch.bmm(torch.stack(list(weights), dim=1), expert_outputs.transpose(0, 1))  # [B, gates, D]
+    parts = mixed.unbind(dim=1)  # (indexed, not iterated: FX, which the export traces with, cannot iterate it)
+    return [parts[g] for g in range(len(weights))]
 
 
 class TaskHeads(nn.Module):

@@ -27,13 +27,13 @@ from torchrec.modules.mlp import MLP
 
 from torchrec_mtl.modules.ple import CGC, PLE  # noqa: F401 (CGC: importable from here, as before)
 from torchrec_mtl.modules.tower_parts import (
+    ExpertBank,
     Gate,
     TaskHeads,
     TowerInput,
     as_tensor,
     check_at_least_one,
     layer_sizes_of,
-    make_experts,
     mix,
     task_list,
 )
@@ -87,7 +87,11 @@ class SingleTask(nn.Module):
 class MMoE(nn.Module):
     """Multi-gate Mixture-of-Experts (Ma et al., KDD 2018): shared experts, one softmax gate per task.
 
-    Experts are separate MLPs, each with its own random initialisation, so they start different.
+    The experts are one ``ExpertBank`` (one batched computation; each expert initialised as its own MLP, so they
+    start different), and the gates' logits come out of the same matrix product as the experts' first layers, which
+    read the same input (the attribute ``fuse_gates``, True; False computes each gate on its own, the same function:
+    tools/bench_towers.py times both). A state dict of the per-expert layout (``experts.<e>._mlp.<l>._linear.*``)
+    loads.
 
     Args:
         in_features: width of the input.
@@ -123,11 +127,12 @@ class MMoE(nn.Module):
         check_at_least_one("num_experts", num_experts)
         expert_layer_sizes = layer_sizes_of("expert_layer_sizes", expert_layer_sizes)
         tower_layer_sizes = layer_sizes_of("tower_layer_sizes", tower_layer_sizes, allow_empty=True)
-        self.experts = make_experts(num_experts, in_features, expert_layer_sizes)
+        self.experts = ExpertBank(num_experts, in_features, expert_layer_sizes)
         self.gates = nn.ModuleDict(
             {name: Gate(in_features, num_experts, gate_temperature, expert_dropout) for name in self.task_names}
         )
         self.heads = TaskHeads(expert_layer_sizes[-1], self.task_names, tower_layer_sizes)
+        self.fuse_gates = True
 
     def shared_parameters(self) -> List[nn.Parameter]:
         """Parameters every task's output depends on: the experts."""
@@ -145,10 +150,19 @@ class MMoE(nn.Module):
 
     def forward(self, features: TowerInput) -> Dict[str, torch.Tensor]:
         features = as_tensor(features)
-        expert_outputs = torch.stack([expert(features) for expert in self.experts], dim=1)  # [B, E, D]
-        weights = self.gate_weights(features, drop_experts=self.training)
-        mixed = {name: mix(task_weights, expert_outputs) for name, task_weights in weights.items()}
-        return self.heads(mixed)
+        gates = list(self.gates.values())
+        if self.fuse_gates:
+            # the gates read the experts' input: their rows join the experts' first-layer product
+            hidden, logits = self.experts.first_layer(
+                features, torch.cat([gate.weight for gate in gates]), torch.cat([gate.bias for gate in gates])
+            )
+            expert_outputs = self.experts.later_layers(hidden)
+            parts = logits.split(self.experts.num_experts, dim=1)  # indexed below: FX (the export) cannot iterate it
+            weights = [gate.weigh(parts[t], self.training) for t, gate in enumerate(gates)]
+        else:
+            expert_outputs = self.experts(features)
+            weights = [gate(features, self.training) for gate in gates]
+        return self.heads(dict(zip(self.task_names, mix(weights, expert_outputs))))
 
 
 class SharedBottom(nn.Module):

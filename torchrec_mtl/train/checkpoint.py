@@ -39,11 +39,12 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import nn
 
 from torchrec_mtl.device import collective_device
 from torchrec_mtl.errors import TrainingStopped  # noqa: F401 (raised here; importable from here, as before)
@@ -205,18 +206,22 @@ class Checkpointer:
         return final
 
     def load(
-        self, path: str | os.PathLike, state: Dict[str, Any], with_rank_state: bool = True
+        self,
+        path: str | os.PathLike,
+        state: Dict[str, Any],
+        with_rank_state: bool = True,
+        module: Optional[nn.Module] = None,
     ) -> Tuple[Dict[str, Any], Any]:
         """Read checkpoint ``path`` into ``state`` in place (resharding as needed); return its train state and this
         rank's saved rank state (None when it was written at another world size, whose ranks were other ranks, or
-        when not ``with_rank_state``)."""
+        when not ``with_rank_state``). ``module``: the model of ``state["model"]`` (``load_tensors``)."""
         path = Path(path)
         rank, world_size = _rank_and_world()
         # once, before any file of it is parsed; each rank hashes its share of the files (ranks share the folder:
         # they all wrote into it) and every rank refuses when any rank found a fault
         _raise_agreed(verification_error(path, rank, world_size))
         train_state = read_train_state(path)
-        load_tensors(path, state, verify=False)
+        load_tensors(path, state, verify=False, module=module)
         rank_state = None
         if with_rank_state and train_state.get("world_size") == world_size:
             rank_file = path / f"rank-{rank}.pt"
@@ -229,18 +234,28 @@ class Checkpointer:
         return train_state, rank_state
 
 
-def load_tensors(path: Path, state: Dict[str, Any], no_dist: bool = False, verify: bool = True) -> None:
+def load_tensors(
+    path: Path,
+    state: Dict[str, Any],
+    no_dist: bool = False,
+    verify: bool = True,
+    module: Optional[nn.Module] = None,
+) -> None:
     """DCP's load of checkpoint ``path`` into ``state`` in place (``no_dist``: this process alone, whatever process
     group exists), or CheckpointError naming the checkpoint. ``verify``: check the folder against its manifest first
     (``verify_checkpoint``; False only where the caller has just done so). A model state (``state["model"]``) whose
-    floating values are not all finite is refused, naming the first such parameter."""
+    floating values are not all finite is refused, naming the first such parameter.
+
+    ``module``: the model ``state["model"]`` is the state of; given, a model-only load from a checkpoint of the
+    per-expert layout (before the expert banks) loads each bank from its experts' tensors (``_in_stored_layout``)."""
     path = Path(path)
     rank, world_size = (0, 1) if no_dist else _rank_and_world()
     if verify:  # DCP unpickles .metadata: never before it is checked
         _raise_agreed(verification_error(path, rank, world_size), no_dist)
-    check_metadata(path)
+    metadata = check_metadata(path)
+    layout = _in_stored_layout(path, state, set(getattr(metadata, "state_dict_metadata", {})), module)
     try:
-        dcp.load(state, checkpoint_id=str(path), planner=WeightsOnlyLoadPlanner(), no_dist=no_dist)
+        dcp.load(layout, checkpoint_id=str(path), planner=WeightsOnlyLoadPlanner(), no_dist=no_dist)
     except _READ_OR_WRITE_FAILURES as exc:
         raise CheckpointError(
             f"checkpoint {path}: cannot be read ({failure_reason(exc)}); it is corrupt, truncated or from another model"
@@ -249,6 +264,44 @@ def load_tensors(path: Path, state: Dict[str, Any], no_dist: bool = False, verif
         # a weight that is NaN or infinite makes every prediction NaN: refused here, not scored
         name = first_non_finite(state["model"])
         _raise_agreed(f"checkpoint {path}: non-finite values in {name}" if name else None, no_dist)
+
+
+# A key of the per-expert layout (torchrec_mtl.modules.expert_bank.OLD_KEY under MMoE's ``experts`` or a PLE level's
+# ``task_experts.<task>`` and ``shared_experts``): checkpoints written before the expert banks hold these instead.
+_PER_EXPERT_KEY = re.compile(r"experts\.(?:[^.]+\.)?\d+\._mlp\.\d+\._linear\.(?:weight|bias)$")
+
+
+def _in_stored_layout(path: Path, state: Dict[str, Any], stored: Set[str], module: Optional[nn.Module]) -> Dict:
+    """``state`` as DCP is to fill it from checkpoint ``path``, whose keys are ``stored``: ``state`` itself, unless
+    the checkpoint holds experts in the per-expert layout where ``state["model"]`` has expert banks. Then each bank's
+    stacked tensors give way to views of them under the old keys (``ExpertBank.old_layout``), which DCP fills in
+    place: the bank loads, and ``state["model"]`` holds it. Only a model-only load with its ``module`` can: with
+    optimizer state (a resumed run; Adam's moments were per expert too) a CheckpointError says what can load it."""
+    model = state.get("model")
+    ours = {f"model.{key}" for key in model} if isinstance(model, dict) else set()
+    if not any(_PER_EXPERT_KEY.search(key) and key not in ours for key in stored):
+        return state
+    if module is None or set(state) != {"model"}:
+        raise CheckpointError(
+            f"checkpoint {path}: written before the expert banks (it holds every expert's layers apart); its weights "
+            "load for predict, evaluate, export and fine-tuning (finetune.checkpoint), but a run cannot resume from "
+            "it (its optimizer state is per expert too): start a new run, or fine-tune from it"
+        )
+    from torchrec_mtl.modules.expert_bank import ExpertBank
+
+    # each bank's keys in the state found by storage: the module's names for them carry DMP's wrappers, the state's
+    # do not (the banks are dense: plain tensors there, not ShardedTensors)
+    keys = {(value.data_ptr(), tuple(value.shape)): key for key, value in model.items() if type(value) is torch.Tensor}
+    model = dict(model)
+    for bank in (part for part in module.modules() if isinstance(part, ExpertBank)):
+        key = keys.get((bank.weights[0].data_ptr(), tuple(bank.weights[0].shape)))
+        if key is None or f"model.{key}" in stored:
+            continue
+        prefix = key[: -len("weights.0")]
+        for layer in range(len(bank.layer_sizes)):
+            del model[f"{prefix}weights.{layer}"], model[f"{prefix}biases.{layer}"]
+        model.update(bank.old_layout(prefix))
+    return {**state, "model": model}
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

@@ -75,8 +75,10 @@ class GateMonitor:
 
     def __enter__(self) -> "GateMonitor":
         if isinstance(self.tower, ExposesTaskGates):
+            # a Gate's softmax (its child ``weighing``) runs whether the gate computed its own logits or MMoE's
+            # fused product did; another gate module is hooked itself
             self._handles = [
-                gate.register_forward_hook(functools.partial(self._observe_gate, task))
+                getattr(gate, "weighing", gate).register_forward_hook(functools.partial(self._observe_gate, task))
                 for task, gate in self.tower.task_gates().items()
             ]
         else:
@@ -90,7 +92,7 @@ class GateMonitor:
 
     @torch.no_grad()
     def _observe_gate(self, task: str, gate: nn.Module, inputs, weights: torch.Tensor) -> None:
-        features = inputs[0]
+        features = inputs[0]  # the gate's logits (GateWeights) or its input (another gate module)
         if not isinstance(features, torch.Tensor):  # a symbolic trace of the model (TorchRec's pipeline does one)
             return
         if len(inputs) > 1 and inputs[1] and getattr(gate, "expert_dropout", 0.0) > 0:

@@ -37,6 +37,11 @@ from torchrec_mtl.device import DeviceError
 from torchrec_mtl.train.optimizers import EMBEDDING_OPTIMIZERS, apply_embedding_optimizers, dense_optimizer
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel")
+# On one process there are no rows to spread over ranks: every table goes table-wise unless the config says otherwise.
+# The planner's own choice there (row-wise for the larger tables) adds a bucketize and a reduce-scatter per step and
+# splits the tables into two kernel groups (tools/bench_placement.py times each placement).
+ONE_PROCESS_SHARDING = ("table_wise",)
+ONE_PROCESS_WHY = " (one process: table-wise, nothing to split across ranks)"
 # the kernels that train inside backward on CPU and GPU ("dense" tables train with the dense optimizer instead)
 COMPUTE_KERNELS = ("fused", "dense", "fused_uvm", "fused_uvm_caching")
 
@@ -178,7 +183,8 @@ def shard_model(
         env: from ``init_distributed``.
         embedding_optimizer, embedding_lr: the fused optimizer of every table (one of ``EMBEDDING_OPTIMIZERS``),
             unless ``tables`` says otherwise for a table.
-        sharding_types: restrict every table to these torchrec sharding types (None: the planner chooses).
+        sharding_types: restrict every table to these torchrec sharding types (None: the planner chooses; on one
+            process, table-wise: ``ONE_PROCESS_SHARDING``).
         tables: table name -> ``TableOptions`` (sharding types, compute kernels, optimizer, learning rate).
         memory_budget_bytes: the planner's storage per rank (HBM on GPUs, DDR on CPU); None: the device's.
         dense_optimizer_name, dense_lr, weight_decay, clip_norm: the dense optimizer (``DENSE_OPTIMIZERS``),
@@ -200,6 +206,9 @@ def shard_model(
     specs = {t: (o.optimizer or embedding_optimizer, o.lr or embedding_lr) for t, o in tables.items()}
     apply_embedding_optimizers(weights, specs, (embedding_optimizer, embedding_lr), env.device.type)
     caps = {"hbm_cap" if env.device.type == "cuda" else "ddr_cap": memory_budget_bytes} if memory_budget_bytes else {}
+    why = ""
+    if env.world_size == 1 and sharding_types is None:
+        sharding_types, why = list(ONE_PROCESS_SHARDING), ONE_PROCESS_WHY
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=env.world_size, compute_device=env.device.type, **caps),
         constraints=_constraints(list(weights), sharding_types, tables),
@@ -212,7 +221,7 @@ def shard_model(
         budget = f" within {memory_budget_bytes / 2**30:.2f} GiB per rank" if memory_budget_bytes else ""
         raise ValueError(f"no sharding plan{budget} meets the constraints: {str(error).splitlines()[0]}") from None
     if env.is_main:  # the counts always; the tables and torchrec's whole plan (two lines a table) when asked
-        print(f"sharded tables on {env.world_size} process(es): {plan_summary(plan)}"
+        print(f"sharded tables on {env.world_size} process(es): {plan_summary(plan)}{why}"
               + (f"\n{plan_summary(plan, tables=True)}\n{plan}" if print_plan
                  else " (-v or training.print_plan=true prints the plan)"), flush=True)  # fmt: skip
     sharded = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=sharders)

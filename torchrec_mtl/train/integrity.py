@@ -170,14 +170,15 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"it names {module}.{name}, which checkpoint metadata never holds")
 
 
-def check_metadata(path: Path) -> None:
-    """CheckpointError unless DCP's ``.metadata`` of ``path`` unpickles with only ``_METADATA_CLASSES``."""
+def check_metadata(path: Path) -> Any:
+    """DCP's ``.metadata`` of ``path`` (a ``Metadata``; None when the file is missing), or CheckpointError unless it
+    unpickles with only ``_METADATA_CLASSES``."""
     file = path / ".metadata"
     try:
         with open(file, "rb") as handle:
-            _MetadataUnpickler(handle).load()
+            return _MetadataUnpickler(handle).load()
     except FileNotFoundError:
-        return  # DCP names the missing file itself
+        return None  # DCP names the missing file itself
     except Exception as exc:  # a forged or damaged pickle raises anything its opcodes lead to
         raise CheckpointError(f"checkpoint {path}: .metadata: refused ({failure_reason(exc)})") from None
 

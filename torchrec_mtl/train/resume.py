@@ -106,7 +106,9 @@ def load_model_state(path: str | Path, sharded: nn.Module) -> Dict[str, Any]:
     """Only the model weights of checkpoint ``path`` into ``sharded`` (resharded as needed; optimizers and data
     position untouched: fine-tuning starts afresh from them); returns its train state."""
     path = Path(path)
-    train_state, _ = Checkpointer(path.parent).load(path, {"model": sharded.state_dict()}, with_rank_state=False)
+    train_state, _ = Checkpointer(path.parent).load(
+        path, {"model": sharded.state_dict()}, with_rank_state=False, module=sharded
+    )
     return train_state
 
 

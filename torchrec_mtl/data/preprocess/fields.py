@@ -14,7 +14,7 @@ Example::
 """
 
 # No "from __future__ import annotations": TorchScript compiles these functions from their annotations.
-from typing import Tuple
+from typing import List, Tuple
 
 # What predict reads and these functions refuse (serve.pt's manifest lists them): a row not valid, never scored apart.
 NOT_VALID_HERE = [
@@ -64,6 +64,38 @@ def parse_token(text: str, hexadecimal: bool) -> Tuple[bool, int]:
             return False, 0
         value = value * 16 + (position if position < 16 else position - 6)
     return True, value
+
+
+# parse_list's status: the list is read, or the reason preprocessing rejects the row for it (parse.REASONS)
+LIST_READ = 0
+LIST_ELEMENT_EMPTY = 1  # "list element empty"
+LIST_ELEMENT_NOT_TOKEN = 2  # "list element not hex" / "list element not id"
+
+
+def parse_list(text: str, separator: str, hexadecimal: bool) -> Tuple[int, List[int]]:
+    """A list column's field as preprocessing reads it (``parse._list_rules``): the empty field is the empty list;
+    otherwise the elements between ``separator``s, each a token as ``parse_token`` reads a categorical. Returns
+    (``LIST_READ``, every token, in order: truncation is the caller's, after all of them are checked, as in
+    preprocessing) or the reason's status with no tokens; an empty element (``a||b``, a leading or trailing
+    separator) is ``LIST_ELEMENT_EMPTY`` before any element is read as a token, as polars tries that reason first.
+
+    >>> parse_list("", "|", True), parse_list("0a|ff", "|", True), parse_list("1||2", "|", False)  # doctest: +SKIP
+    ((0, []), (0, [10, 255]), (1, []))
+    """
+    # the statuses as literals: TorchScript does not read the module's constants
+    tokens: List[int] = []
+    if text == "":
+        return 0, tokens
+    elements = text.split(separator)
+    for element in elements:
+        if element == "":
+            return 1, tokens
+    for element in elements:
+        ok, value = parse_token(element, hexadecimal)
+        if not ok:
+            return 2, []
+        tokens.append(value)
+    return 0, tokens
 
 
 def parse_number(text: str) -> Tuple[int, float]:

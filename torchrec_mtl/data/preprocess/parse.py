@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -181,6 +182,12 @@ class ListValues:
 
     values: np.ndarray
     lengths: np.ndarray
+
+    @cached_property
+    def offsets(self) -> np.ndarray:
+        """Where each row's values start in ``values``, and last where they end: int64 [n + 1] (computed once, for
+        cutting the rows into batches)."""
+        return np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])
 
     def take(self, rows: np.ndarray) -> "ListValues":
         """The rows a boolean mask ``rows`` selects."""
