@@ -28,6 +28,7 @@ E2E_FILES = {
     "test_distributed.py",  # two gloo processes per sharding type
     "test_job.py",  # whole training jobs
     "test_lists_e2e.py",  # a model with pooled list features trained through the CLI
+    "test_sequence_e2e.py",  # a model with sequence features trained, evaluated and fine-tuned through the CLI
     "test_rank_faults.py",  # faults inside training, at world sizes 1 and 2
     "test_shipped_configs.py",  # the Ali-CCP and AliExpress configs, trained through the CLI
     "test_tune.py",  # studies of whole training runs

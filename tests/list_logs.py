@@ -4,6 +4,8 @@
   recent last, ``|``-separated; the schema keeps the last ``max_length`` and looks them up in C2's table (mean).
 - ``tags``: the item's category (C3) and brand (C6) tokens and, on one row in five, the device (C5),
   ``,``-separated; hashed into a table of its own and sum-pooled.
+- ``hist_category`` (with ``categories=True``, for sequence features): the category (C3) of each item of
+  ``history``, position by position, looked up in C3's table.
 
 Example::
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 from pathlib import Path
-from typing import Deque, Dict, List
+from typing import Deque, Dict, List, Tuple
 
 import numpy as np
 import polars as pl
@@ -27,46 +29,59 @@ LIST_SCHEMA = {
 }
 
 
-def list_schema(max_length: int = 8, keep: str = "last") -> Dict:
-    """The synthetic schema with the ``history`` and ``tags`` list columns (a dict, as its YAML reads)."""
+def list_schema(max_length: int = 8, keep: str = "last", categories: bool = False) -> Dict:
+    """The synthetic schema with the ``history`` and ``tags`` list columns (a dict, as its YAML reads), and
+    ``hist_category`` with ``categories``."""
     raw = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "configs" / "datasets" / "synthetic.yaml"))
     raw["name"] = "synthetic_lists"
-    raw["categorical"] = [*raw["categorical"], "history", "tags"]
+    raw["categorical"] = [*raw["categorical"], "history", "tags", *(["hist_category"] if categories else [])]
     raw["lists"] = {**LIST_SCHEMA, "history": {**LIST_SCHEMA["history"], "max_length": max_length, "keep": keep}}
+    if categories:
+        raw["lists"]["hist_category"] = {**raw["lists"]["history"], "shares": "C3"}
     raw["feature_vocabulary"] = {"tags": {"hash_size": 1000}}
     return raw
 
 
-def _with_lists(frame: pl.DataFrame, histories: Dict[str, Deque[str]], seed: int) -> pl.DataFrame:
-    """``frame`` (one split, in file order) with ``history`` and ``tags``; ``histories`` carries on across splits."""
+def _with_lists(
+    frame: pl.DataFrame, histories: Dict[str, Deque[Tuple[str, str]]], seed: int, categories: bool = False
+) -> pl.DataFrame:
+    """``frame`` (one split, in file order) with ``history`` and ``tags`` (and ``hist_category``); ``histories``
+    (each user's clicked (item, category) pairs) carries on across splits."""
     history: List[str] = []
-    for user, item, click in zip(frame["C1"].to_list(), frame["C2"].to_list(), frame["click"].to_list()):
-        history.append("|".join(histories[user]))
+    hist_category: List[str] = []
+    for user, item, category, click in zip(
+        frame["C1"].to_list(), frame["C2"].to_list(), frame["C3"].to_list(), frame["click"].to_list()
+    ):
+        history.append("|".join(clicked for clicked, _ in histories[user]))
+        hist_category.append("|".join(of for _, of in histories[user]))
         if click == "1":  # read as text
-            histories[user].append(item)
+            histories[user].append((item, category))
     device_too = np.random.default_rng(seed).random(frame.height) < 0.2
     tags = [
         ",".join([category, brand, *([device] if extra else [])])
         for category, brand, device, extra in zip(frame["C3"], frame["C6"], frame["C5"], device_too)
     ]
-    return frame.with_columns(pl.Series("history", history), pl.Series("tags", tags))
+    frame = frame.with_columns(pl.Series("history", history), pl.Series("tags", tags))
+    return frame.with_columns(pl.Series("hist_category", hist_category)) if categories else frame
 
 
-def write_list_log(source: Path, out: Path, max_length: int = 8, keep: str = "last") -> Path:
-    """``source``'s synthetic ``train.tsv`` and ``test.tsv`` with the list columns, and their schema, into ``out``;
-    returns the schema's path."""
+def write_list_log(
+    source: Path, out: Path, max_length: int = 8, keep: str = "last", categories: bool = False
+) -> Path:
+    """``source``'s synthetic ``train.tsv`` and ``test.tsv`` with the list columns (``categories``: and
+    ``hist_category``), and their schema, into ``out``; returns the schema's path."""
     out.mkdir(parents=True, exist_ok=True)
     columns = list_schema()["categorical"][:-2]
     names = ["click", "conversion", "rating", *[f"I{k}" for k in range(1, 14)], *columns]
-    histories: Dict[str, Deque[str]] = defaultdict(lambda: deque(maxlen=HISTORY_KEPT))
+    histories: Dict[str, Deque[Tuple[str, str]]] = defaultdict(lambda: deque(maxlen=HISTORY_KEPT))
     for seed, split in enumerate(("train", "test")):
         frame = pl.read_csv(
             source / f"{split}.tsv", separator="\t", has_header=False, new_columns=names, infer_schema=False,
             quote_char=None,
         )  # fmt: skip
-        _with_lists(frame, histories, seed).write_csv(
+        _with_lists(frame, histories, seed, categories).write_csv(
             out / f"{split}.tsv", separator="\t", include_header=False, null_value="", quote_style="never"
         )
     schema_path = out / "schema.yaml"
-    schema_path.write_text(yaml.safe_dump(list_schema(max_length, keep), sort_keys=False))
+    schema_path.write_text(yaml.safe_dump(list_schema(max_length, keep, categories), sort_keys=False))
     return schema_path

@@ -25,6 +25,7 @@ _EXPORTS = {
     "MMoE": "modules.towers", "PLE": "modules.towers", "CGC": "modules.towers", "SharedBottom": "modules.towers",
     "SingleTask": "modules.towers", "TOWERS": "modules.towers", "INTERACTIONS": "modules.interactions",
     "ItemTextArch": "modules.item_text", "TwoTowerArch": "modules.two_tower", "InBatchSoftmax": "modules.two_tower",
+    "DINAttention": "modules.sequence", "BSTEncoder": "modules.sequence",
     # the model, its batch and the objective
     "MultiTaskModel": "model", "MultiTaskTrain": "model", "MultiTaskBatch": "data.batch",
     "MultiTaskObjective": "tasks", "TaskSpec": "tasks", "ProductSpec": "tasks", "OrderSpec": "tasks",

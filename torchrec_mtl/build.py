@@ -7,6 +7,8 @@ Example::
     >>> model = build_model(config.model, num_dense=13, table_sizes={"C1": 1000, "C2": 500})  # doctest: +SKIP
     >>> lists = {"history": ListSpec(separator="|", max_length=50, shares="C2")}  # history looks up t_C2, mean-pooled
     >>> model = build_model(config.model, 13, {"C1": 1000, "C2": 500, "history": 500}, lists=lists)  # doctest: +SKIP
+    >>> config.model.sequence = SequenceConfig(kind="din", features=["history"])  # t_C2 unpooled, DIN over history
+    >>> model = build_model(config.model, 13, {"C1": 1000, "C2": 500, "history": 500}, lists=lists)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-from torchrec_mtl.config import JobConfig, ModelConfig, TextConfig, TowerConfig
+from torchrec_mtl.config import JobConfig, ModelConfig, SequenceConfig, TextConfig, TowerConfig
 from torchrec_mtl.data.shards import EncodedLog
-from torchrec_mtl.embedding_tables import NO_LISTS, embedding_tables
+from torchrec_mtl.embedding_tables import NO_LISTS, POOLED, UNPOOLED, EmbeddingTable, embedding_tables
 from torchrec_mtl.model import MultiTaskModel
 from torchrec_mtl.modules.interactions import INTERACTIONS
+from torchrec_mtl.modules.sequence import InterestArch, SequenceLookups
 from torchrec_mtl.modules.item_text import (
     EncodedItemTextArch,
     ItemTextArch,
@@ -60,8 +63,15 @@ def build_model(
     up; ``lists``: which of them are list columns, pooled and maybe sharing a table, as torchrec_mtl.embedding_tables
     lays out) under the configured tower, one pooled vector per feature in ``table_sizes`` order, with ``item_text``
     (``build_item_text``) as one more embedding when given, and with ``retrieval_features`` (the user and the item
-    tower's features) the two-tower arch of ``config.retrieval``."""
-    tables = [
+    tower's features) the two-tower arch of ``config.retrieval``.
+
+    With ``config.sequence`` (kind din or bst) the tables its features look up are unpooled, in an
+    EmbeddingCollection; the embeddings are then one per non-sequence feature in ``table_sizes`` order and the
+    interest vector (``build_sequence``). With kind none the model is what it was without the key."""
+    sequence = config.sequence
+    attended = list(sequence.features) if sequence.kind != "none" else []
+    tables = embedding_tables(table_sizes, lists, attended)
+    pooled = [
         EmbeddingBagConfig(
             name=table.name,
             embedding_dim=config.embedding_dim,
@@ -69,19 +79,72 @@ def build_model(
             feature_names=list(table.features),
             pooling=POOLINGS[table.pooling],
         )
-        for table in embedding_tables(table_sizes, lists)
+        for table in tables
+        if table.collection == POOLED
     ]
-    interaction = build_interaction(config, len(table_sizes) + (item_text is not None))
+    features = [f for f in table_sizes if f not in attended]  # the embeddings' features, in order
+    interaction = build_interaction(config, len(features) + bool(attended) + (item_text is not None))
     tower = build_tower(config.tower, interaction.out_features, task_names or TOWER_TASKS)
-    ebc = EmbeddingBagCollection(tables=tables, device=device)
     two_tower = None
     if retrieval_features is not None:
-        columns = [[list(table_sizes).index(feature) for feature in side] for side in retrieval_features]
+        columns = [[features.index(feature) for feature in side] for side in retrieval_features]
         r = config.retrieval
         two_tower = TwoTowerArch(*columns, config.embedding_dim, item_text is not None, r.layer_sizes, r.dim)
+    if not attended:
+        ebc = EmbeddingBagCollection(tables=pooled, device=device)
+        return MultiTaskModel(
+            ebc, num_dense, config.dense_arch_layer_sizes, tower, item_text, two_tower, interaction, features
+        )
+    ec, lookups, interest = build_sequence(sequence, config.embedding_dim, tables, features, lists, device)
+    ebc = EmbeddingBagCollection(tables=pooled, device=device) if pooled else None
     return MultiTaskModel(
-        ebc, num_dense, config.dense_arch_layer_sizes, tower, item_text, two_tower, interaction, list(table_sizes)
+        ebc, num_dense, config.dense_arch_layer_sizes, tower, item_text, two_tower, interaction, None, ec, lookups,
+        interest,
+    )  # fmt: skip
+
+
+def build_sequence(
+    config: SequenceConfig,
+    embedding_dim: int,
+    tables: List[EmbeddingTable],
+    features: List[str],
+    lists: Mapping[str, ListSpec],
+    device: torch.device = torch.device("meta"),
+) -> Tuple[EmbeddingCollection, SequenceLookups, InterestArch]:
+    """The parts of ``config.features``' attention: the EmbeddingCollection of the unpooled ``tables``, how the
+    lookups are read (``features``: the non-sequence features in order) and the configured attention. ValueError
+    naming the key when a sequence feature is no list sharing a column, or the features' max_length differ
+    (torchrec_mtl.config.check says the same before any work)."""
+    queries = []
+    for feature in config.features:
+        spec = lists.get(feature)
+        if spec is None or spec.shares is None:
+            raise ValueError(f"model.sequence.features: {feature!r} is not a list column sharing a single-ID column")
+        queries.append(spec.shares)
+    lengths = {lists[feature].max_length for feature in config.features}
+    if len(lengths) != 1:
+        raise ValueError(f"model.sequence.features: {config.features} have different max_length ({sorted(lengths)})")
+    unpooled_tables = [table for table in tables if table.collection == UNPOOLED]
+    ec = EmbeddingCollection(
+        tables=[
+            EmbeddingConfig(
+                name=table.name, embedding_dim=embedding_dim, num_embeddings=table.rows,
+                feature_names=list(table.features),
+            )  # fmt: skip
+            for table in unpooled_tables
+        ],
+        device=device,
     )
+    unpooled = [f for table in unpooled_tables for f in table.features if f in features]
+    lookups = SequenceLookups(
+        features, unpooled, {f: lists[f].pooling for f in unpooled if f in lists}, config.features, queries,
+        lengths.pop(),
+    )  # fmt: skip
+    interest = InterestArch(
+        config.kind, len(config.features), embedding_dim, lookups.max_length, config.attention_layer_sizes,
+        config.num_heads, config.num_layers, config.dropout,
+    )  # fmt: skip
+    return ec, lookups, interest
 
 
 def build_item_text(

@@ -31,7 +31,7 @@ from typing import Iterable, List
 
 from torch import nn
 
-FREEZABLE = ("embeddings", "dense_arch", "text", "experts", "gates", "heads", "retrieval")
+FREEZABLE = ("embeddings", "dense_arch", "text", "sequence", "experts", "gates", "heads", "retrieval")
 
 
 def part_of(name: str) -> str:
@@ -42,6 +42,8 @@ def part_of(name: str) -> str:
         return "dense_arch"
     if name.startswith("item_text."):
         return "text"
+    if name.startswith("interest."):  # the attention over sequence features (model.sequence)
+        return "sequence"
     if name.startswith("retrieval."):
         return "retrieval"
     if name.startswith("tower.heads."):

@@ -19,13 +19,14 @@ from typing import ContextManager, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 from torchrec.models.dlrm import DenseArch, SparseArch, choose
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_mtl.data.batch import TEXT_MIX_PARTNER, TEXT_MIX_WEIGHT, MultiTaskBatch
 from torchrec_mtl.modules import adversarial
 from torchrec_mtl.modules.interactions import DotInteraction
 from torchrec_mtl.modules.item_text import ItemTextArch
+from torchrec_mtl.modules.sequence import InterestArch, SequenceLookups
 from torchrec_mtl.modules.two_tower import ITEM_VECTOR, USER_VECTOR, TwoTowerArch
 from torchrec_mtl.precision import GradientUnscale, Precision
 from torchrec_mtl.tasks import MultiTaskObjective
@@ -79,6 +80,41 @@ class OrderedSparseArch(SparseArch):
             self._sparse_feature_names = list(feature_names)
 
 
+class SequenceSparseArch(nn.Module):
+    """The lookups of a model with sequence features: the pooled tables (an EmbeddingBagCollection, None when every
+    table is unpooled) and the unpooled ones (an EmbeddingCollection: the tables a sequence feature looks up,
+    torchrec_mtl.embedding_tables), each given the whole KeyedJaggedTensor (a collection, sharded or not, reads the
+    features of its own tables and ignores the rest), then ``SequenceLookups``:
+    ``(embeddings [B, F, D], history [B, L, S * D], lengths [B], query [B, S * D])``.
+
+    Both collections take the batch's KeyedJaggedTensor as it is, so TorchRec's pipeline finds and pipelines both
+    sharded modules' input distribution."""
+
+    def __init__(
+        self,
+        embedding_bag_collection: Optional[EmbeddingBagCollection],
+        embedding_collection: EmbeddingCollection,
+        lookups: SequenceLookups,
+    ) -> None:
+        super().__init__()
+        self.embedding_bag_collection = embedding_bag_collection
+        self.embedding_collection = embedding_collection
+        self.lookups = lookups
+
+    @property
+    def sparse_feature_names(self) -> List[str]:
+        """The features of the output's embeddings (the non-sequence ones), in order."""
+        return list(self.lookups.feature_names)
+
+    def forward(self, features: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # The whole KJT to each (torchrec 1.9.2): unsharded, both forwards look their tables' feature names up in
+        # features.to_dict(); sharded, _create_input_dist keeps the input positions of the features the shardings
+        # own, input_dist permutes to those alone (or, when they are already the leading keys, splits them off by
+        # count) and nothing else is sent.
+        pooled = self.embedding_bag_collection(features) if self.embedding_bag_collection is not None else None
+        return self.lookups(pooled, self.embedding_collection(features))
+
+
 class MultiTaskModel(nn.Module):
     """Sparse arch (EmbeddingBagCollection) + dense arch (MLP) -> interaction (default: [dense, pairwise dots,
     embeddings]) -> tower.
@@ -96,11 +132,16 @@ class MultiTaskModel(nn.Module):
         interaction: what makes the tower's input of the dense output and the embeddings
             (torchrec_mtl.modules.interactions; its ``out_features`` is the tower's width); default DLRM's dots.
         feature_names: the order of the pooled embeddings (``OrderedSparseArch``; None: the tables' order).
+        embedding_collection, lookups, interest: a model with sequence features (``model.sequence``): the unpooled
+            tables (``embedding_bag_collection`` then holds the others, or is None when there are none), how their
+            outputs are read (``SequenceLookups``, whose ``feature_names`` replace ``feature_names``) and the
+            attention over the history (``InterestArch``), whose vector joins the embeddings as one more (after
+            the features', before the item text's).
     """
 
     def __init__(
         self,
-        embedding_bag_collection: EmbeddingBagCollection,
+        embedding_bag_collection: Optional[EmbeddingBagCollection],
         dense_in_features: int,
         dense_arch_layer_sizes: List[int],
         tower: nn.Module,
@@ -108,18 +149,30 @@ class MultiTaskModel(nn.Module):
         retrieval: Optional[TwoTowerArch] = None,
         interaction: Optional[nn.Module] = None,
         feature_names: Optional[List[str]] = None,
+        embedding_collection: Optional[EmbeddingCollection] = None,
+        lookups: Optional[SequenceLookups] = None,
+        interest: Optional[InterestArch] = None,
     ) -> None:
         super().__init__()
-        dims = {table.embedding_dim for table in embedding_bag_collection.embedding_bag_configs()}
+        if (embedding_collection is None) != (interest is None) or (embedding_collection is None) != (lookups is None):
+            raise ValueError("embedding_collection, lookups and interest: give all three (sequence features) or none")
+        configs = [*(embedding_bag_collection.embedding_bag_configs() if embedding_bag_collection is not None else []),
+                   *(embedding_collection.embedding_configs() if embedding_collection is not None else [])]  # fmt: skip
+        dims = {table.embedding_dim for table in configs}
         if len(dims) != 1 or dense_arch_layer_sizes[-1] not in dims:
             raise ValueError(
                 f"all tables and the dense arch's last layer need one embedding dim; tables {sorted(dims)}, "
                 f"dense arch ends at {dense_arch_layer_sizes[-1]}"
             )
-        self.sparse_arch = OrderedSparseArch(embedding_bag_collection, feature_names)
+        self.sparse_arch: nn.Module
+        if embedding_collection is None:
+            self.sparse_arch = OrderedSparseArch(embedding_bag_collection, feature_names)
+        else:
+            self.sparse_arch = SequenceSparseArch(embedding_bag_collection, embedding_collection, lookups)
+        self.interest = interest
         self.dense_arch = DenseArch(dense_in_features, dense_arch_layer_sizes)
         self.item_text = item_text
-        num_embeddings = len(self.sparse_arch.sparse_feature_names) + (item_text is not None)
+        num_embeddings = len(self.sparse_arch.sparse_feature_names) + (interest is not None) + (item_text is not None)
         self.interaction = interaction or DotInteraction(num_embeddings, dense_arch_layer_sizes[-1])
         self.tower = tower
         self.retrieval = retrieval
@@ -154,18 +207,35 @@ class MultiTaskModel(nn.Module):
         sparse_features: KeyedJaggedTensor,
         text_mix: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """The lookups and the dense arch: ``(dense output [B, D], pooled ID embeddings [B, F, D], projected text
-        [B, D] or None)``. ``text_mix`` (``(partner rows, weights)``, training only) mixes each row's text vector
-        with its partner's before the projection (torchrec_mtl.data.augment)."""
+        """The lookups and the dense arch: ``(dense output [B, D], pooled ID embeddings [B, F, D] (with sequence
+        features: the other features' and then the interest vector), projected text [B, D] or None)``. ``text_mix``
+        (``(partner rows, weights)``, training only) mixes each row's text vector with its partner's before the
+        projection (torchrec_mtl.data.augment)."""
         with self._autocast():
             embedded_dense = self.dense_arch(dense_features)
-        embedded_ids = self.sparse_arch(sparse_features)  # [B, F, D], looked up in fp32 whatever the precision
-        if self.gradient_unscale is not None:
-            embedded_ids = self.gradient_unscale(embedded_ids)
+        embedded_ids = self.embedded_ids(sparse_features)
         text = None
         if self.item_text is not None:
             text = self.item_text(sparse_features) if text_mix is None else self.item_text(sparse_features, text_mix)
         return embedded_dense, embedded_ids, text
+
+    def embedded_ids(self, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        """[B, F, D]: one vector per feature, looked up in fp32 whatever the precision; with sequence features one
+        per non-sequence feature, then the interest vector (the attention runs under the precision's autocast, on
+        lookups whose gradients fp16 unscales first: the tables see true gradients, the attention's own parameters
+        scaled ones, as the dense optimizer expects)."""
+        if self.interest is None:
+            embedded_ids = self.sparse_arch(sparse_features)
+            return embedded_ids if self.gradient_unscale is None else self.gradient_unscale(embedded_ids)
+        # indexed, not unpacked: the pipeline traces this, and a traced module's output is one proxy
+        looked_up = self.sparse_arch(sparse_features)
+        embedded_ids, history, lengths, query = looked_up[0], looked_up[1], looked_up[2], looked_up[3]
+        if self.gradient_unscale is not None:
+            embedded_ids = self.gradient_unscale(embedded_ids)
+            history, query = self.gradient_unscale(history), self.gradient_unscale(query)
+        with self._autocast():
+            interest = self.interest(query, history, lengths)
+        return torch.cat([embedded_ids, interest.unsqueeze(1).to(embedded_ids.dtype)], dim=1)
 
     def head(
         self, embedded_dense: torch.Tensor, embedded_ids: torch.Tensor, text: Optional[torch.Tensor]
@@ -185,7 +255,7 @@ class MultiTaskModel(nn.Module):
         if self.retrieval is None:
             raise ValueError("the model has no retrieval arch (declare a task of kind retrieval)")
         text = self.item_text(sparse_features) if self.item_text is not None else None
-        return self.retrieval(self.sparse_arch(sparse_features), text)
+        return self.retrieval(self.embedded_ids(sparse_features), text)
 
 
 class MultiTaskTrain(nn.Module):

@@ -18,12 +18,14 @@ from torchrec_mtl.config.sections import (
     JobConfig,
     ObjectiveConfig,
     RetrievalConfig,
+    SequenceConfig,
     TableConfig,
     TrainingConfig,
 )
 from torchrec_mtl.data.synthetic import SyntheticConfig
 from torchrec_mtl.embedding_tables import table_owner
 from torchrec_mtl.modules.item_text import ITEM_TEXT_FEATURE
+from torchrec_mtl.modules.sequence import SEQUENCE_KINDS
 from torchrec_mtl.modules.interactions import INTERACTIONS
 from torchrec_mtl.modules.towers import TOWERS
 from torchrec_mtl.precision import PRECISIONS
@@ -240,6 +242,7 @@ def _check(config: JobConfig) -> None:
     for name in ("num_layers", "low_rank"):
         if getattr(model.interaction, name) < 1:
             raise ConfigError(f"model.interaction.{name}: {getattr(model.interaction, name)}; allowed: >= 1")
+    _check_sequence(model.sequence, model.embedding_dim)
     if not model.dense_arch_layer_sizes or model.dense_arch_layer_sizes[-1] != model.embedding_dim:
         raise ConfigError(
             f"model.dense_arch_layer_sizes: {model.dense_arch_layer_sizes}; its last size must equal "
@@ -278,8 +281,10 @@ def _check(config: JobConfig) -> None:
                     f"objective.tasks.{name}.kind: {task.kind!r}, but {task.label!r} is a {spec.kind} label in "
                     f"{config.data.schema}"
                 )
+        _check_sequence_features(model.sequence, schema, config.data.schema)
         if tasks.retrieval is not None:
             _check_retrieval(model.retrieval, schema, config.data.schema)
+            _check_retrieval_reads_no_sequence(model, schema)
         features = [*schema.categorical, *([ITEM_TEXT_FEATURE] if model.text is not None else [])]
         for key in config.training.tables:
             for feature in key.split(","):
@@ -299,6 +304,72 @@ def _check(config: JobConfig) -> None:
             raise ConfigError(
                 f"model.text: the schema {config.data.schema} declares no item_text_key (the column whose items the "
                 f"items file describes); set model.text=null to train without item text"
+            )
+
+
+def _check_sequence(sequence: SequenceConfig, embedding_dim: int) -> None:
+    """``model.sequence``'s values that need no schema: the kind, its sizes, features only with a kind."""
+    _one_of("model.sequence.kind", sequence.kind, SEQUENCE_KINDS)
+    if sequence.kind == "none":
+        if sequence.features:
+            raise ConfigError(
+                f"model.sequence.features: {sequence.features} are attended over only with model.sequence.kind din "
+                f"or bst (it is none: every list is pooled); set the kind or drop the features"
+            )
+        return
+    if not sequence.features:
+        raise ConfigError(f"model.sequence.features: none; kind {sequence.kind} attends over at least one list column")
+    if len(set(sequence.features)) != len(sequence.features):
+        raise ConfigError(f"model.sequence.features: {sequence.features} names a column twice")
+    if sequence.kind == "din" and (not sequence.attention_layer_sizes or min(sequence.attention_layer_sizes) < 1):
+        raise ConfigError(
+            f"model.sequence.attention_layer_sizes: {sequence.attention_layer_sizes}; allowed: one or more sizes >= 1"
+        )
+    if sequence.kind == "bst":
+        for name in ("num_heads", "num_layers"):
+            if getattr(sequence, name) < 1:
+                raise ConfigError(f"model.sequence.{name}: {getattr(sequence, name)}; allowed: >= 1")
+        width = len(sequence.features) * embedding_dim  # the per-position width: the features' embeddings side by side
+        if width % sequence.num_heads:
+            raise ConfigError(
+                f"model.sequence.num_heads: {sequence.num_heads} does not divide the width attended over, {width} "
+                f"({len(sequence.features)} feature(s) x model.embedding_dim {embedding_dim})"
+            )
+        if not 0.0 <= sequence.dropout < 1.0:
+            raise ConfigError(f"model.sequence.dropout: {sequence.dropout!r}; allowed: 0 <= dropout < 1")
+
+
+def _check_sequence_features(sequence: SequenceConfig, schema: DatasetSchema, schema_path: str) -> None:
+    """Each sequence feature is a list column of the schema sharing a single-ID column (its query), all of one
+    ``max_length`` (aligned position by position)."""
+    for i, feature in enumerate(sequence.features):
+        spec = schema.lists.get(feature)
+        if spec is None:
+            raise ConfigError(
+                f"model.sequence.features[{i}]: {feature!r} is not a list column of {schema_path}; its lists: "
+                f"{', '.join(schema.lists) or 'none'}"
+            )
+        if spec.shares is None:
+            raise ConfigError(
+                f"model.sequence.features[{i}]: list {feature!r} of {schema_path} shares no column; a sequence "
+                f"feature needs shares: <single-ID column> (that column's ID is the candidate's query)"
+            )
+    lengths = {feature: schema.lists[feature].max_length for feature in sequence.features}
+    if len(set(lengths.values())) > 1:
+        raise ConfigError(
+            f"model.sequence.features: {lengths} (max_length in {schema_path}); features attended over together are "
+            f"aligned position by position and need one max_length"
+        )
+
+
+def _check_retrieval_reads_no_sequence(model: Any, schema: DatasetSchema) -> None:
+    """The two-tower arch reads one pooled vector per feature: a sequence feature has none."""
+    for side, features in zip(("user", "item"), retrieval_features(model.retrieval, schema)):
+        attended = [f for f in features if f in model.sequence.features]
+        if attended:
+            raise ConfigError(
+                f"model.retrieval.{side}_features: {attended} are sequence features (model.sequence.features), "
+                f"attended over rather than pooled; the towers read pooled features"
             )
 
 

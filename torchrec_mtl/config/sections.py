@@ -126,6 +126,22 @@ class RetrievalConfig:
 
 
 @dataclass
+class SequenceConfig:
+    """Attention over a history (torchrec_mtl.modules.sequence): ``kind`` none (every list pooled), din (DIN's
+    activation unit, ``attention_layer_sizes``) or bst (a transformer over the history and the target:
+    ``num_heads``, ``num_layers``, ``dropout``). ``features``: the list columns attended over, each sharing a
+    single-ID column (its ``shares``), which is the candidate's query for it; several are aligned position by position
+    (the same ``max_length``) and their embeddings concatenate per position, as do their queries."""
+
+    kind: str = "none"
+    features: List[str] = field(default_factory=list)
+    attention_layer_sizes: List[int] = field(default_factory=lambda: [64, 32])  # din
+    num_heads: int = 2  # bst
+    num_layers: int = 1  # bst
+    dropout: float = 0.0  # bst
+
+
+@dataclass
 class ModelConfig:
     embedding_dim: int = 16
     dense_arch_layer_sizes: List[int] = field(default_factory=lambda: [64, 16])
@@ -134,6 +150,8 @@ class ModelConfig:
     text: Optional[TextConfig] = None  # item descriptions as one more embedding (off when absent)
     # the two-tower arch, used when objective.tasks declares a task of kind retrieval
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    # attention over list columns against the candidate (off: kind none; torchrec_mtl.modules.sequence)
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
 
 
 @dataclass

@@ -129,6 +129,8 @@ class PreparedJob:
     def model_inputs(self) -> Dict[str, Any]:
         """What a checkpoint needs beside its tensors to rebuild the model (JSON; torchrec_mtl.inference reads it)."""
         text = self.text_table
+        sequence = self.config.model.sequence
+        attended = list(sequence.features) if sequence.kind != "none" else []
         return {
             "features": list(self.features),
             "table_sizes": dict(self.log.table_sizes),
@@ -138,6 +140,12 @@ class PreparedJob:
             "offsets": dict(self.objective.offsets),
             "item_text": {"num_items": text.num_items, "dim": text.dim} if text is not None else None,
             "retrieval": self.retrieval_features,
+            # the features attended over (model.sequence), which the serving paths refuse (inference.UNSERVED_INPUTS)
+            "sequences": {
+                name: {"kind": sequence.kind, "query": self.log.lists[name].shares,
+                       "max_length": self.log.lists[name].max_length}
+                for name in attended
+            },  # fmt: skip
         }
 
     def test_users(self) -> Optional[np.ndarray]:

@@ -27,8 +27,9 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed import embeddingbag
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.types import ShardingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
@@ -130,8 +131,19 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def embedding_collections(module: nn.Module) -> List[EmbeddingBagCollection]:
-    return [m for m in module.modules() if isinstance(m, EmbeddingBagCollection)]
+def embedding_collections(module: nn.Module) -> List[EmbeddingBagCollection | EmbeddingCollection]:
+    """The torchrec collections of ``module``: pooled (EmbeddingBagCollection) and unpooled (EmbeddingCollection,
+    the tables of sequence features)."""
+    return [m for m in module.modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))]
+
+
+def table_weights(module: nn.Module) -> Dict[str, nn.Parameter]:
+    """Table name -> weight, over every collection of ``module`` (unsharded)."""
+    weights = {}
+    for collection in embedding_collections(module):
+        tables = collection.embedding_bags if isinstance(collection, EmbeddingBagCollection) else collection.embeddings
+        weights.update({name: table.weight for name, table in tables.items()})
+    return weights
 
 
 def _constraints(
@@ -166,7 +178,8 @@ def shard_model(
     """Wrap ``model`` in DistributedModelParallel with a planner-chosen plan and return it with its optimizer.
 
     Args:
-        model: the training module; its EmbeddingBagCollections are sharded, the rest is data parallel.
+        model: the training module; its EmbeddingBagCollections and EmbeddingCollections are sharded, the rest is
+            data parallel.
         env: from ``init_distributed``.
         embedding_optimizer, embedding_lr: the fused optimizer of every table (one of ``EMBEDDING_OPTIMIZERS``),
             unless ``tables`` says otherwise for a table.
@@ -186,11 +199,7 @@ def shard_model(
     for sharding_type in [t for o in [TableOptions(sharding_types)] + list(tables.values()) for t in o.sharding_types or []]:
         if sharding_type not in SHARDING_TYPES:
             raise ValueError(f"sharding_types: expected items of {SHARDING_TYPES}, got {sharding_type!r}")
-    weights = {
-        table: ebc.embedding_bags[table].weight
-        for ebc in embedding_collections(model)
-        for table in ebc.embedding_bags
-    }
+    weights = table_weights(model)
     unknown = sorted(set(tables) - set(weights))
     if unknown:
         raise ValueError(f"tables: {unknown[0]!r} is not a table of the model; its tables: {', '.join(weights)}")
@@ -204,7 +213,8 @@ def shard_model(
         topology=Topology(world_size=env.world_size, compute_device=env.device.type, **caps),
         constraints=_constraints(list(weights), sharding_types, tables),
     )
-    sharders = [EmbeddingBagCollectionSharder()]
+    # unpooled tables (sequence features) are an EmbeddingCollection: torchrec's sharder offers row-wise on CPU itself
+    sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
     try:
         plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     except PlannerError as error:
@@ -260,9 +270,10 @@ def load_full_state(sharded: nn.Module, full_state: Dict[str, torch.Tensor]) -> 
 def load_table_weights(sharded: nn.Module, table_name: str, weights: torch.Tensor) -> None:
     """Set embedding table ``table_name`` to ``weights`` [rows, dim] in a sharded (or plain) model, whatever its
     sharding: each rank writes the rows and columns of its own shards."""
-    suffix = f"embedding_bags.{table_name}.weight"
-    names = [name for name in sharded.state_dict() if name.endswith(suffix)]
+    suffixes = (f"embedding_bags.{table_name}.weight", f"embeddings.{table_name}.weight")  # pooled, unpooled
+    names = [name for name in sharded.state_dict() if name.endswith(suffixes)]
     if len(names) != 1:
-        raise KeyError(f"table {table_name!r}: expected one state entry ending in {suffix!r}, found {names}")
+        ends = " or ".join(suffixes)
+        raise KeyError(f"table {table_name!r}: expected one state entry ending in {ends}, found {names}")
     with torch.no_grad():
         _copy_into(sharded.state_dict()[names[0]], weights)
