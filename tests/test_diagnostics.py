@@ -153,6 +153,21 @@ def test_gradient_cosine_sees_agreement_and_conflict_on_shared_parameters():
     assert any(w.startswith("tasks a and c conflict") for w in monitor.warnings())
 
 
+def test_a_mean_cosine_below_the_bound_within_its_noise_is_no_conflict():
+    from torchrec_mtl.train.diagnostics import TaskGradientCosine
+
+    shared = torch.nn.Parameter(torch.tensor([1.0, 0.0]))
+    monitor = TaskGradientCosine(every=1)
+    monitor.attach([shared])
+    for angle in (0.3, -0.9, 0.2, -0.6, -0.1):  # cosines 0.3, -0.9, ...: mean -0.22, spread 0.5 over 5 samples
+        monitor.observe({"a": shared[0], "b": angle * shared[0] + (1 - angle**2) ** 0.5 * shared[1]})
+    assert monitor.summary()["a|b"] == pytest.approx(-0.22, abs=1e-6)
+    assert monitor.warnings() == [], "a mean within two standard errors of 0 is not called a conflict"
+    for _ in range(20):  # the same conflict, consistently
+        monitor.observe({"a": shared[0], "b": -0.3 * shared[0] + 0.91**0.5 * shared[1]})
+    assert monitor.warnings() and "over 25 sampled steps" in monitor.warnings()[0]
+
+
 def test_a_feature_that_copies_a_label_is_named():
     import numpy as np
 

@@ -246,6 +246,7 @@ class TaskGradientCosine:
         self.calls = 0  # training steps seen (a training forward is one step), those before a resume included
         self.sampled_steps: List[int] = []
         self.sums: Dict[str, float] = {}
+        self.squares: Dict[str, float] = {}  # for the spread of a pair's samples (``warnings``)
 
     @property
     def samples(self) -> int:
@@ -275,15 +276,28 @@ class TaskGradientCosine:
                 cosine = torch.nn.functional.cosine_similarity(flat[first], flat[second], dim=0, eps=1e-12)
                 key = f"{first}|{second}"
                 self.sums[key] = self.sums.get(key, 0.0) + float(cosine)
+                self.squares[key] = self.squares.get(key, 0.0) + float(cosine) ** 2
         self.sampled_steps.append(self.calls)
 
     def summary(self) -> Dict[str, float]:
         return {pair: round(total / max(self.samples, 1), 6) for pair, total in self.sums.items()}
 
+    def standard_error(self, pair: str) -> float:
+        """The standard error of ``pair``'s mean cosine over the sampled steps (inf with fewer than two)."""
+        n = self.samples
+        if n < 2:
+            return math.inf
+        mean = self.sums[pair] / n
+        variance = max(self.squares[pair] / n - mean * mean, 0.0) * n / (n - 1)
+        return math.sqrt(variance / n)
+
     def warnings(self, below: float = -0.1) -> List[str]:
+        """A pair whose mean cosine is below ``below`` and below 0 by more than twice its standard error: one batch's
+        cosine swings by about 0.3, so a mean of a few samples (one step in 500 is sampled) below -0.1 is often
+        noise."""
         return [
             f"tasks {pair.replace('|', ' and ')} conflict on the shared tower parameters (mean gradient cosine "
-            f"{value:.3f})"
+            f"{value:.3f} over {self.samples} sampled steps)"
             for pair, value in self.summary().items()
-            if value < below
+            if value < below and value + 2 * self.standard_error(pair) < 0
         ]
