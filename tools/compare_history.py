@@ -14,8 +14,6 @@ The models, each the dataset's config with only these changes (and ``training.se
   (``<runs>/<dataset>/no_history.schema.yaml``, the file layout unchanged) and shards of its own (the config's
   ``data.shards`` + ``_no_history``).
 
-A checkout without ``model.sequence`` (it comes with branch seq) refuses ``history`` for a config that sets it,
-saying so; ``--models pooled no_history`` runs there.
 
 Writes a JSON list of rows ``{"dataset", "model", "task", "metric", "mean", "std", "seeds", "values"}`` (every
 task's headline test metric, and CTR's GAUC) and prints the table. A benchmark, run by hand (runs already made are
@@ -33,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -44,7 +41,7 @@ import yaml
 from common import ensure_converted, quiet, rows_by, run_or_reuse, save_rows, summary_row
 from torchrec_mtl.config import load_config
 from torchrec_mtl.config.load import _read_yaml
-from torchrec_mtl.config.sections import ConfigError, ModelConfig
+from torchrec_mtl.config.sections import ConfigError
 from torchrec_mtl.results import headline
 from torchrec_mtl.schema import DatasetSchema
 from torchrec_mtl.yaml_files import read_yaml
@@ -56,7 +53,6 @@ CONFIGS = {
     "mind": "configs/din_mind.yaml",
 }
 MODELS = ["history", "no_history", "pooled"]
-SEQUENCE_KNOWN = "sequence" in {f.name for f in dataclasses.fields(ModelConfig)}
 EXTRA_METRICS = {"ctr": ["gauc"]}  # beside each task's headline
 
 
@@ -93,11 +89,6 @@ def build_variant(raw: Dict[str, Any], model: str, folder: Path) -> Dict[str, An
     raw = copy.deepcopy(raw)
     model_section = raw.setdefault("model", {})
     if model == "history":
-        if "sequence" in model_section and not SEQUENCE_KNOWN:
-            raise ConfigError(
-                "model history: the config sets model.sequence, which this checkout does not know yet (it comes with "
-                "branch seq); run --models pooled no_history"
-            )
         return raw
     columns = history_columns(raw, DatasetSchema.from_yaml(raw["data"]["schema"]))
     model_section.pop("sequence", None)
