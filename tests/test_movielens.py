@@ -227,32 +227,35 @@ def _tokens(field) -> list:
     return [int(t) for t in field.split("|")] if field else []
 
 
-def test_each_rows_history_is_the_users_earlier_training_ratings_oldest_first_the_last_50(converted, ratings):
+def test_each_rows_history_is_the_users_earlier_ratings_of_either_split_oldest_first_the_last_50(converted, ratings):
     rows = _both(converted).with_row_index("row")
-    train_ratings = rows.filter((pl.col("split") == "train") & (pl.col("click") == 1))
+    all_ratings = rows.filter(pl.col("click") == 1)
     genre_of = dict(zip(rows["item"].to_list(), rows["genre1"].fill_null(0).to_list()))
-    test_keys = set(zip(*rows.filter((pl.col("split") == "test") & (pl.col("click") == 1))
-                        .select("user", "item").get_columns()))  # fmt: skip
     by_user: dict = {}
-    for user, item, ts in zip(train_ratings["user"], train_ratings["item"], train_ratings["timestamp"]):
+    for user, item, ts in zip(all_ratings["user"], all_ratings["item"], all_ratings["timestamp"]):
         by_user.setdefault(user, []).append((ts, item))
     for events in by_user.values():
         events.sort()
     sample = pl.concat([rows.gather_every(499), rows.filter(pl.col("split") == "test").gather_every(53)])
-    cut = 0
-    for user, item, ts, hist_item, hist_genre1 in zip(
-        sample["user"], sample["item"], sample["timestamp"], sample["hist_item"], sample["hist_genre1"]
-    ):
+    cut = test_beyond_training = 0
+    for user, item, ts, hist_item, hist_genre1, split, prior in zip(
+        sample["user"], sample["item"], sample["timestamp"], sample["hist_item"], sample["hist_genre1"],
+        sample["split"], sample["user_prior_ratings"],
+    ):  # fmt: skip
         earlier = [movie for t, movie in by_user.get(user, []) if t < ts]  # strictly before: not its own second
         expected = earlier[-HISTORY_LENGTH:]
         cut += len(earlier) > HISTORY_LENGTH
         assert _tokens(hist_item) == expected
         assert _tokens(hist_genre1) == [genre_of[m] for m in expected]  # aligned, 0 for no genre listed
-        assert item not in expected and not any((user, m) in test_keys for m in expected)
+        assert item not in expected
+        test_beyond_training += split == "test" and len(expected) > min(prior, HISTORY_LENGTH)
     assert cut > 0 and sample.height > 1000
-    # the length is the user's training ratings before the row (user_prior_ratings), cut to the last 50
+    # a test row's history reaches past the user's training ratings (user_prior_ratings counts those only)
+    assert test_beyond_training > 0
     lengths = rows["hist_item"].fill_null("").str.split("|").list.len() - rows["hist_item"].is_null().cast(pl.UInt32)
-    assert (lengths == rows["user_prior_ratings"].clip(upper_bound=HISTORY_LENGTH)).all()
+    assert (lengths >= rows["user_prior_ratings"].clip(upper_bound=HISTORY_LENGTH)).all()
+    train_rows = rows["split"] == "train"  # under the per-user split a training row's earlier ratings are all training
+    assert (lengths.filter(train_rows) == rows["user_prior_ratings"].filter(train_rows).clip(upper_bound=HISTORY_LENGTH)).all()
     genre_lengths = rows["hist_genre1"].fill_null("").str.split("|").list.len()
     assert (genre_lengths - rows["hist_genre1"].is_null().cast(pl.UInt32) == lengths).all()
 

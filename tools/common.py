@@ -122,10 +122,13 @@ def _written_columns(data_dir: str | Path) -> List[str] | None:
 
 def ensure_movielens(data_dir: str, source: str | Path = SHARED_DATA / "movielens-latest-small") -> None:
     """Convert MovieLens latest-small (``source``) into the multi-task log in ``data_dir`` unless it is there with
-    the columns the converter writes now (a log written before the history columns is converted again)."""
-    from torchrec_mtl.data.movielens import COLUMNS, convert_movielens
+    the columns and the history rule the converter writes now (a log written before the history columns, or with
+    histories of training ratings only, is converted again)."""
+    from torchrec_mtl.data.movielens import COLUMNS, HISTORY_EVENTS, convert_movielens
 
-    if _written_columns(data_dir) != COLUMNS:
+    meta = Path(data_dir) / "meta.json"
+    events = json.loads(meta.read_text()).get("history", {}).get("events") if meta.exists() else None
+    if _written_columns(data_dir) != COLUMNS or events != HISTORY_EVENTS:
         convert_movielens(str(source), data_dir)
 
 

@@ -46,10 +46,12 @@ Columns (tab-separated, no header, in :data:`COLUMNS` order; empty = missing):
 - list columns (``|``-separated decimal ids; ignored by ``movielens.yaml``, read as lists by
   ``movielens_history.yaml``):
   ``hist_item``, the movieIds the user rated before the row, and aligned with it ``hist_genre1``, their ``genre1``
-  (``0`` for a movie with no genre listed: a list element cannot be empty). The same convention as the integer
-  features: only TRAINING-split ratings strictly before the row's timestamp (never the row's own rating, one in the
-  same second, or a test rating; a test row's history is the user's training ratings, all earlier than it under the
-  per-user split), oldest first (same-second ratings by movieId), at most the last ``history_length`` (50). The
+  (``0`` for a movie with no genre listed: a list element cannot be empty). Every rating of the user strictly before
+  the row's timestamp, of either split (never the row's own rating or one in the same second), oldest first
+  (same-second ratings by movieId), at most the last ``history_length`` (50): what a server sees when it scores the
+  row. Unlike the integer features, a test row's history goes on past the user's last training rating, up to the
+  row (an earlier test rating is an event, not the row's label: a test row's history holds no label of that row,
+  and the rows that are scored at a time see only what came before it). The
   negatives shown with a rating share its user and time, hence its history; a negative's movie is never in it (the
   user never rated it), and neither is a positive's own (one rating per user and movie, at the row's own time).
 
@@ -102,12 +104,14 @@ CATEGORICAL_MEANING: dict[str, str] = {
     "year_bucket": "release decade (e.g. 1990); empty if no year",
 }
 LIST_MEANING: dict[str, str] = {
-    "hist_item": "movieIds the user rated before the row (training split, strictly earlier), oldest first",
+    "hist_item": "movieIds the user rated before the row (either split, strictly earlier), oldest first",
     "hist_genre1": "the genre1 of each hist_item movie, aligned (0: no genre listed)",
 }
 # the list columns come last, so that the columns before them are the log written before histories existed
 COLUMNS = [*LABELS, *INTEGER_MEANING, *CATEGORICAL_MEANING, "timestamp", *LIST_MEANING]
 HISTORY_LENGTH = 50  # the most recent ratings written per row
+# what a history holds, recorded in meta.json (a log converted under the earlier training-split-only rule differs)
+HISTORY_EVENTS = "every rating of the user strictly before the row"
 GENRES = [
     "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama", "Fantasy", "Film-Noir",
     "Horror", "IMAX", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
@@ -281,8 +285,11 @@ def _write_movielens(
     at = np.searchsorted(movie_ids, row_movie)
     release = table["release_year"][at]
     genre1 = table["genre1"].fill_null(0).to_numpy()[movie_index]  # of each rating's movie
+    # Histories, from every rating strictly before the row's time: the integer features' training-only rule would
+    # stop a test row's history at the user's last training rating, so the most recent items (what target attention
+    # learns to weigh) would be missing at test though a server has them.
     hist_item, hist_genre1, history = rating_histories(
-        user, ts, movie, genre1, in_train, history_length, repeat=1 + k
+        user, ts, movie, genre1, np.ones_like(in_train), history_length, repeat=1 + k
     )
     frame = pl.DataFrame(
         {
@@ -348,6 +355,7 @@ def _write_movielens(
         "sampling_rounds": rounds,
         "history": {
             "length": history_length,
+            "events": HISTORY_EVENTS,
             "train": history_stats(*(part[~test_positive_rating] for part in history)),
             "test": history_stats(*(part[test_positive_rating] for part in history)),
         },
@@ -409,7 +417,7 @@ def summary_text(summary: dict) -> str:
     for split in ("train", "test"):
         h = summary["history"][split]
         lines.append(
-            f"{split} histories (last {summary['history']['length']} training ratings before the row): "
+            f"{split} histories (last {summary['history']['length']} ratings before the row): "
             f"empty {h['empty_share']:.4f} of positives, mean length {h['mean_length']:.1f}, "
             f"cut {h['cut_share']:.4f}"
         )

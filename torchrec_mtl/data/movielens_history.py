@@ -88,23 +88,23 @@ def rating_histories(
     ts: np.ndarray,
     movie: np.ndarray,
     genre1: np.ndarray,
-    in_train: np.ndarray,
+    counted: np.ndarray,
     length: int,
     repeat: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Each rating's history as two aligned ``|``-separated fields: the movieIds, and their ``genre1``.
 
-    One query per rating (``user``, ``ts``, in the order given); the events are the ratings with ``in_train``: the
-    user's training ratings strictly before ``ts``, oldest first (same-second ones by movieId), the last ``length``.
-    Each field is repeated ``repeat`` times in a row (a positive and its negatives share one history). Returns the
+    One query per rating (``user``, ``ts``, in the order given); the events are the ratings where ``counted`` holds
+    (torchrec_mtl.data.movielens counts every rating): the user's such ratings strictly before ``ts``, oldest first
+    (same-second ones by movieId), the last ``length``. Each field is repeated ``repeat`` times in a row (a positive and its negatives share one history). Returns the
     two object arrays and ``(start, end, available)`` per rating (torchrec_mtl.data.histories.history_stats)."""
     from torchrec_mtl.data.histories import history_bounds, join_histories
 
     order, start, end, available = history_bounds(
-        user[in_train], ts[in_train], user, ts, length, tiebreak=movie[in_train]
+        user[counted], ts[counted], user, ts, length, tiebreak=movie[counted]
     )
     fields = []
     for values in (movie, genre1):
-        tokens = values[in_train].astype(np.int64).astype(str)[order]
+        tokens = values[counted].astype(np.int64).astype(str)[order]
         fields.append(np.repeat(np.array(join_histories(tokens, start, end, "|"), dtype=object), repeat))
     return fields[0], fields[1], (start, end, available)
