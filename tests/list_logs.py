@@ -7,6 +7,9 @@
 - ``hist_category`` (with ``categories=True``, for sequence features): the category (C3) of each item of
   ``history``, position by position, looked up in C3's table.
 
+``scores_as_trained``: a trained model's scores of a file's rows through the training path (preprocessing, the
+training loader, the model's forward), what the serving paths are held to.
+
 Example::
 
     >>> schema_path = write_list_log(small_log, tmp_path / "lists")  # doctest: +SKIP
@@ -20,7 +23,13 @@ from typing import Deque, Dict, List, Tuple
 
 import numpy as np
 import polars as pl
+import torch
 import yaml
+
+from torchrec_mtl.data.loader import BatchLoader
+from torchrec_mtl.data.preprocess import preprocess
+from torchrec_mtl.data.shards import EncodedLog, ShardedLog
+from torchrec_mtl.schema import DatasetSchema
 
 HISTORY_KEPT = 12  # clicked items written per row; more than the schema's max_length, so some rows are truncated
 LIST_SCHEMA = {
@@ -85,3 +94,20 @@ def write_list_log(
     schema_path = out / "schema.yaml"
     schema_path.write_text(yaml.safe_dump(list_schema(max_length, keep, categories), sort_keys=False))
     return schema_path
+
+
+def scores_as_trained(trained, data: Path, path: Path, tmp_path: Path) -> Tuple[Dict[str, np.ndarray], EncodedLog]:
+    """The trained model's scores of ``path``'s accepted rows through the training path: preprocessed beside the
+    run's training file (so with its vocabularies), batched by the training loader, the model's forward."""
+    schema = DatasetSchema.from_yaml(trained.config.data.schema)
+    shards = tmp_path / "shards"
+    preprocess(schema, {"train": [data / "train.tsv"], "test": [path]}, shards, max_bad_fraction=1.0, progress=False)
+    for vocabulary in (shards / "vocab").iterdir():  # the run's vocabularies, rebuilt from the same training file
+        assert np.array_equal(np.load(vocabulary), np.load(data / "shards" / "vocab" / vocabulary.name))
+    test = ShardedLog.open(shards).split("test")
+    rows = sum(len(shard) for shard in test)
+    (batch,) = BatchLoader(test, trained.inputs["features"], rows, shuffle=False, pad_tail=True)
+    with torch.no_grad():
+        inference = trained.inference
+        scores = inference.outputs(inference.model(batch.dense_features, batch.sparse_features))
+    return {name: value.numpy() for name, value in scores.items()}, EncodedLog.concat(test)

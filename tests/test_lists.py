@@ -22,8 +22,7 @@ from torchrec_mtl.data.preprocess import REASONS, preprocess
 from torchrec_mtl.data.preprocess import parse as parse_module
 from torchrec_mtl.data.shards import ShardedLog, ShardError
 from torchrec_mtl.embedding_tables import embedding_tables, table_of
-from torchrec_mtl.errors import NotSupportedYet
-from torchrec_mtl.inference import UNSERVED_INPUTS, refuse_unserved_features
+from torchrec_mtl.inference import list_specs, sequence_features
 from torchrec_mtl.model import OrderedSparseArch
 from torchrec_mtl.schema import DatasetSchema, ListSpec, SchemaError
 from torchrec_mtl.train.optimizers import embedding_optimizer_specs
@@ -383,15 +382,15 @@ def test_configs_naming_a_list_where_only_single_ids_work_are_refused(list_schem
         load_config("configs/mmoe_synthetic.yaml", overrides)
 
 
-def test_the_serving_paths_refuse_only_the_kinds_of_feature_they_cannot_feed_naming_the_feature(tmp_path):
+def test_the_serving_paths_read_the_lists_and_sequence_features_a_checkpoint_records():
     spec = {"separator": "|", "max_length": 3, "keep": "last", "pooling": "mean", "shares": "user"}
-    refuse_unserved_features({"features": ["user", "history"], "lists": {"history": spec}}, tmp_path)  # served now
-    refuse_unserved_features({"features": ["user"]}, tmp_path)  # a checkpoint from before lists
-    # what they do not feed yet (sequence features, another branch's): one function, named by the feature
-    assert "sequences" in UNSERVED_INPUTS
-    inputs = {"features": ["user", "clicks"], "sequences": {"clicks": {"max_length": 20}}}
-    with pytest.raises(NotSupportedYet, match=r"feature 'clicks' is a sequence feature .* do not support sequences"):
-        refuse_unserved_features(inputs, tmp_path)
+    inputs = {"features": ["user", "clicks", "history"], "lists": {"history": spec, "clicks": spec},
+              "sequences": {"clicks": {"kind": "din", "query": "user", "max_length": 3}}}  # fmt: skip
+    assert list(list_specs(inputs)) == ["clicks", "history"], "in feature order, sequence features among them"
+    assert sequence_features(inputs) == ["clicks"]
+    # a checkpoint from before lists, and one from before sequences
+    assert list_specs({"features": ["user"]}) == {} and sequence_features({"features": ["user"]}) == []
+    assert sequence_features({"features": ["user", "history"], "lists": {"history": spec}}) == []
 
 
 # --- pruning by count ---------------------------------------------------------------------------------------------

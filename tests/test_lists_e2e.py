@@ -13,16 +13,14 @@ import pytest
 import torch
 
 from conftest import ONE_PASS
-from list_logs import write_list_log
+from list_logs import scores_as_trained, write_list_log
 from torchrec_mtl.cli import main
 from torchrec_mtl.data.loader import BatchLoader
-from torchrec_mtl.data.preprocess import preprocess
 from torchrec_mtl.data.shards import EncodedLog, ShardedLog
 from torchrec_mtl.inference import load_trained
 from torchrec_mtl.predict import _Encoder
 from torchrec_mtl.pruning import access_counts, choose_rows
 from torchrec_mtl.representations import Representations
-from torchrec_mtl.schema import DatasetSchema
 
 HISTORY, TAGS = 8, 3  # the max_length of each list (tests/list_logs.py: history keeps its last, tags their first)
 RETRIEVAL = ["objective.tasks.match={kind: retrieval, label: click, weight: 0.1}",
@@ -95,28 +93,11 @@ def _rows_of_every_length(data, tmp_path):
     return path, rows, {number + 1: reason for number, (_, reason) in bad.items()}
 
 
-def _scores_as_trained(trained, data, path, tmp_path):
-    """The trained model's scores of ``path``'s accepted rows through the training path: preprocessed beside the
-    run's training file (so with its vocabularies), batched by the training loader, the model's forward."""
-    schema = DatasetSchema.from_yaml(trained.config.data.schema)
-    shards = tmp_path / "shards"
-    preprocess(schema, {"train": [data / "train.tsv"], "test": [path]}, shards, max_bad_fraction=1.0, progress=False)
-    for vocabulary in (shards / "vocab").iterdir():  # the run's vocabularies, rebuilt from the same training file
-        assert np.array_equal(np.load(vocabulary), np.load(data / "shards" / "vocab" / vocabulary.name))
-    test = ShardedLog.open(shards).split("test")
-    rows = sum(len(shard) for shard in test)
-    (batch,) = BatchLoader(test, trained.inputs["features"], rows, shuffle=False, pad_tail=True)
-    with torch.no_grad():
-        inference = trained.inference
-        scores = inference.outputs(inference.model(batch.dense_features, batch.sparse_features))
-    return {name: value.numpy() for name, value in scores.items()}, EncodedLog.concat(test)
-
-
 def test_predict_model_pt_and_serve_pt_score_lists_of_every_length_as_the_trained_model(run, tmp_path):
     data, out = _trained_run(run)
     trained = load_trained(out / "checkpoints")
     path, lines, rejected = _rows_of_every_length(data, tmp_path)
-    truth, shards = _scores_as_trained(trained, data, path, tmp_path)
+    truth, shards = scores_as_trained(trained, data, path, tmp_path)
     lengths = shards.lists["history"].lengths
     assert set(lengths.tolist()) == set(range(HISTORY + 1))
     assert set(shards.lists["tags"].lengths.tolist()) == set(range(TAGS + 1))

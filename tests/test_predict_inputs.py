@@ -207,3 +207,26 @@ def test_the_first_line_read_whole_decides_and_padded_rows_are_decided_by_full_o
     assert synthetic.layout("s.tsv", b"\n\r\n", 1, [])[0] is None, "nothing to decide on yet"
     with pytest.raises(LogFormatError, match=r"s.tsv:3: 22 fields"):
         synthetic.layout("s.tsv", ("\n\n" + bare + "\tx\n").encode(), 1, [])
+
+
+def test_an_ensemble_scores_the_rows_every_member_accepts_and_rejects_each_line_any_member_rejects():
+    """The members of an ensemble share a schema, but a sequence model rejects rows whose aligned histories keep
+    different lengths, which a model pooling them reads: each member's rows are cut to the common ones."""
+    from torchrec_mtl.data.preprocess import ListValues
+    from torchrec_mtl.predict import SEQUENCE_LENGTHS_DIFFER, EncodedRows, _common_rows
+
+    def encoded(lines, rejections):
+        """Rows whose every input is their line number: a list of that many values."""
+        lines = np.array(lines)
+        lists = ListValues(np.repeat(lines, lines).astype(np.int64), lines.astype(np.int32))
+        return EncodedRows(lines, lines[:, None].astype(np.float32), lines[:, None], [lists], rejections)
+
+    empty = (4, "list element empty", "history", "a||b", "...")
+    differ = (2, SEQUENCE_LENGTHS_DIFFER, "hist_category", "keeps 1, history 2", "...")
+    pooled, sequence = encoded([1, 2, 3, 5], [empty]), encoded([1, 3, 5], [differ, empty])
+    assert _common_rows([pooled])[0] is pooled and all(r is sequence for r in _common_rows([sequence, sequence]))
+    for rows in _common_rows([pooled, sequence]):
+        assert rows.line_numbers.tolist() == [1, 3, 5] and rows.rejections == [differ, empty]
+        assert rows.dense[:, 0].tolist() == rows.sparse[:, 0].tolist() == [1, 3, 5]
+        assert rows.lists[0].lengths.tolist() == [1, 3, 5]
+        assert rows.lists[0].values.tolist() == [1, 3, 3, 3, 5, 5, 5, 5, 5]

@@ -28,7 +28,6 @@ from torchrec_mtl.errors import (
     DeviceError,
     EnsembleError,
     NonFiniteLoss,
-    NotSupportedYet,
     TrainingStopped,
 )
 from torchrec_mtl.report import ReportError
@@ -316,7 +315,7 @@ def _configs(args: argparse.Namespace) -> int:
 # Failures of the user's input, files or environment: one line on stderr, exit 2.
 USER_ERRORS = (
     SchemaError, LogFormatError, TooManyBadRows, ShardError, InputError, MissingInputError, OutputError,
-    TextCacheError, CheckpointError, ReportError, NonFiniteLoss, DeviceError, EnsembleError, NotSupportedYet,
+    TextCacheError, CheckpointError, ReportError, NonFiniteLoss, DeviceError, EnsembleError,
 )  # fmt: skip
 EXIT_USER_ERROR = 2
 # What to install when a part of the stack is missing (docs/install.md says why torchrec goes in with --no-deps).

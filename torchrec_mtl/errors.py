@@ -22,12 +22,6 @@ class DeviceError(ValueError):
     """A device this machine does not have (CUDA without a GPU, a GPU index past the last)."""
 
 
-class NotSupportedYet(ValueError):
-    """A model this command cannot take yet: one whose checkpoint records a kind of feature predict, export, serving
-    and vectors cannot feed (they take single IDs and pooled lists; torchrec_mtl.inference.UNSERVED_INPUTS lists the
-    others). The message names the feature."""
-
-
 class EnsembleError(ValueError):
     """Checkpoints that cannot be averaged: another schema, other tasks or other data than the first member's. The
     message names the member and what differs (torchrec_mtl.ensemble)."""

@@ -5,19 +5,21 @@ of every rank into whole tables) from what the checkpoint itself records: the jo
 (feature names, table sizes, dense width, regression offsets). ``InferenceModel`` wraps it with plain tensor inputs
 and named per-task outputs: probabilities for binary tasks and products (ESMM's CTCVR), values for regression.
 
-``export`` follows torchrec's inference path: ``quantize_inference_model`` (optional: int8 tables, the dense
-layers stay fp32), ``torchrec.fx.symbolic_trace``, ``torch.jit.script``. It writes two artifacts, which need torch
-and fbgemm_gpu (whose operators the tables call) to load, not this package: ``model.pt`` takes encoded inputs,
-``serve.pt`` raw log rows, encoded inside as predict encodes them (torchrec_mtl.serving). ``pruning`` (off by
-default) drops rarely used embedding rows and zeroes small tower weights in the exported copy first
-(torchrec_mtl.pruning); both files keep their inputs::
+``export`` follows torchrec's inference path: ``quantize_inference_model`` (optional: int8 tables, a sequence
+model's unpooled ones in its EmbeddingCollection too; the dense layers and the attention stay fp32),
+``torchrec.fx.symbolic_trace`` (a sequence model's lookups and attention scripted whole: ``SCRIPTED_WHOLE``),
+``torch.jit.script``. It writes two artifacts, which need torch and fbgemm_gpu (whose operators the tables call) to
+load, not this package: ``model.pt`` takes encoded inputs, ``serve.pt`` raw log rows, encoded inside as predict
+encodes them (torchrec_mtl.serving). ``pruning`` (off by default) drops rarely used embedding rows and zeroes small
+tower weights in the exported copy first (torchrec_mtl.pruning); both files keep their inputs::
 
     import torch, fbgemm_gpu  # noqa: F401  (registers the table operators)
     model = torch.jit.load("runs/main/export/model.pt")
     outputs = model(dense_features, sparse_ids)  # [B, num_dense] float32, [B, num_features] int64 table rows
     outputs["ctr"], outputs["ctcvr"], outputs["rating"]
     # a model with list features (ListInferenceModel): sparse_ids holds the single-ID features only, and the lists
-    # come as one KeyedJaggedTensor's values [N] int64 and lengths [lists, B] int32 (manifest.json: inputs)
+    # come as one KeyedJaggedTensor's values [N] int64 and lengths [lists, B] int32 (manifest.json: inputs); the
+    # histories a sequence model attends over (model.sequence) are lists there too
     outputs = model(dense_features, sparse_ids, list_values, list_lengths)
     serve = torch.jit.load("runs/main/export/serve.pt")
     scores = serve.score_lines(lines, False)  # raw lines without the label columns; serve(rows): feature fields
@@ -45,10 +47,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_mtl.build import build_cached_item_text, build_model
 from torchrec_mtl.config import JobConfig, config_from_dict, task_set
 from torchrec_mtl.device import DEFAULT_DEVICE
-from torchrec_mtl.errors import NotSupportedYet
 from torchrec_mtl.model import MultiTaskModel
 from torchrec_mtl.outputs import new_folder
 from torchrec_mtl.pruning import Pruning, prune_for_export
+from torchrec_mtl.modules.sequence import InterestArch, SequenceLookups
 from torchrec_mtl.modules.two_tower import ITEM_VECTOR, USER_VECTOR
 from torchrec_mtl.schema import ListSpec
 from torchrec_mtl.tasks import TaskSet
@@ -130,30 +132,24 @@ def with_lists(
     )
 
 
-# What a checkpoint's ``model_inputs`` may record that predict, export, serve.pt and vectors cannot feed yet: the
-# key, and what to call its features. Sequence features (unpooled, for attention over a history) are the next kind.
-UNSERVED_INPUTS: Dict[str, str] = {"sequences": "a sequence feature (unpooled, attended over)"}
-
-
-def refuse_unserved_features(inputs: Dict[str, Any], checkpoint: Path) -> None:
-    """NotSupportedYet naming the first feature of a checkpoint's model inputs that the serving paths (predict,
-    export, serve.pt, vectors) cannot feed: single IDs and pooled lists they take, the kinds in ``UNSERVED_INPUTS``
-    not yet. The one place those paths refuse a model for its features: a new kind of feature is added here."""
-    for key, what in UNSERVED_INPUTS.items():
-        features = inputs.get(key) or {}
-        if features:
-            name = next(iter(features))
-            raise NotSupportedYet(
-                f"{checkpoint}: feature {name!r} is {what}; predict, export, serving and vectors do not support "
-                f"{key} yet (train, evaluate and finetune do)"
-            )
-
-
 def list_specs(inputs: Dict[str, Any]) -> Dict[str, ListSpec]:
     """The list features a checkpoint records (``model_inputs["lists"]``; none before lists existed), in feature
-    order."""
+    order; sequence features among them."""
     recorded = inputs.get("lists") or {}
     return {name: ListSpec(**recorded[name]) for name in inputs["features"] if name in recorded}
+
+
+def sequence_features(inputs: Dict[str, Any]) -> List[str]:
+    """The list features a checkpoint's model attends over (``model_inputs["sequences"]``, model.sequence; none
+    before sequences existed or with kind none), in the order their columns are laid side by side: aligned position
+    by position, so each row must keep as many elements of each."""
+    return list(inputs.get("sequences") or {})
+
+
+# Modules that an export scripts whole rather than traces through (torchrec.fx.symbolic_trace's leaf_modules): the
+# sequence lookups check the aligned lengths and BST the history's length, branches FX cannot trace on tensor
+# values; TorchScript compiles them as they are.
+SCRIPTED_WHOLE = [SequenceLookups.__name__, InterestArch.__name__]
 
 
 class InferenceModel(nn.Module):
@@ -177,7 +173,12 @@ class ListInferenceModel(nn.Module):
     empty list, pooled to zeros), ``list_values`` list 0's rows one after another, then list 1's, ...
     (``N = list_lengths.sum()``). The rows are table rows as preprocessing writes them: already truncated to the
     list's ``max_length`` (a longer list is refused: the model never saw one) and mapped (hashed or through the
-    vocabulary). ``feature_names`` is every feature, lists included, in the model's order."""
+    vocabulary). ``feature_names`` is every feature, lists included, in the model's order.
+
+    A sequence model's histories (model.sequence: looked up unpooled in its EmbeddingCollection and attended over)
+    are lists here like any other: the KeyedJaggedTensor goes whole to both collections, each of which reads its own
+    features. The sequence features are aligned position by position: a row whose lengths of them differ is refused
+    by the model (its sequence lookups' ValueError), as in training."""
 
     def __init__(
         self, model: MultiTaskModel, feature_names: List[str], lists: Dict[str, ListSpec], outputs: TaskOutputs
@@ -238,8 +239,14 @@ class TrainedModel:
 
     @property
     def lists(self) -> Dict[str, ListSpec]:
-        """The model's list features (none: ``inference`` is an InferenceModel), in feature order."""
+        """The model's list features (none: ``inference`` is an InferenceModel), in feature order; its sequence
+        features among them."""
         return list_specs(self.inputs)
+
+    @property
+    def sequences(self) -> List[str]:
+        """The list features the model attends over (``sequence_features``; none without model.sequence)."""
+        return sequence_features(self.inputs)
 
 
 def load_trained(checkpoint: str | Path, device: str | torch.device = DEFAULT_DEVICE) -> TrainedModel:
@@ -256,7 +263,6 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = DEFAULT_DE
         raise CheckpointError(f"{path}: records no model inputs (written before they were saved); train again")
     if not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{path / TRAIN_STATE}: records no job config (the 'config' key); train again")
-    refuse_unserved_features(inputs, path)
     config = config_from_dict(state["config"])
     tasks = task_set(config.objective)
     device = torch.device(device)
@@ -303,7 +309,7 @@ def export(
         from torchrec.inference.modules import quantize_inference_model
 
         module = quantize_inference_model(module)
-    scripted = torch.jit.script(torchrec.fx.symbolic_trace(module))
+    scripted = torch.jit.script(torchrec.fx.symbolic_trace(module, leaf_modules=SCRIPTED_WHOLE))
     from torchrec_mtl.serving import serving_artifact  # imports predict, which imports this module
 
     serving = serving_artifact(trained, scripted)  # reads the run's vocabularies and items file, or says they are gone
@@ -340,6 +346,11 @@ def _write_export(
                                             "N = list_lengths.sum(); lists longer than max_length are refused "
                                             "(cut them by the list's keep rule first, as serve.pt does)"},
                 "list_features": list(lists),
+                **({"sequence_features": trained.sequences,
+                    "sequences": "lists the model attends over (model.sequence), looked up unpooled, "
+                                 f"{'int8' if quantize else 'fp32'} tables; aligned position by position: each row "
+                                 "must hold as many elements of each (a row that does not is refused)"}
+                   if trained.sequences else {}),
             } if lists else {}),
         },  # fmt: skip
         "outputs": trained.task_kinds,

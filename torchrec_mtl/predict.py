@@ -16,9 +16,12 @@ preprocessing saved beside the shards, and the item text, when the model has it,
 columns are split, checked and cut by preprocessing's own parser and mapped through the vocabulary each uses (its
 own, or the column's it shares); the model takes them as a KeyedJaggedTensor's values and lengths
 (torchrec_mtl.inference.ListInferenceModel, ``EncodedRows.model_inputs``).
-Every line is scored or rejected with the preprocessing reasons (torchrec_mtl.data.preprocess), lines longer than
-``max_line_bytes`` included ("line too long", skipped without being held whole); a header row is neither. The
-output is a TSV with the input's line number and one column per task (probabilities; values for regression tasks).
+A sequence model's histories (model.sequence) are list columns read the same way; its sequence features are
+aligned position by position, so a row whose kept lengths of them differ is rejected (``SEQUENCE_LENGTHS_DIFFER``).
+Every line is scored or rejected with the preprocessing reasons (torchrec_mtl.data.preprocess) or that one, lines
+longer than ``max_line_bytes`` included ("line too long", skipped without being held whole); a header row is
+neither. The output is a TSV with the input's line number and one column per task (probabilities; values for
+regression tasks).
 
 Example::
 
@@ -33,6 +36,7 @@ import contextlib
 import sys
 from collections import Counter
 from dataclasses import dataclass, replace
+from functools import reduce
 from itertools import chain
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -55,13 +59,16 @@ from torchrec_mtl.data.preprocess import (
 from torchrec_mtl.data.prepare import shards_dir
 from torchrec_mtl.data.shards import ShardError
 from torchrec_mtl.ensemble import mean_predictions
-from torchrec_mtl.inference import TrainedModel
+from torchrec_mtl.inference import TrainedModel, sequence_features
 from torchrec_mtl.outputs import new_file
 from torchrec_mtl.schema import DatasetSchema, LabelSpec
 from torchrec_mtl.progress import bar_disabled
 
 CHUNK_BYTES = 8 << 20
 HEADER_START = "line\t"  # the scores file's first column: a file that starts so is one of ours
+# The one reason predict rejects a row for beyond preprocessing's (torchrec_mtl.data.preprocess.REASONS): a sequence
+# model's histories (model.sequence: lists aligned position by position) keep different lengths.
+SEQUENCE_LENGTHS_DIFFER = "sequence lengths differ"
 
 
 class _Encoder:
@@ -95,6 +102,8 @@ class _Encoder:
         single = self.schema.single_id_columns
         self.vocabularies = [(single.index(f), self.vocabulary_of[f]) for f in single if f in self.vocabulary_of]
         self.list_features = self.schema.list_columns
+        # the lists the model attends over (model.sequence): aligned position by position
+        self.aligned = [self.list_features.index(f) for f in sequence_features(trained.inputs)]
         self.text_rows, self.text_table = None, None
         if trained.inputs["item_text"] is not None:
             from torchrec_mtl.text.table import ItemTextTable
@@ -195,7 +204,29 @@ class _Encoder:
             if feature in self.vocabulary_of:
                 values = ListValues(tokens_to_rows(values.values, self.vocabulary_of[feature]), values.lengths)
             lists.append(ListValues(values.values.astype(np.int64, copy=False), values.lengths))
-        return EncodedRows(parsed.line_numbers, parsed.dense, sparse, lists, parsed.rejections)
+        rows = EncodedRows(parsed.line_numbers, parsed.dense, sparse, lists, parsed.rejections)
+        return self._aligned_only(rows, chunk, first_line)
+
+    def _aligned_only(self, rows: "EncodedRows", chunk: bytes, first_line: int) -> "EncodedRows":
+        """``rows`` less those whose sequence features (aligned position by position) keep different lengths,
+        rejected as ``SEQUENCE_LENGTHS_DIFFER`` naming the first feature that differs from the first one (the model
+        refuses such a row, and would refuse the whole batch with it: training never saw one)."""
+        if len(self.aligned) < 2:
+            return rows
+        lengths = np.stack([rows.lists[i].lengths for i in self.aligned])
+        differ = (lengths != lengths[0]).any(axis=0)
+        if not differ.any():
+            return rows
+        lines = chunk.split(b"\n")
+        rejections = list(rows.rejections)
+        for row in np.flatnonzero(differ):
+            other = int(np.flatnonzero(lengths[:, row] != lengths[0, row])[0])
+            first, feature = self.list_features[self.aligned[0]], self.list_features[self.aligned[other]]
+            value = f"keeps {int(lengths[other, row])}, {first} {int(lengths[0, row])}"
+            line = int(rows.line_numbers[row])
+            raw = lines[line - first_line].rstrip(b"\r").decode("utf-8", "replace")
+            rejections.append((line, SEQUENCE_LENGTHS_DIFFER, feature, value, raw))
+        return replace(rows.take(~differ), rejections=sorted(rejections, key=lambda rejection: rejection[0]))
 
 
 @dataclass
@@ -212,6 +243,11 @@ class EncodedRows:
 
     def __len__(self) -> int:
         return len(self.line_numbers)
+
+    def take(self, rows: np.ndarray) -> "EncodedRows":
+        """The rows a boolean mask ``rows`` selects (the rejections as they are)."""
+        lists = [values.take(rows) for values in self.lists]
+        return EncodedRows(self.line_numbers[rows], self.dense[rows], self.sparse[rows], lists, self.rejections)
 
     def model_inputs(self, start: int, end: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
         """Rows ``start:end`` as the model's arguments on ``device``: (dense, sparse_ids), and with list features
@@ -245,15 +281,28 @@ def predict_lines(
                 columns, chunk, first_line, too_long = encoders[0].layout(where, chunk, first_line, too_long)
                 if not chunk:
                     continue
-            scores = []
-            for member, encoder in zip(members, encoders):
-                rows = encoder.encode_rows(chunk, first_line, columns, too_long)
-                lines, rejections = rows.line_numbers, rows.rejections
-                scores.append(_score(member, rows, batch_size))
+            encoded = _common_rows([encoder.encode_rows(chunk, first_line, columns, too_long) for encoder in encoders])
+            lines, rejections = encoded[0].line_numbers, encoded[0].rejections
+            scores = [_score(member, rows, batch_size) for member, rows in zip(members, encoded)]
             if len(members) == 1:
                 yield lines, scores[0], rejections
             else:
                 yield lines, mean_predictions(scores), rejections
+
+
+def _common_rows(encoded: List[EncodedRows]) -> List[EncodedRows]:
+    """Each member's encoding of a chunk cut to the rows every member accepts, with every line any member rejects as
+    the rejections (each once, the first member's reason first). The members of an ensemble read one schema, but a
+    sequence model rejects the rows whose aligned histories keep different lengths, which another model reads."""
+    if all(np.array_equal(rows.line_numbers, encoded[0].line_numbers) for rows in encoded[1:]):
+        return encoded
+    common = reduce(np.intersect1d, [rows.line_numbers for rows in encoded])
+    rejections: Dict[int, tuple] = {}
+    for rows in encoded:
+        for rejection in rows.rejections:
+            rejections.setdefault(rejection[0], rejection)
+    merged = [rejections[line] for line in sorted(rejections)]
+    return [replace(rows.take(np.isin(rows.line_numbers, common)), rejections=merged) for rows in encoded]
 
 
 def _score(trained: TrainedModel, rows: EncodedRows, batch_size: int) -> Dict[str, np.ndarray]:

@@ -10,7 +10,8 @@ row to its place in the smaller table, or to row 0, so ``model.pt`` still takes 
 ``serve.pt`` raw log rows. The item-text table (cached text vectors, frozen) is not pruned: it is what cold items
 are scored with. Tables are those of torchrec_mtl.embedding_tables, named by their owning feature: a list's
 elements count toward the table it looks up (a history sharing the item's table, toward the item's), and a
-``ListRowRemap`` remaps them inside the artifact as the table's own column is remapped.
+``ListRowRemap`` remaps them inside the artifact as the table's own column is remapped. A sequence model's unpooled
+tables (its EmbeddingCollection: the histories it attends over and the columns they share) are pruned alike.
 
 Dense: each linear layer's weight of the tower (each expert's layers, gates, heads) loses the ``dense`` share of its
 entries of least magnitude (``torch.nn.utils.prune.l1_unstructured``, then ``prune.remove``: plain weights with zeros
@@ -233,31 +234,51 @@ def access_counts(trained: "TrainedModel") -> Dict[str, np.ndarray]:
     return counts
 
 
-def row_norms(collection: EmbeddingBagCollection) -> Dict[str, np.ndarray]:
-    """Each row's L2 norm, per table, keyed by its owning feature (the first of its features, as
-    torchrec_mtl.embedding_tables lays them out: ``t_<owner>``)."""
-    return {config.feature_names[0]: collection.embedding_bags[config.name].weight.detach().norm(dim=1).cpu().numpy()
-            for config in collection.embedding_bag_configs()}  # fmt: skip
+# The attributes of a model's sparse arch that hold ID tables: its EmbeddingBagCollection (pooled) and, with sequence
+# features, its EmbeddingCollection (the unpooled tables they look up; the bags may then be None).
+COLLECTIONS = ("embedding_bag_collection", "embedding_collection")
+
+
+def id_collections(inference: nn.Module) -> Dict[str, nn.Module]:
+    """The ID tables' collections of ``inference``'s model, by their attribute on its sparse arch."""
+    arch = inference.model.sparse_arch
+    return {name: getattr(arch, name) for name in COLLECTIONS if getattr(arch, name, None) is not None}
+
+
+def _tables(collection: nn.Module) -> List[Tuple[Any, nn.Module]]:
+    """Each table of an EmbeddingBagCollection or an EmbeddingCollection: (its config, its module)."""
+    if isinstance(collection, EmbeddingBagCollection):
+        return [(config, collection.embedding_bags[config.name]) for config in collection.embedding_bag_configs()]
+    return [(config, collection.embeddings[config.name]) for config in collection.embedding_configs()]
+
+
+def row_norms(inference: nn.Module) -> Dict[str, np.ndarray]:
+    """Each row's L2 norm, per ID table of ``inference``'s model (pooled or not), keyed by its owning feature (the
+    first of its features, as torchrec_mtl.embedding_tables lays them out: ``t_<owner>``)."""
+    return {config.feature_names[0]: table.weight.detach().norm(dim=1).cpu().numpy()
+            for collection in id_collections(inference).values() for config, table in _tables(collection)}  # fmt: skip
 
 
 def prune_rows(
     inference: nn.Module, kept: Dict[str, np.ndarray]
 ) -> Tuple[RowRemap, Optional[ListRowRemap], Dict]:
-    """Replace ``inference``'s ID tables (in place) by tables of their ``kept`` rows (per table, keyed by its owning
-    feature, sorted, from row 0); return the remap of its ``sparse_ids``, that of its list values (a
-    ListInferenceModel; else None) and, per table, its rows, those kept and pruned."""
-    collection = inference.model.sparse_arch.embedding_bag_collection
-    configs = collection.embedding_bag_configs()
+    """Replace ``inference``'s ID tables (in place, those of its EmbeddingCollection too) by tables of their ``kept``
+    rows (per table, keyed by its owning feature, sorted, from row 0); return the remap of its ``sparse_ids``, that of
+    its list values (a ListInferenceModel; else None) and, per table, its rows, those kept and pruned."""
+    arch = inference.model.sparse_arch
+    configs = []
+    for attribute, collection in id_collections(inference).items():
+        tables = _tables(collection)
+        configs += [config for config, _ in tables]
+        device = tables[0][1].weight.device
+        smaller = [replace(config, num_embeddings=len(kept[config.feature_names[0]])) for config, _ in tables]
+        pruned = type(collection)(tables=smaller, device=device)
+        with torch.no_grad():
+            for (config, table), (_, pruned_table) in zip(tables, _tables(pruned)):
+                rows = torch.from_numpy(kept[config.feature_names[0]]).to(device)
+                pruned_table.weight.copy_(table.weight.detach()[rows])
+        setattr(arch, attribute, pruned.requires_grad_(False))
     sizes = {config.feature_names[0]: config.num_embeddings for config in configs}
-    weights = {config.name: collection.embedding_bags[config.name].weight.detach() for config in configs}
-    device = next(iter(weights.values())).device
-    smaller = [replace(config, num_embeddings=len(kept[config.feature_names[0]])) for config in configs]
-    pruned = EmbeddingBagCollection(tables=smaller, device=device)
-    with torch.no_grad():
-        for config in configs:
-            rows = torch.from_numpy(kept[config.feature_names[0]]).to(device)
-            pruned.embedding_bags[config.name].weight.copy_(weights[config.name][rows])
-    inference.model.sparse_arch.embedding_bag_collection = pruned.requires_grad_(False)
     # every feature of a table is remapped by the table's kept rows: a list sharing a column's table as that column
     owner = {feature: config.feature_names[0] for config in configs for feature in config.feature_names}
     single = getattr(inference, "single_features", inference.feature_names)  # the columns of sparse_ids
@@ -302,7 +323,7 @@ def prune_for_export(trained: "TrainedModel", pruning: Pruning) -> Tuple[nn.Modu
     report: Dict[str, Any] = {"rows": None, "dense": None}
     if pruning.rows > 0:
         counts = access_counts(trained) if pruning.by == "count" else None
-        scores = counts if counts is not None else row_norms(inference.model.sparse_arch.embedding_bag_collection)
+        scores = counts if counts is not None else row_norms(inference)
         kept = choose_rows(scores, pruning.rows, pruning.scope)
         remap, list_remap, tables = prune_rows(inference, kept)
         if counts is not None:  # what the pruned rows carried in training: the lookups now sent to row 0

@@ -23,7 +23,9 @@ element or one that is no token makes the row not valid, the elements cut off ar
 first or last ``max_length``, then hashed or looked up in the vocabulary it uses (its own, or the column's it
 shares). ``ListServingModel`` passes them to the model as one KeyedJaggedTensor's values and lengths
 (torchrec_mtl.inference.ListInferenceModel); the encoder's ``encode_rows`` and ``encode_lines_with_lists`` return
-them beside the dense and sparse inputs.
+them beside the dense and sparse inputs. A sequence model's histories (model.sequence) are such lists; they are
+aligned position by position, so a row that keeps another number of elements of one of them than of the first is
+not valid (``aligned``; predict rejects it as "sequence lengths differ").
 
 The encoding is predict's to the bit; so are the scores when the rows come in predict's batches (the model's float32
 kernels may round a last bit differently at another batch size). Where TorchScript cannot follow polars exactly, the
@@ -36,7 +38,7 @@ line with an inner ``\\n`` are not read.
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Final, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Final, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -62,7 +64,8 @@ class RawRowEncoder(nn.Module):
     inputs predict's encoder (torchrec_mtl.predict) gives the same rows. Scriptable.
 
     ``vocabularies``: the sorted tokens of each ``min_count`` feature; ``item_keys``/``item_rows``: the item-text
-    table's sorted raw keys and their rows (torchrec_mtl.text.table.ItemTextTable), when the model has item text.
+    table's sorted raw keys and their rows (torchrec_mtl.text.table.ItemTextTable), when the model has item text;
+    ``aligned``: the list columns a sequence model attends over, a row keeping different lengths of them not valid.
 
     >>> encoder = torch.jit.script(RawRowEncoder(schema, vocabularies))  # doctest: +SKIP
     >>> valid, dense, sparse = encoder.encode_lines(["0\\t1\\t4.5\\t3\\t..."], True)  # doctest: +SKIP
@@ -89,6 +92,7 @@ class RawRowEncoder(nn.Module):
     list_keep_last: List[bool]
     list_hash_sizes: List[int]
     list_owners: List[int]
+    aligned_lists: List[int]
     layouts: List[List[int]]
     last_required: List[int]
 
@@ -98,6 +102,7 @@ class RawRowEncoder(nn.Module):
         vocabularies: Dict[str, np.ndarray],
         item_keys: Optional[np.ndarray] = None,
         item_rows: Optional[np.ndarray] = None,
+        aligned: Sequence[str] = (),
     ) -> None:
         super().__init__()
         single, lists = schema.single_id_columns, schema.list_columns
@@ -133,6 +138,8 @@ class RawRowEncoder(nn.Module):
         # -1: hashed; else the place of the vocabulary the list's tokens go through (its own, or the shared one)
         self.list_owners = [-1 if schema.vocabulary_rule(c).is_hash else owners.index(schema.vocabulary_owner(c))
                             for c in lists]  # fmt: skip
+        # the lists a sequence model attends over (aligned position by position), by their place among the lists
+        self.aligned_lists = [lists.index(c) for c in aligned]
         self.has_item_text = item_keys is not None
         keys = np.zeros(0, np.int64) if item_keys is None else np.asarray(item_keys, np.int64)
         rows = np.zeros(0, np.int64) if item_rows is None else np.asarray(item_rows, np.int64)
@@ -219,16 +226,17 @@ class RawRowEncoder(nn.Module):
             row_tokens = [-1] * self.num_categorical  # -1: empty (no valid token is negative), as preprocessing
             row_lists = self._no_lists()
             ok = ok and self._read(fields, row_dense, row_tokens, row_lists)
+            kept = [self._kept(row_lists[index], index) for index in range(self.num_lists)]
+            ok = ok and self._aligned(kept)
             valid.append(ok)
             # a row that is not valid is encoded as an all-empty one (scored, then masked by the caller)
             dense.extend(row_dense if ok else [0.0] * self.num_dense)
             tokens.extend(row_tokens if ok else [-1] * self.num_categorical)
             if not ok:  # its lists empty, as the rest of it
-                row_lists = self._no_lists()
+                kept = self._no_lists()
             for index in range(self.num_lists):
-                kept = self._kept(row_lists[index], index)
-                list_tokens[index].extend(kept)
-                list_lengths[index].append(len(kept))
+                list_tokens[index].extend(kept[index])
+                list_lengths[index].append(len(kept[index]))
         count = len(rows)
         # float64 -> float32 once for the batch: the rounding polars' cast to the shards' float32 does
         dense_tensor = torch.tensor(dense, dtype=torch.float64).reshape(count, self.num_dense).to(torch.float32)
@@ -252,6 +260,14 @@ class RawRowEncoder(nn.Module):
         if len(tokens) <= limit:
             return tokens
         return tokens[len(tokens) - limit :] if self.list_keep_last[index] else tokens[:limit]
+
+    def _aligned(self, kept: List[List[int]]) -> bool:
+        """Whether a row keeps as many elements of each aligned list (a sequence model's; predict rejects the others
+        as "sequence lengths differ")."""
+        for index in self.aligned_lists:
+            if len(kept[index]) != len(kept[self.aligned_lists[0]]):
+                return False
+        return True
 
     def _list_rows(self, tokens: torch.Tensor, index: int) -> torch.Tensor:
         """A list's kept tokens -> table rows: hashed as its column's rule says, or looked up in the vocabulary it
@@ -413,7 +429,8 @@ def serving_artifact(trained: "TrainedModel", model: nn.Module) -> ServingArtifa
     encoding = _Encoder(trained)  # reads the run's vocabularies and items file, or says they are gone
     schema, table, data = encoding.schema, encoding.text_table, trained.config.data
     vocabularies = encoding.vocabulary_of  # per min_count feature, a list's being the column's it shares
-    encoder = RawRowEncoder(schema, vocabularies, *((table.sorted_keys, table.sorted_rows) if table else ()))
+    items = (table.sorted_keys, table.sorted_rows) if table else (None, None)
+    encoder = RawRowEncoder(schema, vocabularies, *items, aligned=trained.sequences)
     manifest = {
         "file": "serve.pt",
         "load": "import torch, fbgemm_gpu; serve = torch.jit.load('serve.pt')",
@@ -439,5 +456,10 @@ def serving_artifact(trained: "TrainedModel", model: nn.Module) -> ServingArtifa
                            "their first or last max_length (keep)"}
             for name, spec in ((c, schema.lists[c]) for c in schema.list_columns)
         }  # fmt: skip
+        for name in trained.sequences:
+            manifest["lists"][name]["attended"] = (
+                f"a sequence feature (model.sequence), aligned position by position with {trained.sequences}: a row "
+                f"that keeps another number of elements of one of them is not valid (predict: sequence lengths differ)"
+            )
     serving = (ListServingModel if trained.lists else ServingModel)(encoder, model, tasks, trained.device)
     return ServingArtifact(torch.jit.script(serving), manifest, sources)

@@ -36,8 +36,8 @@ Example::
     torch.Size([2, 8])
 """
 
-from __future__ import annotations
-
+# No "from __future__ import annotations": an export scripts SequenceLookups and InterestArch, and TorchScript
+# reads their class annotations as types.
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -218,6 +218,12 @@ class SequenceLookups(nn.Module):
         max_length: ``L``, every sequence feature's ``max_length``.
     """
 
+    feature_names: List[str]
+    unpooled_features: List[str]
+    poolings: Dict[str, str]
+    sequence_features: List[str]
+    queries: List[str]
+
     def __init__(
         self,
         feature_names: Sequence[str],
@@ -228,11 +234,11 @@ class SequenceLookups(nn.Module):
         max_length: int,
     ) -> None:
         super().__init__()
-        self.feature_names: List[str] = list(feature_names)
-        self.unpooled_features: List[str] = list(unpooled_features)
-        self.poolings: Dict[str, str] = dict(poolings)
-        self.sequence_features: List[str] = list(sequence_features)
-        self.queries: List[str] = list(queries)
+        self.feature_names = list(feature_names)
+        self.unpooled_features = list(unpooled_features)
+        self.poolings = dict(poolings)
+        self.sequence_features = list(sequence_features)
+        self.queries = list(queries)
         self.max_length = max_length
 
     def _vector(self, looked_up: JaggedTensor, feature: str) -> torch.Tensor:
@@ -263,7 +269,7 @@ class SequenceLookups(nn.Module):
                 rows = (other != lengths).nonzero().flatten()
                 row = int(rows[0])
                 raise ValueError(
-                    f"model.sequence.features: {self.sequence_features[0]!r} and {feature!r} are aligned position "
+                    f"model.sequence.features: '{self.sequence_features[0]}' and '{feature}' are aligned position "
                     f"by position but hold different lengths in {rows.numel()} row(s) of this batch (row {row}: "
                     f"{int(lengths[row])} and {int(other[row])}); give every row as many of each"
                 )

@@ -140,7 +140,8 @@ class PreparedJob:
             "offsets": dict(self.objective.offsets),
             "item_text": {"num_items": text.num_items, "dim": text.dim} if text is not None else None,
             "retrieval": self.retrieval_features,
-            # the features attended over (model.sequence), which the serving paths refuse (inference.UNSERVED_INPUTS)
+            # the features attended over (model.sequence): the serving paths check their alignment
+            # (inference.sequence_features)
             "sequences": {
                 name: {"kind": sequence.kind, "query": self.log.lists[name].shares,
                        "max_length": self.log.lists[name].max_length}
