@@ -47,7 +47,7 @@ def train_once(checkout: Path, config: str, overrides: List[str], shards: Path, 
     subprocess.run(command, env=env, cwd=checkout, check=True, stdout=subprocess.DEVNULL)
     results = json.loads((out_dir / "results.json").read_text())
     metrics = {task: {k: v for k, v in values.items() if k in ("auc", "rmse")}
-               for task, values in results["test"]["tasks"].items()}  # fmt: skip
+               for task, values in results["tasks"].items()}  # fmt: skip
     return {"samples_per_s": results["training"]["samples_per_s"], "test": metrics}
 
 
