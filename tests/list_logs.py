@@ -111,3 +111,13 @@ def scores_as_trained(trained, data: Path, path: Path, tmp_path: Path) -> Tuple[
         inference = trained.inference
         scores = inference.outputs(inference.model(batch.dense_features, batch.sparse_features))
     return {name: value.numpy() for name, value in scores.items()}, EncodedLog.concat(test)
+
+
+def assert_predict_scores(scores_path: Path, lines: int, rejected, truth: Dict[str, np.ndarray]) -> None:
+    """``torchrec-mtl predict``'s scores file holds every line of ``1..lines`` but the ``rejected`` ones, each task's
+    score the training path's (``truth``, from ``scores_as_trained``) to the six digits it writes."""
+    scored = np.loadtxt(scores_path, skiprows=1, delimiter="\t")
+    names = scores_path.read_text().split("\n", 1)[0].split("\t")[1:]
+    assert scored[:, 0].tolist() == [n for n in range(1, lines + 1) if n not in rejected]
+    for i, name in enumerate(names):
+        np.testing.assert_allclose(scored[:, 1 + i], truth[name], rtol=2e-5, atol=1e-7)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ONE_PASS
-from list_logs import scores_as_trained, write_list_log
+from list_logs import assert_predict_scores, scores_as_trained, write_list_log
 from torchrec_mtl.cli import main
 from torchrec_mtl.data.loader import BatchLoader
 from torchrec_mtl.data.shards import EncodedLog, ShardedLog
@@ -106,11 +106,7 @@ def test_predict_model_pt_and_serve_pt_score_lists_of_every_length_as_the_traine
     summary_path = tmp_path / "scores.tsv"
     assert main(["predict", "--checkpoint", str(out / "checkpoints"), "--input", str(path), "--out",
                  str(summary_path), "--quiet"]) == 0  # fmt: skip
-    scored = np.loadtxt(summary_path, skiprows=1, delimiter="\t")
-    names = summary_path.read_text().split("\n", 1)[0].split("\t")[1:]
-    assert scored[:, 0].tolist() == [n for n in range(1, len(lines) + 1) if n not in rejected]
-    for i, name in enumerate(names):
-        np.testing.assert_allclose(scored[:, 1 + i], truth[name], rtol=2e-5, atol=1e-7)
+    assert_predict_scores(summary_path, len(lines), rejected, truth)
 
     # model.pt: encoded as predict encodes (the lists cut by their keep rule), the trained model's scores exactly
     assert main(["export", "--checkpoint", str(out / "checkpoints"), "--out", str(tmp_path / "export")]) == 0

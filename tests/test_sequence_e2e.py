@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import ONE_PASS
-from list_logs import scores_as_trained, write_list_log
+from list_logs import assert_predict_scores, scores_as_trained, write_list_log
 from torchrec_mtl.build import build_model
 from torchrec_mtl.cli import main
 from torchrec_mtl.config import config_from_dict, task_set
@@ -185,11 +185,7 @@ def test_predict_model_pt_and_serve_pt_score_histories_of_every_length_as_the_tr
     summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert summary["reasons"] == {"list element empty": 1, "list element not hex": 1, SEQUENCE_LENGTHS_DIFFER: 1}
     assert summary["scored"] == len(lines) - 3
-    scored = np.loadtxt(scores_path, skiprows=1, delimiter="\t")
-    names = scores_path.read_text().split("\n", 1)[0].split("\t")[1:]
-    assert scored[:, 0].tolist() == [n for n in range(1, len(lines) + 1) if n not in rejected]
-    for i, name in enumerate(names):
-        np.testing.assert_allclose(scored[:, 1 + i], truth[name], rtol=2e-5, atol=1e-7)
+    assert_predict_scores(scores_path, len(lines), rejected, truth)
 
     # model.pt: encoded as predict encodes (the histories cut to their last 20), the trained model's scores exactly
     assert main(["export", "--checkpoint", str(out / "checkpoints"), "--out", str(tmp_path / "export")]) == 0
