@@ -255,7 +255,8 @@ def test_each_rows_history_is_the_users_earlier_ratings_of_either_split_oldest_f
     lengths = rows["hist_item"].fill_null("").str.split("|").list.len() - rows["hist_item"].is_null().cast(pl.UInt32)
     assert (lengths >= rows["user_prior_ratings"].clip(upper_bound=HISTORY_LENGTH)).all()
     train_rows = rows["split"] == "train"  # under the per-user split a training row's earlier ratings are all training
-    assert (lengths.filter(train_rows) == rows["user_prior_ratings"].filter(train_rows).clip(upper_bound=HISTORY_LENGTH)).all()
+    train_priors = rows["user_prior_ratings"].filter(train_rows).clip(upper_bound=HISTORY_LENGTH)
+    assert (lengths.filter(train_rows) == train_priors).all()
     genre_lengths = rows["hist_genre1"].fill_null("").str.split("|").list.len()
     assert (genre_lengths - rows["hist_genre1"].is_null().cast(pl.UInt32) == lengths).all()
 

@@ -5,8 +5,8 @@ before, ...) so that the load of other processes falls on both alike.
 
 Each run is ``python -m torchrec_mtl.cli train`` in a process of its own, with ``PYTHONPATH`` at that version's
 checkout (the revision is checked out into a temporary git worktree, removed at the end), on this tree's config and
-data, with shards and an ``out_dir`` of its own under ``--work``; its samples/s is the loop's own (``results.json``'s ``training.samples_per_s``: rows trained over the
-loop's seconds). ``speedup`` = the median of after's samples/s over the median of before's; the test metrics of each
+data, with shards and an ``out_dir`` of its own under ``--work``; its samples/s is the loop's own
+(``results.json``'s ``training.samples_per_s``: rows trained over the loop's seconds). ``speedup`` = the median of after's samples/s over the median of before's; the test metrics of each
 run are kept beside it, so that a faster version that learns less shows.
 
 The default job is the README's main job as one pass on every training row (``bash tools/quickstart.sh
@@ -81,8 +81,9 @@ def main() -> None:
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT, check=True)
     median = {name: statistics.median(r["samples_per_s"] for r in rs) for name, rs in runs.items()}
+    speedup = round(median["after"] / median["before"], 3)
     result = {"before": revision, "config": args.config, "overrides": overrides, "rounds": args.rounds,
-              "samples_per_s": median, "speedup": round(median["after"] / median["before"], 3), "runs": runs}  # fmt: skip
+              "samples_per_s": median, "speedup": speedup, "runs": runs}  # fmt: skip
     table = "\n".join(
         f"{name:6s} {median[name]:>9,.0f} samples/s   test "
         + ", ".join(f"{task} {m}" for task, m in rs[0]["test"].items())

@@ -96,8 +96,9 @@ def rating_histories(
 
     One query per rating (``user``, ``ts``, in the order given); the events are the ratings where ``counted`` holds
     (torchrec_mtl.data.movielens counts every rating): the user's such ratings strictly before ``ts``, oldest first
-    (same-second ones by movieId), the last ``length``. Each field is repeated ``repeat`` times in a row (a positive and its negatives share one history). Returns the
-    two object arrays and ``(start, end, available)`` per rating (torchrec_mtl.data.histories.history_stats)."""
+    (same-second ones by movieId), the last ``length``. Each field is repeated ``repeat`` times in a row (a positive
+    and its negatives share one history). Returns the two object arrays and ``(start, end, available)`` per rating
+    (torchrec_mtl.data.histories.history_stats)."""
     from torchrec_mtl.data.histories import history_bounds, join_histories
 
     order, start, end, available = history_bounds(
