@@ -165,12 +165,16 @@ def _cases() -> List[Case]:
         "training.batch_size=abc", "training.epochs=1.5", "model.tower.num_experts=0", "model.tower.num_experts=-2",
         "training.seed=x", "data.train=5", "data.train=[]", "objective.tasks.ctr.weight=.nan",
         "objective.tasks.ctr.kind=bogus", "objective.tasks.ctr.label=no_such_label", "training.sharding_types=[bogus]",
-        "training.dense_optimizer=bogus", "training.embedding_optimizer=adam", "training.lr_decay=bogus",
+        "training.dense_optimizer=bogus", "training.embedding_optimizer=bogus", "training.lr_decay=bogus",
         "checkpoint.every_steps=-1", "checkpoint.every_seconds=.nan", "checkpoint.resume=/no/such/checkpoint",
         "finetune.checkpoint=/no/such/checkpoint", "training.memory_budget_gb=.nan",
     ]  # fmt: skip
     for override in overrides:
         add(Case(f"train {override}", lambda w, o, v=override: train(w, o, v), 2))
+    # Adam on CPU needs data-parallel tables (FBGEMM's CPU kernels lack it)
+    add(Case("train training.embedding_optimizer=adam training.sharding_types=[row_wise]",
+             lambda w, o: train(w, o, "training.embedding_optimizer=adam", "training.sharding_types=[row_wise]"), 2,
+             "trains on CPU only in data_parallel tables"))
     add(Case("train data.schema=<a folder>", lambda w, o: train(w, o, f"data.schema={w['bad'] / 'folder'}"), 2))
     add(Case("train data.schema=<latin-1>", lambda w, o: train(w, o, f"data.schema={w['bad'] / 'latin1.yaml'}"), 2))
     add(Case("train data.dir=<absent>", lambda w, o: train(w, o, f"data.dir={w['root'] / 'absent'}"), 2))

@@ -53,12 +53,43 @@ def test_tables_take_their_own_placement_and_optimizer_and_the_plan_is_printed(s
     "override, message",
     [
         ("training.memory_budget_gb=0.0000001", "training: no sharding plan within 0.00 GiB per rank"),
-        ("training.tables={C1: {optimizer: adam}}", "training: table t_C1: optimizer 'adam'; allowed on CPU"),
+        ("training.tables={C1: {optimizer: adam, sharding_types: [row_wise]}}",
+         r"training: table t_C1: optimizer 'adam' trains on CPU only in data_parallel tables .*\['row_wise'\]"),
     ],
 )
 def test_what_the_planner_or_fbgemm_cannot_do_is_a_config_error(small_log, override, message):
     with pytest.raises(ConfigError, match=message):
         _prepare(small_log, override)
+
+
+def _optimizer_of(job, table: str):
+    """The torch optimizer stepping ``table``'s weight outside backward (a data-parallel table's), with its key."""
+    for _, part in job.optimizer.optimizers:
+        for key in getattr(part, "params", {}):
+            if key.endswith(f".{table}.weight"):
+                return part._optimizer, key
+    raise AssertionError(f"no optimizer outside backward holds {table}")
+
+
+def test_data_parallel_tables_train_with_their_own_optimizer_and_adam_runs_on_cpu_there(small_log, capsys):
+    job = _prepare(
+        small_log,
+        "training.tables={C1: {optimizer: adam, lr: 0.01}, C2: {sharding_types: [data_parallel]}}",
+    )
+    assert "2 data_parallel, 6 table_wise" in capsys.readouterr().out
+    adam, adam_key = _optimizer_of(job, "t_C1")
+    adagrad, _ = _optimizer_of(job, "t_C2")  # the default embedding optimizer, not the dense one
+    assert type(adam) is torch.optim.Adam and adam.param_groups[0]["lr"] == 0.01 and adam.defaults["fused"]
+    assert type(adagrad).__name__ == "RowWiseAdagrad" and adagrad.param_groups[0]["lr"] == 0.05
+    dense_keys = [k for _, part in job.optimizer.optimizers for k in getattr(part, "params", {}) if "tower" in k]
+    assert dense_keys and not any(".t_C" in k for k in dense_keys)
+    table = dict(job.sharded.named_parameters())[adam_key]
+    before = table.detach().clone()
+    job.pipeline.progress(iter(job.loader("train")))  # one step
+    moved, gradient = (table.detach() - before).abs(), table.grad.abs()
+    # Adam's first step: lr * |g| / (|g| + eps), the learning rate wherever the gradient dwarfs eps; nothing elsewhere
+    assert (moved[gradient == 0] == 0).all() and (gradient > 0).sum() >= 16
+    assert torch.allclose(moved, 0.01 * gradient / (gradient + 1e-8), rtol=1e-3, atol=1e-7)
 
 
 def test_a_table_option_for_a_feature_the_schema_lacks_names_the_key():

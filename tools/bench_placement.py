@@ -2,8 +2,8 @@
 free to choose, table-wise, row-wise and data-parallel, taking turns step by step in one run (tools/bench_train_measure.time_steps), so the machine's
 other load falls on all of them alike. It is what ``shard_model``'s one-process default rests on.
 
-Data-parallel tables train with the dense optimizer (Adam over the whole table), not the fused row-wise Adagrad, so
-that row is a different optimiser as well as a different placement.
+Data-parallel tables train outside backward with their own optimizer (torchrec's RowWiseAdagrad over the whole
+table's gradient), not FBGEMM's fused kernel, so that row is a different kernel as well as a different placement.
 
     .venv/bin/python tools/bench_placement.py --out runs/bench_placement.json
 """

@@ -14,8 +14,10 @@ Example::
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import datetime
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -34,7 +36,13 @@ from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from torchrec_mtl.device import DeviceError
-from torchrec_mtl.train.optimizers import EMBEDDING_OPTIMIZERS, apply_embedding_optimizers, dense_optimizer
+from torchrec_mtl.train.optimizers import (
+    EMBEDDING_OPTIMIZERS,
+    FUSED_ON_CPU,
+    apply_embedding_optimizers,
+    dense_optimizer,
+    table_optimizers,
+)
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel")
 # On one process there are no rows to spread over ranks: every table goes table-wise unless the config says otherwise.
@@ -42,6 +50,9 @@ SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "ta
 # splits the tables into two kernel groups (tools/bench_placement.py times each placement).
 ONE_PROCESS_SHARDING = ("table_wise",)
 ONE_PROCESS_WHY = " (one process: table-wise, nothing to split across ranks)"
+DATA_PARALLEL = "data_parallel"
+# FBGEMM's CPU kernels have no Adam; a data-parallel table is a replicated parameter that torch's optimizer steps
+DATA_PARALLEL_WHY = "Adam on CPU: whole tables on every rank, stepped by torch's fused Adam"
 # the kernels that train inside backward on CPU and GPU ("dense" tables train with the dense optimizer instead)
 COMPUTE_KERNELS = ("fused", "dense", "fused_uvm", "fused_uvm_caching")
 
@@ -204,11 +215,19 @@ def shard_model(
     if unknown:
         raise ValueError(f"tables: {unknown[0]!r} is not a table of the model; its tables: {', '.join(weights)}")
     specs = {t: (o.optimizer or embedding_optimizer, o.lr or embedding_lr) for t, o in tables.items()}
-    apply_embedding_optimizers(weights, specs, (embedding_optimizer, embedding_lr), env.device.type)
-    caps = {"hbm_cap" if env.device.type == "cuda" else "ddr_cap": memory_budget_bytes} if memory_budget_bytes else {}
+    default = (embedding_optimizer, embedding_lr)
+    unfused = _unfused_tables(weights, specs, default, env.device.type, sharding_types, tables)
+    for table in unfused:
+        tables[table] = dataclasses.replace(tables.get(table, TableOptions()), sharding_types=[DATA_PARALLEL])
     why = ""
     if env.world_size == 1 and sharding_types is None:
-        sharding_types, why = list(ONE_PROCESS_SHARDING), ONE_PROCESS_WHY
+        sharding_types = list(ONE_PROCESS_SHARDING)
+        why = ONE_PROCESS_WHY if len(unfused) < len(weights) else ""
+    if unfused:
+        named = ", ".join(unfused) if len(unfused) <= 4 else f"{len(unfused)} tables"
+        why += f" ({named}: data_parallel, {DATA_PARALLEL_WHY})"
+    apply_embedding_optimizers(weights, specs, default, env.device.type, data_parallel=unfused)
+    caps = {"hbm_cap" if env.device.type == "cuda" else "ddr_cap": memory_budget_bytes} if memory_budget_bytes else {}
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=env.world_size, compute_device=env.device.type, **caps),
         constraints=_constraints(list(weights), sharding_types, tables),
@@ -225,11 +244,42 @@ def shard_model(
               + (f"\n{plan_summary(plan, tables=True)}\n{plan}" if print_plan
                  else " (-v or training.print_plan=true prints the plan)"), flush=True)  # fmt: skip
     sharded = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=sharders)
-    dense = dense_optimizer(
-        dict(in_backward_optimizer_filter(sharded.named_parameters())), dense_optimizer_name, dense_lr, weight_decay,
-        clip_norm,
-    )  # fmt: skip
-    return sharded, CombinedOptimizer([sharded.fused_optimizer, dense])
+    # data-parallel tables (forced above, or the planner's choice) train outside backward, at their own settings
+    unsharded = dict(in_backward_optimizer_filter(sharded.named_parameters()))
+    table_of_param = {name: table for name in unsharded if (table := _table_of_weight(name)) in weights}
+    replicated_tables = table_optimizers({n: unsharded.pop(n) for n in table_of_param}, table_of_param, specs, default)
+    dense = dense_optimizer(unsharded, dense_optimizer_name, dense_lr, weight_decay, clip_norm)
+    return sharded, CombinedOptimizer([sharded.fused_optimizer, *replicated_tables, dense])
+
+
+def _unfused_tables(
+    weights: Mapping[str, nn.Parameter],
+    specs: Mapping[str, Tuple[str, float]],
+    default: Tuple[str, float],
+    device_type: str,
+    sharding_types: Optional[Sequence[str]],
+    tables: Mapping[str, TableOptions],
+) -> List[str]:
+    """The tables whose optimizer the device's FBGEMM kernels cannot fuse (Adam on CPU), which therefore go
+    data-parallel; one the config restricts to other sharding types is a ValueError naming it."""
+    if device_type != "cpu":
+        return []
+    unfused = [table for table in weights if specs.get(table, default)[0] not in FUSED_ON_CPU]
+    for table in unfused:
+        allowed = tables.get(table, TableOptions()).sharding_types or sharding_types
+        if allowed and DATA_PARALLEL not in allowed:
+            raise ValueError(
+                f"table {table}: optimizer {specs.get(table, default)[0]!r} trains on CPU only in data_parallel "
+                f"tables ({DATA_PARALLEL_WHY}), and its sharding types are {list(allowed)}"
+            )
+    return unfused
+
+
+def _table_of_weight(parameter_name: str) -> Optional[str]:
+    """The table a sharded model's parameter is the weight of (``...embedding_bags.<table>.weight`` or
+    ``...embeddings.<table>.weight``), else None."""
+    match = re.search(r"\.(?:embedding_bags|embeddings)\.([^.]+)\.weight$", parameter_name)
+    return match.group(1) if match else None
 
 
 def plan_summary(plan: Any, tables: bool = False) -> str:

@@ -1,9 +1,14 @@
-"""The optimizers of a sharded model: fused embedding optimizers per table group, the dense optimizer (torchrec's
-KeyedOptimizerWrapper, with torchrec's GradientClippingOptimizer when clipping), and one learning-rate schedule
-over both.
+"""The optimizers of a sharded model: fused embedding optimizers per table group, the optimizers of data-parallel
+tables, the dense optimizer (torchrec's KeyedOptimizerWrapper, with torchrec's GradientClippingOptimizer when
+clipping), and one learning-rate schedule over all of them.
 
 Embedding tables train inside backward (``apply_optimizer_in_backward``; torchrec fuses the tables that share an
 optimizer and its settings into one FBGEMM kernel), so each table group may have its own optimizer and learning rate.
+A data-parallel table (torchrec's dense kernel: every rank holds it whole, and its gradient is all-reduced like a
+dense parameter's) trains outside backward with its own optimizer and rate (``table_optimizers``); that is how Adam
+trains tables on CPU, where FBGEMM's kernels lack it. torch's optimizers run as their fused implementation (one
+kernel over all of a group's tensors, CPU and GPU): an Adam step over 7.2M table parameters took 4.3 ms against 20.9
+ms for the default on 2 threads.
 
 Example::
 
@@ -17,7 +22,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -34,7 +39,8 @@ EMBEDDING_OPTIMIZERS = {
     "adam": torch.optim.Adam,
     "sgd": torch.optim.SGD,
 }
-# FBGEMM's CPU kernels (fbgemm-gpu-cpu 1.8.0) fuse only these; Adam runs fused on GPUs
+# FBGEMM's CPU kernels (fbgemm-gpu-cpu 1.8.0) fuse only these; Adam runs fused on GPUs, and on CPU in data-parallel
+# tables (``table_optimizers``)
 FUSED_ON_CPU = ("rowwise_adagrad", "adagrad", "sgd")
 DENSE_OPTIMIZERS = {
     "adam": torch.optim.Adam,
@@ -42,6 +48,7 @@ DENSE_OPTIMIZERS = {
     "adagrad": torch.optim.Adagrad,
     "sgd": torch.optim.SGD,
 }
+FUSED_IMPLEMENTATIONS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad, torch.optim.SGD)
 LR_DECAYS = ("constant", "linear", "cosine")
 
 
@@ -64,19 +71,45 @@ def apply_embedding_optimizers(
     specs: Mapping[str, Tuple[str, float]],
     default: Tuple[str, float],
     device_type: str,
+    data_parallel: Collection[str] = (),
 ) -> None:
     """Attach each table's optimizer to run inside backward (before sharding, so the sharder fuses it); tables
     without a spec (e.g. the item-text table) get ``default``. ``device_type`` (the run's) decides which FBGEMM
-    kernels there are."""
+    kernels there are. ``data_parallel`` tables get none: they train outside backward (``table_optimizers``)."""
     from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
 
     allowed = FUSED_ON_CPU if device_type == "cpu" else tuple(EMBEDDING_OPTIMIZERS)
     for name, weight in tables.items():
+        if name in data_parallel:
+            continue
         optimizer, lr = specs.get(name, default)
         if optimizer not in allowed:
-            where = " on CPU (Adam runs fused on GPUs)" if device_type == "cpu" else ""
+            where = " on CPU (Adam runs fused on GPUs, or on data_parallel tables)" if device_type == "cpu" else ""
             raise ValueError(f"table {name}: optimizer {optimizer!r}; allowed{where}: {', '.join(allowed)}")
         apply_optimizer_in_backward(EMBEDDING_OPTIMIZERS[optimizer], [weight], {"lr": lr})
+
+
+def _torch_optimizer(kind: type, group: Any, **settings: Any) -> torch.optim.Optimizer:
+    """``kind`` over ``group``, as torch's fused implementation where it has one (torchrec's RowWiseAdagrad has
+    none)."""
+    return kind(group, fused=True, **settings) if kind in FUSED_IMPLEMENTATIONS else kind(group, **settings)
+
+
+def table_optimizers(
+    params: Mapping[str, nn.Parameter], table_of_param: Mapping[str, str], specs: Mapping[str, Tuple[str, float]],
+    default: Tuple[str, float],
+) -> List[KeyedOptimizer]:
+    """One optimizer per (optimizer, learning rate) over the data-parallel tables' weights (``params``: parameter
+    name -> weight; ``table_of_param``: parameter name -> its table's name), each table at its ``specs`` entry or
+    ``default``."""
+    groups: Dict[Tuple[str, float], Dict[str, nn.Parameter]] = {}
+    for name, weight in params.items():
+        groups.setdefault(specs.get(table_of_param[name], default), {})[name] = weight
+
+    def wrapped(optimizer: str, lr: float, group: Dict[str, nn.Parameter]) -> KeyedOptimizer:
+        return KeyedOptimizerWrapper(group, lambda g: _torch_optimizer(EMBEDDING_OPTIMIZERS[optimizer], g, lr=lr))
+
+    return [wrapped(optimizer, lr, group) for (optimizer, lr), group in groups.items()]
 
 
 def dense_optimizer(
@@ -86,12 +119,12 @@ def dense_optimizer(
     weight_decay: float = 0.0,
     clip_norm: float = 0.0,
 ) -> KeyedOptimizer:
-    """The optimizer of the replicated (data-parallel) parameters; gradients are clipped to ``clip_norm`` (total
+    """The optimizer of the replicated (data-parallel) parameters other than tables; gradients are clipped to ``clip_norm`` (total
     L2 norm) first when it is > 0."""
     if name not in DENSE_OPTIMIZERS:
         raise ValueError(f"dense optimizer {name!r}; allowed: {', '.join(DENSE_OPTIMIZERS)}")
     optimizer = KeyedOptimizerWrapper(
-        dict(params), lambda group: DENSE_OPTIMIZERS[name](group, lr=lr, weight_decay=weight_decay)
+        dict(params), lambda group: _torch_optimizer(DENSE_OPTIMIZERS[name], group, lr=lr, weight_decay=weight_decay)
     )
     if clip_norm > 0:
         return GradientClippingOptimizer(optimizer, clipping=GradientClipping.NORM, max_gradient=clip_norm)
