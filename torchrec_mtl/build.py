@@ -83,7 +83,7 @@ def build_model(
         if table.collection == POOLED
     ]
     features = [f for f in table_sizes if f not in attended]  # the embeddings' features, in order
-    interaction = build_interaction(config, len(features) + bool(attended) + (item_text is not None))
+    interaction = build_interaction(config, len(features) + bool(attended) + (item_text is not None), num_dense)
     tower = build_tower(config.tower, interaction.out_features, task_names or TOWER_TASKS)
     two_tower = None
     if retrieval_features is not None:
@@ -177,13 +177,16 @@ def build_cached_item_text(
     return ItemTextArch(collection, embedding_dim, config.projection_layer_sizes, trainable=config.trainable)
 
 
-def build_interaction(config: ModelConfig, num_embeddings: int) -> torch.nn.Module:
-    """The configured interaction (``INTERACTIONS[config.interaction.kind]``) over the dense output and
-    ``num_embeddings`` embeddings of ``config.embedding_dim``."""
+def build_interaction(config: ModelConfig, num_embeddings: int, num_dense: int) -> torch.nn.Module:
+    """The configured interaction (``INTERACTIONS[config.interaction.kind]``) over the dense output (the dense arch's
+    last layer, or the ``num_dense`` raw features without a dense arch) and ``num_embeddings`` embeddings of
+    ``config.embedding_dim``."""
     kind = config.interaction.kind
     if kind not in INTERACTIONS:
         raise ValueError(f"model.interaction.kind: {kind!r}; allowed: {', '.join(INTERACTIONS)}")
-    return INTERACTIONS[kind].from_config(config.interaction, num_embeddings, config.embedding_dim)
+    sizes = config.dense_arch_layer_sizes
+    dense_width = sizes[-1] if sizes else num_dense
+    return INTERACTIONS[kind].from_config(config.interaction, num_embeddings, config.embedding_dim, dense_width)
 
 
 def build_tower(config: TowerConfig, in_features: int, task_names: List[str]) -> torch.nn.Module:

@@ -123,7 +123,8 @@ class MultiTaskModel(nn.Module):
         embedding_bag_collection: the tables of the categorical features (one per single-ID feature, lists in
             their own or a shared one: torchrec_mtl.embedding_tables), all of the same embedding dim.
         dense_in_features: number of dense (integer) features.
-        dense_arch_layer_sizes: MLP sizes for the dense features; the last must equal the embedding dim.
+        dense_arch_layer_sizes: MLP sizes for the dense features; the last must equal the embedding dim, or empty:
+            the dense features reach the interaction raw (one that takes any width: concat, dcn).
         tower: module mapping [B, tower_in_features(...)] to a dict of per-task logits.
         item_text: optional projected item-text vector (torchrec_mtl.modules.item_text), one more embedding of the
             embedding dim beside the categorical ones (count it in ``tower_in_features``).
@@ -159,10 +160,10 @@ class MultiTaskModel(nn.Module):
         configs = [*(embedding_bag_collection.embedding_bag_configs() if embedding_bag_collection is not None else []),
                    *(embedding_collection.embedding_configs() if embedding_collection is not None else [])]  # fmt: skip
         dims = {table.embedding_dim for table in configs}
-        if len(dims) != 1 or dense_arch_layer_sizes[-1] not in dims:
+        if len(dims) != 1 or (dense_arch_layer_sizes and dense_arch_layer_sizes[-1] not in dims):
             raise ValueError(
                 f"all tables and the dense arch's last layer need one embedding dim; tables {sorted(dims)}, "
-                f"dense arch ends at {dense_arch_layer_sizes[-1]}"
+                f"dense arch ends at {dense_arch_layer_sizes[-1] if dense_arch_layer_sizes else None}"
             )
         self.sparse_arch: nn.Module
         if embedding_collection is None:
@@ -170,7 +171,11 @@ class MultiTaskModel(nn.Module):
         else:
             self.sparse_arch = SequenceSparseArch(embedding_bag_collection, embedding_collection, lookups)
         self.interest = interest
-        self.dense_arch = DenseArch(dense_in_features, dense_arch_layer_sizes)
+        self.dense_arch: nn.Module = (
+            DenseArch(dense_in_features, dense_arch_layer_sizes) if dense_arch_layer_sizes else nn.Identity()
+        )
+        if interaction is None and not dense_arch_layer_sizes:
+            raise ValueError("the default (dot) interaction needs a dense arch ending at the embedding dim")
         self.item_text = item_text
         num_embeddings = len(self.sparse_arch.sparse_feature_names) + (interest is not None) + (item_text is not None)
         self.interaction = interaction or DotInteraction(num_embeddings, dense_arch_layer_sizes[-1])

@@ -26,7 +26,7 @@ from torchrec_mtl.data.synthetic import SyntheticConfig
 from torchrec_mtl.embedding_tables import table_owner
 from torchrec_mtl.modules.item_text import ITEM_TEXT_FEATURE
 from torchrec_mtl.modules.sequence import SEQUENCE_KINDS
-from torchrec_mtl.modules.interactions import INTERACTIONS
+from torchrec_mtl.modules.interactions import INTERACTIONS, RAW_DENSE_INTERACTIONS
 from torchrec_mtl.modules.towers import TOWERS
 from torchrec_mtl.precision import PRECISIONS
 from torchrec_mtl.schema import DatasetSchema, SchemaError
@@ -243,10 +243,17 @@ def _check(config: JobConfig) -> None:
         if getattr(model.interaction, name) < 1:
             raise ConfigError(f"model.interaction.{name}: {getattr(model.interaction, name)}; allowed: >= 1")
     _check_sequence(model.sequence, model.embedding_dim)
-    if not model.dense_arch_layer_sizes or model.dense_arch_layer_sizes[-1] != model.embedding_dim:
+    sizes = model.dense_arch_layer_sizes
+    if not sizes and model.interaction.kind not in RAW_DENSE_INTERACTIONS:
         raise ConfigError(
-            f"model.dense_arch_layer_sizes: {model.dense_arch_layer_sizes}; its last size must equal "
-            f"model.embedding_dim ({model.embedding_dim})"
+            f"model.dense_arch_layer_sizes: []: raw dense features go to {' or '.join(RAW_DENSE_INTERACTIONS)} "
+            f"interactions only; {model.interaction.kind} needs sizes ending at model.embedding_dim "
+            f"({model.embedding_dim})"
+        )
+    if sizes and sizes[-1] != model.embedding_dim:
+        raise ConfigError(
+            f"model.dense_arch_layer_sizes: {sizes}; its last size must equal model.embedding_dim "
+            f"({model.embedding_dim}), or [] for the raw dense features (concat, dcn)"
         )
     if config.objective.weighting not in WEIGHTINGS:
         raise ConfigError(f"objective.weighting: {config.objective.weighting!r}; allowed: {', '.join(WEIGHTINGS)}")

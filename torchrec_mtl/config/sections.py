@@ -144,6 +144,7 @@ class SequenceConfig:
 @dataclass
 class ModelConfig:
     embedding_dim: int = 16
+    # the dense features' MLP, ending at embedding_dim; [] sends them raw to a concat or dcn interaction (the peers' way)
     dense_arch_layer_sizes: List[int] = field(default_factory=lambda: [64, 16])
     tower: TowerConfig = field(default_factory=TowerConfig)
     interaction: InteractionConfig = field(default_factory=InteractionConfig)

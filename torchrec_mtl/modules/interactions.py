@@ -2,13 +2,15 @@
 tower's input.
 
 Each interaction maps ``(dense [B, D], embeddings [B, F, D])`` to ``[B, out_features]``; ``INTERACTIONS`` maps
-``model.interaction.kind`` to its class, built by ``from_config(config, num_embeddings, embedding_dim)``:
+``model.interaction.kind`` to its class, built by ``from_config(config, num_embeddings, embedding_dim,
+dense_width)``. ``concat`` and ``dcn`` also take the dense features raw (``model.dense_arch_layer_sizes: []``,
+``dense_width`` = their number), as the peers' models do; ``dot`` needs them projected to D:
 
 - ``dot``: DLRM's pairwise dot products (torchrec's ``InteractionArch``) beside the raw inputs: ``D (F + 1) +
   (F + 1) F / 2`` features (the default, as before this choice existed);
-- ``concat``: the raw inputs alone, ``D (F + 1)`` features (the peers' way, and the cheapest);
+- ``concat``: the raw inputs alone, ``dense_width + D F`` features (the peers' way, and the cheapest);
 - ``dcn``: DCN-V2's low-rank cross network (torchrec's ``LowRankCrossNet``, Wang et al., WWW 2021) over the
-  concatenated inputs, ``D (F + 1)`` features.
+  concatenated inputs, ``dense_width + D F`` features.
 
 Example::
 
@@ -21,7 +23,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Type
+from typing import TYPE_CHECKING, Dict, Optional, Type
 
 import torch
 from torch import nn
@@ -41,7 +43,12 @@ class DotInteraction(nn.Module):
         self.out_features = embedding_dim * (1 + num_embeddings) + choose(num_embeddings + 1, 2)
 
     @classmethod
-    def from_config(cls, config: "InteractionConfig", num_embeddings: int, embedding_dim: int) -> "DotInteraction":
+    def from_config(
+        cls, config: "InteractionConfig", num_embeddings: int, embedding_dim: int, dense_width: int
+    ) -> "DotInteraction":
+        if dense_width != embedding_dim:
+            raise ValueError(f"dot interaction: the dense output is {dense_width} wide; it needs the embedding dim "
+                             f"({embedding_dim}): model.dense_arch_layer_sizes must end at it")  # fmt: skip
         return cls(num_embeddings, embedding_dim)
 
     def forward(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
@@ -50,15 +57,18 @@ class DotInteraction(nn.Module):
 
 
 class ConcatInteraction(nn.Module):
-    """No interaction layer: the dense output and the embeddings side by side."""
+    """No interaction layer: the dense output (``dense_width`` wide; None: the embedding dim) and the embeddings
+    side by side."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, dense_width: Optional[int] = None) -> None:
         super().__init__()
-        self.out_features = embedding_dim * (1 + num_embeddings)
+        self.out_features = (embedding_dim if dense_width is None else dense_width) + embedding_dim * num_embeddings
 
     @classmethod
-    def from_config(cls, config: "InteractionConfig", num_embeddings: int, embedding_dim: int) -> "ConcatInteraction":
-        return cls(num_embeddings, embedding_dim)
+    def from_config(
+        cls, config: "InteractionConfig", num_embeddings: int, embedding_dim: int, dense_width: int
+    ) -> "ConcatInteraction":
+        return cls(num_embeddings, embedding_dim, dense_width)
 
     def forward(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         return torch.cat([dense, embeddings.flatten(1)], dim=1)
@@ -68,19 +78,30 @@ class CrossInteraction(nn.Module):
     """DCN-V2: ``num_layers`` low-rank cross layers (rank ``low_rank``) over the concatenated inputs, each layer
     ``x_{l+1} = x_0 * (W_l x_l + b_l) + x_l`` with ``W_l = U_l V_l``."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, num_layers: int = 2, low_rank: int = 16) -> None:
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        num_layers: int = 2,
+        low_rank: int = 16,
+        dense_width: Optional[int] = None,
+    ) -> None:
         super().__init__()
-        self.out_features = embedding_dim * (1 + num_embeddings)
+        self.out_features = (embedding_dim if dense_width is None else dense_width) + embedding_dim * num_embeddings
         self.cross = LowRankCrossNet(self.out_features, num_layers, low_rank)
 
     @classmethod
-    def from_config(cls, config: "InteractionConfig", num_embeddings: int, embedding_dim: int) -> "CrossInteraction":
-        return cls(num_embeddings, embedding_dim, config.num_layers, config.low_rank)
+    def from_config(
+        cls, config: "InteractionConfig", num_embeddings: int, embedding_dim: int, dense_width: int
+    ) -> "CrossInteraction":
+        return cls(num_embeddings, embedding_dim, config.num_layers, config.low_rank, dense_width)
 
     def forward(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         return self.cross(torch.cat([dense, embeddings.flatten(1)], dim=1))
 
 
+# the interactions that take the dense features raw (``model.dense_arch_layer_sizes: []``)
+RAW_DENSE_INTERACTIONS = ("concat", "dcn")
 # The one registry of interactions: ``model.interaction.kind`` names a key.
 INTERACTIONS: Dict[str, Type[nn.Module]] = {
     "dot": DotInteraction,
