@@ -18,7 +18,8 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 KEYS = ("trainer", "step", "scale_trainer", "scale_step")
 RATIOS = {"trainer": "trainer_over_fastest_peer", "step": "step_over_fastest_peer",
           "scale_trainer": "scale_over_fastest_peer", "scale_step": "scale_step_over_fastest_peer"}  # fmt: skip
-OURS = {"trainer": ("ours", "ours_no_diagnostics", "ours_dot"), "step": ("ours",), "scale_trainer": ("ours",),
+OURS = {"trainer": ("ours", "ours_no_diagnostics", "ours_dot", "ours_peers_recipe"), "step": ("ours",),
+        "scale_trainer": ("ours",),
         "scale_step": ("ours",)}  # fmt: skip
 
 
@@ -42,6 +43,7 @@ def test_the_ratios_and_the_diagnostics_cost_come_from_the_median_rates():
         records += [
             _record("ours", "trainer", "workload", 1000 * noise, 3 << 30, round_, auc=0.75),
             _record("ours_no_diagnostics", "trainer", "workload", 1250 * noise, 3 << 30, round_),
+            _record("ours_peers_recipe", "trainer", "workload", 300 * noise, 3 << 30, round_, auc=0.72),
             _record("deepctr_torch", "trainer", "workload", 100 * noise, 5 << 30, round_, auc=0.70),
             _record("torch_rechub", "trainer", "workload", 200 * noise, 4 << 30, round_, auc=0.72),
             _record("ours", "step", "workload", 4000 * noise, 2 << 30, round_),
@@ -51,9 +53,11 @@ def test_the_ratios_and_the_diagnostics_cost_come_from_the_median_rates():
         ]
     records.append({**_record("torch_rechub", "trainer", "scale", 0, 0, 0), "error": "killed"})  # not counted
     summary = tool.summarise(records, None)
-    assert summary["samples_per_s"]["trainer"] == {"ours": 1000, "ours_no_diagnostics": 1250, "deepctr_torch": 100,
+    assert summary["samples_per_s"]["trainer"] == {"ours": 1000, "ours_no_diagnostics": 1250,
+                                                   "ours_peers_recipe": 300, "deepctr_torch": 100,
                                                    "torch_rechub": 200}  # fmt: skip
     assert summary["trainer_over_fastest_peer"] == 5.0 and summary["fastest_peer"]["trainer"] == "torch_rechub"
+    assert summary["peers_recipe_over_fastest_peer"] == 1.5
     assert summary["step_over_fastest_peer"] == 4.0
     assert summary["scale_over_fastest_peer"] == 80.0 and summary["fastest_peer"]["scale_trainer"] == "deepctr_torch"
     assert summary["scale_step_over_fastest_peer"] is None  # no peer stepped at scale
@@ -87,8 +91,8 @@ def _check_ours(result: dict) -> None:
     for name in OURS["trainer"]:
         assert set(result["test_auc"][name]) == {"ctr", "cvr", "ctcvr"}
     assert result["config"]["interaction"] == "concat" and result["config"]["smoke"]
-    # ours: 3 trainers and a step at the workload, a trainer and a step at scale; each peer: both, at both
-    assert len(result["runs"]) == 6 + (8 if result["peers_skipped"] is None else 0)
+    # ours: 4 trainers and a step at the workload, a trainer and a step at scale; each peer: both, at both
+    assert len(result["runs"]) == 7 + (8 if result["peers_skipped"] is None else 0)
     assert not any("error" in run for run in result["runs"])
 
 

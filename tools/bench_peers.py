@@ -20,7 +20,9 @@ Contenders, each run in a fresh process (``ru_maxrss`` would mix processes; a ch
   config over the log (tools/bench_peers_ours.py), with ``model.interaction.kind=--interaction`` (default
   ``concat``: the embeddings and the dense vector side by side, the width of the peers' MMoE input; our default
   ``dot`` adds DLRM's pairwise dots and is run too, as ``ours_dot``) and our default diagnostics (curve metrics,
-  gates, gradient cosines); ``ours_no_diagnostics`` is the same with them off. DeepCTR-Torch: ``model.fit``;
+  gates, gradient cosines); ``ours_no_diagnostics`` is the same with them off; ``ours_peers_recipe`` trains at the
+  peers' input width, optimizer and loss (tools/bench_peers_workload.PEERS_RECIPE), like with like. DeepCTR-Torch:
+  ``model.fit``;
   torch-rechub: ``MTLTrainer.train_one_epoch`` (tools/bench_peers_runner.py, in the peers' venv). One pass over the
   training rows, then each trainer's test AUCs (CTR; CVR on clicked rows; CTCVR = pCTR x pCVR).
 - ``step``: forward, backward and optimizer step on batches held in memory. Ours: the sharded model through
@@ -31,7 +33,8 @@ Every round runs each contender once, in turns (the order reversed every other r
 processes on the machine falls on all of them alike; the JSON has each round's figures and their medians.
 
 ``trainer_over_fastest_peer``, ``step_over_fastest_peer``, ``scale_over_fastest_peer`` (trainers at Criteo-sized
-tables) and ``scale_step_over_fastest_peer``: our median samples/s over the fastest peer's. ``diagnostics_cost``: the
+tables) and ``scale_step_over_fastest_peer``: our median samples/s over the fastest peer's;
+``peers_recipe_over_fastest_peer``: the same of ``ours_peers_recipe``'s trainer. ``diagnostics_cost``: the
 share of our training time that the default diagnostics take, measured by tools/bench_diagnostics.py (two training
 loops at this batch size in lock step, one with the diagnostics and one without; ``diagnostics_lock_step`` has its
 figures); ``diagnostics_cost_trainers`` is the same from the whole trainers in turns, 1 - (samples/s with them) /
@@ -81,7 +84,8 @@ GRACE_S = 600.0
 
 @dataclass
 class Contender:
-    """One timed child process: ``name`` (ours, ours_dot, ours_no_diagnostics, deepctr_torch, torch_rechub), ``mode``
+    """One timed child process: ``name`` (ours, ours_dot, ours_no_diagnostics, ours_peers_recipe, deepctr_torch,
+    torch_rechub), ``mode``
     (trainer or step), ``part`` (workload or scale) and the command that runs it."""
 
     name: str
@@ -100,11 +104,13 @@ class Contender:
 
 def ours_variants(interaction: str) -> Dict[str, List[str]]:
     """Our trainer contenders -> their config overrides: ``ours`` at ``interaction`` with the default diagnostics,
-    the same without them, and at our default interaction (dot) when that is another."""
+    the same without them, at our default interaction (dot) when that is another, and at the peers' recipe
+    (``PEERS_RECIPE``: their input width, optimizer and loss)."""
     variants = {"ours": [f"model.interaction.kind={interaction}"]}
     variants["ours_no_diagnostics"] = [*variants["ours"], *workload.DIAGNOSTICS_OFF]
     if interaction != "dot":
         variants["ours_dot"] = ["model.interaction.kind=dot"]
+    variants["ours_peers_recipe"] = list(workload.PEERS_RECIPE)
     return variants
 
 
@@ -265,8 +271,8 @@ def medians(records: List[Dict[str, Any]], figure: str) -> Dict[str, Dict[str, f
     return {key: {name: statistics.median(values) for name, values in by.items()} for key, by in grouped.items()}
 
 
-def over_fastest_peer(rates: Dict[str, float]) -> Optional[Dict[str, Any]]:
-    """Ours over the fastest peer by samples/s: {ratio, peer}; None without ours or a peer figure.
+def over_fastest_peer(rates: Dict[str, float], ours: str = "ours") -> Optional[Dict[str, Any]]:
+    """Our contender ``ours`` over the fastest peer by samples/s: {ratio, peer}; None without it or a peer figure.
 
     Example::
 
@@ -274,10 +280,10 @@ def over_fastest_peer(rates: Dict[str, float]) -> Optional[Dict[str, Any]]:
         {'ratio': 2.0, 'peer': 'torch_rechub'}
     """
     peers = {name: rate for name, rate in rates.items() if name in PEERS and rate}
-    if "ours" not in rates or not peers:
+    if ours not in rates or not peers:
         return None
     peer = max(peers, key=peers.get)
-    return {"ratio": round(rates["ours"] / peers[peer], 3), "peer": peer}
+    return {"ratio": round(rates[ours] / peers[peer], 3), "peer": peer}
 
 
 def diagnostics_cost(trainer_rates: Dict[str, float]) -> Optional[float]:
@@ -328,6 +334,8 @@ def summarise(records: List[Dict[str, Any]], peers_skipped: Optional[str]) -> Di
         ratio = over_fastest_peer(rates.get(key, {}))
         result[name] = ratio["ratio"] if ratio else None
         fastest[key] = ratio["peer"] if ratio else None
+    recipe = over_fastest_peer(rates.get("trainer", {}), "ours_peers_recipe")
+    result["peers_recipe_over_fastest_peer"] = recipe["ratio"] if recipe else None
     # the lock-step measurement (measure_diagnostics) replaces this when it ran: whole runs in turns vary more
     result["diagnostics_cost"] = diagnostics_cost(rates.get("trainer", {}))
     result["diagnostics_cost_trainers"] = result["diagnostics_cost"]
@@ -357,7 +365,8 @@ def format_table(summary: Dict[str, Any]) -> str:
         auc, spread = aucs.get(name), summary.get("test_auc_std", {}).get(name, {})
         auc_text = " / ".join(f"{auc[t]:.4f} ± {spread.get(t, 0.0):.4f}" for t in ("ctr", "cvr", "ctcvr")) if auc else ""
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {auc_text} |")
-    ratios = ", ".join(f"{k} {summary[k]}" for k in (*RATIOS.values(), "diagnostics_cost"))
+    ratios = ", ".join(f"{k} {summary[k]}" for k in (*RATIOS.values(), "peers_recipe_over_fastest_peer",
+                                                         "diagnostics_cost"))  # fmt: skip
     skipped = f"\npeers skipped: {summary['peers_skipped']}" if summary["peers_skipped"] else ""
     return "\n".join(lines) + f"\n\n{ratios}{skipped}"
 
