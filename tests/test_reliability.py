@@ -84,7 +84,10 @@ def test_when_a_rank_dies_the_others_exit_with_an_error_within_seconds(small_log
     printed = ""
     while "sharded tables on" not in printed:  # rank 0 prints the plan's line just before training starts
         line = ranks[0].stdout.readline()
-        assert line or ranks[0].poll() is None, f"rank 0 ended before training:\n{printed}"
+        if not line and ranks[0].poll() is not None:  # rank 1's own words say why it never joined
+            ranks[1].kill()
+            rank_1 = ranks[1].communicate()[0][-3000:]
+            raise AssertionError(f"rank 0 ended before training:\n{printed}\nrank 1:\n{rank_1}")
         printed += line
     time.sleep(3)
     ranks[1].send_signal(signal.SIGKILL)
