@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -19,6 +20,16 @@ import numpy as np
 from torchrec_mtl.data.preprocess.parse import ListValues, ParsedChunk
 from torchrec_mtl.data.preprocess.vocab import TokenCounter, tokens_to_rows
 from torchrec_mtl.schema import DatasetSchema
+
+# np.load parses each file's header with ast.literal_eval, and CPython 3.11's compiler is not safe to run from several
+# threads at once ("SystemError: AST constructor recursion depth mismatch", seen in a clean-clone test run): the
+# mapping threads load one file at a time
+_NPY_LOAD = threading.Lock()
+
+
+def _load_npy(path: Path, mmap_mode: Optional[str] = None) -> np.ndarray:
+    with _NPY_LOAD:
+        return np.load(path, mmap_mode=mmap_mode)
 
 # of the shards and metadata.json (torchrec_mtl.data.shards refuses other versions); 3: list columns, ``sparse``
 # holds the single-ID columns only
@@ -172,9 +183,9 @@ class ShardWriter:
     def _map_list_tokens(self, shard: Path, vocabularies: Dict[str, np.ndarray]) -> None:
         """Write a shard's vocabulary lists' rows into its ``lists`` (in place, a block of rows at a time, so
         memory stays a block's whatever the shard's size) and drop their raw tokens."""
-        values = np.load(shard.with_suffix(".lists.npy"), mmap_mode="r+")
-        lengths = np.load(shard.with_suffix(".list_lengths.npy"))
-        tokens = np.load(shard.with_suffix(".list_tokens.npy"), mmap_mode="r")
+        values = _load_npy(shard.with_suffix(".lists.npy"), mmap_mode="r+")
+        lengths = _load_npy(shard.with_suffix(".list_lengths.npy"))
+        tokens = _load_npy(shard.with_suffix(".list_tokens.npy"), mmap_mode="r")
         start = 0
         for feature in self.frequency_lists:
             feature_lengths = lengths[:, list(self.lists).index(feature)]
@@ -210,7 +221,7 @@ class ShardWriter:
         def map_tokens(shard_path: Path) -> None:
             if single_columns:
                 sparse_path, tokens_path = (shard_path.with_suffix(f".{part}.npy") for part in ("sparse", "tokens"))
-                sparse, tokens = np.load(sparse_path), np.load(tokens_path)
+                sparse, tokens = _load_npy(sparse_path), _load_npy(tokens_path)
                 for t, (column, vocabulary) in enumerate(single_columns):
                     sparse[:, column] = tokens_to_rows(tokens[:, t], vocabulary)
                 _save_npy(sparse_path, sparse)
