@@ -53,7 +53,8 @@ ONE_PROCESS_WHY = " (one process: table-wise, nothing to split across ranks)"
 DATA_PARALLEL = "data_parallel"
 # FBGEMM's CPU kernels have no Adam; a data-parallel table is a replicated parameter that torch's optimizer steps
 DATA_PARALLEL_WHY = "Adam on CPU: whole tables on every rank, stepped by torch's fused Adam"
-# the kernels that train inside backward on CPU and GPU ("dense" tables train with the dense optimizer instead)
+# the kernels that train inside backward on CPU and GPU ("dense": data-parallel tables, which train with their own
+# optimizer after backward)
 COMPUTE_KERNELS = ("fused", "dense", "fused_uvm", "fused_uvm_caching")
 
 
@@ -202,11 +203,11 @@ def shard_model(
             gradients clipped to total norm ``clip_norm`` when > 0.
         print_plan: rank 0 prints the chosen plan (table, sharding type, kernel, ranks, shards).
     """
-    if embedding_optimizer not in EMBEDDING_OPTIMIZERS:
-        raise ValueError(
-            f"embedding_optimizer: expected one of {sorted(EMBEDDING_OPTIMIZERS)}, got {embedding_optimizer!r}"
-        )
     tables = dict(tables or {})
+    for key, optimizer in [("embedding_optimizer", embedding_optimizer),
+                           *((f"tables.{t}.optimizer", o.optimizer) for t, o in tables.items() if o.optimizer)]:
+        if optimizer not in EMBEDDING_OPTIMIZERS:
+            raise ValueError(f"{key}: expected one of {sorted(EMBEDDING_OPTIMIZERS)}, got {optimizer!r}")
     for sharding_type in [t for o in [TableOptions(sharding_types)] + list(tables.values()) for t in o.sharding_types or []]:
         if sharding_type not in SHARDING_TYPES:
             raise ValueError(f"sharding_types: expected items of {SHARDING_TYPES}, got {sharding_type!r}")
@@ -226,7 +227,7 @@ def shard_model(
     if unfused:
         named = ", ".join(unfused) if len(unfused) <= 4 else f"{len(unfused)} tables"
         why += f" ({named}: data_parallel, {DATA_PARALLEL_WHY})"
-    apply_embedding_optimizers(weights, specs, default, env.device.type, data_parallel=unfused)
+    apply_embedding_optimizers(weights, specs, default, data_parallel=unfused)
     caps = {"hbm_cap" if env.device.type == "cuda" else "ddr_cap": memory_budget_bytes} if memory_budget_bytes else {}
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=env.world_size, compute_device=env.device.type, **caps),

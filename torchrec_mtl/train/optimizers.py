@@ -48,7 +48,7 @@ DENSE_OPTIMIZERS = {
     "adagrad": torch.optim.Adagrad,
     "sgd": torch.optim.SGD,
 }
-FUSED_IMPLEMENTATIONS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad, torch.optim.SGD)
+FUSED_IMPLEMENTATIONS = (torch.optim.Adam, torch.optim.Adagrad, torch.optim.SGD)  # torch's, of EMBEDDING_OPTIMIZERS
 LR_DECAYS = ("constant", "linear", "cosine")
 
 
@@ -70,23 +70,18 @@ def apply_embedding_optimizers(
     tables: Mapping[str, nn.Parameter],
     specs: Mapping[str, Tuple[str, float]],
     default: Tuple[str, float],
-    device_type: str,
     data_parallel: Collection[str] = (),
 ) -> None:
     """Attach each table's optimizer to run inside backward (before sharding, so the sharder fuses it); tables
-    without a spec (e.g. the item-text table) get ``default``. ``device_type`` (the run's) decides which FBGEMM
-    kernels there are. ``data_parallel`` tables get none: they train outside backward (``table_optimizers``)."""
+    without a spec (e.g. the item-text table) get ``default``. ``data_parallel`` tables (every optimizer FBGEMM's
+    kernels on the run's device cannot fuse, among them) get none: they train outside backward
+    (``table_optimizers``)."""
     from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
 
-    allowed = FUSED_ON_CPU if device_type == "cpu" else tuple(EMBEDDING_OPTIMIZERS)
     for name, weight in tables.items():
-        if name in data_parallel:
-            continue
-        optimizer, lr = specs.get(name, default)
-        if optimizer not in allowed:
-            where = " on CPU (Adam runs fused on GPUs, or on data_parallel tables)" if device_type == "cpu" else ""
-            raise ValueError(f"table {name}: optimizer {optimizer!r}; allowed{where}: {', '.join(allowed)}")
-        apply_optimizer_in_backward(EMBEDDING_OPTIMIZERS[optimizer], [weight], {"lr": lr})
+        if name not in data_parallel:
+            optimizer, lr = specs.get(name, default)
+            apply_optimizer_in_backward(EMBEDDING_OPTIMIZERS[optimizer], [weight], {"lr": lr})
 
 
 def _torch_optimizer(kind: type, group: Any, **settings: Any) -> torch.optim.Optimizer:
@@ -119,8 +114,8 @@ def dense_optimizer(
     weight_decay: float = 0.0,
     clip_norm: float = 0.0,
 ) -> KeyedOptimizer:
-    """The optimizer of the replicated (data-parallel) parameters other than tables; gradients are clipped to ``clip_norm`` (total
-    L2 norm) first when it is > 0."""
+    """The optimizer of the replicated (data-parallel) parameters other than tables; gradients are clipped to
+    ``clip_norm`` (total L2 norm) first when it is > 0."""
     if name not in DENSE_OPTIMIZERS:
         raise ValueError(f"dense optimizer {name!r}; allowed: {', '.join(DENSE_OPTIMIZERS)}")
     # torch's default implementation: the fused one differs in the last bits (2e-7 after 50 steps), which would move
