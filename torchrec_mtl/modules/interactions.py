@@ -56,13 +56,18 @@ class DotInteraction(nn.Module):
         return torch.cat([self.arch(dense, embeddings), embeddings.flatten(1)], dim=1)
 
 
+def side_by_side_width(num_embeddings: int, embedding_dim: int, dense_width: Optional[int] = None) -> int:
+    """The width of the dense output (``dense_width``; None: the embedding dim) and the flattened embeddings."""
+    return (embedding_dim if dense_width is None else dense_width) + embedding_dim * num_embeddings
+
+
 class ConcatInteraction(nn.Module):
     """No interaction layer: the dense output (``dense_width`` wide; None: the embedding dim) and the embeddings
     side by side."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dense_width: Optional[int] = None) -> None:
         super().__init__()
-        self.out_features = (embedding_dim if dense_width is None else dense_width) + embedding_dim * num_embeddings
+        self.out_features = side_by_side_width(num_embeddings, embedding_dim, dense_width)
 
     @classmethod
     def from_config(
@@ -87,7 +92,7 @@ class CrossInteraction(nn.Module):
         dense_width: Optional[int] = None,
     ) -> None:
         super().__init__()
-        self.out_features = (embedding_dim if dense_width is None else dense_width) + embedding_dim * num_embeddings
+        self.out_features = side_by_side_width(num_embeddings, embedding_dim, dense_width)
         self.cross = LowRankCrossNet(self.out_features, num_layers, low_rank)
 
     @classmethod
