@@ -21,16 +21,6 @@ from torchrec_mtl.data.preprocess.parse import ListValues, ParsedChunk
 from torchrec_mtl.data.preprocess.vocab import TokenCounter, tokens_to_rows
 from torchrec_mtl.schema import DatasetSchema
 
-# np.load parses each file's header with ast.literal_eval, and CPython 3.11's compiler is not safe to run from several
-# threads at once ("SystemError: AST constructor recursion depth mismatch", seen in a clean-clone test run): the
-# mapping threads load one file at a time
-_NPY_LOAD = threading.Lock()
-
-
-def _load_npy(path: Path, mmap_mode: Optional[str] = None) -> np.ndarray:
-    with _NPY_LOAD:
-        return np.load(path, mmap_mode=mmap_mode)
-
 # of the shards and metadata.json (torchrec_mtl.data.shards refuses other versions); 3: list columns, ``sparse``
 # holds the single-ID columns only
 FORMAT_VERSION = 3
@@ -55,6 +45,17 @@ def split_draw(seed: int, file_index: int, line_numbers: np.ndarray) -> np.ndarr
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.save(f, array)
+
+
+# np.load parses each file's header with ast.literal_eval, and CPython 3.11's compiler is not safe to run from several
+# threads at once ("SystemError: AST constructor recursion depth mismatch", seen in a clean-clone test run): the
+# mapping threads load one file at a time
+_NPY_LOAD = threading.Lock()
+
+
+def _load_npy(path: Path, mmap_mode: Optional[str] = None) -> np.ndarray:
+    with _NPY_LOAD:
+        return np.load(path, mmap_mode=mmap_mode)
 
 
 def describe_files(files_by_split: Dict[str, Sequence[str | os.PathLike]]) -> List[Dict]:
